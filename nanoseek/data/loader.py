@@ -1,0 +1,91 @@
+"""Packing tokenized documents into fixed-length sequences, deterministically and resumably.
+
+Documents are tokenized, each followed by <|eos|>, and concatenated; every 50th document
+goes to the validation stream instead (a fixed, seed-independent split). The training
+stream is cut into chunks of seq_len + 1 tokens; each epoch visits them in the order of
+a permutation drawn from (seed, epoch). The loader's whole state is (epoch, index), which
+the checkpoint stores, so a resumed run reads exactly the batches it would have read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanoseek.data.tokenizer import Tokenizer
+
+VAL_EVERY = 50
+
+
+def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (train tokens, val tokens), 1-D int64 tensors."""
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    eos = np.array([tokenizer.eos_id], dtype=np.int32)
+    batch = 256
+    for start in range(0, len(docs), batch):
+        ids = tokenizer.encode_batch(docs[start:start + batch])
+        for j, doc in enumerate(ids, start=start):
+            (val if j % VAL_EVERY == VAL_EVERY - 1 else train).append(np.asarray(doc, dtype=np.int32))
+            (val if j % VAL_EVERY == VAL_EVERY - 1 else train).append(eos)
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs) if xs else np.zeros(0, np.int32)).long()  # noqa: E731
+    return cat(train), cat(val)
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    index: int = 0
+
+
+class PackedLoader:
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+        self.n_chunks = (len(tokens) - 1) // seq_len
+        if self.n_chunks < batch_size:
+            raise ValueError(f"the data holds {len(tokens)} tokens: too few for one batch of "
+                             f"{batch_size} x {seq_len}")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.state = LoaderState()
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n_chunks, generator=g), epoch
+        return self._perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (input_ids, labels), each [batch_size, seq_len]."""
+        picks = []
+        while len(picks) < self.batch_size:
+            order = self._order(self.state.epoch)
+            take = min(self.batch_size - len(picks), self.n_chunks - self.state.index)
+            picks.append(order[self.state.index:self.state.index + take])
+            self.state.index += take
+            if self.state.index == self.n_chunks:
+                self.state = LoaderState(self.state.epoch + 1, 0)
+        idx = torch.cat(picks)
+        offsets = idx[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
+        chunk = self.tokens[offsets]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "index": self.state.index}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = LoaderState(int(d["epoch"]), int(d["index"]))
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.state.epoch + self.state.index / self.n_chunks
+
+
+def val_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, max_batches: int):
+    """The first `max_batches` batches of the validation stream, always the same ones."""
+    n = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
+    for start in range(0, n - batch_size + 1, batch_size):
+        offsets = torch.arange(start, start + batch_size)[:, None] * seq_len + torch.arange(seq_len + 1)
+        chunk = tokens[offsets]
+        yield chunk[:, :-1], chunk[:, 1:]

@@ -1,0 +1,282 @@
+"""Pretraining: next-token + MTP loss, auxiliary-loss-free balancing, checkpoints, cost.
+
+One loop, readable top to bottom: for each step, `grad_accum` micro-batches of packed
+sequences, the loss of model.loss() (main + lambda * MTP + optional balance loss), gradient
+clipping, AdamW, then the balancing-bias update (DeepSeek-V3 2.1.2: after each step).
+A non-finite loss or gradient skips the step (logged); `max_bad_steps` in a row stop the
+run with a clear message. Pointing `--out` at a folder with a checkpoint resumes it
+exactly: model, optimizer, schedule, RNG and the data loader's position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.config import ConfigError, ModelConfig, apply_overrides, preset
+from nanoseek.data.corpus import default_corpus, read_files
+from nanoseek.data.loader import PackedLoader, tokenize_documents, val_batches
+from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.model import Transformer
+from nanoseek.train import checkpoint as ckpt
+from nanoseek.train.cost import CostLedger, peak_flops
+from nanoseek.train.optim import (load_optimizer_state, load_rng_state, lr_at, make_optimizer,
+                                  optimizer_state, rng_state)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "cpu"
+    out: str = "runs/pretrain"
+    tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (OUT/tokenizer)
+    data: list[str] = field(default_factory=list)  # .txt/.jsonl/.parquet files; empty: the embedded corpus
+    max_steps: int = 1000
+    stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # or "wsd"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    save_every: int = 250
+    eval_every: int = 100
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    price_per_hour: float | None = None
+    max_bad_steps: int = 3
+    progress: bool = True
+
+
+def split_overrides(tc: TrainConfig, cfg: ModelConfig, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
+    """key=value strings go to whichever config has the field (training settings first)."""
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    t_over, m_over = [], []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if "=" not in item or not key:
+            raise ConfigError(f"malformed override {item!r}: expected key=value")
+        if key in train_names:
+            t_over.append(item)
+        elif key in model_names:
+            m_over.append(item)
+        else:
+            raise ConfigError(f"unknown config field {key!r} in override {item!r}")
+    return apply_overrides(tc, t_over), apply_overrides(cfg, m_over)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or auto, not {name!r}")
+    return torch.device(name)
+
+
+def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
+    run = Path(tc.out)
+    resuming = ckpt.has_checkpoint(run)
+    if resuming:
+        model, tokenizer, folder = ckpt.load_model(run)
+        tensors, info = ckpt.load_train_state(folder)
+        saved = TrainConfig(**info["train_config"])
+        # what may change on resume: how far to go, where to stop, how to show it
+        tc = dataclasses.replace(saved, max_steps=tc.max_steps, stop_at=tc.stop_at, progress=tc.progress,
+                                 save_every=tc.save_every, device=tc.device, out=tc.out)
+        if overrides:
+            tc, _ = split_overrides(tc, model.config, [o for o in overrides if o.split("=")[0] in
+                                                        {f.name for f in dataclasses.fields(TrainConfig)}])
+    else:
+        tc, cfg = split_overrides(tc, preset(tc.preset), list(overrides))
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+
+    docs = read_files(tc.data) if tc.data else default_corpus()
+    if not resuming:
+        if tc.tokenizer:
+            tokenizer = Tokenizer.load(tc.tokenizer)
+        else:
+            tokenizer = train_tokenizer(docs, vocab_size=cfg.vocab_size)
+        cfg = cfg.replace(vocab_size=_round_up(tokenizer.vocab_size, 64), bos_token_id=tokenizer.bos_id,
+                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        model = Transformer(cfg)
+    model.to(device)
+    cfg = model.config
+    train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
+    loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed)
+    opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    ledger = CostLedger(device, tc.price_per_hour)
+    step = 0
+    if resuming:
+        load_optimizer_state(opt, tensors, info["optimizer"])
+        load_rng_state(tensors)
+        loader.load_state_dict(info["loader"])
+        ledger.load(info["cost"])
+        step = int(info["step"])
+        _truncate_metrics(run / "metrics.jsonl", step)
+
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
+    peak = peak_flops(device)
+    counts = model.param_counts()
+    _say(tc, f"nanoseek pretrain: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
+             f"({counts['active'] / 1e6:.2f}M active), {len(train_tokens):,} training tokens, "
+             f"{'resuming at step ' + str(step) if resuming else 'from scratch'}, on {ledger.device}")
+    run.mkdir(parents=True, exist_ok=True)
+    forward = torch.compile(model.loss) if tc.compile else model.loss
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    end = min(tc.max_steps, tc.stop_at or tc.max_steps)
+    bar = _progress(tc, step, tc.max_steps)
+    bad_in_a_row = 0
+    last: dict[str, Any] = {}
+    ledger.restart_clock()
+    model.train()
+    while step < end:
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc.max_steps, tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        parts: dict[str, float] = {}
+        finite = True
+        for _ in range(tc.grad_accum):
+            x, y = loader.next_batch()
+            with autocast:
+                out = forward(x.to(device), y.to(device))
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss / tc.grad_accum).backward()
+            for k, v in out.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)) if finite else math.nan
+        step += 1
+        if not (finite and math.isfinite(grad_norm)):
+            opt.zero_grad(set_to_none=True)
+            for m in model.moe_layers():
+                m.expert_load.zero_()
+            bad_in_a_row += 1
+            _log(run, {"step": step, "skipped": "non-finite loss or gradient"})
+            if bad_in_a_row >= tc.max_bad_steps:
+                raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                    f"(last at step {step}); lower lr or check the data")
+            continue
+        bad_in_a_row = 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        load_stats = model.update_bias()
+        ledger.add(tokens_per_step, flops_per_step)
+        dt = time.perf_counter() - t0
+        row = {"step": step, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
+               "grad_norm": round(grad_norm, 4), "tokens": ledger.tokens,
+               "tokens_per_s": round(tokens_per_step / dt, 1), "mfu": round(flops_per_step / dt / peak, 4)}
+        if load_stats:
+            row["load_max"] = round(max(load_stats.values()), 3)
+            row.update({k: round(v, 3) for k, v in load_stats.items()})
+        if tc.eval_every and (step % tc.eval_every == 0 or step == end):
+            row["val_loss"] = round(evaluate(model, val_tokens, tc, device), 5)
+        _log(run, row)
+        last = row
+        bar.update(1)
+        bar.set_postfix_str(_postfix(row))
+        if step % tc.save_every == 0 or step == end:
+            _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts)
+            ledger.restart_clock()
+    bar.close()
+    summary = {"step": step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
+               "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
+    _say(tc, f"done at step {step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
+    _say(tc, ledger.summary())
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, val_tokens: torch.Tensor, tc: TrainConfig, device: torch.device) -> float:
+    """Next-token loss on the fixed validation batches (the main head only)."""
+    was_training = model.training
+    model.eval()
+    losses = [float(model.loss(x.to(device), y.to(device))["main_loss"])
+              for x, y in val_batches(val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches)]
+    model.train(was_training)
+    return sum(losses) / len(losses) if losses else math.nan
+
+
+def _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts) -> None:
+    tensors, opt_info = optimizer_state(opt)
+    tensors.update(rng_state())
+    info = {"step": step, "train_config": dataclasses.asdict(tc), "optimizer": opt_info,
+            "loader": loader.state_dict(), "cost": ledger.to_dict()}
+    meta = {"stage": "pretrain", "step": step, "tokens_seen": ledger.tokens, "cost": ledger.to_dict(),
+            "git_commit": _git_commit(), "params": counts,
+            "metrics": last}
+    ckpt.save_checkpoint(run, step, model, tokenizer, meta, {"tensors": tensors, "info": info})
+
+
+def _log(run: Path, row: dict) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _postfix(row: dict) -> str:
+    s = f"loss {row.get('loss', float('nan')):.3f}"
+    if "tokens_per_s" in row:
+        s += f" | {row['tokens_per_s']:,.0f} tok/s | MFU {100 * row['mfu']:.0f}%"
+    if "val_loss" in row:
+        s += f" | val {row['val_loss']:.3f}"
+    return s
+
+
+def _progress(tc: TrainConfig, initial: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not tc.progress, desc="pretrain", unit="step",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _say(tc: TrainConfig, msg: str) -> None:
+    if tc.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
