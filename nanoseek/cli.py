@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
     p.add_argument("--price-per-hour", type=float, help="dollars per device-hour for the cost ledger")
 
+    p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, cost, metrics")
+    p.add_argument("ckpt", help="a checkpoint folder or a run folder")
+
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     p.add_argument("what", choices=["train"])
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -91,6 +94,15 @@ def _run(args: argparse.Namespace) -> int:
                 setattr(tc, name, getattr(args, flag))
         summary = pretrain(tc, args.overrides)
         print(json.dumps(summary))
+        return 0
+    if args.command == "info":
+        from nanoseek.train.checkpoint import load_model, read_meta
+
+        model, tokenizer, folder = load_model(args.ckpt)
+        info = {"checkpoint": str(folder), "params": model.param_counts(),
+                "flops_per_token": model.flops_per_token(model.config.max_position_embeddings, training=False),
+                "vocab_size": model.config.vocab_size, "tokenizer": tokenizer is not None, **read_meta(folder)}
+        print(json.dumps(info, indent=1))
         return 0
     if args.command == "bench":
         from nanoseek.bench.train import bench_train

@@ -214,6 +214,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     return model, tokenizer, folder
 
 
+def read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {folder / 'meta.json'}: {e}") from None
+
+
 def load_train_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         tensors = load_file(str(folder / "train_state.safetensors"))

@@ -127,6 +127,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     cfg = model.config
     train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
     loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed)
+    has_val = len(val_tokens) > tc.seq_len * tc.batch_size
+    if not has_val:
+        _say(tc, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
     opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     ledger = CostLedger(device, tc.price_per_hour)
     step = 0
@@ -197,7 +200,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         if load_stats:
             row["load_max"] = round(max(load_stats.values()), 3)
             row.update({k: round(v, 3) for k, v in load_stats.items()})
-        if tc.eval_every and (step % tc.eval_every == 0 or step == end):
+        if has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
             row["val_loss"] = round(evaluate(model, val_tokens, tc, device), 5)
         _log(run, row)
         last = row

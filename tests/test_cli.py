@@ -1,0 +1,57 @@
+"""The command line: bad input gets one line and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoseek.config import preset
+from nanoseek.model import Transformer
+from nanoseek.train.checkpoint import save_checkpoint
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(r, *words):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("nanoseek: error:")
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_unknown_preset(tmp_path):
+    _one_line_error(run("pretrain", "--preset", "huge", "--out", str(tmp_path)), "unknown preset", "tiny")
+
+
+@pytest.mark.parametrize("override,word", [("hidden_size", "malformed"), ("=3", "malformed"),
+                                           ("hiden_size=3", "unknown config field"),
+                                           ("hidden_size=big", "takes a number"),
+                                           ("n_group=3", "multiple of n_group")])
+def test_bad_overrides(tmp_path, override, word):
+    _one_line_error(run("pretrain", "--preset", "tiny", "--out", str(tmp_path), override), word)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    _one_line_error(run("info", str(tmp_path / "nope")), "no checkpoint")
+    folder = save_checkpoint(tmp_path / "run", 1, Transformer(preset("tiny")), None, {"stage": "test"})
+    ok = run("info", str(tmp_path / "run"))
+    assert ok.returncode == 0 and json.loads(ok.stdout)["params"]["total"] > 0
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    _one_line_error(run("info", str(tmp_path / "run")), "cannot read")
+    _one_line_error(run("pretrain", "--out", str(tmp_path / "run"), "--quiet"), "cannot read")
+
+
+def test_missing_data_file(tmp_path):
+    _one_line_error(run("pretrain", "--preset", "tiny", "--out", str(tmp_path), "--data", str(tmp_path / "x.txt")),
+                    "no such data file")
+
+
+def test_python_m_and_script_are_the_same_program():
+    r = run("--help")
+    assert r.returncode == 0 and "pretrain" in r.stdout and "train-tokenizer" in r.stdout

@@ -1,0 +1,90 @@
+"""Pretraining: learns, resumes exactly, survives non-finite steps, records its cost."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek.model import Transformer
+from nanoseek.train import checkpoint as ckpt
+from nanoseek.train.pretrain import TrainConfig, TrainingError, pretrain
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    lines = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog {a}." for a in range(60) for b in range(8)]
+    (d / "a.txt").write_text("\n".join(lines[:240]))
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[240:]))
+    return [str(d / "a.txt"), str(d / "b.jsonl")]
+
+
+def _tc(out, **kw):
+    base = dict(preset="tiny", out=str(out), max_steps=12, batch_size=4, seq_len=64, warmup_steps=3,
+                eval_every=4, eval_batches=2, save_every=100, progress=False, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_tiny_model_learns_the_embedded_corpus(tmp_path):
+    summary = pretrain(_tc(tmp_path, max_steps=80, batch_size=8, seq_len=128, warmup_steps=10, eval_every=40))
+    rows = _rows(tmp_path)
+    first, last = rows[0]["main_loss"], rows[-1]
+    assert first > 5.5  # ~ln(vocab) at the start
+    assert last["main_loss"] < first - 2.0, (first, last)
+    assert last["val_loss"] < first - 2.0
+    assert summary["step"] == 80 and {"tokens_per_s", "mfu", "grad_norm", "lr", "load_max"} <= set(last)
+
+
+def test_resume_is_exact(tmp_path, small_data):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    pretrain(_tc(straight, data=small_data))
+    pretrain(_tc(halves, data=small_data, stop_at=6))
+    assert ckpt.has_checkpoint(halves) and _rows(halves)[-1]["step"] == 6
+    pretrain(_tc(halves, data=small_data))
+    a, b = _rows(straight), _rows(halves)
+    keys = ["step", "loss", "main_loss", "mtp_loss", "lr", "grad_norm", "val_loss"]
+    assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
+    ma, _, _ = ckpt.load_model(straight)
+    mb, _, _ = ckpt.load_model(halves)
+    for (name, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert torch.equal(x, y), name  # bit for bit, balancing biases included
+    meta = json.loads((halves / "latest" / "meta.json").read_text())
+    assert meta["cost"]["tokens"] == 12 * 4 * 64  # the ledger carried over the resume
+
+
+def test_cost_ledger_counts_flops(tmp_path, small_data):
+    pretrain(_tc(tmp_path, data=small_data, max_steps=3))
+    meta = json.loads((tmp_path / "latest" / "meta.json").read_text())
+    model, _, _ = ckpt.load_model(tmp_path)
+    tokens = 3 * 4 * 64
+    assert meta["cost"]["tokens"] == tokens
+    assert math.isclose(meta["cost"]["flops"], model.flops_per_token(64) * tokens, rel_tol=1e-9)
+    assert meta["cost"]["dollars"] >= 0 and meta["cost"]["device_hours"] > 0
+    assert meta["stage"] == "pretrain" and meta["step"] == 3
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, small_data, monkeypatch):
+    real = Transformer.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, x, y):
+        calls["n"] += 1
+        out = real(self, x, y)
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "loss", sometimes_nan)
+    pretrain(_tc(tmp_path / "a", data=small_data, max_steps=6, eval_every=0))
+    rows = _rows(tmp_path / "a")
+    assert [r["step"] for r in rows if "skipped" in r] == [3]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and rows[-1]["step"] == 6
+
+    monkeypatch.setattr(Transformer, "loss", lambda self, x, y: {"loss": torch.tensor(float("inf"), requires_grad=True)})
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        pretrain(_tc(tmp_path / "b", data=small_data, max_steps=6, eval_every=0))

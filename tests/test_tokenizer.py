@@ -1,0 +1,70 @@
+"""Tokenizer: exact UTF-8 round trip, digits one by one, fixed special tokens, chat template."""
+
+import random
+
+import pytest
+
+from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+
+TEXT = ["To be, or not to be, that is the question: 12 + 345 = 357.\n" * 20,
+        "Über naïve café — 東京 😀 ∑ x² \t tabs\r\n and 1,000,000 dollars.\n" * 20]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXT, vocab_size=300, min_frequency=1)
+
+
+def test_special_tokens_have_fixed_ids(tok):
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.hf.token_to_id(t) == i
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+
+
+def test_round_trips_arbitrary_utf8(tok):
+    rng = random.Random(0)
+    samples = ["", " ", "\n\n", "a  b", "😀😀", "\x00\x01", "\u200b", "naïve", "Ελληνικά", "𝕳𝖊𝖑𝖑𝖔"]
+    for _ in range(200):
+        n = rng.randint(1, 40)
+        samples.append("".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0x80, 0x7FF),
+                                                rng.randint(0x800, 0xD7FF), rng.randint(0x10000, 0x10FFFF)]))
+                               for _ in range(n)))
+    for s in samples:
+        assert tok.decode(tok.encode(s)) == s, repr(s)
+
+
+def test_digits_are_split_one_by_one(tok):
+    ids = tok.encode("12345 and 2024")
+    pieces = [tok.decode([i]) for i in ids]
+    digits = [p.strip() for p in pieces if p.strip().isdigit()]
+    assert digits == list("12345") + list("2024")
+
+
+def test_special_tokens_kept_only_when_asked(tok):
+    text = "<think>2 + 2 = 4</think>The answer is 4."
+    ids = tok.encode(text)
+    assert tok.think_id in ids and tok.end_think_id in ids
+    assert tok.decode(ids, keep_special=True) == text
+    assert tok.decode(ids) == "2 + 2 = 4The answer is 4."
+
+
+def test_chat_template_matches_transformers(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>2+2=4</think>4"}, {"role": "user", "content": "3+3?"}]
+    for gen in (False, True):
+        ours = tok.render_chat(messages, add_generation_prompt=gen)
+        theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        assert ours == theirs
+    assert hf(ours, add_special_tokens=False)["input_ids"] == tok.encode(ours)
+
+
+def test_save_load_and_bad_file(tok, tmp_path):
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.encode(TEXT[1]) == tok.encode(TEXT[1])
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError):
+        Tokenizer.load(tmp_path)
