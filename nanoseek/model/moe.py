@@ -82,7 +82,7 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         token = order // k
-        chunks = x[token].split(counts)
+        chunks = x.index_select(0, token).split(counts)  # backward: index_add, cheaper than index_put
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for e, chunk in enumerate(chunks):

@@ -1,0 +1,119 @@
+"""`nanoseek bench train`: training throughput and MFU, side by side with transformers.
+
+In one process, on one batch: the fp32 matmul peak of this machine, then training steps
+(forward, backward, AdamW) of nanoseek and of transformers' DeepseekV3ForCausalLM built
+from the same config, alternating, `repeats` rounds, medians reported. The head-to-head
+uses MTP off on both sides (transformers has no MTP training), so both do the same
+arithmetic; the preset as it trains (MTP on) is timed too, and its MFU counts the MTP FLOPs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from nanoseek.config import ModelConfig, preset
+from nanoseek.model import Transformer
+from nanoseek.train.cost import measure_matmul_peak
+from nanoseek.train.optim import make_optimizer
+
+
+def hf_config(cfg: ModelConfig):
+    """transformers' DeepseekV3Config with the same numbers (no MTP weights: transformers makes none)."""
+    from transformers import DeepseekV3Config
+
+    d = cfg.to_dict()
+    for k in ("mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha", "attn_type", "rope_theta", "rope_scaling"):
+        d.pop(k, None)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {**cfg.rope_scaling, "rope_type": "yarn", "rope_theta": cfg.rope_theta}
+        rope.pop("type", None)
+    return DeepseekV3Config(**d, rope_parameters=rope)
+
+
+def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, repeats: int = 5,
+                steps: int = 3) -> dict:
+    torch.manual_seed(0)
+    cfg = preset(preset_name)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+    tokens = batch * seq_len
+
+    ours_mtp = Transformer(cfg)
+    ours = Transformer(cfg.replace(num_nextn_predict_layers=0))
+    hf = _hf_model(cfg)
+    runners = {
+        "ours": _stepper(ours, lambda: ours.loss(x, y)["loss"], ours),
+        "ours_mtp": _stepper(ours_mtp, lambda: ours_mtp.loss(x, y)["loss"], ours_mtp),
+    }
+    if hf is not None:
+        runners["hf"] = _stepper(hf, lambda: _hf_loss(hf, x, y), None)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    peaks = []
+    for run in runners.values():  # warm-up
+        run()
+    for r in range(repeats):
+        peaks.append(measure_matmul_peak(n=1024, repeats=2))
+        for name, run in runners.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - t) / steps)
+        print(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {tokens / v[-1]:,.0f} tok/s" for k, v in times.items()),
+              file=sys.stderr)
+    peak = statistics.median(peaks)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    flops_tok = ours_mtp.flops_per_token(seq_len)
+    flops_tok_nomtp = ours.flops_per_token(seq_len)
+    out = {
+        "preset": preset_name, "batch": batch, "seq_len": seq_len, "repeats": repeats,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "params": ours_mtp.param_counts(),
+        "matmul_peak_flops": peak,
+        "tokens_per_s": tokens / med["ours_mtp"],
+        "mfu": flops_tok * tokens / med["ours_mtp"] / peak,
+        "tokens_per_s_no_mtp": tokens / med["ours"],
+        "mfu_no_mtp": flops_tok_nomtp * tokens / med["ours"] / peak,
+    }
+    if "hf" in med:
+        out.update({"hf_tokens_per_s": tokens / med["hf"], "hf_mfu": flops_tok_nomtp * tokens / med["hf"] / peak,
+                    "speedup_vs_hf": med["hf"] / med["ours"]})
+    else:
+        out.update({"hf_tokens_per_s": None, "speedup_vs_hf": None})
+    return out
+
+
+def _hf_model(cfg: ModelConfig):
+    try:
+        from transformers import DeepseekV3ForCausalLM
+    except ImportError:
+        print("transformers is not installed: the side-by-side figure is skipped", file=sys.stderr)
+        return None
+    model = DeepseekV3ForCausalLM._from_config(hf_config(cfg.replace(num_nextn_predict_layers=0)),
+                                               attn_implementation="sdpa")
+    return model.train()
+
+
+def _hf_loss(hf, x, y):
+    logits = hf(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def _stepper(model, loss_fn, ours):
+    opt = make_optimizer(model, 1e-4)
+    model.train()
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ours is not None:
+            ours.update_bias()
+
+    return step
