@@ -20,6 +20,7 @@ def test_resumed_loader_reads_the_same_batches_across_epochs():
     resumed = [c.next_batch() for _ in range(17)]
     for (x1, y1), (x2, y2) in zip(straight[13:], resumed):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert all(x.shape == y.shape == (5, 16) for x, y in straight)
     x, y = straight[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # labels are the inputs shifted by one
     # an epoch visits every chunk once

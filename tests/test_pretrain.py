@@ -35,8 +35,8 @@ def test_tiny_model_learns_the_embedded_corpus(tmp_path):
     rows = _rows(tmp_path)
     first, last = rows[0]["main_loss"], rows[-1]
     assert first > 5.5  # ~ln(vocab) at the start
-    assert last["main_loss"] < first - 2.0, (first, last)
-    assert last["val_loss"] < first - 2.0
+    assert last["main_loss"] < first - 1.5, (first, last)
+    assert last["val_loss"] < first - 1.5, last
     assert summary["step"] == 80 and {"tokens_per_s", "mfu", "grad_norm", "lr", "load_max"} <= set(last)
 
 

@@ -58,12 +58,13 @@ class PackedLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (input_ids, labels), each [batch_size, seq_len]."""
-        picks = []
-        while len(picks) < self.batch_size:
+        picks, count = [], 0
+        while count < self.batch_size:
             order = self._order(self.state.epoch)
-            take = min(self.batch_size - len(picks), self.n_chunks - self.state.index)
+            take = min(self.batch_size - count, self.n_chunks - self.state.index)
             picks.append(order[self.state.index:self.state.index + take])
             self.state.index += take
+            count += take
             if self.state.index == self.n_chunks:
                 self.state = LoaderState(self.state.epoch + 1, 0)
         idx = torch.cat(picks)
