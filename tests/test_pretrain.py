@@ -20,8 +20,10 @@ def small_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     lines = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog {a}." for a in range(60) for b in range(8)]
     (d / "a.txt").write_text("\n".join(lines[:240]))
-    (d / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[240:]))
-    return [str(d / "a.txt"), str(d / "b.jsonl")]
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[240:420]))
+    import datasets
+    datasets.Dataset.from_dict({"text": lines[420:]}).to_parquet(str(d / "c.parquet"))
+    return [str(d / "a.txt"), str(d / "b.jsonl"), str(d / "c.parquet")]
 
 
 def _tc(out, **kw):
@@ -55,6 +57,19 @@ def test_resume_is_exact(tmp_path, small_data):
         assert torch.equal(x, y), name  # bit for bit, balancing biases included
     meta = json.loads((halves / "latest" / "meta.json").read_text())
     assert meta["cost"]["tokens"] == 12 * 4 * 64  # the ledger carried over the resume
+
+
+def test_user_files_are_read(small_data):
+    from nanoseek.data.corpus import read_files
+    docs = read_files(small_data)
+    assert len(docs) == 1 + 180 + 60 and docs[-1].startswith("59 + 7 = 66")
+
+
+def test_model_config_cannot_change_on_resume(tmp_path, small_data):
+    from nanoseek.config import ConfigError
+    pretrain(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
+    with pytest.raises(ConfigError, match="cannot change"):
+        pretrain(_tc(tmp_path, data=small_data, max_steps=4), ["hidden_size=128"])
 
 
 def test_cost_ledger_counts_flops(tmp_path, small_data):

@@ -106,9 +106,10 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         # what may change on resume: how far to go, where to stop, how to show it
         tc = dataclasses.replace(saved, max_steps=tc.max_steps, stop_at=tc.stop_at, progress=tc.progress,
                                  save_every=tc.save_every, device=tc.device, out=tc.out)
-        if overrides:
-            tc, _ = split_overrides(tc, model.config, [o for o in overrides if o.split("=")[0] in
-                                                        {f.name for f in dataclasses.fields(TrainConfig)}])
+        tc, changed = split_overrides(tc, model.config, list(overrides))
+        if changed != model.config:
+            raise ConfigError(f"{run} holds a checkpoint: its model config cannot change on resume "
+                              f"(start a new --out to train another model)")
     else:
         tc, cfg = split_overrides(tc, preset(tc.preset), list(overrides))
     device = pick_device(tc.device)
