@@ -114,6 +114,21 @@ class Transformer(nn.Module):
         out["loss"] = total
         return out
 
+    def compile_blocks(self) -> None:
+        """torch.compile what has fixed shapes: attention, norms, dense and shared MLPs, the gate,
+        the output head. The expert dispatch (its shapes change every step) stays eager.
+        In place: parameter names and the state dict are unchanged."""
+        for block in [*self.layers, *self.mtp]:
+            for module in (block.self_attn, block.input_layernorm, block.post_attention_layernorm):
+                module.compile()
+            if isinstance(block.mlp, MoE):
+                block.mlp.gate.compile()
+                if block.mlp.shared_experts is not None:
+                    block.mlp.shared_experts.compile()
+            else:
+                block.mlp.compile()
+        self.norm.compile()
+
     # ---- inference helpers ----
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
         p = self.embed_tokens.weight
