@@ -150,7 +150,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
              f"({counts['active'] / 1e6:.2f}M active), {len(train_tokens):,} training tokens, "
              f"{'resuming at step ' + str(step) if resuming else 'from scratch'}, on {ledger.device}")
     run.mkdir(parents=True, exist_ok=True)
-    forward = torch.compile(model.loss) if tc.compile else model.loss
+    if tc.compile:
+        model.compile_blocks()
+    forward = model.loss
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     end = min(tc.max_steps, tc.stop_at or tc.max_steps)
