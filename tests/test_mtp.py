@@ -48,4 +48,4 @@ def test_mtp_learns_the_token_two_ahead():
         first = first if first is not None else out["mtp_loss"].item()
     # half the MTP targets (r+32 after seeing r) are predictable from token t+1: loss must drop
     # from ln(64) ~ 4.16 toward (ln 32 + 0) / 2 ~ 1.73
-    assert float(out["mtp_loss"]) < 2.2 < first
+    assert out["mtp_loss"].item() < 2.2 < first

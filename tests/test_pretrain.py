@@ -72,6 +72,12 @@ def test_model_config_cannot_change_on_resume(tmp_path, small_data):
         pretrain(_tc(tmp_path, data=small_data, max_steps=4), ["hidden_size=128"])
 
 
+def test_resume_keeps_the_saved_run_settings(tmp_path, small_data):
+    pretrain(_tc(tmp_path, data=small_data, max_steps=4, stop_at=2, eval_every=0))
+    summary = pretrain(TrainConfig(out=str(tmp_path), progress=False))  # no --max-steps, no --data
+    assert summary["step"] == 4 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_cost_ledger_counts_flops(tmp_path, small_data):
     pretrain(_tc(tmp_path, data=small_data, max_steps=3))
     meta = json.loads((tmp_path / "latest" / "meta.json").read_text())

@@ -44,7 +44,7 @@ class TrainConfig:
     out: str = "runs/pretrain"
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (OUT/tokenizer)
     data: list[str] = field(default_factory=list)  # .txt/.jsonl/.parquet files; empty: the embedded corpus
-    max_steps: int = 1000
+    max_steps: int | None = None  # None: 1000 for a new run, the saved value when resuming
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
     batch_size: int = 8
     seq_len: int = 256
@@ -57,7 +57,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    save_every: int = 250
+    save_every: int | None = None  # None: 250 for a new run, the saved value when resuming
     eval_every: int = 100
     eval_batches: int = 8
     seed: int = 0
@@ -104,13 +104,15 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         tensors, info = ckpt.load_train_state(folder)
         saved = TrainConfig(**info["train_config"])
         # what may change on resume: how far to go, where to stop, how to show it
-        tc = dataclasses.replace(saved, max_steps=tc.max_steps, stop_at=tc.stop_at, progress=tc.progress,
-                                 save_every=tc.save_every, device=tc.device, out=tc.out)
+        tc = dataclasses.replace(saved, max_steps=tc.max_steps or saved.max_steps, stop_at=tc.stop_at,
+                                 save_every=tc.save_every or saved.save_every, progress=tc.progress,
+                                 device=tc.device, out=tc.out)
         tc, changed = split_overrides(tc, model.config, list(overrides))
         if changed != model.config:
             raise ConfigError(f"{run} holds a checkpoint: its model config cannot change on resume "
                               f"(start a new --out to train another model)")
     else:
+        tc = dataclasses.replace(tc, max_steps=tc.max_steps or 1000, save_every=tc.save_every or 250)
         tc, cfg = split_overrides(tc, preset(tc.preset), list(overrides))
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)

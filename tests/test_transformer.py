@@ -1,0 +1,60 @@
+"""The whole model: parameter counts and FLOPs by hand, the balance loss in the objective."""
+
+import pytest
+import torch
+
+from nanoseek.config import ConfigError, apply_overrides, preset
+from nanoseek.model import Transformer
+
+
+def test_parameter_counts_match_a_hand_count():
+    cfg = preset("tiny").replace(num_nextn_predict_layers=0)
+    m = Transformer(cfg)
+    h, v, e, k = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    heads, qk, dv = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
+    attn = (h * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * heads * qk
+            + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+            + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + dv) + heads * dv * h)
+    dense = 3 * h * cfg.intermediate_size
+    expert = 3 * h * cfg.moe_intermediate_size
+    moe = e * h + e * expert + cfg.n_shared_experts * expert  # gate + routed + shared
+    layers = [attn + 2 * h + (dense if i < cfg.first_k_dense_replace else moe) for i in range(cfg.num_hidden_layers)]
+    total = 2 * v * h + h + sum(layers)
+    counts = m.param_counts()
+    assert counts["total"] == counts["main"] == total
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert counts["active"] == total - n_moe * (e - k) * expert
+    assert counts["active_matmul"] == counts["active"] - v * h
+    T = 128
+    attn_flops = 2 * heads * (qk + dv) * (T + 1) / 2 * cfg.num_hidden_layers
+    assert m.flops_per_token(T, training=False) == pytest.approx(2 * counts["active_matmul"] + attn_flops)
+    assert m.flops_per_token(T) == pytest.approx(3 * m.flops_per_token(T, training=False))
+
+
+def test_mtp_adds_to_training_flops_not_to_inference():
+    a = Transformer(preset("tiny").replace(num_nextn_predict_layers=0))
+    b = Transformer(preset("tiny").replace(num_nextn_predict_layers=1))
+    assert a.flops_per_token(64, training=False) == b.flops_per_token(64, training=False)
+    assert b.flops_per_token(64) > a.flops_per_token(64)
+    assert b.param_counts()["total"] > b.param_counts()["main"] == a.param_counts()["main"]
+
+
+def test_balance_loss_enters_the_objective_and_trains_the_gate():
+    m = Transformer(preset("tiny").replace(seq_aux_loss_alpha=0.01, mtp_loss_weight=0.0))
+    m.train()
+    ids = torch.randint(0, m.config.vocab_size, (2, 16))
+    out = m.loss(ids, ids.roll(-1, 1))
+    assert "aux_loss" in out and torch.allclose(out["loss"], out["main_loss"] + out["aux_loss"])
+    out["aux_loss"].backward()
+    assert m.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_config_validation_and_overrides():
+    cfg = apply_overrides(preset("tiny"), ["q_lora_rank=null", "routed_scaling_factor=2.5", "norm_topk_prob=false"])
+    assert cfg.q_lora_rank is None and cfg.routed_scaling_factor == 2.5 and cfg.norm_topk_prob is False
+    with pytest.raises(ConfigError, match="topk_group"):
+        preset("tiny").replace(n_group=2, topk_group=3)
+    with pytest.raises(ConfigError, match="only 'yarn'"):
+        preset("tiny").replace(rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(ConfigError, match="integer"):
+        apply_overrides(preset("tiny"), ["hidden_size=1.5"])
