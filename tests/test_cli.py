@@ -55,3 +55,24 @@ def test_missing_data_file(tmp_path):
 def test_python_m_and_script_are_the_same_program():
     r = run("--help")
     assert r.returncode == 0 and "pretrain" in r.stdout and "train-tokenizer" in r.stdout
+
+
+def test_train_tokenizer_command(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat 12 times; the dog sat 3 times.\n" * 50)
+    r = run("train-tokenizer", "--out", str(tmp_path / "tok"), "--corpus", str(corpus), "--vocab-size", "300")
+    assert r.returncode == 0, r.stderr
+    from nanoseek.data.tokenizer import Tokenizer
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.vocab_size <= 300 and tok.decode(tok.encode("the cat sat 12")) == "the cat sat 12"
+    _one_line_error(run("train-tokenizer", "--out", str(tmp_path / "t2"), "--corpus", str(corpus), "--vocab-size", "10"),
+                    "vocab_size")
+
+
+def test_bench_train_ends_with_the_documented_json():
+    r = run("bench", "train", "--json", "--preset", "tiny", "--repeats", "1", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("tokens_per_s", "mfu", "matmul_peak_flops", "hf_tokens_per_s", "speedup_vs_hf"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert 0 < result["mfu"] < 1.5

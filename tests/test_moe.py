@@ -112,3 +112,13 @@ def test_dense_model_is_the_same_code_with_other_numbers():
     moe = Transformer(preset("tiny"))
     c = moe.param_counts()
     assert c["active"] < c["main"] < c["total"]
+
+
+def test_routing_stays_fp32_under_autocast():
+    cfg, moe = _moe()
+    x = torch.randn(16, cfg.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, idx, scores = moe.gate(x)
+    assert scores.dtype == torch.float32 and w.dtype == torch.float32
+    w32, idx32, _ = moe.gate(x)
+    assert torch.equal(idx, idx32)

@@ -53,7 +53,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> (weights [N, k], expert indices [N, k], affinities [N, E])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         biased = scores + self.e_score_correction_bias
         if self.n_group > 1:
             grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
