@@ -153,7 +153,7 @@ def derive(depth: int, width: int, *, experts: int = 8, active: int = 2, shared:
     return ModelConfig(
         vocab_size=vocab_size,
         hidden_size=width,
-        intermediate_size=_round_up(3 * width, 64),
+        intermediate_size=round_up(3 * width, 64),
         moe_intermediate_size=max(32, width // 2),
         num_hidden_layers=depth,
         num_attention_heads=heads,
@@ -174,7 +174,7 @@ def derive(depth: int, width: int, *, experts: int = 8, active: int = 2, shared:
     )
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 

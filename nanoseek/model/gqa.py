@@ -44,7 +44,7 @@ class GQA(nn.Module):
             S = kv.shape[1]
             k_flat, v_flat = kv.split([self.n_kv * self.qk, self.n_kv * self.v_dim], dim=-1)
             k, v = k_flat.view(B, S, self.n_kv, self.qk), v_flat.view(B, S, self.n_kv, self.v_dim)
-            mask = torch.arange(S, device=x.device)[None, None, :] <= positions[:, :, None]
+            mask = LatentCache.visible(positions, S)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None], is_causal=mask is None,

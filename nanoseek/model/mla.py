@@ -41,6 +41,11 @@ class LatentCache:
         buf.scatter_(1, positions[..., None].expand(-1, -1, buf.shape[-1]), values.to(buf.dtype))
         return buf[:, : int(positions.max()) + 1]
 
+    @staticmethod
+    def visible(positions: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, T, length] mask: a new token at position p sees the cached keys at 0..p."""
+        return torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
+
     def bytes_per_token(self) -> int:
         buf = self.layers[0]
         return len(self.layers) * buf.shape[-1] * buf.element_size()
@@ -83,8 +88,7 @@ class MLA(nn.Module):
         if cache is not None:
             latent = cache.write(layer, positions, torch.cat([c_kv, k_pe], dim=-1))
             c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
-            key_pos = torch.arange(latent.shape[1], device=x.device)
-            mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            mask = LatentCache.visible(positions, latent.shape[1])
 
         out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask) if absorb else self._naive(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.flatten(2))

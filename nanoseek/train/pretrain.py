@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import ConfigError, ModelConfig, apply_overrides, preset
+from nanoseek.config import ConfigError, ModelConfig, apply_overrides, preset, round_up
 from nanoseek.data.corpus import default_corpus, read_files
 from nanoseek.data.loader import PackedLoader, tokenize_documents, val_batches
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
@@ -123,7 +123,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             tokenizer = Tokenizer.load(tc.tokenizer)
         else:
             tokenizer = train_tokenizer(docs, vocab_size=cfg.vocab_size)
-        cfg = cfg.replace(vocab_size=_round_up(tokenizer.vocab_size, 64), bos_token_id=tokenizer.bos_id,
+        cfg = cfg.replace(vocab_size=round_up(tokenizer.vocab_size, 64), bos_token_id=tokenizer.bos_id,
                           eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         model = Transformer(cfg)
     model.to(device)
@@ -284,7 +284,3 @@ def _git_commit() -> str | None:
                               cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
