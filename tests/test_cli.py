@@ -32,7 +32,9 @@ def test_unknown_preset(tmp_path):
 @pytest.mark.parametrize("override,word", [("hidden_size", "malformed"), ("=3", "malformed"),
                                            ("hiden_size=3", "unknown config field"),
                                            ("hidden_size=big", "takes a number"),
-                                           ("n_group=3", "multiple of n_group")])
+                                           ("n_group=3", "multiple of n_group"),
+                                           ("schedule=linear", "schedule"), ("batch_size=0", "batch_size"),
+                                           ("seq_len=4096", "max_position_embeddings")])
 def test_bad_overrides(tmp_path, override, word):
     _one_line_error(run("pretrain", "--preset", "tiny", "--out", str(tmp_path), override), word)
 
@@ -45,6 +47,12 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     (folder / "model.safetensors").write_bytes(b"garbage")
     _one_line_error(run("info", str(tmp_path / "run")), "cannot read")
     _one_line_error(run("pretrain", "--out", str(tmp_path / "run"), "--quiet"), "cannot read")
+
+
+def test_cuda_asked_for_where_there_is_none(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _one_line_error(run("pretrain", "--preset", "tiny", "--out", str(tmp_path), "--device", "cuda"), "no CUDA device")
 
 
 def test_missing_data_file(tmp_path):

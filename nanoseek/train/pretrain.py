@@ -67,6 +67,20 @@ class TrainConfig:
     max_bad_steps: int = 3
     progress: bool = True
 
+    def validate(self, cfg: ModelConfig) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.schedule in ("cosine", "wsd"), f"schedule must be 'cosine' or 'wsd', not {self.schedule!r}")
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "save_every"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1")
+        need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio within [0, 1]")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be within [0, 1)")
+        need(self.seq_len <= cfg.max_position_embeddings,
+             f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
+        need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
+
 
 def split_overrides(tc: TrainConfig, cfg: ModelConfig, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
     """key=value strings go to whichever config has the field (training settings first)."""
@@ -114,6 +128,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     else:
         tc = dataclasses.replace(tc, max_steps=tc.max_steps or 1000, save_every=tc.save_every or 250)
         tc, cfg = split_overrides(tc, preset(tc.preset), list(overrides))
+    tc.validate(model.config if resuming else cfg)
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
 
