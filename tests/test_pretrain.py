@@ -72,6 +72,14 @@ def test_model_config_cannot_change_on_resume(tmp_path, small_data):
         pretrain(_tc(tmp_path, data=small_data, max_steps=4), ["hidden_size=128"])
 
 
+def test_a_run_that_died_before_its_first_checkpoint_starts_over(tmp_path, small_data):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
+    pretrain(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.0
+
+
 def test_resume_keeps_the_saved_run_settings(tmp_path, small_data):
     pretrain(_tc(tmp_path, data=small_data, max_steps=4, stop_at=2, eval_every=0))
     summary = pretrain(TrainConfig(out=str(tmp_path), progress=False))  # no --max-steps, no --data

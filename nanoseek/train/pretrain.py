@@ -157,7 +157,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         loader.load_state_dict(info["loader"])
         ledger.load(info["cost"])
         step = int(info["step"])
-        _truncate_metrics(run / "metrics.jsonl", step)
+    _truncate_metrics(run / "metrics.jsonl", step)  # a fresh run starts a fresh log
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
@@ -265,7 +265,8 @@ def _log(run: Path, row: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop lines logged after the checkpoint we resume from (they will be logged again),
+    or every line of a run that died before its first checkpoint."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
