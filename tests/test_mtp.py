@@ -49,3 +49,17 @@ def test_mtp_learns_the_token_two_ahead():
     # half the MTP targets (r+32 after seeing r) are predictable from token t+1: loss must drop
     # from ln(64) ~ 4.16 toward (ln 32 + 0) / 2 ~ 1.73
     assert out["mtp_loss"].item() < 2.2 < first
+
+
+def test_masked_targets_count_only_where_unmasked():
+    from nanoseek.model import IGNORE_INDEX
+    cfg = preset("tiny").replace(num_nextn_predict_layers=2)
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :2] = ids[:, 1:3]  # only the first 2 positions are supervised: depth 2 sees none
+    out = model.loss(ids, labels)
+    assert all(torch.isfinite(v) for v in out.values())  # depth 2's slice may be all masked: 0, not NaN
+    logits = model(ids)
+    expected = F.cross_entropy(logits[:, :2].flatten(0, 1), labels[:, :2].flatten())
+    assert torch.allclose(out["main_loss"], expected, atol=1e-6)

@@ -49,8 +49,8 @@ class Transformer(nn.Module):
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0) if "norm" in name else p.zero_()
+            if p.dim() == 1:  # norm weights and biases
+                p.fill_(1.0 if "norm" in name else 0.0)
             else:
                 last = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name.rsplit(".", 1)[-1]
                 p.normal_(0.0, out_std if last in ("o_proj", "down_proj") else std)
@@ -71,8 +71,11 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("a cached forward needs explicit positions [B, T]")
             positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        if int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(positions.max())} exceeds max_position_embeddings "
+            last = T - 1  # known without reading the tensor (no device sync in training)
+        else:
+            last = int(positions.max())
+        if last >= self.config.max_position_embeddings:
+            raise ValueError(f"position {last} exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(input_ids)
@@ -115,8 +118,8 @@ class Transformer(nn.Module):
         return out
 
     def compile_blocks(self) -> None:
-        """torch.compile what has fixed shapes: attention, norms, dense and shared MLPs, the gate,
-        the output head. The expert dispatch (its shapes change every step) stays eager.
+        """torch.compile what has fixed shapes: attention, norms, dense and shared MLPs, the gate.
+        The expert dispatch (its shapes change every step) stays eager.
         In place: parameter names and the state dict are unchanged."""
         for block in [*self.layers, *self.mtp]:
             for module in (block.self_attn, block.input_layernorm, block.post_attention_layernorm):
@@ -158,7 +161,11 @@ class Transformer(nn.Module):
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean over the unmasked positions; 0 (not NaN) when every position is masked, as can
+    happen to an MTP depth's shifted targets at the end of a short assistant turn."""
+    labels = labels.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _numel(module: nn.Module) -> int:
