@@ -57,52 +57,48 @@ def check_steps(text: str) -> list[str]:
 
 
 def _eval_exact(expr: str) -> Fraction:
-    def ev(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return Fraction(str(node.value))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        if isinstance(node, ast.BinOp):
-            a, b = ev(node.left), ev(node.right)
-            ops = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}
-            if type(node.op) in ops:
-                return ops[type(node.op)]
-            if isinstance(node.op, ast.Div):
-                return a / b
-        raise ValueError(f"unsupported expression {expr!r}")
-
-    return ev(ast.parse(expr, mode="eval"))
+    return _evaluate(expr, lambda v: Fraction(str(v)), lambda a, b: a / b)
 
 
 def solve_steps(expression: str) -> tuple[list[str], int]:
     """Work out an integer expression one operation at a time.
     '3 + 4 * 2' -> (['4 * 2 = 8', '3 + 8 = 11'], 11). `/` is floor division."""
     steps: list[str] = []
+    value = _evaluate(expression.replace("//", "/"), _integer, lambda a, b: a // b, steps)
+    return steps, value
 
-    def ev(node: ast.AST) -> int:
+
+def _integer(v: object) -> int:
+    if not isinstance(v, int):
+        raise ValueError(f"not an integer: {v!r}")
+    return v
+
+
+def _evaluate(expr: str, number, divide, steps: list[str] | None = None):
+    """Evaluate + - * / and negation over `number(literal)`; with `steps`, record each operation
+    as 'a op b = c' (a negative literal is a number, not a step)."""
+    def ev(node: ast.AST):
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return number(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            if isinstance(node.operand, ast.Constant):
-                return -node.operand.value
             v = ev(node.operand)
-            steps.append(f"-({v}) = {-v}")
+            if steps is not None and not isinstance(node.operand, ast.Constant):
+                steps.append(f"-({v}) = {-v}")
             return -v
         if isinstance(node, ast.BinOp):
             a, b = ev(node.left), ev(node.right)
-            sym, value = _apply(node.op, a, b)
-            steps.append(f"{a} {sym} {_paren(b)} = {value}")
+            sym, value = _apply(node.op, a, b, divide)
+            if steps is not None:
+                steps.append(f"{a} {sym} {_paren(b)} = {value}")
             return value
-        raise ValueError(f"unsupported expression {expression!r}")
+        raise ValueError(f"unsupported expression {expr!r}")
 
-    return steps, ev(ast.parse(expression.replace("//", "/"), mode="eval"))
+    return ev(ast.parse(expr, mode="eval"))
 
 
-def _apply(op: ast.operator, a: int, b: int) -> tuple[str, int]:
+def _apply(op: ast.operator, a, b, divide):
     if isinstance(op, ast.Add):
         return "+", a + b
     if isinstance(op, ast.Sub):
@@ -112,7 +108,7 @@ def _apply(op: ast.operator, a: int, b: int) -> tuple[str, int]:
     if isinstance(op, ast.Div):
         if b == 0:
             raise ZeroDivisionError(f"division by zero in {a} / {b}")
-        return "/", a // b
+        return "/", divide(a, b)
     raise ValueError(f"unsupported operator {type(op).__name__}")
 
 
