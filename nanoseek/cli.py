@@ -58,7 +58,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape parts of the model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
 
@@ -88,10 +88,9 @@ def _run(args: argparse.Namespace) -> int:
         tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data,
                          stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile,
                          progress=not args.quiet)
-        for flag, name in (("max_steps", "max_steps"), ("save_every", "save_every"), ("seed", "seed"),
-                           ("device", "device")):
-            if getattr(args, flag) is not None:
-                setattr(tc, name, getattr(args, flag))
+        for name in ("max_steps", "save_every", "seed", "device"):  # only where given: a resume keeps its own
+            if getattr(args, name) is not None:
+                setattr(tc, name, getattr(args, name))
         summary = pretrain(tc, args.overrides)
         print(json.dumps(summary))
         return 0

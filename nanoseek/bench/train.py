@@ -50,13 +50,8 @@ def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, re
     compiled = Transformer(cfg.replace(num_nextn_predict_layers=0))
     compiled.compile_blocks()
     hf = _hf_model(cfg)
-    runners = {
-        "ours": _stepper(ours, lambda: ours.loss(x, y)["loss"], ours),
-        "ours_mtp": _stepper(ours_mtp, lambda: ours_mtp.loss(x, y)["loss"], ours_mtp),
-        "ours_compiled": _stepper(compiled, lambda: compiled.loss(x, y)["loss"], compiled),
-    }
-    if hf is not None:
-        runners["hf"] = _stepper(hf, lambda: _hf_loss(hf, x, y), None)
+    runners = {name: _stepper(m, x, y) for name, m in
+               (("ours", ours), ("ours_mtp", ours_mtp), ("ours_compiled", compiled), ("hf", hf)) if m is not None}
     times: dict[str, list[float]] = {k: [] for k in runners}
     peaks = []
     for run in runners.values():  # warm-up (and torch.compile's compilation)
@@ -105,22 +100,23 @@ def _hf_model(cfg: ModelConfig):
     return model.train()
 
 
-def _hf_loss(hf, x, y):
-    logits = hf(input_ids=x).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-
-def _stepper(model, loss_fn, ours):
+def _stepper(model, x, y):
+    """One training step of either model: loss, backward, clip, AdamW (and nanoseek's bias update)."""
     opt = make_optimizer(model, 1e-4)
     model.train()
+    ours = isinstance(model, Transformer)
 
     def step():
-        loss = loss_fn()
+        if ours:
+            loss = model.loss(x, y)["loss"]
+        else:
+            logits = model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if ours is not None:
-            ours.update_bias()
+        if ours:
+            model.update_bias()
 
     return step

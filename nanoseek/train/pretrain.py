@@ -42,7 +42,7 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     preset: str = "cpu"
     out: str = "runs/pretrain"
-    tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (OUT/tokenizer)
+    tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
     data: list[str] = field(default_factory=list)  # .txt/.jsonl/.parquet files; empty: the embedded corpus
     max_steps: int | None = None  # None: 1000 for a new run, the saved value when resuming
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
@@ -169,7 +169,6 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     if tc.compile:
         model.compile_blocks()
-    forward = model.loss
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     end = min(tc.max_steps, tc.stop_at or tc.max_steps)
@@ -188,7 +187,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         for _ in range(tc.grad_accum):
             x, y = loader.next_batch()
             with autocast:
-                out = forward(x.to(device), y.to(device))
+                out = model.loss(x.to(device), y.to(device))
             loss = out["loss"]
             if not torch.isfinite(loss):
                 finite = False
@@ -274,9 +273,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _postfix(row: dict) -> str:
-    s = f"loss {row.get('loss', float('nan')):.3f}"
-    if "tokens_per_s" in row:
-        s += f" | {row['tokens_per_s']:,.0f} tok/s | MFU {100 * row['mfu']:.0f}%"
+    s = f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | MFU {100 * row['mfu']:.0f}%"
     if "val_loss" in row:
         s += f" | val {row['val_loss']:.3f}"
     return s
