@@ -34,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, cost, metrics")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
 
+    p = sub.add_parser("export-hf", help="a transformers DeepseekV3ForCausalLM folder (for transformers, vLLM, SGLang)")
+    p.add_argument("ckpt", help="a checkpoint folder or a run folder")
+    p.add_argument("out", help="a new folder")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (default 5GB)")
+    p.add_argument("--no-mtp", action="store_true", help="leave the MTP modules out")
+
+    p = sub.add_parser("import-hf", help="a transformers DeepseekV3 folder -> a nanoseek checkpoint")
+    p.add_argument("hf_dir", help="a folder with config.json and safetensors weights")
+    p.add_argument("out", help="a new folder")
+
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     p.add_argument("what", choices=["train"])
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -102,6 +113,20 @@ def _run(args: argparse.Namespace) -> int:
                 "flops_per_token": model.flops_per_token(model.config.max_position_embeddings, training=False),
                 "vocab_size": model.config.vocab_size, "tokenizer": tokenizer is not None, **read_meta(folder)}
         print(json.dumps(info, indent=1))
+        return 0
+    if args.command == "export-hf":
+        from nanoseek.export import export_hf, parse_size
+
+        out = export_hf(args.ckpt, args.out, dtype=args.dtype, mtp=not args.no_mtp,
+                        max_shard_bytes=parse_size(args.max_shard_size))
+        print(f"exported {args.ckpt} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+        return 0
+    if args.command == "import-hf":
+        from nanoseek.export import import_hf
+
+        out = import_hf(args.hf_dir, args.out)
+        meta = json.loads((out / "meta.json").read_text())
+        print(f"imported {args.hf_dir} -> {out} ({meta['params']['total']:,} parameters)")
         return 0
     if args.command == "bench":
         from nanoseek.bench.train import bench_train

@@ -9,16 +9,14 @@ Saving writes `step-NNNNNN.tmp/`, fsyncs every file and the folder, renames it i
 then swaps `latest` with an atomic rename of a new symlink: a kill at any moment leaves
 `latest` pointing at a complete checkpoint (the old one or the new one).
 
-Names on disk are transformers': experts per expert (`mlp.experts.E.gate_proj.weight`;
-in memory they are fused, [E, 2I, H]), MTP modules at `model.layers.{L + k}`, with copies of
-the shared embedding and head as vLLM's MTP loader expects.
+config.json and the weight names are transformers' DeepseekV3 format (`nanoseek.hf`), so a
+checkpoint loads in transformers as it is; `nanoseek export-hf` makes the folder to publish.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,84 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data.tokenizer import Tokenizer, TokenizerError
+from nanoseek.hf import CheckpointError, config_to_hf, from_hf_state_dict, read_config, read_weights, to_hf_state_dict
 from nanoseek.model import Transformer
 
-
-class CheckpointError(ValueError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------
-# names: nanoseek modules <-> transformers' checkpoint names
-
-def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name.startswith("lm_head."):
-            if not cfg.tie_word_embeddings:  # tied: transformers re-ties it from the embedding
-                out[name] = t
-            continue
-        m = re.match(r"mtp\.(\d+)\.(.*)", name)
-        if m:
-            name = f"layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}"
-        e = re.match(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
-        if e:
-            prefix = f"model.{e.group(1)}.mlp.experts"
-            for i, w in enumerate(t):
-                if e.group(2) == "gate_up_proj":
-                    gate, up = w.chunk(2, dim=0)
-                    out[f"{prefix}.{i}.gate_proj.weight"] = gate
-                    out[f"{prefix}.{i}.up_proj.weight"] = up
-                else:
-                    out[f"{prefix}.{i}.down_proj.weight"] = w
-            continue
-        out[f"model.{name}"] = t
-    for k in range(cfg.num_nextn_predict_layers):
-        layer = f"model.layers.{cfg.num_hidden_layers + k}"
-        out[f"{layer}.embed_tokens.weight"] = model.embed_tokens.weight.clone()  # safetensors stores no aliases
-        out[f"{layer}.shared_head.head.weight"] = model.lm_head.weight.clone()
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def from_hf_state_dict(model: Transformer, sd: dict[str, torch.Tensor]) -> None:
-    """Load transformers-named weights into `model`; missing or unexpected names are an error."""
-    cfg = model.config
-    own: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, int, str], torch.Tensor] = {}
-    for name, t in sd.items():
-        if name.startswith("lm_head."):
-            own[name] = t
-            continue
-        if not name.startswith("model."):
-            raise CheckpointError(f"unexpected weight {name!r}")
-        name = name[len("model."):]
-        m = re.match(r"layers\.(\d+)\.(.*)", name)
-        if m and int(m.group(1)) >= cfg.num_hidden_layers:
-            k = int(m.group(1)) - cfg.num_hidden_layers
-            if m.group(2) in ("embed_tokens.weight", "shared_head.head.weight"):
-                continue  # copies of the shared embedding and head
-            name = f"mtp.{k}.{m.group(2)}"
-        e = re.match(r"(.*)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
-        if e:
-            experts[(e.group(1), int(e.group(2)), e.group(3))] = t
-            continue
-        own[name] = t
-    for prefix in {p for p, _, _ in experts}:
-        n = cfg.n_routed_experts
-        try:
-            own[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
-                [torch.cat([experts[(prefix, i, "gate_proj")], experts[(prefix, i, "up_proj")]]) for i in range(n)])
-            own[f"{prefix}.mlp.experts.down_proj"] = torch.stack([experts[(prefix, i, "down_proj")] for i in range(n)])
-        except KeyError as err:
-            raise CheckpointError(f"missing expert weight for {prefix} expert {err.args[0][1]}") from None
-    result = model.load_state_dict(own, strict=False)
-    missing = [k for k in result.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
-        raise CheckpointError(f"weights do not match the config: {what}")
+__all__ = ["CheckpointError", "to_hf_state_dict", "from_hf_state_dict", "save_checkpoint", "load_model",
+           "resolve", "has_checkpoint", "read_meta", "load_train_state"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,7 +74,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenize
 
 def write_model_folder(folder: Path, model: Transformer, tokenizer: Tokenizer | None, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.save(folder / "config.json")
+    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     save_file(to_hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(folder)
@@ -193,15 +119,9 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer | None, Path]:
+    """A nanoseek checkpoint, a run folder's latest one, or a transformers DeepseekV3 folder."""
     folder = resolve(path)
-    try:
-        cfg = ModelConfig.load(folder / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    try:
-        sd = load_file(str(folder / "model.safetensors"), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {folder / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+    sd, cfg = read_weights(folder, read_config(folder), device)
     with torch.device(device):
         model = Transformer(cfg)
     from_hf_state_dict(model, sd)
