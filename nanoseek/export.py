@@ -34,6 +34,7 @@ from nanoseek.train.checkpoint import load_model, read_meta, write_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", mtp: bool = True,
@@ -50,7 +51,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", mtp: bo
     cfg = model.config
     if cfg.attn_type != "mla":
         raise CheckpointError(f"attn_type={cfg.attn_type!r}: only MLA models are DeepseekV3ForCausalLM")
-    if tokenizer is None:
+    if tokenizer is None and not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json to export with the model")
     if not mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
@@ -85,7 +86,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", mtp: bo
         total = sum(v.numel() * v.element_size() for v in [*main.values(), *extra.values()])
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    tokenizer.save(tmp)
+    _write_tokenizer(tokenizer, folder, tmp)
     (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(model, cfg, meta, dtype, out.name))
     for f in tmp.iterdir():
@@ -106,11 +107,23 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_model_folder(tmp, model, tokenizer, meta)
+    write_model_folder(tmp, model, None, meta)
+    _write_tokenizer(tokenizer, folder, tmp)
     if out.exists():
         out.rmdir()
     os.rename(tmp, out)
     return out
+
+
+def _write_tokenizer(tokenizer, src: Path, dst: Path) -> None:
+    """nanoseek's tokenizer is written afresh (with the chat template); another model's
+    tokenizer files are copied as they are."""
+    if tokenizer is not None:
+        tokenizer.save(dst)
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 def _cast(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
@@ -133,9 +134,14 @@ def test_transformers_model_imports_with_the_same_logits(tmp_path, variant):
     hf.save_pretrained(str(tmp_path / "hf"), **({"max_shard_size": shard} if shard else {}))
     if shard:
         assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    foreign = tokenizers.Tokenizer(tokenizers.models.BPE())  # another model's: no nanoseek chat tokens
+    foreign.train_from_iterator(TEXT, tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    foreign.save(str(tmp_path / "hf" / "tokenizer.json"), pretty=False)
     import_hf(tmp_path / "hf", tmp_path / "ours")
+    assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
     ours, _ = nanoseek.load(str(tmp_path / "ours"))
-    direct, _ = nanoseek.load(str(tmp_path / "hf"))  # an HF folder loads directly too
+    direct, tok = nanoseek.load(str(tmp_path / "hf"))  # an HF folder loads directly too
+    assert tok is None  # not nanoseek's tokenizer: the weights load, the files are kept as they are
     assert ours.config.num_nextn_predict_layers == 0  # transformers saves no MTP weights
     assert (ours.config.q_lora_rank is None) == (variant != "default")
     ids = torch.randint(0, 300, (2, 80))

@@ -18,6 +18,7 @@ import time
 import torch
 
 from nanoseek.config import ModelConfig, preset
+from nanoseek.hf import config_to_hf
 from nanoseek.model import Transformer
 from nanoseek.train.cost import measure_matmul_peak
 from nanoseek.train.optim import make_optimizer
@@ -27,14 +28,7 @@ def hf_config(cfg: ModelConfig):
     """transformers' DeepseekV3Config with the same numbers (no MTP weights: transformers makes none)."""
     from transformers import DeepseekV3Config
 
-    d = cfg.to_dict()
-    for k in ("mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha", "attn_type", "rope_theta", "rope_scaling"):
-        d.pop(k, None)
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rope = {**cfg.rope_scaling, "rope_type": "yarn", "rope_theta": cfg.rope_theta}
-        rope.pop("type", None)
-    return DeepseekV3Config(**d, rope_parameters=rope)
+    return DeepseekV3Config(**config_to_hf(cfg))
 
 
 def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, repeats: int = 5,

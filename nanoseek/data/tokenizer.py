@@ -38,6 +38,10 @@ class TokenizerError(ValueError):
     pass
 
 
+class ForeignTokenizerError(TokenizerError):
+    """A valid tokenizer that is not nanoseek's (it lacks the chat and think tokens)."""
+
+
 class Tokenizer:
     """A thin wrapper: encode/decode, special-token ids, the chat format, save/load."""
 
@@ -46,7 +50,7 @@ class Tokenizer:
         ids = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
-            raise TokenizerError(f"tokenizer lacks nanoseek's special tokens: {', '.join(missing)}")
+            raise ForeignTokenizerError(f"tokenizer lacks nanoseek's special tokens: {', '.join(missing)}")
         self.special_ids = ids
         self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
         self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
@@ -87,9 +91,10 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         try:
-            return cls(HFTokenizer.from_file(str(file)))
+            hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise TokenizerError(f"cannot load tokenizer from {file}: {str(e).splitlines()[0]}") from None
+        return cls(hf)
 
 
 def tokenizer_config() -> dict:

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanoseek.data.tokenizer import Tokenizer, TokenizerError
+from nanoseek.data.tokenizer import ForeignTokenizerError, Tokenizer, TokenizerError
 from nanoseek.hf import CheckpointError, config_to_hf, from_hf_state_dict, read_config, read_weights, to_hf_state_dict
 from nanoseek.model import Transformer
 
@@ -129,6 +129,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     if (folder / "tokenizer.json").is_file():
         try:
             tokenizer = Tokenizer.load(folder)
+        except ForeignTokenizerError:
+            tokenizer = None  # another model's tokenizer: the weights load, its files travel as they are
         except TokenizerError as e:
             raise CheckpointError(str(e)) from None
     return model, tokenizer, folder
