@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="a new folder")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
-    p.add_argument("what", choices=["train"])
+    p.add_argument("what", choices=["train", "decode"])
+    p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preset", default="cpu")
@@ -129,9 +130,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"imported {args.hf_dir} -> {out} ({meta['params']['total']:,} parameters)")
         return 0
     if args.command == "bench":
-        from nanoseek.bench.train import bench_train
+        if args.what == "decode":
+            from nanoseek.bench.decode import bench_decode
 
-        result = bench_train(args.preset, repeats=args.repeats)
+            result = bench_decode(args.ckpt, args.preset, repeats=args.repeats)
+        else:
+            from nanoseek.bench.train import bench_train
+
+            result = bench_train(args.preset, repeats=args.repeats)
         if args.json:
             print(json.dumps(result))
         return 0

@@ -27,19 +27,26 @@ from nanoseek.model.rope import apply_rope, softmax_scale
 
 
 class LatentCache:
-    """Per-layer preallocated cache [B, max_len, kv_lora_rank + qk_rope_head_dim] (for MLA;
-    the GQA baseline stores its full keys and values in the same way)."""
+    """Per-layer preallocated cache [rows, max_len, kv_lora_rank + qk_rope_head_dim] (for MLA;
+    the GQA baseline stores its full keys and values in the same way). A forward of B rows
+    uses rows [start, start + B): the inference engine keeps one row per running sequence."""
 
     def __init__(self, num_layers: int, batch: int, max_len: int, width: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.layers = [torch.zeros(batch, max_len, width, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
+        self.start = 0
 
     def write(self, layer: int, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Store values [B, T, W] at positions [B, T]; return the filled prefix [B, S, W]."""
-        buf = self.layers[layer]
+        buf = self.layers[layer][self.start: self.start + values.shape[0]]
         buf.scatter_(1, positions[..., None].expand(-1, -1, buf.shape[-1]), values.to(buf.dtype))
         return buf[:, : int(positions.max()) + 1]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row dst's first `length` positions := row src's (every layer)."""
+        for buf in self.layers:
+            buf[dst, :length] = buf[src, :length]
 
     @staticmethod
     def visible(positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -49,6 +56,9 @@ class LatentCache:
     def bytes_per_token(self) -> int:
         buf = self.layers[0]
         return len(self.layers) * buf.shape[-1] * buf.element_size()
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.layers)
 
 
 class MLA(nn.Module):

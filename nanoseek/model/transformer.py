@@ -133,10 +133,12 @@ class Transformer(nn.Module):
         self.norm.compile()
 
     # ---- inference helpers ----
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, mtp: bool = True) -> LatentCache:
+        """Rows for `batch` sequences of up to `max_len` tokens; with `mtp`, the MTP blocks'
+        layers too (only speculative decoding runs them)."""
         p = self.embed_tokens.weight
         width = self.layers[0].self_attn.cache_width
-        return LatentCache(len(self.layers) + len(self.mtp), batch, max_len, width,
+        return LatentCache(len(self.layers) + (len(self.mtp) if mtp else 0), batch, max_len, width,
                            dtype=dtype or p.dtype, device=p.device)
 
     # ---- load balancing ----

@@ -1,0 +1,161 @@
+"""`nanoseek bench decode`: generation speed and cache size, side by side with transformers.
+
+Same weights in both (the nanoseek model exported to transformers' DeepseekV3ForCausalLM in
+a temporary folder), same prompts, same CPU, one process, rounds alternating, medians.
+Decode speed is (N - 1) new tokens over the time between the first token and the last, so
+the prefill of the prompt is left out of both sides. Greedy, no early stop, MTP off for the
+head-to-head; MTP speculation is measured separately on the same engine, on/off alternating.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nanoseek.config import preset
+from nanoseek.hf import config_to_hf, to_hf_state_dict
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model import Transformer
+
+
+def hf_twin(model: Transformer):
+    """transformers' DeepseekV3ForCausalLM with the same weights (main model only)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config.replace(num_nextn_predict_layers=0)
+    L = cfg.num_hidden_layers
+    sd = {k: v for k, v in to_hf_state_dict(model).items() if not k.startswith(tuple(
+        f"model.layers.{L + i}." for i in range(model.config.num_nextn_predict_layers)))}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(config_to_hf(cfg)))
+        save_file(sd, str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
+        return AutoModelForCausalLM.from_pretrained(d).eval()
+
+
+def _timed_ours(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
+    """(seconds to the first token of every prompt, seconds for the rest)."""
+    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
+    reqs = [engine.submit(p, params) for p in prompts]
+    t0 = time.perf_counter()
+    while any(r.first_token_at is None for r in reqs):
+        engine.step()
+    t1 = time.perf_counter()
+    engine.run()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _timed_hf(hf, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
+        t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) - (t1 - t0)
+
+
+def hf_cache_bytes_per_token(hf, prompt_len: int = 16) -> float:
+    with torch.no_grad():
+        out = hf(torch.zeros(1, prompt_len, dtype=torch.long), use_cache=True)
+    cache = out.past_key_values
+    total = 0
+    for layer in cache.layers:
+        total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total / prompt_len
+
+
+def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int = 3, new_b1: int = 64,
+                 new_b32: int = 32, prompt_lens: tuple[int, ...] = (256, 1024), batches: tuple[int, ...] = (1, 32),
+                 mtp_tokens: int = 128) -> dict:
+    torch.manual_seed(0)
+    if ckpt:
+        import nanoseek
+
+        model, tok = nanoseek.load(ckpt)
+    else:
+        model, tok = Transformer(preset(preset_name)).eval(), None
+    cfg = model.config
+    hf = hf_twin(model)
+    V = cfg.vocab_size
+    out: dict = {"checkpoint": ckpt, "preset": None if ckpt else preset_name, "threads": torch.get_num_threads(),
+                 "torch": torch.__version__, "repeats": repeats, "params": model.param_counts()}
+    for B in batches:
+        n_new = new_b1 if B == 1 else new_b32
+        for P in prompt_lens:
+            prompts = torch.randint(10, V, (B, P)).tolist()
+            engine = Engine(model, tok, max_seqs=B, context=P + n_new + 1)
+            _timed_ours(engine, prompts, 4)  # warm-up
+            ours, theirs = [], []
+            for r in range(repeats):
+                _, t = _timed_ours(engine, prompts, n_new)
+                ours.append(B * (n_new - 1) / t)
+                _, t = _timed_hf(hf, prompts, n_new)
+                theirs.append(B * (n_new - 1) / t)
+                print(f"batch {B} prompt {P} round {r + 1}: nanoseek {ours[-1]:,.0f} tok/s, "
+                      f"transformers {theirs[-1]:,.0f} tok/s", file=sys.stderr)
+            key = f"b{B}_p{P}"
+            out[f"tokens_per_s_{key}"] = statistics.median(ours)
+            out[f"hf_tokens_per_s_{key}"] = statistics.median(theirs)
+            out[f"speedup_vs_hf_{key}"] = statistics.median(o / t for o, t in zip(ours, theirs))
+    for B in batches:  # the headline keys: the shortest prompt
+        key = f"b{B}_p{prompt_lens[0]}"
+        out[f"tokens_per_s_b{B}"] = out[f"tokens_per_s_{key}"]
+        out[f"speedup_vs_hf_b{B}"] = out[f"speedup_vs_hf_{key}"]
+    out.update(cache_figures(model, hf))
+    out.update(mtp_figures(model, tok, mtp_tokens, repeats))
+    return out
+
+
+def cache_figures(model: Transformer, hf) -> dict:
+    cfg = model.config
+    engine = Engine(model, max_seqs=4, context=256)
+    ours = engine.cache.nbytes() / (4 * 256)
+    formula = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    theirs = hf_cache_bytes_per_token(hf)
+    mha = cfg.num_hidden_layers * 2 * cfg.hidden_size * 4
+    v3 = dict(heads=128, nope=128, rope=64, v=128, kv_lora=512)
+    v3_ratio = v3["heads"] * (v3["nope"] + v3["rope"] + v3["v"]) / (v3["kv_lora"] + v3["rope"])
+    budget = 1 << 30
+    ctx = cfg.max_position_embeddings
+    return {
+        "cache_bytes_per_token": ours, "cache_formula_bytes_per_token": formula,
+        "hf_cache_bytes_per_token": theirs, "mha_cache_bytes_per_token": mha,
+        "cache_ratio_vs_hf": theirs / ours,
+        "cache_ratio_formula": cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+                                                          + cfg.v_head_dim) / (cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+        "deepseek_v3_cache_ratio": v3_ratio,
+        "sequences_per_gib_at_context": {"context": ctx, "nanoseek": int(budget // (ours * ctx)),
+                                         "transformers": int(budget // (theirs * ctx)),
+                                         "mha": int(budget // (mha * ctx))},
+    }
+
+
+def mtp_figures(model: Transformer, tok, n_new: int, repeats: int) -> dict:
+    if not model.mtp:
+        return {"mtp_acceptance": None, "mtp_speedup": None}
+    prompt = tok.encode("Question: What is 12 + 30?\n<think>\n") if tok else torch.randint(10, 500, (32,)).tolist()
+    engines = {spec: Engine(model, tok, max_seqs=1, speculative=spec) for spec in (False, True)}
+    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(repeats + 1):
+        for spec, engine in engines.items():
+            t = time.perf_counter()
+            engine.generate([prompt], params)
+            if r:  # round 0 warms up
+                times[spec].append(time.perf_counter() - t)
+    st = engines[True].stats
+    return {"mtp_acceptance": st["accepted"] / max(1, st["drafted"]),
+            "mtp_speedup": statistics.median(a / b for a, b in zip(times[False], times[True])),
+            "mtp_tokens_per_s": n_new / statistics.median(times[True]),
+            "no_mtp_tokens_per_s": n_new / statistics.median(times[False])}

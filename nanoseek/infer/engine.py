@@ -1,0 +1,386 @@
+"""The inference engine: latent KV cache, continuous batching, sampling, MTP speculation.
+
+One cache row per running sequence ([rows, context, kv_lora_rank + qk_rope_head_dim] per
+layer, allocated once). Running sequences sit in rows 0..R-1, so a decode step attends over
+a plain slice of the cache, never a gathered copy; when a sequence finishes, the last row
+moves into its place. A request of `n` samples is prefilled once (naive MLA, SDPA) and its
+prompt's cache rows are copied to its other samples; decoding uses the absorbed form.
+
+Each `step()` admits waiting requests while there are free rows (prefill), then advances
+every running sequence by one forward pass: one token, or with MTP speculation the pending
+token plus the MTP module's draft, verified together (1 or 2 tokens out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from nanoseek.infer.runner import DecodeRunner
+from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
+from nanoseek.infer.text import TextStream
+from nanoseek.model import Transformer
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (too long, too many samples): one line."""
+
+
+class EngineBusy(EngineError):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+@dataclass
+class Completion:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None  # "stop" or "length"
+
+
+@dataclass
+class Event:
+    """What one step produced for one sample: new text, new tokens, and whether it ended."""
+    request: "Request"
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class Request:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.outputs = [Completion(i, logprobs=[] if params.logprobs else None) for i in range(params.n)]
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.aborted = False
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.outputs)
+
+
+@dataclass
+class _Seq:
+    request: Request
+    index: int
+    tokens: list[int]  # prompt + generated; the last one is pending (not yet in the cache)
+    generator: torch.Generator
+    stream: TextStream | None
+    draft: int | None = None
+    draft_probs: torch.Tensor | None = None
+
+    @property
+    def out(self) -> Completion:
+        return self.request.outputs[self.index]
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, max_seqs: int = 32, context: int | None = None,
+                 speculative: bool = False, max_waiting: int = 256):
+        self.model = model.eval()
+        self.tok = tokenizer
+        cfg = model.config
+        self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if speculative and not model.mtp:
+            raise EngineError("MTP speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.speculative = speculative
+        self.max_seqs = max_seqs
+        self.max_waiting = max_waiting
+        self.cache = model.new_cache(max_seqs, self.context, mtp=speculative)
+        self.runner = DecodeRunner(model)
+        self.eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.running: list[_Seq] = []  # row i of the cache holds running[i]
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self.stats = {"drafted": 0, "accepted": 0, "steps": 0, "tokens": 0}
+
+    # ---- requests ----
+    def submit(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Request:
+        params = (params or SamplingParams()).validate()
+        ids = self._encode(prompt)
+        if not ids:
+            raise EngineError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise EngineError(f"the prompt has {len(ids)} tokens; the context window is {self.context} "
+                              f"(at most {self.context - 1} prompt tokens)")
+        if params.n > self.max_seqs:
+            raise EngineError(f"n={params.n} exceeds the engine's {self.max_seqs} concurrent sequences")
+        if params.stop and self.tok is None:
+            raise EngineError("stop strings need a tokenizer")
+        bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+        req = Request(ids, params)
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineBusy(f"{len(self.waiting)} requests are already waiting; try again later")
+            self.waiting.append(req)
+        return req
+
+    def abort(self, request: Request) -> None:
+        """Stop a request now; its cache rows are free after the current step."""
+        with self.lock:
+            request.aborted = True
+            if request in self.waiting:
+                self.waiting.remove(request)
+                self._finish_all(request, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _encode(self, prompt: list[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tok is None:
+                raise EngineError("a text prompt needs a tokenizer")
+            return self.tok.encode(prompt)
+        return [int(t) for t in prompt]
+
+    # ---- the loop ----
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._drop_aborted()
+        self.runner.sync()
+        while True:
+            with self.lock:
+                if not self.waiting or len(self.running) + self.waiting[0].params.n > self.max_seqs:
+                    break
+                req = self.waiting.popleft()
+            events += self._prefill(req)
+        if self.running:
+            events += self._decode_speculative() if self.speculative else self._decode()
+        self.stats["steps"] += 1
+        return events
+
+    def run(self, on_event: Callable[[Event], None] | None = None) -> None:
+        """Step until every submitted request has finished."""
+        while self.has_work():
+            for e in self.step():
+                if on_event:
+                    on_event(e)
+
+    def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None) -> list[Request]:
+        """Run `prompts` to completion, batched; returns their requests (`.outputs`)."""
+        reqs = [self.submit(p, params) for p in prompts]
+        self.run()
+        return reqs
+
+    def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text of one sample as it is produced."""
+        req = self.submit(prompt, params)
+        try:
+            while not req.finished:
+                for e in self.step():
+                    if e.request is req and e.text:
+                        yield e.text
+        finally:
+            if not req.finished:
+                self.abort(req)
+                self.step()
+
+    # ---- prefill: one forward over the prompt, shared by the request's n samples ----
+    def _prefill(self, req: Request) -> list[Event]:
+        p, n, P = req.params, req.params.n, len(req.prompt_ids)
+        row0 = len(self.running)
+        ids = torch.tensor([req.prompt_ids], device=self._device)
+        pos = torch.arange(P, device=self._device)[None]
+        self.cache.start = row0
+        h, _ = self.model.hidden_states(ids, pos, self.cache)
+        logits = self.model.lm_head(h[:, -1]).expand(n, -1)
+        for i in range(1, n):
+            self.cache.copy_row(row0, row0 + i, P)
+        seqs = []
+        for i in range(n):
+            seed = p.seed + i if p.seed is not None else random.getrandbits(63)
+            g = torch.Generator().manual_seed(seed)
+            stream = TextStream(self.tok, p.stop) if self.tok is not None else None
+            seqs.append(_Seq(req, i, list(req.prompt_ids), g, stream))
+        tokens, chosen_probs = self._sample(logits, seqs)
+        self.running.extend(seqs)
+        if self.speculative:
+            self._mtp_prefill(seqs, h, row0, tokens)
+        req.first_token_at = time.perf_counter()
+        events = []
+        for s, t, lp in zip(seqs, tokens.tolist(), self._logprobs(logits, tokens, seqs)):
+            events += self._emit(s, [t], [lp])
+        self._release_finished()
+        return events
+
+    def _mtp_prefill(self, seqs: list[_Seq], h: torch.Tensor, row0: int, first: torch.Tensor) -> None:
+        """Fill the MTP layer's cache over the prompt and draft each sample's second token."""
+        prompt = seqs[0].request.prompt_ids
+        P, n = len(prompt), len(seqs)
+        mtp = self.model.mtp[0]
+        if P > 1:
+            pos = torch.arange(P - 1, device=self._device)[None]
+            emb = self.model.embed_tokens(torch.tensor([prompt[1:]], device=self._device))
+            cos, sin = self.model.rotary(pos)
+            self.cache.start = row0
+            mtp(h[:, : P - 1], emb, cos, sin, pos, self.cache)
+            for i in range(1, n):
+                self.cache.copy_row(row0, row0 + i, P)  # the MTP layer's rows too
+        pos = torch.full((n, 1), P - 1, device=self._device)
+        self.cache.start = row0
+        out = self.runner.mtp_hidden(h[:, -1:].expand(n, -1, -1), first[:, None], pos, self.cache)
+        self._set_drafts(seqs, self._mtp_logits(out[:, -1]))
+
+    # ---- decode: every running sequence advances ----
+    def _decode(self) -> list[Event]:
+        seqs = self.running
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self._device)
+        pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self._device)
+        self.cache.start = 0
+        logits = self.model.lm_head(self.runner.hidden(ids, pos, self.cache)[:, -1])
+        tokens, _ = self._sample(logits, seqs)
+        lps = self._logprobs(logits, tokens, seqs)
+        events = []
+        for s, t, lp in zip(seqs, tokens.tolist(), lps):
+            events += self._emit(s, [t], [lp])
+        self._release_finished()
+        return events
+
+    def _decode_speculative(self) -> list[Event]:
+        """Feed [pending, draft] at positions [n, n + 1]; keep the draft if the main model agrees
+        (greedy: same argmax; sampled: the speculative acceptance rule), then a bonus token from
+        the draft's position. The MTP module then drafts the next token from the last kept one."""
+        seqs = self.running
+        B = len(seqs)
+        n = torch.tensor([len(s.tokens) - 1 for s in seqs], device=self._device)
+        ids = torch.tensor([[s.tokens[-1], s.draft] for s in seqs], device=self._device)
+        pos = torch.stack([n, n + 1], dim=1)
+        self.cache.start = 0
+        rot = self.runner.rot(pos)
+        h = self.runner.hidden(ids, pos, self.cache, rot)
+        logits = self.model.lm_head(h)
+        draft = ids[:, 1]
+        if all(s.request.params.greedy for s in seqs):
+            first = logits[:, 0].argmax(-1)
+            accepted = first == draft
+            bonus = logits[:, 1].argmax(-1)
+        else:
+            p0 = self._probs(logits[:, 0], seqs)
+            V = logits.shape[-1]
+            q = torch.stack([s.draft_probs if s.draft_probs is not None
+                             else torch.nn.functional.one_hot(torch.tensor(s.draft), V).float() for s in seqs])
+            gens = [s.generator for s in seqs]
+            accepted, first = accept_draft(p0, q, draft, gens)
+            bonus = draw(self._probs(logits[:, 1], seqs), gens)
+        self.stats["drafted"] += B
+        self.stats["accepted"] += int(accepted.sum())
+        lp0 = self._logprobs(logits[:, 0], first, seqs)
+        lp1 = self._logprobs(logits[:, 1], bonus, seqs)
+        # the MTP module: positions n, n+1 see (h_n, token n+1) and (h_n+1, token n+2)
+        nxt = torch.stack([first, torch.where(accepted, bonus, first)], dim=1)
+        out = self.runner.mtp_hidden(h, nxt, pos, self.cache, rot)
+        rows = torch.arange(B, device=self._device)
+        self._set_drafts(seqs, self._mtp_logits(out[rows, accepted.long()]))
+        events = []
+        for i, s in enumerate(seqs):
+            if accepted[i]:
+                events += self._emit(s, [int(first[i]), int(bonus[i])], [lp0[i], lp1[i]])
+            else:
+                events += self._emit(s, [int(first[i])], [lp0[i]])
+        self._release_finished()
+        return events
+
+    # ---- sampling ----
+    @property
+    def _device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def _probs(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        ps = [s.request.params for s in seqs]
+        t = torch.tensor([p.temperature for p in ps], device=logits.device)
+        k = torch.tensor([p.top_k for p in ps], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in ps], device=logits.device)
+        return filtered_probs(logits, t, k, top_p)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if all(s.request.params.greedy for s in seqs):
+            return logits.argmax(-1), None
+        probs = self._probs(logits, seqs)
+        return draw(probs, [s.generator for s in seqs]), probs
+
+    def _set_drafts(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        tokens, probs = self._sample(logits, seqs)
+        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
+            s.draft = t
+            s.draft_probs = probs[i] if probs is not None else None
+
+    def _mtp_logits(self, out: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.mtp[0].shared_head.norm(out))
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[_Seq]) -> list[float | None]:
+        if not any(s.request.params.logprobs for s in seqs):
+            return [None] * len(seqs)
+        lp = logits.float().log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return lp.tolist()
+
+    # ---- bookkeeping ----
+    def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float | None]) -> list[Event]:
+        """Append produced tokens one by one until the sequence ends; one event per sequence."""
+        p, out = s.request.params, s.out
+        text, new = "", []
+        for t, lp in zip(tokens, logprobs):
+            s.tokens.append(t)
+            new.append(t)
+            out.token_ids.append(t)
+            if out.logprobs is not None:
+                out.logprobs.append(lp)
+            self.stats["tokens"] += 1
+            if (t == self.eos and not p.ignore_eos) or t in p.stop_token_ids:
+                out.finish_reason = "stop"
+                break
+            if s.stream is not None:
+                text += s.stream.push(t)
+                if s.stream.stopped:
+                    out.finish_reason = "stop"
+                    break
+            if len(out.token_ids) >= p.max_tokens or len(s.tokens) >= self.context:
+                out.finish_reason = "length"
+                break
+        if out.finish_reason is not None and s.stream is not None:
+            text += s.stream.flush()
+        if s.request.aborted and out.finish_reason is None:
+            out.finish_reason = "abort"
+        out.text += text
+        return [Event(s.request, s.index, text, new, out.finish_reason)]
+
+    def _release_finished(self) -> None:
+        """Free the rows of finished sequences: the last running row moves into each hole."""
+        i = 0
+        while i < len(self.running):
+            s = self.running[i]
+            if s.out.finish_reason is None:
+                i += 1
+                continue
+            last = self.running.pop()
+            if last is not s:
+                self.cache.copy_row(len(self.running), i, len(last.tokens))
+                self.running[i] = last
+
+    def _drop_aborted(self) -> None:
+        for s in self.running:
+            if s.request.aborted and s.out.finish_reason is None:
+                s.out.finish_reason = "abort"
+        self._release_finished()
+
+    def _finish_all(self, req: Request, reason: str) -> None:
+        for c in req.outputs:
+            if c.finish_reason is None:
+                c.finish_reason = reason

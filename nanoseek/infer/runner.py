@@ -1,0 +1,213 @@
+"""The decode step, with its weights folded for a few tokens per sequence at a time.
+
+A decode step feeds one (or, with MTP speculation, two) tokens per sequence; on a CPU its
+cost is the number of operations far more than their arithmetic. So the engine does not
+decode through the training modules but through weights prepared once from them:
+
+- MLA, absorbed (DeepSeek-V2 section 2.1.2): W_UK is folded into the query projection and
+  W_UV into the output projection, so attention runs directly on the cached latent. The
+  softmax scale is folded into the query. q_a and kv_a are one matmul (both read x); the
+  query comes out as [latent part | RoPE part] per head, so the scores over the cache
+  ([latent | RoPE key] per token) are a single batched matmul.
+- DeepSeekMoE, when the experts are few (n_routed / top_k <= 8): every expert and the
+  shared ones run as one matmul up and one down, the unchosen experts weighted 0. That is
+  more arithmetic than the sorted dispatch of training, and far fewer operations at batch
+  sizes a decode step sees. With many experts the sorted dispatch is kept.
+- RoPE as one complex multiply on interleaved pairs (the layout the cache holds).
+
+The prepared weights follow the model: `sync()` rebuilds them when any parameter has
+changed in place (an optimizer step, a loaded checkpoint), so a trainer can keep one engine.
+`forward` is tested against the model's own full forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import Transformer
+from nanoseek.model.mla import LatentCache
+from nanoseek.model.moe import MoE
+
+DENSE_EXPERTS_MAX_RATIO = 8
+
+
+class _Attn:
+    def __init__(self, attn, cfg):
+        H, nope, r, v, c = attn.n_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_lora_rank
+        self.H, self.c, self.r = H, c, r
+        self.q_lora = attn.q_lora_rank
+        w = attn.kv_b_proj.weight.view(H, nope + v, c)
+        w_uk, w_uv = w[:, :nope], w[:, nope:]
+
+        def absorb_q(wq: torch.Tensor) -> torch.Tensor:  # [H*(nope+r), in] -> [H*(c+r), in]
+            wq = wq.view(H, nope + r, -1)
+            q_lat = torch.einsum("hdc,hdi->hci", w_uk, wq[:, :nope])
+            return (torch.cat([q_lat, wq[:, nope:]], dim=1) * attn.scale).reshape(H * (c + r), -1)
+
+        kv_a = attn.kv_a_proj_with_mqa
+        if self.q_lora:
+            self.w_a = torch.cat([attn.q_a_proj.weight, kv_a.weight])
+            self.b_a = None if attn.q_a_proj.bias is None else torch.cat([attn.q_a_proj.bias, kv_a.bias])
+            self.q_norm = (attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
+            self.w_q = absorb_q(attn.q_b_proj.weight)
+            self.split = [self.q_lora, c + r]
+        else:  # the query comes straight from x: one matmul for the query and the KV latent
+            self.w_a = torch.cat([absorb_q(attn.q_proj.weight), kv_a.weight])
+            self.b_a = None if kv_a.bias is None else torch.cat([torch.zeros(H * (c + r)), kv_a.bias])
+            self.split = [H * (c + r), c + r]
+        self.kv_norm = (attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps)
+        self.w_o = torch.einsum("ohv,hvc->ohc", attn.o_proj.weight.view(-1, H, v), w_uv).reshape(-1, H * c)
+        self.b_o = attn.o_proj.bias
+
+    def __call__(self, x, rot, positions, cache: LatentCache, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, c, r = self.H, self.c, self.r
+        a = F.linear(x, self.w_a, self.b_a)
+        q_in, kv = a.split(self.split, dim=-1)
+        if self.q_lora:
+            q = F.linear(F.rms_norm(q_in, (q_in.shape[-1],), *self.q_norm), self.w_q)
+        else:
+            q = q_in
+        q = q.view(B, T, H, c + r)
+        c_kv, k_pe = kv.split([c, r], dim=-1)
+        c_kv = F.rms_norm(c_kv, (c,), *self.kv_norm)
+        # RoPE on the query's and the key's rotary parts together
+        pe = torch.cat([q[..., c:], k_pe[:, :, None]], dim=2).float()
+        pe = torch.view_as_real(torch.view_as_complex(pe.unflatten(-1, (-1, 2))) * rot).flatten(-2).to(x.dtype)
+        q = torch.cat([q[..., :c], pe[:, :, :H]], dim=-1)
+        latent = cache.write(layer, positions, torch.cat([c_kv, pe[:, :, H]], dim=-1))  # [B, S, c + r]
+        S = latent.shape[1]
+        scores = torch.bmm(q.view(B, T * H, c + r), latent.transpose(1, 2)).view(B, T, H, S)
+        visible = LatentCache.visible(positions, S)[:, :, None]
+        probs = scores.masked_fill(~visible, float("-inf")).float().softmax(-1).to(x.dtype)
+        out = torch.bmm(probs.view(B, T * H, S), latent[..., :c]).view(B, T, H * c)
+        return F.linear(out, self.w_o, self.b_o)
+
+
+class _MLP:
+    def __init__(self, mlp):
+        self.w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        self.w_d = mlp.down_proj.weight
+
+    def __call__(self, x):
+        g, u = F.linear(x, self.w_gu).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, self.w_d)
+
+
+class _DenseMoE:
+    """For a handful of tokens (tokens x top_k <= experts): all routed experts, weighted by
+    the gate (0 where not chosen), and the shared ones as one matmul up and one down. For
+    more tokens, the sorted dispatch, which computes only the chosen experts."""
+
+    def __init__(self, moe: MoE):
+        self.moe = moe
+        self.gate = moe.gate
+        E, two_i, H = moe.experts.gate_up_proj.shape
+        self.E, self.I = E, two_i // 2
+        ups = [moe.experts.gate_up_proj.reshape(E * two_i, H)]
+        downs = [moe.experts.down_proj.permute(1, 0, 2).reshape(H, -1)]
+        self.shared = 0
+        if moe.shared_experts is not None:
+            s = moe.shared_experts
+            ups.append(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
+            downs.append(s.down_proj.weight)
+            self.shared = s.gate_proj.weight.shape[0]
+        self.w_up, self.w_down = torch.cat(ups), torch.cat(downs, dim=1)
+
+    def __call__(self, x):
+        B, T, H = x.shape
+        if B * T * self.gate.top_k > self.E:
+            return self.moe(x)[0]
+        flat = x.reshape(-1, H)
+        weights, indices, _ = self.gate(flat)
+        dense = torch.zeros(flat.shape[0], self.E, dtype=x.dtype, device=x.device)
+        dense.scatter_(1, indices, weights.to(x.dtype))
+        up = F.linear(flat, self.w_up)
+        E, I = self.E, self.I
+        g, u = up[:, : E * 2 * I].view(-1, E, 2, I).unbind(2)
+        act = (F.silu(g) * u * dense[..., None]).flatten(1)
+        if self.shared:
+            sg, su = up[:, E * 2 * I:].chunk(2, dim=-1)
+            act = torch.cat([act, F.silu(sg) * su], dim=-1)
+        return F.linear(act, self.w_down).view(B, T, H)
+
+
+class _SortedMoE:
+    def __init__(self, moe: MoE):
+        self.moe = moe
+
+    def __call__(self, x):
+        return self.moe(x)[0]
+
+
+class _Block:
+    def __init__(self, block, cfg):
+        self.layer = block.layer_idx
+        self.n1 = (block.input_layernorm.weight, block.input_layernorm.eps)
+        self.n2 = (block.post_attention_layernorm.weight, block.post_attention_layernorm.eps)
+        self.attn = _Attn(block.self_attn, cfg)
+        m = block.mlp
+        if isinstance(m, MoE):
+            dense = m.gate.n_experts / m.gate.top_k <= DENSE_EXPERTS_MAX_RATIO
+            self.mlp = _DenseMoE(m) if dense else _SortedMoE(m)
+        else:
+            self.mlp = _MLP(m)
+
+    def __call__(self, x, rot, positions, cache):
+        d = x.shape[-1]
+        x = x + self.attn(F.rms_norm(x, (d,), *self.n1), rot, positions, cache, self.layer)
+        return x + self.mlp(F.rms_norm(x, (d,), *self.n2))
+
+
+class DecodeRunner:
+    """Forward passes of a few tokens per sequence over the latent cache (absorbed MLA)."""
+
+    def __init__(self, model: Transformer):
+        if model.config.attn_type != "mla":
+            raise ValueError("the decode runner is for MLA models")
+        self.model = model
+        self._tensors = [*model.parameters(), *model.buffers()]
+        self._version = None
+        self.sync()
+
+    def _weights_version(self) -> tuple:
+        # in-place updates bump a tensor's version; a replaced tensor changes its identity
+        return tuple((id(t), t._version) for t in self._tensors)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Rebuild the folded weights if the model changed since they were built."""
+        v = self._weights_version()
+        if v == self._version:
+            return
+        m = self.model
+        self._tensors = [*m.parameters(), *m.buffers()]
+        self.blocks = [_Block(b, m.config) for b in m.layers]
+        self.mtp = [_Block(b, m.config) for b in m.mtp]
+        self.norm = (m.norm.weight, m.norm.eps)
+        self._version = self._weights_version()
+
+    def rot(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T, 1, r/2] complex rotations for positions [B, T]."""
+        cos, sin = self.model.rotary(positions)
+        return torch.complex(cos, sin)[:, :, None]
+
+    @torch.no_grad()
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
+               rot: torch.Tensor | None = None) -> torch.Tensor:
+        """The main model's final normed hidden states [B, T, d]."""
+        x = self.model.embed_tokens(tokens)
+        rot = self.rot(positions) if rot is None else rot
+        for b in self.blocks:
+            x = b(x, rot, positions, cache)
+        return F.rms_norm(x, (x.shape[-1],), *self.norm)
+
+    @torch.no_grad()
+    def mtp_hidden(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+                   cache: LatentCache, rot: torch.Tensor | None = None) -> torch.Tensor:
+        """MTP module 1's representation [B, T, d] from h at positions and the next tokens."""
+        module = self.model.mtp[0]
+        x = module.eh_proj(torch.cat([module.enorm(self.model.embed_tokens(next_tokens)), module.hnorm(h)], -1))
+        rot = self.rot(positions) if rot is None else rot
+        return self.mtp[0](x, rot, positions, cache)

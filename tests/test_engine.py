@@ -1,0 +1,267 @@
+"""The inference engine: cached decoding, continuous batching, sampling, MTP speculation, text."""
+
+import collections
+
+import pytest
+import torch
+
+from nanoseek.config import preset
+from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.infer import greedy
+from nanoseek.infer.engine import Engine, EngineBusy, EngineError
+from nanoseek.infer.runner import DecodeRunner
+from nanoseek.infer.sampling import SamplingError, SamplingParams, accept_draft, draw, filtered_probs
+from nanoseek.infer.text import TextStream
+from nanoseek.model import Transformer
+
+TEXT = ["Question: 12 + 30 = ?\n<think>\n12 + 30 = 42\n</think>\nAnswer: 42",
+        "To be, or not to be, that is the question. Café, naïve, 東京, 🙂 done."] * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXT, vocab_size=400)
+
+
+def model_for(seed=0, **changes) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(preset("tiny").replace(vocab_size=400, **changes))
+    with torch.no_grad():  # sharper distributions than the init's, and routing biases in play
+        m.lm_head.weight.mul_(20)
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return m.eval()
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("changes", [{}, dict(q_lora_rank=None, n_routed_experts=None),
+                                     dict(n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=0),
+                                     dict(rope_scaling={"type": "yarn", "factor": 2.0,
+                                                        "original_max_position_embeddings": 128})])
+def test_cached_decoding_matches_a_full_forward(changes):
+    """Rows of different lengths, prefilled one by one, then decoded together (1 and 2 tokens
+    a step, as speculation does): every logit equals the full forward over the whole sequence."""
+    model = model_for(**changes)
+    runner = DecodeRunner(model)
+    lengths = [5, 17, 11]
+    seqs = [torch.randint(0, 400, (n,)).tolist() for n in lengths]
+    cache = model.new_cache(len(seqs), 64, mtp=False)
+    with torch.no_grad():
+        for row, s in enumerate(seqs):
+            cache.start = row
+            model(torch.tensor([s]), torch.arange(len(s))[None], cache)
+        cache.start = 0
+        for step_tokens in (1, 2, 1, 2):
+            new = torch.randint(0, 400, (len(seqs), step_tokens))
+            pos = torch.tensor([[len(s) + i for i in range(step_tokens)] for s in seqs])
+            got = model.lm_head(runner.hidden(new, pos, cache))
+            for row, s in enumerate(seqs):
+                s += new[row].tolist()
+                full = model(torch.tensor([s]))[0, -step_tokens:]
+                assert (got[row] - full).abs().max().item() <= 1e-4
+
+
+def test_continuous_batching_changes_nothing(tok):
+    """Greedy outputs alone == among others joining and leaving (2 rows for 5 requests)."""
+    model = model_for()
+    prompts = [tok.encode(t) for t in ["To be", "Question: 12", "Café", "Answer: 4", "that is the"]]
+    alone = [greedy(model, p, 6 + 3 * i) for i, p in enumerate(prompts)]
+    engine = Engine(model, tok, max_seqs=2)
+    reqs = []
+    for i, p in enumerate(prompts):
+        reqs.append(engine.submit(p, SamplingParams(max_tokens=6 + 3 * i, temperature=0, ignore_eos=True)))
+        engine.step()  # requests arrive while others run
+    engine.run()
+    assert [r.outputs[0].token_ids for r in reqs] == alone
+    assert not engine.running and engine.cache.start == 0
+
+
+def test_n_samples_share_one_prefill(tok):
+    model = model_for()
+    prompt = tok.encode("Question: 12")
+    engine = Engine(model, tok, max_seqs=4)
+    calls = collections.Counter()
+    forward = model.hidden_states
+    model.hidden_states = lambda *a, **k: (calls.update([a[0].shape[1]]), forward(*a, **k))[1]
+    try:
+        r = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, n=3, ignore_eos=True))[0]
+    finally:
+        del model.hidden_states
+    assert calls == {len(prompt): 1}  # one prefill for three samples
+    assert all(c.token_ids == greedy(model, prompt, 8) for c in r.outputs)
+
+
+@pytest.fixture(scope="module")
+def trained(tok):
+    """The tiny model after a few hundred steps on TEXT: its MTP module drafts well."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(vocab_size=400))
+    ids = torch.tensor(tok.encode("\n".join(TEXT)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s: s + 65] for s in starts])
+        model.loss(batch[:, :-1], batch[:, 1:])["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_mtp_speculation_is_exact_for_greedy(tok, trained, which):
+    model = trained if which == "trained" else model_for(seed=1)
+    prompts = [tok.encode(t) for t in ["To be", "Question: 12 + 30", "Café"]]
+    plain_engine = Engine(model, tok, max_seqs=2)
+    plain = plain_engine.generate(prompts, GREEDY)
+    spec = Engine(model, tok, max_seqs=2, speculative=True)
+    fast = spec.generate(prompts, GREEDY)
+    assert [r.outputs[0].token_ids for r in fast] == [r.outputs[0].token_ids for r in plain]
+    st = spec.stats
+    assert 0 < st["drafted"] and 0 <= st["accepted"] <= st["drafted"]
+    if which == "trained":  # kept drafts are exercised, and save steps
+        assert st["accepted"] / st["drafted"] > 0.5
+        assert st["steps"] < 0.8 * plain_engine.stats["steps"]
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    torch.manual_seed(0)
+    V, N = 6, 40000
+    p = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15, 0.0]).expand(N, V)
+    q = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.1, 0.1]).expand(N, V)
+    gens = [torch.Generator().manual_seed(i) for i in range(N)]
+    draft = draw(q, gens)
+    accepted, token = accept_draft(p, q, draft, gens)
+    freq = torch.bincount(token, minlength=V).float() / N
+    assert (freq - p[0]).abs().max() < 0.01
+    assert freq[5] == 0  # never a token the target gives probability 0
+    expected_accept = torch.minimum(p[0], q[0]).sum()  # sum_x min(p, q)
+    assert abs(accepted.float().mean() - expected_accept) < 0.01
+
+
+def test_top_k_and_top_p_never_leave_the_allowed_set():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])).expand(3, 5)
+    t = torch.tensor([1.0, 1.0, 0.0])
+    probs = filtered_probs(logits, t, torch.tensor([2, 0, 0]), torch.tensor([1.0, 0.8, 1.0]))
+    allowed = [{0, 1}, {0, 1, 2}, {0}]  # top-2; top-p 0.8 (0.5 + 0.2 < 0.8 <= 0.85); greedy
+    for row, ok in enumerate(allowed):
+        assert {i for i in range(5) if probs[row, i] > 0} == ok
+    assert torch.allclose(probs[0, :2], torch.tensor([0.5, 0.2]) / 0.7)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    seen = [set() for _ in range(3)]
+    for _ in range(2000):
+        for row, token in enumerate(draw(probs, gens).tolist()):
+            seen[row].add(token)
+    assert seen == allowed
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(tok):
+    model = model_for()
+    prompt = tok.encode("To be")
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    alone = Engine(model, tok).generate([prompt], params)[0].outputs[0].token_ids
+    crowd = Engine(model, tok).generate([tok.encode("Café"), prompt, tok.encode("Answer")], params)
+    assert crowd[1].outputs[0].token_ids == alone
+    other = Engine(model, tok).generate([prompt], SamplingParams(max_tokens=16, seed=8, ignore_eos=True))
+    assert other[0].outputs[0].token_ids != alone
+    spec = Engine(model, tok, speculative=True)
+    again = spec.generate([prompt, prompt], params)  # sampled speculation runs and is seeded too
+    assert again[0].outputs[0].token_ids == again[1].outputs[0].token_ids
+
+
+def test_logprobs_are_the_models_own(tok):
+    model = model_for()
+    prompt = tok.encode("Question: 12")
+    out = Engine(model, tok).generate([prompt], SamplingParams(max_tokens=10, seed=1, logprobs=True,
+                                                               ignore_eos=True))[0].outputs[0]
+    seq = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        lp = model(seq)[0, len(prompt) - 1: -1].log_softmax(-1)
+    want = lp.gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(out.logprobs), want, atol=1e-4)
+
+
+def test_stop_strings_end_the_output_before_them(tok):
+    model = model_for()
+    prompt = tok.encode("To be")
+    full = Engine(model, tok).generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    text = full[0].outputs[0].text
+    assert len(text) > 12
+    stop = text[6:9]
+    cut = text[: text.index(stop)]
+    engine = Engine(model, tok)
+    chunks = list(engine.stream(prompt, SamplingParams(max_tokens=40, temperature=0, stop=[stop], ignore_eos=True)))
+    assert "".join(chunks) == cut
+    r = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0, stop=["zzz", stop], ignore_eos=True))
+    assert r[0].outputs[0].text == cut and r[0].outputs[0].finish_reason == "stop"
+
+
+def test_streaming_never_breaks_a_character(tok):
+    text = "Ωμέγα, Привет, 🚀 ok. " * 3  # unseen in training: single bytes, split characters
+    ids = tok.encode(text)
+    assert sum("\ufffd" in tok.decode([i]) for i in ids) > 10
+    stream = TextStream(tok, stop=["never"])
+    chunks = [stream.push(i) for i in ids] + [stream.flush()]
+    assert all("\ufffd" not in c for c in chunks)
+    assert "".join(chunks) == text
+    s = TextStream(tok, stop=["Привет"])
+    out = "".join(s.push(i) for i in ids) + s.flush()
+    assert out == "Ωμέγα, " and s.stopped
+
+
+def test_cache_holds_only_the_latent():
+    model = model_for()
+    cfg = model.config
+    T = 40
+    engine = Engine(model, max_seqs=1, context=T)
+    per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert sum(b.numel() for b in engine.cache.layers) == T * per_token
+    spec = Engine(model, max_seqs=1, context=T, speculative=True)  # plus the MTP block's own layer
+    assert sum(b.numel() for b in spec.cache.layers) == T * (per_token + cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def test_limits_are_clear_refusals(tok):
+    model = model_for()
+    engine = Engine(model, tok, max_seqs=2, context=32, max_waiting=1)
+    with pytest.raises(EngineError, match="context window is 32"):
+        engine.submit(list(range(40)))
+    with pytest.raises(EngineError, match="n=3 exceeds"):
+        engine.submit([1, 2], SamplingParams(n=3))
+    with pytest.raises(SamplingError, match="top_p"):
+        engine.submit([1, 2], SamplingParams(top_p=0))
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        engine.submit([1, 9999])
+    engine.submit([1, 2], GREEDY)
+    with pytest.raises(EngineBusy):
+        engine.submit([1, 2], GREEDY)
+    engine.run()
+    r = engine.submit([1, 2], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    engine.run()
+    assert r.outputs[0].finish_reason == "length" and 2 + len(r.outputs[0].token_ids) == 32
+
+
+def test_abort_frees_the_row_at_once(tok):
+    model = model_for()
+    engine = Engine(model, tok, max_seqs=1)
+    a = engine.submit([1, 2, 3], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    b = engine.submit([4, 5], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.abort(a)
+    engine.run()
+    assert a.outputs[0].finish_reason == "abort" and len(a.outputs[0].token_ids) < 100
+    assert b.outputs[0].token_ids == greedy(model, [4, 5], 3)
+
+
+def test_the_runner_follows_the_weights():
+    model = model_for()
+    runner = DecodeRunner(model)
+    cache = model.new_cache(1, 16, mtp=False)
+    x, pos = torch.tensor([[3]]), torch.tensor([[0]])
+    before = runner.hidden(x, pos, cache)
+    with torch.no_grad():
+        model.layers[0].self_attn.o_proj.weight.mul_(2)  # an optimizer step, in place
+    runner.sync()
+    after = runner.hidden(x, pos, cache)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, model.hidden_states(x, pos, model.new_cache(1, 16))[0], atol=1e-5)
