@@ -34,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, cost, metrics")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
 
+    p = sub.add_parser("generate", help="one completion, streamed to stdout")
+    p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    _sampling_flags(p, max_tokens=256)
+    p.add_argument("--stop", nargs="*", default=[], help="stop strings (the output ends before them)")
+
+    p = sub.add_parser("chat", help="terminal chat: streaming, thinking shown dimmed, /reset")
+    p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
+    p.add_argument("--system", help="a system message")
+    _sampling_flags(p, max_tokens=512)
+
     p = sub.add_parser("export-hf", help="a transformers DeepseekV3ForCausalLM folder (for transformers, vLLM, SGLang)")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
     p.add_argument("out", help="a new folder")
@@ -75,13 +87,41 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
 
 
+def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, as DeepSeek-R1)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--context", type=int, help="context window (default: the model's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+
+
+def _engine(args):
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.train.checkpoint import CheckpointError, load_model
+    from nanoseek.train.pretrain import pick_device
+
+    model, tok, folder = load_model(args.ckpt, pick_device(args.device))
+    if tok is None:
+        raise CheckpointError(f"{folder} has no nanoseek tokenizer (tokenizer.json with the chat tokens)")
+    engine = Engine(model, tok, max_seqs=1, context=args.context, speculative=args.mtp)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=getattr(args, "stop", [])).validate()
+    return engine, params
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from nanoseek.data.corpus import DataError
     from nanoseek.data.tokenizer import TokenizerError
     from nanoseek.train.checkpoint import CheckpointError
+    from nanoseek.infer.engine import EngineError
+    from nanoseek.infer.sampling import SamplingError
     from nanoseek.train.pretrain import TrainingError
 
-    return ConfigError, DataError, TokenizerError, CheckpointError, TrainingError
+    return ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, EngineError, SamplingError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,6 +155,32 @@ def _run(args: argparse.Namespace) -> int:
                 "vocab_size": model.config.vocab_size, "tokenizer": tokenizer is not None, **read_meta(folder)}
         print(json.dumps(info, indent=1))
         return 0
+    if args.command == "generate":
+        import time
+
+        engine, params = _engine(args)
+        tok = engine.tok
+        prompt = (tok.render_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+                  if args.chat else args.prompt)
+        t = time.perf_counter()
+        req = engine.submit(tok.encode(prompt), params)
+        while not req.finished:
+            for e in engine.step():
+                sys.stdout.write(e.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        out = req.outputs[0]
+        dt = time.perf_counter() - t
+        st = engine.stats
+        mtp = f", MTP acceptance {st['accepted'] / max(1, st['drafted']):.0%}" if args.mtp else ""
+        print(f"[{len(out.token_ids)} tokens in {dt:.2f} s, {len(out.token_ids) / dt:.0f} tok/s, "
+              f"finish: {out.finish_reason}{mtp}]", file=sys.stderr)
+        return 0
+    if args.command == "chat":
+        from nanoseek.infer.chat import chat_repl
+
+        engine, params = _engine(args)
+        return chat_repl(engine, params, system=args.system)
     if args.command == "export-hf":
         from nanoseek.export import export_hf, parse_size
 

@@ -265,3 +265,56 @@ def test_the_runner_follows_the_weights():
     after = runner.hidden(x, pos, cache)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, model.hidden_states(x, pos, model.new_cache(1, 16))[0], atol=1e-5)
+
+
+def test_chat_repl_resets_drops_old_turns_and_refuses_overlong_messages(tok, trained):
+    import io
+
+    from nanoseek.infer.chat import chat_repl
+
+    engine = Engine(trained, tok, max_seqs=1, context=64)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    lines = ["To be, or not", "/reset", "Question: 12 + 30", "Answer: 42 and more", "Café, naïve", "the question",
+             "To be " * 60, "/bogus", "/exit", "never read"]
+    out = io.StringIO()
+    assert chat_repl(engine, params, stdin=io.StringIO("\n".join(lines) + "\n"), out=out, color=True) == 0
+    text = out.getvalue()
+    assert text.count("nanoseek> ") == 5  # five replies; the overlong message got none
+    assert "(conversation cleared)" in text
+    assert "outgrew the 64-token context window" in text
+    assert "does not fit the 64-token context window" in text
+    assert "unknown command /bogus" in text and "never read" not in text
+    assert not engine.has_work()
+
+
+def test_thinking_is_dimmed_and_only_the_answer_is_kept():
+    import io
+
+    from nanoseek.infer.chat import DIM, RESET, ThinkingPrinter, split_thinking
+
+    out = io.StringIO()
+    printer = ThinkingPrinter(out, color=True)
+    for chunk in ["<think>", "12 + 30", " = 42", "</think>", "42"]:
+        printer.write(chunk)
+    assert out.getvalue() == f"{DIM}12 + 30{RESET}{DIM} = 42{RESET}\n42"
+    assert split_thinking("<think>12 + 30 = 42</think>\n42") == ("12 + 30 = 42", "42")
+    assert split_thinking("<think>still thinking") == ("still thinking", "")
+
+
+def test_generate_command_streams_the_greedy_completion(tmp_path, tok, trained, capsys):
+    from nanoseek.cli import main
+    from nanoseek.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "run", 1, trained, tok, {"stage": "test"})
+    prompt = "To be, or"
+    want = tok.decode(greedy(trained, tok.encode(prompt), 20, eos_token_id=tok.eos_id), keep_special=True)
+    want = want.replace("<|eos|>", "")
+    capsys.readouterr()
+    for extra in ([], ["--mtp"]):
+        assert main(["generate", str(tmp_path / "run"), "--prompt", prompt, "--temperature", "0",
+                     "--max-tokens", "20", *extra]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == want + "\n"
+        assert "tok/s" in captured.err
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "x", "--top-p", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "nanoseek: error: top_p must be in (0, 1]"

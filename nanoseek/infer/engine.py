@@ -275,7 +275,8 @@ class Engine:
             p0 = self._probs(logits[:, 0], seqs)
             V = logits.shape[-1]
             q = torch.stack([s.draft_probs if s.draft_probs is not None
-                             else torch.nn.functional.one_hot(torch.tensor(s.draft), V).float() for s in seqs])
+                             else torch.nn.functional.one_hot(torch.tensor(s.draft, device=self._device), V).float()
+                             for s in seqs])
             gens = [s.generator for s in seqs]
             accepted, first = accept_draft(p0, q, draft, gens)
             bonus = draw(self._probs(logits[:, 1], seqs), gens)

@@ -54,7 +54,7 @@ class _Attn:
             self.split = [self.q_lora, c + r]
         else:  # the query comes straight from x: one matmul for the query and the KV latent
             self.w_a = torch.cat([absorb_q(attn.q_proj.weight), kv_a.weight])
-            self.b_a = None if kv_a.bias is None else torch.cat([torch.zeros(H * (c + r)), kv_a.bias])
+            self.b_a = None if kv_a.bias is None else torch.cat([kv_a.bias.new_zeros(H * (c + r)), kv_a.bias])
             self.split = [H * (c + r), c + r]
         self.kv_norm = (attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps)
         self.w_o = torch.einsum("ohv,hvc->ohc", attn.o_proj.weight.view(-1, H, v), w_uv).reshape(-1, H * c)
