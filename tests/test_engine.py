@@ -318,3 +318,22 @@ def test_generate_command_streams_the_greedy_completion(tmp_path, tok, trained, 
         assert "tok/s" in captured.err
     assert main(["generate", str(tmp_path / "run"), "--prompt", "x", "--top-p", "0"]) == 2
     assert capsys.readouterr().err.strip() == "nanoseek: error: top_p must be in (0, 1]"
+
+
+def test_training_forwards_do_not_rebuild_the_runner_but_steps_do(tok):
+    """A trainer keeps one engine: its forwards (which count expert load) leave the folded
+    weights alone; an optimizer step rebuilds them; the engine decodes in eval mode."""
+    model = model_for()
+    engine = Engine(model, tok, max_seqs=2)
+    blocks = engine.runner.blocks
+    model.train()
+    ids = torch.randint(0, 400, (2, 16))
+    loss = model.loss(ids[:, :-1], ids[:, 1:])["loss"]
+    engine.runner.sync()
+    assert engine.runner.blocks is blocks
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    out = engine.generate([[1, 2, 3]], GREEDY)[0].outputs[0].token_ids
+    assert engine.runner.blocks is not blocks and model.training
+    model.eval()
+    assert out == greedy(model, [1, 2, 3], GREEDY.max_tokens)

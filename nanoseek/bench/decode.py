@@ -3,13 +3,16 @@
 Same weights in both (the nanoseek model exported to transformers' DeepseekV3ForCausalLM in
 a temporary folder), same prompts, same CPU, one process, rounds alternating, medians.
 Decode speed is (N - 1) new tokens over the time between the first token and the last, so
-the prefill of the prompt is left out of both sides. Greedy, no early stop, MTP off for the
+the prefill of the prompt is left out of both sides; both give token ids (the engine runs
+without a tokenizer here, so no incremental detokenizing is counted; `bench serve` counts it). Greedy, no early stop, MTP off for the
 head-to-head; MTP speculation is measured separately on the same engine, on/off alternating.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +30,6 @@ from nanoseek.model import Transformer
 
 def hf_twin(model: Transformer):
     """transformers' DeepseekV3ForCausalLM with the same weights (main model only)."""
-    import json
-
     from transformers import AutoModelForCausalLM
 
     cfg = model.config.replace(num_nextn_predict_layers=0)
@@ -68,7 +69,7 @@ def _timed_hf(hf, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
 def hf_cache_bytes_per_token(hf, prompt_len: int = 16) -> float:
     with torch.no_grad():
         out = hf(torch.zeros(1, prompt_len, dtype=torch.long), use_cache=True)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None) or out.past_key_values
     total = 0
     for layer in cache.layers:
         total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
@@ -85,6 +86,9 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
         model, tok = nanoseek.load(ckpt)
     else:
         model, tok = Transformer(preset(preset_name)).eval(), None
+    need = max(prompt_lens) + max(new_b1, new_b32) + 1
+    if need > model.config.max_position_embeddings:  # a speed measurement: room for the longest prompt
+        model.config = model.config.replace(max_position_embeddings=need)
     cfg = model.config
     hf = hf_twin(model)
     V = cfg.vocab_size
@@ -94,7 +98,8 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
         n_new = new_b1 if B == 1 else new_b32
         for P in prompt_lens:
             prompts = torch.randint(10, V, (B, P)).tolist()
-            engine = Engine(model, tok, max_seqs=B, context=P + n_new + 1)
+            # token ids out, as transformers' generate gives (no detokenizing on either side)
+            engine = Engine(model, None, max_seqs=B, context=P + n_new + 1)
             _timed_ours(engine, prompts, 4)  # warm-up
             ours, theirs = [], []
             for r in range(repeats):
@@ -113,8 +118,43 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
         out[f"tokens_per_s_b{B}"] = out[f"tokens_per_s_{key}"]
         out[f"speedup_vs_hf_b{B}"] = out[f"speedup_vs_hf_{key}"]
     out.update(cache_figures(model, hf))
+    B, P = max(batches), max(prompt_lens)
+    out["peak_rss_mb"] = {side: _peak_rss(side, ckpt, preset_name, B, P, new_b32) for side in ("nanoseek", "hf")}
+    out["peak_rss_workload"] = f"batch {B}, prompt {P}, {new_b32} new tokens, in a fresh process each"
     out.update(mtp_figures(model, tok, mtp_tokens, repeats))
     return out
+
+
+def _peak_rss(side: str, ckpt: str | None, preset_name: str, B: int, P: int, n_new: int) -> float:
+    """Peak resident memory (MB) of a fresh process that loads the model and runs one workload."""
+    code = (f"from nanoseek.bench.decode import _peak_child; "
+            f"_peak_child({side!r}, {ckpt!r}, {preset_name!r}, {B}, {P}, {n_new})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"peak-memory child failed: {run.stderr.strip().splitlines()[-1:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _peak_child(side: str, ckpt: str | None, preset_name: str, B: int, P: int, n_new: int) -> None:
+    torch.manual_seed(0)
+    if ckpt:
+        import nanoseek
+
+        model, _ = nanoseek.load(ckpt)
+    else:
+        model = Transformer(preset(preset_name)).eval()
+    if P + n_new + 1 > model.config.max_position_embeddings:
+        model.config = model.config.replace(max_position_embeddings=P + n_new + 1)
+    prompts = torch.randint(10, model.config.vocab_size, (B, P)).tolist()
+    if side == "hf":
+        hf = hf_twin(model)
+        del model
+        _timed_hf(hf, prompts, n_new)
+    else:
+        _timed_ours(Engine(model, max_seqs=B, context=P + n_new + 1), prompts, n_new)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 def cache_figures(model: Transformer, hf) -> dict:
@@ -124,6 +164,8 @@ def cache_figures(model: Transformer, hf) -> dict:
     formula = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     theirs = hf_cache_bytes_per_token(hf)
     mha = cfg.num_hidden_layers * 2 * cfg.hidden_size * 4
+    expanded = cfg.num_hidden_layers * cfg.num_attention_heads * (
+        cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4
     v3 = dict(heads=128, nope=128, rope=64, v=128, kv_lora=512)
     v3_ratio = v3["heads"] * (v3["nope"] + v3["rope"] + v3["v"]) / (v3["kv_lora"] + v3["rope"])
     budget = 1 << 30
@@ -131,12 +173,14 @@ def cache_figures(model: Transformer, hf) -> dict:
     return {
         "cache_bytes_per_token": ours, "cache_formula_bytes_per_token": formula,
         "hf_cache_bytes_per_token": theirs, "mha_cache_bytes_per_token": mha,
-        "cache_ratio_vs_hf": theirs / ours,
+        "expanded_mla_cache_bytes_per_token": expanded,
+        "cache_ratio_vs_hf": theirs / ours, "cache_ratio_vs_expanded": expanded / ours, "cache_ratio_vs_mha": mha / ours,
         "cache_ratio_formula": cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
                                                           + cfg.v_head_dim) / (cfg.kv_lora_rank + cfg.qk_rope_head_dim),
         "deepseek_v3_cache_ratio": v3_ratio,
         "sequences_per_gib_at_context": {"context": ctx, "nanoseek": int(budget // (ours * ctx)),
                                          "transformers": int(budget // (theirs * ctx)),
+                                         "expanded_mla": int(budget // (expanded * ctx)),
                                          "mha": int(budget // (mha * ctx))},
     }
 
@@ -145,7 +189,7 @@ def mtp_figures(model: Transformer, tok, n_new: int, repeats: int) -> dict:
     if not model.mtp:
         return {"mtp_acceptance": None, "mtp_speedup": None}
     prompt = tok.encode("Question: What is 12 + 30?\n<think>\n") if tok else torch.randint(10, 500, (32,)).tolist()
-    engines = {spec: Engine(model, tok, max_seqs=1, speculative=spec) for spec in (False, True)}
+    engines = {spec: Engine(model, None, max_seqs=1, speculative=spec) for spec in (False, True)}
     params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
     times: dict[bool, list[float]] = {False: [], True: []}
     for r in range(repeats + 1):

@@ -91,7 +91,7 @@ class _Seq:
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_seqs: int = 32, context: int | None = None,
                  speculative: bool = False, max_waiting: int = 256):
-        self.model = model.eval()
+        self.model = model
         self.tok = tokenizer
         cfg = model.config
         self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -152,6 +152,14 @@ class Engine:
     # ---- the loop ----
     @torch.no_grad()
     def step(self) -> list[Event]:
+        training = self.model.training  # a trainer may hand over a model in train mode
+        self.model.eval()
+        try:
+            return self._step()
+        finally:
+            self.model.train(training)
+
+    def _step(self) -> list[Event]:
         events: list[Event] = []
         self._drop_aborted()
         self.runner.sync()

@@ -9,10 +9,9 @@ decode through the training modules but through weights prepared once from them:
   softmax scale is folded into the query. q_a and kv_a are one matmul (both read x); the
   query comes out as [latent part | RoPE part] per head, so the scores over the cache
   ([latent | RoPE key] per token) are a single batched matmul.
-- DeepSeekMoE, when the experts are few (n_routed / top_k <= 8): every expert and the
-  shared ones run as one matmul up and one down, the unchosen experts weighted 0. That is
-  more arithmetic than the sorted dispatch of training, and far fewer operations at batch
-  sizes a decode step sees. With many experts the sorted dispatch is kept.
+- DeepSeekMoE: at batch 1 a step is bound by reading weights from memory (the whole model
+  does not fit the CPU's cache), so only the chosen experts' weights are read: gathered,
+  two batched matmuls. With more tokens, the sorted dispatch of training.
 - RoPE as one complex multiply on interleaved pairs (the layout the cache holds).
 
 The prepared weights follow the model: `sync()` rebuilds them when any parameter has
@@ -29,7 +28,22 @@ from nanoseek.model import Transformer
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE
 
-DENSE_EXPERTS_MAX_RATIO = 8
+
+class _Step:
+    """What every layer of one decode step shares: rotations, the write index, the mask."""
+
+    def __init__(self, rot: torch.Tensor, positions: torch.Tensor, cache: LatentCache):
+        self.rot, self.positions, self.cache = rot, positions, cache
+        self.S = int(positions.max()) + 1
+        self.B = positions.shape[0]
+        self.bias = torch.zeros(positions.shape + (1, self.S), device=positions.device)
+        self.bias.masked_fill_(~LatentCache.visible(positions, self.S)[:, :, None], float("-inf"))
+        self.index = positions[..., None]
+
+    def write(self, layer: int, values: torch.Tensor) -> torch.Tensor:
+        buf = self.cache.layers[layer][self.cache.start: self.cache.start + self.B]
+        buf.scatter_(1, self.index.expand(-1, -1, buf.shape[-1]), values)
+        return buf[:, : self.S]
 
 
 class _Attn:
@@ -60,7 +74,7 @@ class _Attn:
         self.w_o = torch.einsum("ohv,hvc->ohc", attn.o_proj.weight.view(-1, H, v), w_uv).reshape(-1, H * c)
         self.b_o = attn.o_proj.bias
 
-    def __call__(self, x, rot, positions, cache: LatentCache, layer: int) -> torch.Tensor:
+    def __call__(self, x, step: _Step, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, c, r = self.H, self.c, self.r
         a = F.linear(x, self.w_a, self.b_a)
@@ -74,13 +88,12 @@ class _Attn:
         c_kv = F.rms_norm(c_kv, (c,), *self.kv_norm)
         # RoPE on the query's and the key's rotary parts together
         pe = torch.cat([q[..., c:], k_pe[:, :, None]], dim=2).float()
-        pe = torch.view_as_real(torch.view_as_complex(pe.unflatten(-1, (-1, 2))) * rot).flatten(-2).to(x.dtype)
+        pe = torch.view_as_real(torch.view_as_complex(pe.unflatten(-1, (-1, 2))) * step.rot).flatten(-2).to(x.dtype)
         q = torch.cat([q[..., :c], pe[:, :, :H]], dim=-1)
-        latent = cache.write(layer, positions, torch.cat([c_kv, pe[:, :, H]], dim=-1))  # [B, S, c + r]
+        latent = step.write(layer, torch.cat([c_kv, pe[:, :, H]], dim=-1))  # [B, S, c + r]
         S = latent.shape[1]
         scores = torch.bmm(q.view(B, T * H, c + r), latent.transpose(1, 2)).view(B, T, H, S)
-        visible = LatentCache.visible(positions, S)[:, :, None]
-        probs = scores.masked_fill(~visible, float("-inf")).float().softmax(-1).to(x.dtype)
+        probs = (scores.float() + step.bias).softmax(-1).to(x.dtype)
         out = torch.bmm(probs.view(B, T * H, S), latent[..., :c]).view(B, T, H * c)
         return F.linear(out, self.w_o, self.b_o)
 
@@ -95,50 +108,40 @@ class _MLP:
         return F.linear(F.silu(g) * u, self.w_d)
 
 
-class _DenseMoE:
-    """For a handful of tokens (tokens x top_k <= experts): all routed experts, weighted by
-    the gate (0 where not chosen), and the shared ones as one matmul up and one down. For
-    more tokens, the sorted dispatch, which computes only the chosen experts."""
+class _FewTokenMoE:
+    """MoE for the few tokens of a decode step. At batch 1 a decode step is bound by reading
+    weights from memory, so only the chosen experts are read, each straight from its slice
+    of the fused expert weights (no gathered copy), and the shared experts run as one fused
+    MLP. With more tokens than that pays for (tokens x top_k > experts), the sorted
+    dispatch of training, which reads each used expert once."""
 
     def __init__(self, moe: MoE):
         self.moe = moe
         self.gate = moe.gate
-        E, two_i, H = moe.experts.gate_up_proj.shape
-        self.E, self.I = E, two_i // 2
-        ups = [moe.experts.gate_up_proj.reshape(E * two_i, H)]
-        downs = [moe.experts.down_proj.permute(1, 0, 2).reshape(H, -1)]
-        self.shared = 0
-        if moe.shared_experts is not None:
-            s = moe.shared_experts
-            ups.append(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
-            downs.append(s.down_proj.weight)
-            self.shared = s.gate_proj.weight.shape[0]
-        self.w_up, self.w_down = torch.cat(ups), torch.cat(downs, dim=1)
+        self.E = moe.experts.gate_up_proj.shape[0]
+        self.gate_up = moe.experts.gate_up_proj.unbind(0)
+        self.down = moe.experts.down_proj.unbind(0)
+        self.shared = _MLP(moe.shared_experts) if moe.shared_experts is not None else None
 
     def __call__(self, x):
         B, T, H = x.shape
-        if B * T * self.gate.top_k > self.E:
+        N, k = B * T, self.gate.top_k
+        if N * k > self.E:
             return self.moe(x)[0]
-        flat = x.reshape(-1, H)
+        flat = x.reshape(N, H)
         weights, indices, _ = self.gate(flat)
-        dense = torch.zeros(flat.shape[0], self.E, dtype=x.dtype, device=x.device)
-        dense.scatter_(1, indices, weights.to(x.dtype))
-        up = F.linear(flat, self.w_up)
-        E, I = self.E, self.I
-        g, u = up[:, : E * 2 * I].view(-1, E, 2, I).unbind(2)
-        act = (F.silu(g) * u * dense[..., None]).flatten(1)
-        if self.shared:
-            sg, su = up[:, E * 2 * I:].chunk(2, dim=-1)
-            act = torch.cat([act, F.silu(sg) * su], dim=-1)
-        return F.linear(act, self.w_down).view(B, T, H)
-
-
-class _SortedMoE:
-    def __init__(self, moe: MoE):
-        self.moe = moe
-
-    def __call__(self, x):
-        return self.moe(x)[0]
+        rows = []
+        for n, (experts, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
+            xn, acc = flat[n: n + 1], None
+            for e, w in zip(experts, ws):
+                g, u = F.linear(xn, self.gate_up[e]).chunk(2, dim=-1)
+                y = F.linear(F.silu(g) * u, self.down[e]) * w
+                acc = y if acc is None else acc + y
+            rows.append(acc)
+        out = torch.cat(rows) if N > 1 else rows[0]
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(B, T, H)
 
 
 class _Block:
@@ -149,14 +152,13 @@ class _Block:
         self.attn = _Attn(block.self_attn, cfg)
         m = block.mlp
         if isinstance(m, MoE):
-            dense = m.gate.n_experts / m.gate.top_k <= DENSE_EXPERTS_MAX_RATIO
-            self.mlp = _DenseMoE(m) if dense else _SortedMoE(m)
+            self.mlp = _FewTokenMoE(m)
         else:
             self.mlp = _MLP(m)
 
-    def __call__(self, x, rot, positions, cache):
+    def __call__(self, x, step: _Step):
         d = x.shape[-1]
-        x = x + self.attn(F.rms_norm(x, (d,), *self.n1), rot, positions, cache, self.layer)
+        x = x + self.attn(F.rms_norm(x, (d,), *self.n1), step, self.layer)
         return x + self.mlp(F.rms_norm(x, (d,), *self.n2))
 
 
@@ -167,22 +169,28 @@ class DecodeRunner:
         if model.config.attn_type != "mla":
             raise ValueError("the decode runner is for MLA models")
         self.model = model
-        self._tensors = [*model.parameters(), *model.buffers()]
         self._version = None
         self.sync()
+
+    def _weights(self) -> list[torch.Tensor]:
+        """What the folded weights depend on: the parameters and the routing biases (not the
+        expert-load counters, which training forwards bump)."""
+        m = self.model
+        return [*m.parameters(), *(moe.gate.e_score_correction_bias for moe in m.moe_layers())]
 
     def _weights_version(self) -> tuple:
         # in-place updates bump a tensor's version; a replaced tensor changes its identity
         return tuple((id(t), t._version) for t in self._tensors)
 
     @torch.no_grad()
-    def sync(self) -> None:
-        """Rebuild the folded weights if the model changed since they were built."""
-        v = self._weights_version()
-        if v == self._version:
+    def sync(self, force: bool = False) -> None:
+        """Rebuild the folded weights if the model changed in place since they were built
+        (`force` after replacing parameter tensors, e.g. load_state_dict(assign=True))."""
+        if force or self._version is None:
+            self._tensors = self._weights()
+        elif self._weights_version() == self._version:
             return
         m = self.model
-        self._tensors = [*m.parameters(), *m.buffers()]
         self.blocks = [_Block(b, m.config) for b in m.layers]
         self.mtp = [_Block(b, m.config) for b in m.mtp]
         self.norm = (m.norm.weight, m.norm.eps)
@@ -198,9 +206,9 @@ class DecodeRunner:
                rot: torch.Tensor | None = None) -> torch.Tensor:
         """The main model's final normed hidden states [B, T, d]."""
         x = self.model.embed_tokens(tokens)
-        rot = self.rot(positions) if rot is None else rot
+        step = _Step(self.rot(positions) if rot is None else rot, positions, cache)
         for b in self.blocks:
-            x = b(x, rot, positions, cache)
+            x = b(x, step)
         return F.rms_norm(x, (x.shape[-1],), *self.norm)
 
     @torch.no_grad()
@@ -209,5 +217,4 @@ class DecodeRunner:
         """MTP module 1's representation [B, T, d] from h at positions and the next tokens."""
         module = self.model.mtp[0]
         x = module.eh_proj(torch.cat([module.enorm(self.model.embed_tokens(next_tokens)), module.hnorm(h)], -1))
-        rot = self.rot(positions) if rot is None else rot
-        return self.mtp[0](x, rot, positions, cache)
+        return self.mtp[0](x, _Step(self.rot(positions) if rot is None else rot, positions, cache))
