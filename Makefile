@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# The browser tests drive Debian's chromium (playwright's own browser download does not work here).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update && apt-get install -y chromium
+
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest tests
 
 # Until the reasoning stages land, the speedrun is the tokenizer + pretraining stages only.

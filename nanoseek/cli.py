@@ -46,6 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", help="a system message")
     _sampling_flags(p, max_tokens=512)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible API + web chat")
+    p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (or set NANOSEEK_API_KEY)")
+    p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--context", type=int, help="context window (default: the model's)")
+    p.add_argument("--model-name", default="nanoseek", help="the model id clients ask for")
+    p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+
     p = sub.add_parser("export-hf", help="a transformers DeepseekV3ForCausalLM folder (for transformers, vLLM, SGLang)")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
     p.add_argument("out", help="a new folder")
@@ -181,6 +192,13 @@ def _run(args: argparse.Namespace) -> int:
 
         engine, params = _engine(args)
         return chat_repl(engine, params, system=args.system)
+    if args.command == "serve":
+        from nanoseek.serve.server import api_key_from_env, build, serve_forever
+        from nanoseek.train.pretrain import pick_device
+
+        app, folder = build(args.ckpt, api_key_from_env(args.api_key), args.max_seqs, args.context, args.mtp,
+                            args.model_name, pick_device(args.device))
+        return serve_forever(app, args.host, args.port, folder)
     if args.command == "export-hf":
         from nanoseek.export import export_hf, parse_size
 

@@ -1,0 +1,496 @@
+"""`nanoseek serve`: an OpenAI-compatible API and the web chat, over one engine.
+
+Routes: `/v1/models`, `/v1/chat/completions` (stream or not), `/v1/completions`, `/health`,
+and the web chat at `/` (static files, manifest, service worker, icons). The model's
+`<think>...</think>` goes to `reasoning_content` (`delta.reasoning_content` when streaming),
+the rest to `content`, as DeepSeek's API does.
+
+Every error is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, with its
+status: 400 bad request, 401 bad or missing key, 404 unknown model or route, 413 body too
+large, 429 queue full. Unknown request fields are ignored, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek import __version__
+from nanoseek.infer.chat import split_thinking
+from nanoseek.infer.engine import Engine, EngineBusy, EngineError, Event, Request
+from nanoseek.infer.sampling import SamplingError, SamplingParams
+from nanoseek.serve.icons import png_icon
+from nanoseek.serve.worker import EngineWorker
+
+STATIC = Path(__file__).parent / "static"
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_messages: int = 256
+    max_n: int = 8
+    max_tokens: int | None = None  # default: the context window
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------
+# request bodies (unknown fields are ignored)
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class Message(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+# ---------------------------------------------------------------------------------------
+# the reasoning / answer split
+
+class ReasoningSplitter:
+    """Feeds streamed text; returns (reasoning delta, content delta). Text inside a leading
+    <think>...</think> is reasoning; the newlines right after </think> are dropped."""
+
+    def __init__(self):
+        self.state = "start"
+        self.pending = ""
+        self.saw_think = False
+
+    def feed(self, chunk: str) -> tuple[str, str]:
+        reasoning = content = ""
+        chunk = self.pending + chunk
+        self.pending = ""
+        while chunk:
+            if self.state == "start":
+                stripped = chunk.lstrip()
+                if not stripped:
+                    self.pending = chunk
+                    break
+                if stripped.startswith("<think>"):
+                    self.state, chunk = "reasoning", stripped[len("<think>"):]
+                    self.saw_think = True
+                elif "<think>".startswith(stripped):
+                    self.pending = chunk
+                    break
+                else:
+                    self.state = "content"
+            elif self.state == "reasoning":
+                at = chunk.find("</think>")
+                if at < 0:  # keep back what may be the start of a split </think>
+                    keep = next((k for k in range(min(len(chunk), 7), 0, -1) if "</think>".startswith(chunk[-k:])), 0)
+                    reasoning += chunk[: len(chunk) - keep]
+                    self.pending = chunk[len(chunk) - keep:]
+                    break
+                reasoning += chunk[:at]
+                self.state, chunk = "after", chunk[at + len("</think>"):]
+            elif self.state == "after":
+                chunk = chunk.lstrip("\n")
+                if chunk:
+                    self.state = "content"
+            else:
+                content += chunk
+                break
+        return reasoning, content
+
+    def flush(self) -> tuple[str, str]:
+        rest, self.pending = self.pending, ""
+        if self.state == "reasoning":
+            return rest, ""
+        return ("", rest) if self.state in ("start", "content") else ("", "")
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning or None if the text has no <think> block, answer)."""
+    s = ReasoningSplitter()
+    r, c = s.feed(text)
+    r2, c2 = s.flush()
+    return (r + r2 if s.saw_think else None), c + c2
+
+
+# ---------------------------------------------------------------------------------------
+# the app
+
+def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None = None,
+               limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    tok = engine.tok
+    worker = EngineWorker(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="nanoseek", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = worker
+    app.state.engine = engine
+    created = int(time.time())
+
+    # ---- errors as OpenAI's JSON ----
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"malformed JSON body: {err.get('msg')}", code="invalid_json"), 400)
+        if not loc:
+            return JSONResponse(error_body("the request body must be a JSON object", code="invalid_json"), 400)
+        param = ".".join(loc) or None
+        msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        return JSONResponse(error_body(msg, param=param, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code)
+
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    async def check_key(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not given:
+            raise APIError(401, "missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    # ---- routes ----
+    @app.get("/health")
+    async def health():
+        if worker.error is not None:
+            return JSONResponse({"status": "error", "error": str(worker.error)}, status_code=500)
+        return {"status": "ok", "model": model_name, "running": len(engine.running), "waiting": len(engine.waiting)}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [_model_card(model_name, created, engine)]}
+
+    @app.get("/v1/models/{name}", dependencies=[Depends(check_key)])
+    async def model(name: str):
+        check_model(name)
+        return _model_card(model_name, created, engine)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(body: ChatRequest, request: HTTPRequest):
+        check_model(body.model)
+        if not body.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if len(body.messages) > limits.max_messages:
+            raise APIError(400, f"{len(body.messages)} messages; at most {limits.max_messages}", param="messages")
+        msgs = []
+        for i, m in enumerate(body.messages):
+            if m.role not in ROLES:
+                raise APIError(400, f"messages[{i}].role {m.role!r} is not one of system, developer, user, "
+                                    "assistant", param=f"messages.{i}.role")
+            text = _text(m.content)
+            if m.role == "assistant":
+                text = split_thinking(text)[1]  # the reasoning of earlier turns is not sent back
+            msgs.append({"role": ROLES[m.role], "content": text})
+        prompt = tok.encode(tok.render_chat(msgs, add_generation_prompt=True))
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = _params(body, max_tokens, len(prompt), "messages", engine, limits)
+        return await _respond(worker, body, prompt, params, request, model_name, chat=True)
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        check_model(body.model)
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise APIError(400, "one prompt per request", param="prompt")
+            body.prompt = body.prompt[0]
+        prompt = tok.encode(body.prompt)
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        params = _params(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt), "prompt",
+                         engine, limits)
+        return await _respond(worker, body, prompt, params, request, model_name, chat=False)
+
+    # ---- the web chat ----
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/sw.js", include_in_schema=False)
+    async def service_worker():  # served from the root so that its scope is the whole app
+        return FileResponse(STATIC / "sw.js", media_type="text/javascript",
+                            headers={"Service-Worker-Allowed": "/", "Cache-Control": "no-cache"})
+
+    @app.get("/manifest.webmanifest", include_in_schema=False)
+    async def manifest():
+        return FileResponse(STATIC / "manifest.webmanifest", media_type="application/manifest+json")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        path = (STATIC / name).resolve()
+        if path.parent != STATIC.resolve() or not path.is_file():
+            raise APIError(404, f"no such file: {name}", code="not_found")
+        return FileResponse(path)
+
+    @app.get("/icons/icon-{size}.png", include_in_schema=False)
+    async def icon(size: int):
+        if size not in (180, 192, 512):
+            raise APIError(404, "icons come in 180, 192 and 512", code="not_found")
+        return Response(png_icon(size), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+    return app
+
+
+def _model_card(name: str, created: int, engine: Engine) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "nanoseek",
+            "context_length": engine.context}
+
+
+def _text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.text or "" for p in content if p.type == "text")
+
+
+def _params(body: _Sampling, max_tokens: int | None, prompt_len: int, what: str, engine: Engine,
+            limits: Limits) -> SamplingParams:
+    ctx = engine.context
+    if prompt_len >= ctx:
+        raise APIError(400, f"this model's context window is {ctx} tokens and your {what} came to {prompt_len} "
+                            f"tokens, {prompt_len - ctx + 1} more than fit with room for a reply; shorten it",
+                       param=what, code="context_length_exceeded")
+    cap = limits.max_tokens or ctx
+    if max_tokens is not None and not 1 <= max_tokens <= cap:
+        raise APIError(400, f"max_tokens must be between 1 and {cap}, not {max_tokens}", param="max_tokens")
+    if body.n > min(limits.max_n, engine.max_seqs):
+        raise APIError(400, f"n must be at most {min(limits.max_n, engine.max_seqs)}", param="n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise APIError(400, "stop: up to 4 non-empty strings", param="stop")
+    room = ctx - prompt_len
+    try:
+        return SamplingParams(
+            max_tokens=min(max_tokens if max_tokens is not None else room, room),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+            seed=body.seed, stop=stop, n=body.n).validate()
+    except SamplingError as e:
+        raise APIError(400, str(e)) from None
+
+
+async def _respond(worker: EngineWorker, body: _Sampling, prompt: list[int], params: SamplingParams,
+                   request: HTTPRequest, model_name: str, chat: bool):
+    try:
+        req, queue = worker.submit(prompt, params)
+    except EngineBusy as e:
+        raise APIError(429, str(e), code="rate_limit_exceeded", kind="rate_limit_error") from None
+    except EngineError as e:
+        raise APIError(400, str(e)) from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = _stream(worker, req, queue, request, rid, model_name, chat, include_usage)
+        return StreamingResponse(gen, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        while not req.finished:
+            item = await _next(queue, request)
+            if item is None:  # the client went away
+                worker.abort(req)
+                return Response(status_code=499)
+    except asyncio.CancelledError:
+        worker.abort(req)
+        raise
+    return _final(req, rid, model_name, chat)
+
+
+async def _next(queue: asyncio.Queue, request: HTTPRequest) -> Event | None:
+    """The next event, or None if the client disconnected while waiting."""
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+            continue
+        if isinstance(item, BaseException):
+            raise APIError(500, f"the engine failed: {item}", kind="server_error")
+        return item
+
+
+def _usage(req: Request) -> dict:
+    completion = sum(len(c.token_ids) for c in req.outputs)
+    return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion,
+            "total_tokens": len(req.prompt_ids) + completion}
+
+
+def _final(req: Request, rid: str, model_name: str, chat: bool) -> dict:
+    choices = []
+    for c in req.outputs:
+        if chat:
+            reasoning, content = split_reasoning(c.text)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": content,
+                                                          "reasoning_content": reasoning},
+                            "logprobs": None, "finish_reason": c.finish_reason})
+        else:
+            choices.append({"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model_name, "system_fingerprint": f"nanoseek-{__version__}", "choices": choices,
+            "usage": _usage(req)}
+
+
+async def _stream(worker: EngineWorker, req: Request, queue: asyncio.Queue, request: HTTPRequest, rid: str,
+                  model_name: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    splitters = [ReasoningSplitter() for _ in req.outputs]
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        d: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model_name,
+                             "system_fingerprint": f"nanoseek-{__version__}", "choices": choices}
+        if include_usage:
+            d["usage"] = usage
+        return f"data: {json.dumps(d)}\n\n"
+
+    def choice(i: int, reasoning: str = "", content: str = "", finish: str | None = None,
+               role: bool = False) -> dict:
+        if not chat:
+            return {"index": i, "text": content, "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content or role:
+            delta["content"] = content
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    try:
+        if chat:
+            yield chunk([choice(i, role=True) for i in range(len(req.outputs))])
+        while not req.finished:
+            e = await _next(queue, request)
+            if e is None:
+                worker.abort(req)
+                return
+            s = splitters[e.index]
+            reasoning, content = s.feed(e.text) if chat else ("", e.text)
+            if e.finish_reason is not None and chat:
+                r2, c2 = s.flush()
+                reasoning, content = reasoning + r2, content + c2
+            if reasoning or content:
+                yield chunk([choice(e.index, reasoning, content)])
+            if e.finish_reason is not None:
+                yield chunk([choice(e.index, finish=e.finish_reason)])
+        if include_usage:
+            yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [], 'usage': _usage(req)})}\n\n"
+        yield "data: [DONE]\n\n"
+    except asyncio.CancelledError:  # the client disconnected mid-stream: free its rows now
+        worker.abort(req)
+        raise
+    finally:
+        if not req.finished:
+            worker.abort(req)
+
+
+class BodyLimit:
+    """413 for request bodies over `limit` bytes (by Content-Length, or as they stream in)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._too_large(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send) -> None:
+        body = json.dumps(error_body(f"request body over the {self.limit}-byte limit",
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

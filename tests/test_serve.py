@@ -1,0 +1,212 @@
+"""The OpenAI-compatible server, tested with the real `openai` client and raw HTTP on loopback."""
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+from conftest import REPLY
+
+from nanoseek.infer.chat import split_thinking
+from nanoseek.infer.engine import Engine
+from nanoseek.serve.app import Limits, ReasoningSplitter, create_app, split_reasoning
+from nanoseek.serve.server import ThreadedServer
+
+KEY = "sekret-key"
+THINK, ANSWER = split_thinking(REPLY)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    model, tok = chat_model
+    engine = Engine(model, tok, max_seqs=8, context=256, max_waiting=64)
+    app = create_app(engine, "nanoseek-test", api_key=KEY, limits=Limits(max_body_bytes=64_000, max_messages=16))
+    with ThreadedServer(app) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def ask(client, content="What is 2 + 2?", **kw):
+    return client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": content}],
+                                          **kw)
+
+
+def test_models_listing(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["nanoseek-test"]
+    assert client.models.retrieve("nanoseek-test").id == "nanoseek-test"
+
+
+def test_chat_separates_reasoning_from_content(client):
+    r = ask(client, temperature=0, max_tokens=100)
+    msg = r.choices[0].message
+    assert msg.reasoning_content == THINK and msg.content == ANSWER
+    assert "<think>" not in msg.content and "</think>" not in msg.reasoning_content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_chat_with_usage(client):
+    stream = ask(client, temperature=0, max_tokens=100, stream=True, stream_options={"include_usage": True})
+    reasoning, content, finish, usage = "", "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            reasoning += getattr(ch.delta, "reasoning_content", None) or ""
+            content += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    assert (reasoning, content, finish) == (THINK, ANSWER, "stop")
+    assert usage.completion_tokens > 10 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_n_stop_and_length(client):
+    r = ask(client, temperature=0, max_tokens=100, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.message.content == ANSWER for c in r.choices)
+    stopped = ask(client, temperature=0, max_tokens=100, stop=["see"])
+    assert stopped.choices[0].message.content == ANSWER[: ANSWER.index("see")]
+    assert stopped.choices[0].finish_reason == "stop"
+    short = ask(client, temperature=0, max_completion_tokens=5)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 5
+
+
+def test_seed_makes_sampling_reproducible(client):
+    unseen = "an unseen question, so the model is unsure"
+    a = ask(client, unseen, temperature=2, seed=11, max_tokens=40)
+    b = ask(client, unseen, temperature=2, seed=11, max_tokens=40)
+    c = ask(client, unseen, temperature=2, seed=12, max_tokens=40)
+    text = [(x.choices[0].message.reasoning_content, x.choices[0].message.content) for x in (a, b, c)]
+    assert text[0] == text[1] and text[0] != text[2]
+
+
+def test_legacy_completions(client, chat_model):
+    _, tok = chat_model
+    prompt = tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    r = client.completions.create(model="nanoseek-test", prompt=prompt, max_tokens=200, temperature=0)
+    assert r.choices[0].text == REPLY and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="nanoseek-test", prompt=prompt, max_tokens=200, temperature=0, stream=True) if c.choices)
+    assert streamed == REPLY
+    assert client.completions.create(model="nanoseek-test", prompt=prompt).usage.completion_tokens == 16
+
+
+def test_reasoning_splitter_handles_any_chunking():
+    text = "<think>a b</think>\n\nthe answer"
+    for size in (1, 2, 3, 7, 100):
+        s = ReasoningSplitter()
+        parts = [s.feed(text[i: i + size]) for i in range(0, len(text), size)] + [s.flush()]
+        assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == ("a b", "the answer")
+    assert split_reasoning("no thinking here") == (None, "no thinking here")
+
+
+def raw(server, method="POST", path="/v1/chat/completions", key=KEY, **kw):
+    headers = kw.pop("headers", {})
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.request(method, server.url + path, headers=headers, timeout=30, **kw)
+
+
+GOOD = {"model": "nanoseek-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("case,status,param", [
+    ("malformed", 400, None), ("wrong_type_n", 400, "n"), ("wrong_type_temperature", 400, "temperature"),
+    ("empty_messages", 400, "messages"), ("unknown_role", 400, "messages.0.role"), ("unknown_model", 404, "model"),
+    ("max_tokens_0", 400, "max_tokens"), ("max_tokens_huge", 400, "max_tokens"), ("n_too_large", 400, "n"),
+    ("too_many_messages", 400, "messages"), ("over_context", 400, "messages"), ("no_key", 401, None),
+    ("wrong_key", 401, None), ("oversized_body", 413, None), ("unknown_route", 404, None),
+])
+def test_bad_input_gets_openai_errors(server, case, status, param):
+    body, kw = dict(GOOD), {}
+    if case == "malformed":
+        kw["content"], kw["headers"] = b'{"messages": [', {"Content-Type": "application/json"}
+    elif case == "wrong_type_n":
+        body["n"] = "two"
+    elif case == "wrong_type_temperature":
+        body["temperature"] = "hot"
+    elif case == "empty_messages":
+        body["messages"] = []
+    elif case == "unknown_role":
+        body["messages"] = [{"role": "wizard", "content": "hi"}]
+    elif case == "unknown_model":
+        body["model"] = "gpt-9"
+    elif case == "max_tokens_0":
+        body["max_tokens"] = 0
+    elif case == "max_tokens_huge":
+        body["max_tokens"] = 10**9
+    elif case == "n_too_large":
+        body["n"] = 99
+    elif case == "too_many_messages":
+        body["messages"] = [{"role": "user", "content": "hi"}] * 17
+    elif case == "over_context":
+        body["messages"] = [{"role": "user", "content": "What is 2 + 2? " * 100}]
+    elif case == "oversized_body":
+        body["messages"] = [{"role": "user", "content": "x" * 100_000}]
+    if "content" not in kw:
+        kw["json"] = body
+    key = {"no_key": None, "wrong_key": "nope"}.get(case, KEY)
+    path = "/v1/nothing" if case == "unknown_route" else "/v1/chat/completions"
+    r = raw(server, path=path, key=key, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if case == "over_context":
+        assert "256 tokens" in err["message"] and "more than fit" in err["message"]
+    assert raw(server, "GET", "/health", key=None).json()["status"] == "ok"
+
+
+def test_unknown_fields_are_ignored_and_health_needs_no_key(server):
+    r = raw(server, json={**GOOD, "frequency_penalty": 0.5, "user": "abc", "something_new": [1, 2]})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert raw(server, "GET", "/health", key=None).status_code == 200
+    assert raw(server, "GET", "/v1/models", key=None).status_code == 401
+
+
+def test_many_streaming_clients_and_one_that_leaves(server):
+    """32 concurrent streams (8 rows, the rest queued) all complete; one client leaving early
+    does not stall the others, and its rows are freed."""
+    results, errors = {}, []
+
+    def stream_one(i: int, leave: bool):
+        try:
+            body = {**GOOD, "max_tokens": 100, "temperature": 0, "stream": True,
+                    "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120,
+                              headers={"Authorization": f"Bearer {KEY}"}) as r:
+                assert r.status_code == 200
+                content, done = "", False
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(line[6:])
+                    content += chunk["choices"][0]["delta"].get("content") or ""
+                    if leave:
+                        return  # close the connection mid-stream
+                results[i] = (content, done)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=stream_one, args=(i, i == 3)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors
+    assert len(results) == 31 and all(v == (ANSWER, True) for v in results.values())
+    engine = server.server.config.app.state.engine
+    for _ in range(100):
+        if not engine.has_work():
+            break
+        threading.Event().wait(0.05)
+    assert not engine.has_work()
