@@ -15,6 +15,7 @@ const store = {
 let conversations = store.get("conversations", []);
 let currentId = store.get("current", null);
 let controller = null; // the AbortController of the reply being streamed
+let contextLength = null; // from /v1/models: max_tokens never asks for more than the window
 
 // ---------------------------------------------------------------------------------------
 // markdown, safely: escape everything, then add a few known tags
@@ -190,6 +191,14 @@ async function post(body, signal) {
   return fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body), signal });
 }
 
+async function loadModel() {
+  try {
+    const key = store.get("apiKey", null);
+    const r = await fetch("/v1/models", { headers: key ? { Authorization: "Bearer " + key } : {} });
+    if (r.ok) { const j = await r.json(); contextLength = (j.data[0] && j.data[0].context_length) || 0; }
+  } catch { /* offline: the request itself will say so */ }
+}
+
 async function errorText(resp) {
   try { const j = await resp.json(); return (j.error && j.error.message) || resp.statusText; }
   catch { return resp.status + " " + resp.statusText; }
@@ -205,12 +214,18 @@ async function complete(c) {
   $("stop").hidden = false;
   showError("");
   renderMessages();
-  const body = { messages: history, stream: true, temperature: s.temperature, max_tokens: s.maxTokens };
+  const body = () => ({ messages: history, stream: true, temperature: s.temperature,
+    max_tokens: contextLength ? Math.min(s.maxTokens, contextLength) : s.maxTokens });
   try {
-    let resp = await post(body, controller.signal);
+    if (contextLength === null) await loadModel();
+    let resp = await post(body(), controller.signal);
     if (resp.status === 401) {
       const key = window.prompt("This server needs an API key:");
-      if (key) { store.set("apiKey", key.trim()); resp = await post(body, controller.signal); }
+      if (key) {
+        store.set("apiKey", key.trim());
+        await loadModel();
+        resp = await post(body(), controller.signal);
+      }
     }
     if (!resp.ok) throw new Error(await errorText(resp));
     const reader = resp.body.getReader();
