@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="a new folder")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
-    p.add_argument("what", choices=["train", "decode"])
+    p.add_argument("what", choices=["train", "decode", "serve"])
+    p.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--repeats", type=int, default=5)
@@ -214,7 +215,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"imported {args.hf_dir} -> {out} ({meta['params']['total']:,} parameters)")
         return 0
     if args.command == "bench":
-        if args.what == "decode":
+        if args.what == "serve":
+            from nanoseek.bench.serve import bench_serve
+
+            if not args.ckpt:
+                raise ConfigError("bench serve needs --ckpt (a checkpoint with its tokenizer)")
+            result = bench_serve(args.ckpt, clients=args.clients, repeats=args.repeats)
+        elif args.what == "decode":
             from nanoseek.bench.decode import bench_decode
 
             result = bench_decode(args.ckpt, args.preset, repeats=args.repeats)

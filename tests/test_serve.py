@@ -210,3 +210,39 @@ def test_many_streaming_clients_and_one_that_leaves(server):
             break
         threading.Event().wait(0.05)
     assert not engine.has_work()
+
+
+def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path, chat_model):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from nanoseek.train.checkpoint import save_checkpoint
+
+    model, tok = chat_model
+    save_checkpoint(tmp_path / "run", 1, model, tok, {"stage": "test"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(tmp_path / "run"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://localhost:{port}/" in line
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 200 and 'rel="manifest"' in page.text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        err = proc.stderr.read()
+        assert "stopped" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

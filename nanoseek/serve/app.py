@@ -369,8 +369,14 @@ async def _respond(worker: EngineWorker, body: _Sampling, prompt: list[int], par
     return _final(req, rid, model_name, chat)
 
 
-async def _next(queue: asyncio.Queue, request: HTTPRequest) -> Event | None:
-    """The next event, or None if the client disconnected while waiting."""
+async def _next(queue: asyncio.Queue, request: HTTPRequest | None) -> Event | None:
+    """The next event, or None if the client disconnected while waiting. Streams pass no
+    request: Starlette cancels a streaming response whose client left (CancelledError)."""
+    if request is None:
+        item = await queue.get()
+        if isinstance(item, BaseException):
+            raise APIError(500, f"the engine failed: {item}", kind="server_error")
+        return item
     while True:
         try:
             item = await asyncio.wait_for(queue.get(), timeout=1.0)
@@ -410,12 +416,12 @@ async def _stream(worker: EngineWorker, req: Request, queue: asyncio.Queue, requ
     kind = "chat.completion.chunk" if chat else "text_completion"
     splitters = [ReasoningSplitter() for _ in req.outputs]
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        d: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model_name,
-                             "system_fingerprint": f"nanoseek-{__version__}", "choices": choices}
-        if include_usage:
-            d["usage"] = usage
-        return f"data: {json.dumps(d)}\n\n"
+    head = json.dumps({"id": rid, "object": kind, "created": created, "model": model_name,
+                       "system_fingerprint": f"nanoseek-{__version__}"})[:-1]  # without its closing brace
+    tail = ', "usage": null}' if include_usage else "}"
+
+    def chunk(choices: list[dict]) -> str:
+        return f'data: {head}, "choices": {json.dumps(choices)}{tail}\n\n'
 
     def choice(i: int, reasoning: str = "", content: str = "", finish: str | None = None,
                role: bool = False) -> dict:
@@ -432,22 +438,28 @@ async def _stream(worker: EngineWorker, req: Request, queue: asyncio.Queue, requ
         if chat:
             yield chunk([choice(i, role=True) for i in range(len(req.outputs))])
         while not req.finished:
-            e = await _next(queue, request)
-            if e is None:
-                worker.abort(req)
-                return
-            s = splitters[e.index]
-            reasoning, content = s.feed(e.text) if chat else ("", e.text)
-            if e.finish_reason is not None and chat:
-                r2, c2 = s.flush()
-                reasoning, content = reasoning + r2, content + c2
-            if reasoning or content:
-                yield chunk([choice(e.index, reasoning, content)])
-            if e.finish_reason is not None:
-                yield chunk([choice(e.index, finish=e.finish_reason)])
+            events = [await _next(queue, None)]
+            while not queue.empty():  # whatever else arrived meanwhile goes out in the same write
+                events.append(await _next(queue, None))
+            out = []
+            for e in events:
+                s = splitters[e.index]
+                reasoning, content = s.feed(e.text) if chat else ("", e.text)
+                if e.finish_reason is not None and chat:
+                    r2, c2 = s.flush()
+                    reasoning, content = reasoning + r2, content + c2
+                if reasoning or content:
+                    out.append(chunk([choice(e.index, reasoning, content)]))
+                if e.finish_reason is not None:
+                    out.append(chunk([choice(e.index, finish=e.finish_reason)]))
+            if out:
+                yield "".join(out)
+        end = "data: [DONE]\n\n"
         if include_usage:
-            yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [], 'usage': _usage(req)})}\n\n"
-        yield "data: [DONE]\n\n"
+            usage = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [],
+                     "usage": _usage(req)}
+            end = f"data: {json.dumps(usage)}\n\n" + end
+        yield end
     except asyncio.CancelledError:  # the client disconnected mid-stream: free its rows now
         worker.abort(req)
         raise

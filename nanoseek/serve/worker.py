@@ -62,17 +62,21 @@ class EngineWorker:
                 self.error = e
                 self._fail_all(e)
                 continue
-            for e in events:
-                self._deliver(e)
+            self._deliver(events)
 
-    def _deliver(self, e: Event) -> None:
+    def _deliver(self, events: list[Event]) -> None:
+        """One wake-up of each event loop per step, however many requests it serves."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self.lock:
-            target = self.queues.get(e.request.id)
-            if target is not None and e.request.finished:
-                del self.queues[e.request.id]
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, e)
+            for e in events:
+                target = self.queues.get(e.request.id)
+                if target is None:
+                    continue
+                if e.request.finished:
+                    del self.queues[e.request.id]
+                batches.setdefault(target[0], []).append((target[1], e))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, error: BaseException) -> None:
         with self.lock:
@@ -81,3 +85,8 @@ class EngineWorker:
             loop.call_soon_threadsafe(queue.put_nowait, error)
         self.engine.running.clear()
         self.engine.waiting.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, e in items:
+        queue.put_nowait(e)
