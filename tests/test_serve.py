@@ -246,3 +246,31 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path, chat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_full_queue_answers_429(chat_model):
+    model, tok = chat_model
+    engine = Engine(model, tok, max_seqs=1, context=256, max_waiting=1)
+    step = engine.step
+    engine.step = lambda: (threading.Event().wait(0.02), step())[1]  # a slow model: the queue fills
+    with ThreadedServer(create_app(engine)) as s:
+        body = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as running:
+            for _ in range(500):  # the first request holds the only row
+                if engine.running:
+                    break
+                threading.Event().wait(0.01)
+            waiting = threading.Thread(target=httpx.post, args=(s.url + "/v1/chat/completions",),
+                                       kwargs={"json": {**body, "stream": False}, "timeout": 60})
+            waiting.start()
+            for _ in range(200):
+                if engine.waiting:
+                    break
+                threading.Event().wait(0.01)
+            assert len(engine.waiting) == 1
+            r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+            lines = [line for line in running.iter_lines() if line.startswith("data: {")]
+            assert json.loads(lines[-1][6:])["choices"][0]["finish_reason"] == "stop"
+        waiting.join(timeout=60)
+        assert httpx.get(s.url + "/health").json()["status"] == "ok"

@@ -126,7 +126,9 @@ function messageNode(m, isLast) {
     const d = document.createElement("details");
     d.className = "thinking";
     d.open = !!m.thinkingOpen;
-    d.ontoggle = () => { m.thinkingOpen = d.open; };
+    // setting .open fires "toggle" later, maybe after a re-render replaced this element:
+    // only a panel still on the page speaks for the user
+    d.ontoggle = () => { if (d.isConnected) m.thinkingOpen = d.open; };
     const s = document.createElement("summary");
     s.textContent = m.content || !m.streaming ? "Thinking" : "Thinking\u2026";
     const r = document.createElement("div");
