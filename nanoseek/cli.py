@@ -28,8 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     _training_flags(p)
     p.add_argument("--tokenizer", help="a tokenizer folder (default: train one on the corpus)")
     p.add_argument("--data", nargs="*", default=[], help=".txt/.jsonl/.parquet files or folders (default: embedded corpus)")
-    p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
     p.add_argument("--price-per-hour", type=float, help="dollars per device-hour for the cost ledger")
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data, loss on assistant tokens only")
+    p.add_argument("ckpt", help="the checkpoint to start from")
+    _training_flags(p)
+    p.add_argument("--data", nargs="*", default=[], help=".jsonl files with a 'messages' list per line "
+                                                          "(default: verified worked solutions of the training problems)")
+
+    p = sub.add_parser("eval", help="pass@1, maj@k, format rate on held-out problems")
+    p.add_argument("ckpt")
+    p.add_argument("--task", nargs="*", help="tasks (default: all): gsm_symbolic basic_arithmetic chain_sum countdown")
+    p.add_argument("--n", type=int, default=100, help="held-out problems per task")
+    p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1 and maj@k (0: greedy only)")
+    p.add_argument("--template", choices=["chat", "base"], help="default: base for a pretrained model, else chat")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
 
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, cost, metrics")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
@@ -76,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preset", default="cpu")
 
-    args = parser.parse_args(argv)
+    # key=value overrides may come after the options (argparse alone would take them only before)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -96,6 +115,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape parts of the model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
 
 
@@ -129,11 +149,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from nanoseek.data.corpus import DataError
     from nanoseek.data.tokenizer import TokenizerError
     from nanoseek.train.checkpoint import CheckpointError
+    from nanoseek.data.tasks import TaskError
     from nanoseek.infer.engine import EngineError
     from nanoseek.infer.sampling import SamplingError
     from nanoseek.train.pretrain import TrainingError
 
-    return ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, EngineError, SamplingError
+    return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, EngineError, SamplingError,
+            TaskError)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -157,6 +179,35 @@ def _run(args: argparse.Namespace) -> int:
                 setattr(tc, name, getattr(args, name))
         summary = pretrain(tc, args.overrides)
         print(json.dumps(summary))
+        return 0
+    if args.command == "sft":
+        from nanoseek.train.pretrain import TrainConfig, pretrain
+
+        tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, compile=args.compile,
+                         progress=not args.quiet, lr=1e-3, warmup_steps=20, stop_at=args.stop_at)
+        for name in ("max_steps", "save_every", "seed", "device"):
+            if getattr(args, name) is not None:
+                setattr(tc, name, getattr(args, name))
+        print(json.dumps(pretrain(tc, args.overrides)))
+        return 0
+    if args.command == "eval":
+        from nanoseek.data.tasks import TASKS, TaskError
+        from nanoseek.eval import evaluate
+
+        for t in args.task or []:
+            if t not in TASKS:
+                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        if args.n < 1 or args.k < 0:
+            raise ConfigError("--n must be at least 1 and --k at least 0")
+        result = evaluate(args.ckpt, args.task, args.n, args.k, args.template, args.max_tokens)
+        for t, r in result["tasks"].items():
+            lo, hi = r["pass@1_ci95"]
+            extra = (f", sampled {r['pass@1_sampled']:.1%}, maj@{r['k']} {r['maj@' + str(r['k'])]:.1%}"
+                     if "k" in r else "")
+            print(f"{t:17s} pass@1 {r['pass@1']:.1%} [{lo:.1%}, {hi:.1%}]{extra}, format {r['format_rate']:.0%}, "
+                  f"length {r['mean_length']:.0f} ({r['problems']} problems, {r['template']})", file=sys.stderr)
+        if args.json:
+            print(json.dumps(result))
         return 0
     if args.command == "info":
         from nanoseek.train.checkpoint import load_model, read_meta

@@ -41,12 +41,17 @@ class LoaderState:
 
 
 class PackedLoader:
-    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+    """`labels` (same length as `tokens`, IGNORE_INDEX where a token is not a target, as SFT
+    does for everything but the assistant's turns) default to the tokens themselves."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int,
+                 labels: torch.Tensor | None = None):
         self.n_chunks = (len(tokens) - 1) // seq_len
         if self.n_chunks < batch_size:
             raise ValueError(f"the data holds {len(tokens)} tokens: too few for one batch of "
                              f"{batch_size} x {seq_len}")
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.labels = tokens if labels is None else labels
         self.state = LoaderState()
         self._perm_epoch, self._perm = -1, None
 
@@ -69,8 +74,7 @@ class PackedLoader:
                 self.state = LoaderState(self.state.epoch + 1, 0)
         idx = torch.cat(picks)
         offsets = idx[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
-        chunk = self.tokens[offsets]
-        return chunk[:, :-1], chunk[:, 1:]
+        return self.tokens[offsets][:, :-1], self.labels[offsets][:, 1:]
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "index": self.state.index}
@@ -83,10 +87,11 @@ class PackedLoader:
         return self.state.epoch + self.state.index / self.n_chunks
 
 
-def val_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, max_batches: int):
+def val_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, max_batches: int,
+                labels: torch.Tensor | None = None):
     """The first `max_batches` batches of the validation stream, always the same ones."""
+    labels = tokens if labels is None else labels
     n = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
     for start in range(0, n - batch_size + 1, batch_size):
         offsets = torch.arange(start, start + batch_size)[:, None] * seq_len + torch.arange(seq_len + 1)
-        chunk = tokens[offsets]
-        yield chunk[:, :-1], chunk[:, 1:]
+        yield tokens[offsets][:, :-1], labels[offsets][:, 1:]

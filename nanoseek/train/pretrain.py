@@ -1,4 +1,8 @@
-"""Pretraining: next-token + MTP loss, auxiliary-loss-free balancing, checkpoints, cost.
+"""Pretraining and SFT: next-token + MTP loss, auxiliary-loss-free balancing, checkpoints, cost.
+
+`stage="sft"` is the same loop from an existing checkpoint (`init`), on chat conversations
+with the loss on assistant tokens only (data/sft.py); everything else (resume, metrics,
+cost, checkpoints) is shared.
 
 One loop, readable top to bottom: for each step, `grad_accum` micro-batches of packed
 sequences, the loss of model.loss() (main + lambda * MTP + optional balance loss), gradient
@@ -40,6 +44,9 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
+    stage: str = "pretrain"  # or "sft"
+    init: str | None = None  # sft: the checkpoint to start from
+    sft_examples: int = 1500  # sft without --data: cold-start problems per task
     preset: str = "cpu"
     out: str = "runs/pretrain"
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
@@ -72,6 +79,8 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        need(self.stage in ("pretrain", "sft"), f"stage must be 'pretrain' or 'sft', not {self.stage!r}")
+        need(self.stage != "sft" or self.init, "sft starts from a checkpoint")
         need(self.schedule in ("cosine", "wsd"), f"schedule must be 'cosine' or 'wsd', not {self.schedule!r}")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "save_every"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
@@ -125,26 +134,41 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         if changed != model.config:
             raise ConfigError(f"{run} holds a checkpoint: its model config cannot change on resume "
                               f"(start a new --out to train another model)")
+    elif tc.init:  # fine-tuning: the model and tokenizer come from the checkpoint
+        model, tokenizer, _ = ckpt.load_model(tc.init)
+        if tokenizer is None:
+            raise ConfigError(f"{tc.init} has no nanoseek tokenizer to fine-tune with")
+        tc = dataclasses.replace(tc, max_steps=tc.max_steps or 300, save_every=tc.save_every or 100)
+        tc, changed = split_overrides(tc, model.config, list(overrides))
+        if changed != model.config:
+            raise ConfigError("fine-tuning keeps the model's config: model fields cannot be overridden")
     else:
         tc = dataclasses.replace(tc, max_steps=tc.max_steps or 1000, save_every=tc.save_every or 250)
         tc, cfg = split_overrides(tc, preset(tc.preset), list(overrides))
-    tc.validate(model.config if resuming else cfg)
+    tc.validate(model.config if resuming or tc.init else cfg)
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
 
-    docs = read_files(tc.data) if tc.data else default_corpus()
-    if not resuming:
-        if tc.tokenizer:
-            tokenizer = Tokenizer.load(tc.tokenizer)
-        else:
-            tokenizer = train_tokenizer(docs, vocab_size=cfg.vocab_size)
-        cfg = cfg.replace(vocab_size=round_up(tokenizer.vocab_size, 64), bos_token_id=tokenizer.bos_id,
-                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-        model = Transformer(cfg)
+    train_labels = val_labels = None
+    if tc.stage == "sft":
+        from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
+
+        convs = read_conversations(tc.data) if tc.data else cold_start_conversations(tc.sft_examples)
+        train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
+    else:
+        docs = read_files(tc.data) if tc.data else default_corpus()
+        if not resuming:
+            if tc.tokenizer:
+                tokenizer = Tokenizer.load(tc.tokenizer)
+            else:
+                tokenizer = train_tokenizer(docs, vocab_size=cfg.vocab_size)
+            cfg = cfg.replace(vocab_size=round_up(tokenizer.vocab_size, 64), bos_token_id=tokenizer.bos_id,
+                              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+            model = Transformer(cfg)
+        train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
     model.to(device)
     cfg = model.config
-    train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
-    loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed)
+    loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed, train_labels)
     has_val = len(val_tokens) > tc.seq_len * tc.batch_size
     if not has_val:
         _say(tc, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
@@ -163,7 +187,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
     peak = peak_flops(device)
     counts = model.param_counts()
-    _say(tc, f"nanoseek pretrain: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
+    _say(tc, f"nanoseek {tc.stage}: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
              f"({counts['active'] / 1e6:.2f}M active), {len(train_tokens):,} training tokens, "
              f"{'resuming at step ' + str(step) if resuming else 'from scratch'}, on {ledger.device}")
     run.mkdir(parents=True, exist_ok=True)
@@ -220,7 +244,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             row["load_max"] = round(max(load_stats.values()), 3)
             row.update({k: round(v, 3) for k, v in load_stats.items()})
         if has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
-            row["val_loss"] = round(evaluate(model, val_tokens, tc, device), 5)
+            row["val_loss"] = round(evaluate(model, val_tokens, tc, device, val_labels), 5)
         _log(run, row)
         last = row
         bar.update(1)
@@ -237,12 +261,13 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val_tokens: torch.Tensor, tc: TrainConfig, device: torch.device) -> float:
+def evaluate(model: Transformer, val_tokens: torch.Tensor, tc: TrainConfig, device: torch.device,
+             val_labels: torch.Tensor | None = None) -> float:
     """Next-token loss on the fixed validation batches (the main head only)."""
     was_training = model.training
     model.eval()
     losses = [float(model.loss(x.to(device), y.to(device))["main_loss"])
-              for x, y in val_batches(val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches)]
+              for x, y in val_batches(val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, val_labels)]
     model.train(was_training)
     return sum(losses) / len(losses) if losses else math.nan
 
@@ -252,7 +277,7 @@ def _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts) ->
     tensors.update(rng_state())
     info = {"step": step, "train_config": dataclasses.asdict(tc), "optimizer": opt_info,
             "loader": loader.state_dict(), "cost": ledger.to_dict()}
-    meta = {"stage": "pretrain", "step": step, "tokens_seen": ledger.tokens, "cost": ledger.to_dict(),
+    meta = {"stage": tc.stage, "step": step, "tokens_seen": ledger.tokens, "cost": ledger.to_dict(),
             "git_commit": _git_commit(), "params": counts,
             "metrics": last}
     ckpt.save_checkpoint(run, step, model, tokenizer, meta, {"tensors": tensors, "info": info})
@@ -282,7 +307,7 @@ def _postfix(row: dict) -> str:
 def _progress(tc: TrainConfig, initial: int, total: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not tc.progress, desc="pretrain", unit="step",
+    return tqdm(total=total, initial=initial, disable=not tc.progress, desc=tc.stage, unit="step",
                 dynamic_ncols=True, file=sys.stderr)
 
 

@@ -1,0 +1,114 @@
+"""Supervised fine-tuning data: chat conversations, the loss on assistant tokens only.
+
+Default (R1's "cold start"): training problems of every task (data/tasks.py, never the
+held-out ones) with worked solutions whose every step is checked: gsm_symbolic's shipped
+chains of thought (the wrong ones dropped), basic_arithmetic / chain_sum worked one operation
+per line, countdown's reference expression evaluated step by step. The assistant turn is
+`<think>\\n{steps}\\n</think>\\nAnswer: {answer}`, the form the rewards read.
+
+A user's files: `.jsonl` with a `messages` list per line (OpenAI's chat format).
+
+Tokens are laid out as the chat template renders them (BOS, then per message its role token,
+content, EOS); labels are IGNORE_INDEX everywhere except the assistant's content and the EOS
+that ends it, so the model learns to answer and to stop, never to write the user's part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.data.arithmetic import check_steps, solve_steps
+from nanoseek.data.corpus import DataError
+from nanoseek.data.loader import VAL_EVERY
+from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, problems, reward
+from nanoseek.data.tokenizer import ROLE_TOKENS, Tokenizer
+from nanoseek.model import IGNORE_INDEX
+
+
+def worked_solution(p: Problem) -> str | None:
+    """The assistant turn for a training problem, or None if no verified solution exists."""
+    if p.task == "gsm_symbolic":
+        body, _, final = p.entry["metadata"]["answer_cot"].rpartition("####")
+        if check_steps(body) or final.strip() != p.answer.strip():
+            return None
+        steps, answer = body.strip(), p.answer.strip()
+    else:
+        expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
+        try:
+            lines, value = solve_steps(expr)
+        except (ZeroDivisionError, ValueError):
+            return None
+        if p.task != "countdown" and str(value) != p.answer.strip():
+            return None
+        steps, answer = "\n".join(lines), (expr if p.task == "countdown" else str(value))
+    text = f"<think>\n{steps}\n</think>\nAnswer: {answer}"
+    return text if reward(p, text).accuracy == 1.0 else None
+
+
+def cold_start_conversations(n_per_task: int = 1500, tasks: tuple[str, ...] = TASKS) -> list[list[dict]]:
+    convs = []
+    for task in tasks:
+        n = min(n_per_task, TRAIN_POOL[task])
+        for p in problems(task, "train", n):
+            sol = worked_solution(p)
+            if sol is not None:
+                convs.append([{"role": "user", "content": p.question}, {"role": "assistant", "content": sol}])
+    # interleave tasks so that every stretch of the packed stream holds all of them
+    rng = np.random.default_rng(0)
+    return [convs[i] for i in rng.permutation(len(convs))]
+
+
+def read_conversations(paths: list[str | Path]) -> list[list[dict]]:
+    convs = []
+    files = [f for p in map(Path, paths) for f in (sorted(p.rglob("*.jsonl")) if p.is_dir() else [p])]
+    if not files:
+        raise DataError(f"no .jsonl files in {', '.join(map(str, paths))}")
+    for f in files:
+        if f.suffix != ".jsonl":
+            raise DataError(f"{f}: SFT data is .jsonl with a 'messages' list per line")
+        try:
+            lines = f.read_text().splitlines()
+        except OSError as e:
+            raise DataError(f"cannot read {f}: {e}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                msgs = json.loads(line)["messages"]
+                ok = isinstance(msgs, list) and all(
+                    isinstance(m, dict) and m.get("role") in ROLE_TOKENS and isinstance(m.get("content"), str)
+                    for m in msgs)
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok or not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{f}:{n}: expected {{\"messages\": [{{\"role\": system|user|assistant, "
+                                f"\"content\": str}}, ...]}} with at least one assistant turn")
+            convs.append(msgs)
+    return convs
+
+
+def tokenize_conversations(convs: list[list[dict]], tok: Tokenizer
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (train tokens, train labels, val tokens, val labels); every 50th conversation is validation."""
+    streams = {"train": ([], []), "val": ([], [])}
+    role_ids = {r: tok.hf.token_to_id(t) for r, t in ROLE_TOKENS.items()}
+    contents = tok.encode_batch([m["content"] for c in convs for m in c])
+    k = 0
+    for j, conv in enumerate(convs):
+        ids, labels = [tok.bos_id], [IGNORE_INDEX]
+        for m in conv:
+            body = contents[k]
+            k += 1
+            learn = m["role"] == "assistant"
+            ids += [role_ids[m["role"]], *body, tok.eos_id]
+            labels += [IGNORE_INDEX, *(body if learn else [IGNORE_INDEX] * len(body)),
+                       tok.eos_id if learn else IGNORE_INDEX]
+        t, lab = streams["val" if j % VAL_EVERY == VAL_EVERY - 1 else "train"]
+        t += ids
+        lab += labels
+    out = [torch.tensor(x, dtype=torch.long) for s in ("train", "val") for x in streams[s]]
+    return out[0], out[1], out[2], out[3]

@@ -1,0 +1,86 @@
+"""`nanoseek eval`: held-out problems only, scored with the tasks' own checkers.
+
+Per task: pass@1 greedy (with a 95% Wilson interval), pass@1 sampled (the mean over k samples
+per problem) and maj@k (the most frequent answer among the k), the format rate and the mean
+response length in tokens. All generation goes through the engine, batched, k samples per
+problem from one prefill.
+
+Prompts: `chat` (the chat template, a user turn, the assistant to answer) for SFT and RL
+checkpoints; `base` for a pretrained model, in the pretraining corpus's own form
+(`Question: ...\\n<think>\\n`, the completion read as `<think>\\n` + what it writes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from nanoseek.data.tasks import TASKS, Problem, problems, reward
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+TEMPLATES = ("chat", "base")
+
+
+def prompt_for(tok, p: Problem, template: str) -> list[int]:
+    if template == "base":
+        return tok.encode(f"Question: {p.question}\n<think>\n")
+    return tok.encode(tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True))
+
+
+def completion_text(text: str, template: str) -> str:
+    return "<think>\n" + text if template == "base" else text
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = successes / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template: str = "chat",
+                  max_tokens: int = 256, temperature: float = 0.6, seed: int = 0) -> dict:
+    tok = engine.tok
+    probs = problems(task, "eval", n)
+    prompts = [prompt_for(tok, p, template) for p in probs]
+    stop = ["\nQuestion:"] if template == "base" else []
+    greedy = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop))
+    rewards = [reward(p, completion_text(r.outputs[0].text, template)) for p, r in zip(probs, greedy)]
+    correct = sum(r.accuracy for r in rewards)
+    out = {"task": task, "problems": len(probs), "template": template,
+           "pass@1": correct / len(probs), "pass@1_ci95": wilson(int(correct), len(probs)),
+           "format_rate": sum(r.format for r in rewards) / len(probs),
+           "mean_length": sum(len(r.outputs[0].token_ids) for r in greedy) / len(probs)}
+    if k > 0:
+        sampled = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k,
+                                                          seed=seed, stop=stop))
+        hits = votes_right = 0
+        for p, r in zip(probs, sampled):
+            scored = [reward(p, completion_text(c.text, template)) for c in r.outputs]
+            hits += sum(s.accuracy for s in scored)
+            answers = Counter(s.answer for s in scored if s.answer is not None)
+            if answers:
+                top = answers.most_common(1)[0][0]
+                votes_right += next(s.accuracy for s in scored if s.answer == top)
+        out.update({f"pass@1_sampled": hits / (k * len(probs)), f"maj@{k}": votes_right / len(probs),
+                    "k": k, "temperature": temperature})
+    return out
+
+
+def evaluate(ckpt: str, tasks: list[str] | None = None, n: int = 100, k: int = 4, template: str | None = None,
+             max_tokens: int = 256, max_seqs: int = 32) -> dict:
+    import nanoseek
+    from nanoseek.train.checkpoint import CheckpointError, read_meta, resolve
+
+    model, tok = nanoseek.load(ckpt)
+    if tok is None:
+        raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")
+    stage = read_meta(resolve(ckpt)).get("stage")
+    template = template or ("base" if stage in (None, "pretrain", "import") else "chat")
+    engine = Engine(model, tok, max_seqs=max_seqs)
+    results = {t: evaluate_task(engine, t, n, k, template, max_tokens) for t in (tasks or list(TASKS))}
+    return {"checkpoint": str(ckpt), "stage": stage, "template": template, "tasks": results}

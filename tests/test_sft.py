@@ -1,0 +1,87 @@
+"""SFT: assistant tokens are the only targets; the sft and eval commands run end to end."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.config import preset
+from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations, worked_solution
+from nanoseek.data.tasks import problems, reward
+from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.model import IGNORE_INDEX, Transformer
+from nanoseek.train.checkpoint import save_checkpoint
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "<think>2 + 2 = 4</think>Answer: 4"},
+        {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "<think>3 + 3 = 6</think>6"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([m["content"] for m in CONV] * 20 + ["Question: 12 + 30 = 42 Answer"] * 20,
+                           vocab_size=400)
+
+
+def test_sft_masks_every_non_assistant_token(tok):
+    tokens, labels, _, _ = tokenize_conversations([CONV], tok)
+    assert tokens.tolist() == tok.encode(tok.render_chat(CONV))  # exactly the chat template's tokens
+    want = []
+    for m in CONV:
+        body = tok.encode(m["content"])
+        learn = m["role"] == "assistant"
+        want += [IGNORE_INDEX] + (body + [tok.eos_id] if learn else [IGNORE_INDEX] * (len(body) + 1))
+    assert labels.tolist() == [IGNORE_INDEX] + want
+    targets = {i for i, lab in enumerate(labels.tolist()) if lab != IGNORE_INDEX}
+    text_of_targets = tok.decode([tokens[i] for i in sorted(targets)], keep_special=True)
+    assert "Be brief" not in text_of_targets and "What is" not in text_of_targets
+    assert text_of_targets == "".join(m["content"] + "<|eos|>" for m in CONV if m["role"] == "assistant")
+
+
+def test_cold_start_solutions_are_verified_and_rewarded():
+    for task in ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown"):
+        ps = problems(task, "train", 30)
+        sols = [(p, worked_solution(p)) for p in ps]
+        kept = [(p, s) for p, s in sols if s is not None]
+        assert len(kept) >= 10, task
+        assert all(reward(p, s).accuracy == 1.0 and reward(p, s).format == 1.0 for p, s in kept)
+    convs = cold_start_conversations(20)
+    assert {c[0]["role"] for c in convs} == {"user"} and len(convs) > 40
+
+
+def test_read_conversations_checks_its_input(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"messages": CONV}) + "\n\n")
+    assert read_conversations([good]) == [CONV]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    from nanoseek.data.corpus import DataError
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        read_conversations([bad])
+
+
+def test_sft_and_eval_commands(tmp_path, tok, capsys):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(vocab_size=512))
+    save_checkpoint(tmp_path / "base", 1, model, tok, {"stage": "pretrain"})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(200)))
+    args = ["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "sft"), "--data", str(data),
+            "--max-steps", "30", "--quiet", "batch_size=4", "seq_len=64", "eval_every=15", "lr=3e-3"]
+    assert main(args + ["--stop-at", "15"]) == 0  # interrupted at step 15 ...
+    assert json.loads((tmp_path / "sft" / "latest" / "meta.json").read_text())["step"] == 15
+    assert main(args) == 0  # ... and resumed to the end
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert rows[-1]["step"] == 30 and rows[-1]["loss"] < rows[0]["loss"]
+    meta = json.loads((tmp_path / "sft" / "latest" / "meta.json").read_text())
+    assert meta["stage"] == "sft"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "sft"), "--task", "chain_sum", "--n", "5", "--k", "2",
+                 "--max-tokens", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = result["tasks"]["chain_sum"]
+    assert result["template"] == "chat" and r["problems"] == 5 and 0 <= r["pass@1"] <= 1 and "maj@2" in r
+    assert main(["eval", str(tmp_path / "sft"), "--task", "chess"]) == 2
+    assert main(["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "x"), "num_hidden_layers=3"]) == 2
