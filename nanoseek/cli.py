@@ -36,6 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="*", default=[], help=".jsonl files with a 'messages' list per line "
                                                           "(default: verified worked solutions of the training problems)")
 
+    p = sub.add_parser("grpo", help="GRPO with rule-based rewards on the reasoning tasks")
+    p.add_argument("ckpt", help="the checkpoint to start from (an SFT checkpoint, or a base with --template r1_zero)")
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    p.add_argument("--task", nargs="*", help="tasks (default: chain_sum basic_arithmetic gsm_symbolic)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--template", choices=["chat", "r1_zero"], help="r1_zero: R1-Zero's prompt, straight from a base")
+    p.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"],
+                   help="grpo (DeepSeekMath), dapo (token-level, Yu et al. 2025), dr_grpo (Liu et al. 2025)")
+    p.add_argument("--beta", type=float, help="KL coefficient to the reference (k3 estimator); 0: no reference")
+    p.add_argument("--clip-higher", type=float, metavar="EPS_HIGH", help="DAPO's clip-higher, e.g. 0.28")
+    p.add_argument("--dynamic-sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal")
+    p.add_argument("--ref-reset", type=int, metavar="N", help="reset the reference to the policy every N steps")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
+
     p = sub.add_parser("eval", help="pass@1, maj@k, format rate on held-out problems")
     p.add_argument("ckpt")
     p.add_argument("--task", nargs="*", help="tasks (default: all): gsm_symbolic basic_arithmetic chain_sum countdown")
@@ -189,6 +207,20 @@ def _run(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))
         print(json.dumps(pretrain(tc, args.overrides)))
+        return 0
+    if args.command == "grpo":
+        from nanoseek.train.grpo import GRPOConfig, grpo
+
+        gc = GRPOConfig(init=args.ckpt, out=args.out, progress=not args.quiet)
+        for name, value in (("tasks", args.task), ("max_steps", args.max_steps), ("save_every", args.save_every),
+                            ("seed", args.seed), ("device", args.device), ("template", args.template),
+                            ("loss_type", args.loss_type), ("beta", args.beta), ("eps_high", args.clip_higher),
+                            ("ref_reset_every", args.ref_reset)):
+            if value is not None:
+                setattr(gc, name, value)
+        if args.dynamic_sampling:
+            gc.dynamic_sampling = True
+        print(json.dumps(grpo(gc, args.overrides)))
         return 0
     if args.command == "eval":
         from nanoseek.data.tasks import TASKS, TaskError

@@ -1,0 +1,317 @@
+"""`nanoseek grpo`: Group Relative Policy Optimization with rule-based rewards (DeepSeekMath 4.1,
+DeepSeek-R1 2.2), written here.
+
+Each step: `prompts_per_step` training problems; `group_size` completions each, sampled by the
+inference engine from the current policy (one prefill per prompt, the whole batch decoded
+together); rewards from the tasks' checkers (data/tasks.py); group-normalized advantages
+(train/grpo_loss.py); then `inner_updates` passes over the batch in micro-batches, each an
+AdamW step on the clipped objective with a k3 KL penalty to a frozen reference. The policy
+is the temperature-scaled distribution the samples came from, log pi = log_softmax(logits / T).
+
+Options, one flag each: `loss_type` grpo / dapo / dr_grpo (grpo_loss.py has the papers),
+`eps_high` (DAPO's clip-higher), `dynamic_sampling` (DAPO: drop groups whose rewards are all
+equal), `ref_reset_every` (reset the reference to the current policy every N steps, as in
+the long-running RL recipes), `beta` (0: no reference model at all), `overlong_buffer`.
+
+Logged per step (metrics.jsonl): reward (and its accuracy / format / overlong parts),
+accuracy, format rate, response length, KL, entropy, clip fraction, the share of groups with
+zero advantage, seconds per step (rollout / update).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nanoseek.config import ConfigError, apply_overrides
+from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, R1_ZERO_TEMPLATE, problems, reward
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.train import checkpoint as ckpt
+from nanoseek.train.cost import CostLedger
+from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, informative_groups
+from nanoseek.train.optim import (load_optimizer_state, load_rng_state, make_optimizer, optimizer_state,
+                                  rng_state)
+from nanoseek.train.pretrain import TrainingError, pick_device
+
+
+@dataclass
+class GRPOConfig:
+    init: str = ""
+    out: str = "runs/grpo"
+    tasks: list[str] = field(default_factory=lambda: ["chain_sum", "basic_arithmetic", "gsm_symbolic"])
+    template: str = "chat"  # or "r1_zero": R1-Zero's plain-text prompt, for a pretrained base
+    level: int | None = None  # an easier curriculum level for the expression tasks (0..3)
+    max_steps: int = 100
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_tokens: int = 128
+    temperature: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    inner_updates: int = 1
+    micro_batch: int = 16
+    loss_type: str = "grpo"
+    beta: float = 0.01
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dynamic_sampling: bool = False
+    ref_reset_every: int | None = None
+    overlong_buffer: int = 0
+    save_every: int = 25
+    seed: int = 0
+    device: str = "auto"
+    price_per_hour: float | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(bool(self.init), "grpo starts from a checkpoint")
+        need(all(t in TASKS for t in self.tasks) and self.tasks, f"tasks must be among {', '.join(TASKS)}")
+        need(self.template in ("chat", "r1_zero"), "template must be 'chat' or 'r1_zero'")
+        need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
+        for name in ("max_steps", "prompts_per_step", "group_size", "max_tokens", "inner_updates", "micro_batch",
+                     "save_every"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1")
+        need(self.group_size >= 2, "group_size must be at least 2 (advantages compare within a group)")
+        need(self.temperature > 0, "temperature must be positive (GRPO samples)")
+        need(self.lr > 0 and self.beta >= 0 and 0 <= self.eps_low < 1 and self.eps_high >= 0,
+             "lr must be positive, beta >= 0, eps_low in [0, 1), eps_high >= 0")
+
+
+# ---------------------------------------------------------------------------------------
+# prompts and rewards (pluggable, so that a test can use a toy task)
+
+@dataclass
+class Sample:
+    prompt: list[int]
+    key: Any  # what the reward function needs (a Problem for the tasks)
+
+
+def task_source(gc: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
+    """step -> that step's prompts, drawn in order from the training pools (deterministic)."""
+    pools: dict[str, list[Problem]] = {}
+
+    def pool(task: str) -> list[Problem]:
+        if task not in pools:
+            level = gc.level if task in ("basic_arithmetic", "chain_sum") else None
+            pools[task] = problems(task, "train", TRAIN_POOL[task], level=level)
+        return pools[task]
+
+    def source(step: int) -> list[Sample]:
+        out = []
+        for i in range(gc.prompts_per_step):
+            j = step * gc.prompts_per_step + i
+            task = gc.tasks[j % len(gc.tasks)]
+            ps = pool(task)
+            p = ps[(j // len(gc.tasks)) % len(ps)]
+            if gc.template == "r1_zero":
+                ids = tok.encode(R1_ZERO_TEMPLATE.format(question=p.question))
+            else:
+                ids = tok.encode(tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True))
+            out.append(Sample(ids, p))
+        return out
+
+    return source
+
+
+def task_reward(gc: GRPOConfig) -> Callable[[Any, str, int], dict[str, float]]:
+    def score(problem: Problem, text: str, length: int) -> dict[str, float]:
+        if gc.template == "r1_zero":
+            text = "<think>" + text  # the prompt opened the think block
+        r = reward(problem, text, length, gc.max_tokens, gc.overlong_buffer)
+        return {"reward": r.total, "accuracy": r.accuracy, "format": r.format, "overlong": r.overlong}
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------
+# the loop
+
+def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> dict[str, Any]:
+    run = Path(gc.out)
+    resuming = ckpt.has_checkpoint(run)
+    if resuming:
+        model, tok, folder = ckpt.load_model(run)
+        tensors, info = ckpt.load_train_state(folder)
+        gc = dataclasses.replace(GRPOConfig(**info["grpo_config"]), max_steps=gc.max_steps, progress=gc.progress,
+                                 device=gc.device, out=gc.out)
+    else:
+        gc = apply_overrides(gc, list(overrides))
+        gc.validate()
+        model, tok, _ = ckpt.load_model(gc.init)
+    if tok is None:
+        raise ConfigError(f"{gc.init} has no nanoseek tokenizer")
+    device = pick_device(gc.device)
+    torch.manual_seed(gc.seed)
+    model.to(device)
+    source = source or task_source(gc, tok)
+    score = score or task_reward(gc)
+    G, P = gc.group_size, gc.prompts_per_step
+    context = min(model.config.max_position_embeddings, 1024 + gc.max_tokens)
+    engine = Engine(model, tok, max_seqs=G * P, context=context)
+    ref = None
+    if gc.beta > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = make_optimizer(model, gc.lr, gc.weight_decay)
+    ledger = CostLedger(device, gc.price_per_hour)
+    step = 0
+    if resuming:
+        load_optimizer_state(opt, tensors, info["optimizer"])
+        load_rng_state(tensors)
+        ledger.load(info["cost"])
+        step = int(info["step"])
+        ref_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ref/")}
+        if ref is not None:  # the reference as it was: the init checkpoint, or the last reset
+            if ref_state:
+                ref.load_state_dict(ref_state)
+            else:
+                ref.load_state_dict(ckpt.load_model(gc.init)[0].state_dict())
+    _truncate(run / "metrics.jsonl", step)
+    run.mkdir(parents=True, exist_ok=True)
+    _say(gc, f"nanoseek grpo: {P} prompts x {G} samples per step, {gc.loss_type} loss, beta {gc.beta}, "
+             f"{'resuming at step ' + str(step) if resuming else 'from ' + gc.init}")
+    bar = _progress(gc, step)
+    last: dict[str, Any] = {}
+    ledger.restart_clock()
+    while step < gc.max_steps:
+        t0 = time.perf_counter()
+        samples = source(step)
+        params = SamplingParams(max_tokens=gc.max_tokens, temperature=gc.temperature, n=G,
+                                seed=gc.seed * 1_000_003 + step * 1009)
+        reqs = engine.generate([s.prompt for s in samples], params)
+        t_roll = time.perf_counter() - t0
+        rows, comps = [], []
+        for s, r in zip(samples, reqs):
+            for c in r.outputs:
+                rows.append(score(s.key, c.text, len(c.token_ids)))
+                comps.append((s.prompt, c.token_ids))
+        rewards = torch.tensor([x["reward"] for x in rows]).view(P, G)
+        keep = informative_groups(rewards)
+        adv = group_advantages(rewards, scale=gc.loss_type != "dr_grpo").flatten()
+        use = keep.repeat_interleave(G) if gc.dynamic_sampling else torch.ones(P * G, dtype=torch.bool)
+        stats = _update(model, ref, opt, gc, [c for c, u in zip(comps, use) if u], adv[use], device) \
+            if use.any() else {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "skipped_update": 1}
+        model.update_bias()
+        step += 1
+        if ref is not None and gc.ref_reset_every and step % gc.ref_reset_every == 0:
+            ref.load_state_dict(model.state_dict())
+        n_tokens = sum(len(c) for _, c in comps)
+        ledger.add(n_tokens, 0.0)  # FLOPs of RL are not counted yet
+        row = {"step": step, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
+               "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
+               "response_length": n_tokens / len(comps), "zero_adv_groups": float((~keep).float().mean()),
+               **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()},
+               "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
+        _log(run, row)
+        last = row
+        bar.update(1)
+        bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f}")
+        if step % gc.save_every == 0 or step == gc.max_steps:
+            _save(run, step, model, tok, opt, ledger, gc, last, ref)
+            ledger.restart_clock()
+    bar.close()
+    return {"step": step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
+            "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
+
+
+def _update(model, ref, opt, gc: GRPOConfig, comps: list[tuple[list[int], list[int]]], adv: torch.Tensor,
+            device) -> dict[str, float]:
+    """inner_updates passes over the batch in micro-batches; returns mean KL, clip fraction, entropy."""
+    model.train()
+    batches = [list(range(i, min(i + gc.micro_batch, len(comps)))) for i in range(0, len(comps), gc.micro_batch)]
+    tensors = [_pack([comps[j] for j in b], device) for b in batches]
+    with torch.no_grad():  # the sampling policy's log-probs (and the reference's), computed once
+        old = [_token_logp(model, ids, gc.temperature)[0] for ids, _ in tensors] if gc.inner_updates > 1 else None
+        refs = [_token_logp(ref, ids, gc.temperature)[0] for ids, _ in tensors] if ref is not None else None
+    agg: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+    n = 0
+    for _ in range(gc.inner_updates):
+        opt.zero_grad(set_to_none=True)
+        for bi, (b, (ids, mask)) in enumerate(zip(batches, tensors)):
+            logp, entropy = _token_logp(model, ids, gc.temperature, with_entropy=True)
+            old_lp = old[bi] if old is not None else logp.detach()
+            loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,
+                                 gc.eps_low, gc.eps_high, gc.loss_type, gc.max_tokens)
+            if not torch.isfinite(loss):
+                raise TrainingError("non-finite GRPO loss: lower lr")
+            (loss * len(b) / len(comps)).backward()
+            agg["kl"] += st["kl"]
+            agg["clip_fraction"] += st["clip_fraction"]
+            agg["entropy"] += float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+            n += 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), gc.grad_clip)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return {k: v / max(1, n) for k, v in agg.items()}
+
+
+def _pack(comps: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[prompt + completion] rows right-padded; mask [B, T-1] on the positions that predict a
+    completion token."""
+    width = max(len(p) + len(c) for p, c in comps)
+    ids = torch.zeros(len(comps), width, dtype=torch.long)
+    mask = torch.zeros(len(comps), width - 1)
+    for i, (p, c) in enumerate(comps):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        mask[i, len(p) - 1: len(p) + len(c) - 1] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _token_logp(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
+    logits = model(ids[:, :-1]).float() / temperature
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return round(sum(r.get(key, 0.0) for r in rows) / max(1, len(rows)), 5)
+
+
+def _save(run: Path, step: int, model, tok, opt, ledger, gc: GRPOConfig, last: dict, ref) -> None:
+    tensors, opt_info = optimizer_state(opt)
+    tensors.update(rng_state())
+    if ref is not None and gc.ref_reset_every:  # a reset reference is no longer the init checkpoint
+        tensors.update({f"ref/{k}": v.detach().contiguous() for k, v in ref.state_dict().items()})
+    info = {"step": step, "grpo_config": dataclasses.asdict(gc), "optimizer": opt_info, "cost": ledger.to_dict()}
+    meta = {"stage": "grpo", "step": step, "cost": ledger.to_dict(), "params": model.param_counts(), "metrics": last}
+    ckpt.save_checkpoint(run, step, model, tok, meta, {"tensors": tensors, "info": info})
+
+
+def _log(run: Path, row: dict) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _progress(gc: GRPOConfig, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=gc.max_steps, initial=initial, disable=not gc.progress, desc="grpo", unit="step",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _say(gc: GRPOConfig, msg: str) -> None:
+    if gc.progress:
+        print(msg, file=sys.stderr, flush=True)
+

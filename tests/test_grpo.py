@@ -1,0 +1,77 @@
+"""The GRPO trainer: it learns a toy task, runs on the real tasks, logs, resumes."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.config import preset
+from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.model import Transformer
+from nanoseek.train.checkpoint import save_checkpoint
+from nanoseek.train.grpo import GRPOConfig, Sample, grpo
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tok = train_tokenizer(["the cat sat on the mat 0123456789 + - = Question Answer " * 3] * 50, vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(vocab_size=320, num_nextn_predict_layers=0))
+    folder = tmp_path_factory.mktemp("base")
+    save_checkpoint(folder, 1, model, tok, {"stage": "pretrain"})
+    return folder / "latest", tok
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def digits(key, text, n):  # a dense toy reward: the share of digits in the answer
+    return {"reward": sum(ch.isdigit() for ch in text) / max(1, len(text)), "accuracy": 0.0, "format": 0.0,
+            "overlong": 0.0}
+
+
+def test_grpo_learns_a_toy_task(base, tmp_path):
+    ckpt, tok = base
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": "digits please"}], True))
+    gc = GRPOConfig(init=str(ckpt), out=str(tmp_path / "run"), max_steps=40, prompts_per_step=4, group_size=8,
+                    max_tokens=8, lr=1e-2, beta=0.01, progress=False, save_every=100, device="cpu")
+    grpo(gc, source=lambda step: [Sample(prompt, None)] * 4, score=digits)
+    r = [x["reward"] for x in rows(tmp_path / "run")]
+    start, end = sum(r[:5]) / 5, sum(r[-5:]) / 5
+    assert start < 0.2 and end > 0.6, r
+    assert all(x["kl"] >= 0 for x in rows(tmp_path / "run"))
+
+
+def test_grpo_command_on_the_tasks_logs_and_resumes(base, tmp_path, capsys):
+    ckpt, _ = base
+    args = ["grpo", str(ckpt), "--out", str(tmp_path / "rl"), "--task", "chain_sum", "--quiet", "--loss-type", "dapo",
+            "--clip-higher", "0.28", "--dynamic-sampling", "--ref-reset", "1", "prompts_per_step=2",
+            "group_size=4", "max_tokens=12", "save_every=1"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    assert main(args + ["--max-steps", "3"]) == 0
+    log = rows(tmp_path / "rl")
+    assert [x["step"] for x in log] == [1, 2, 3]
+    for key in ("reward", "accuracy", "format_rate", "response_length", "kl", "entropy", "clip_fraction",
+                "zero_adv_groups", "rollout_s"):
+        assert key in log[-1], key
+    meta = json.loads((tmp_path / "rl" / "latest" / "meta.json").read_text())
+    assert meta["stage"] == "grpo" and meta["step"] == 3
+    capsys.readouterr()
+    assert main(["grpo", str(ckpt), "--out", str(tmp_path / "bad"), "--task", "chess"]) == 2
+    assert "tasks must be among" in capsys.readouterr().err
+
+
+def test_equal_rewards_skip_the_update_with_dynamic_sampling(base, tmp_path):
+    ckpt, tok = base
+    prompt = tok.encode("the cat")
+    gc = GRPOConfig(init=str(ckpt), out=str(tmp_path / "run"), max_steps=2, prompts_per_step=2, group_size=4,
+                    max_tokens=4, dynamic_sampling=True, progress=False, device="cpu")
+    grpo(gc, source=lambda step: [Sample(prompt, None)] * 2,
+         score=lambda key, text, n: {"reward": 1.0, "accuracy": 1.0, "format": 1.0, "overlong": 0.0})
+    log = rows(tmp_path / "run")
+    assert all(x["zero_adv_groups"] == 1.0 and x.get("skipped_update") == 1 for x in log)
+    from nanoseek.train.checkpoint import load_model
+    start, after = load_model(ckpt)[0], load_model(tmp_path / "run")[0]
+    assert all(torch.equal(a, b) for a, b in zip(start.parameters(), after.parameters()))  # nothing learned
