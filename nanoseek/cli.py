@@ -54,6 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
 
+    p = sub.add_parser("distill", help="teacher traces (rejection-sampled) -> student SFT")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", nargs="*", help="tasks (default: chain_sum basic_arithmetic gsm_symbolic)")
+    p.add_argument("--problems", type=int, default=500, help="training problems per task")
+    p.add_argument("--k", type=int, default=8, help="teacher samples per problem")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--level", type=int, help="curriculum level for the expression tasks (0..3)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT settings (batch_size=8, lr=1e-3, ...)")
+
     p = sub.add_parser("eval", help="pass@1, maj@k, format rate on held-out problems")
     p.add_argument("ckpt")
     p.add_argument("--task", nargs="*", help="tasks (default: all): gsm_symbolic basic_arithmetic chain_sum countdown")
@@ -221,6 +235,20 @@ def _run(args: argparse.Namespace) -> int:
         if args.dynamic_sampling:
             gc.dynamic_sampling = True
         print(json.dumps(grpo(gc, args.overrides)))
+        return 0
+    if args.command == "distill":
+        from nanoseek.data.tasks import TASKS, TaskError
+        from nanoseek.train.distill import distill
+
+        tasks = args.task or ["chain_sum", "basic_arithmetic", "gsm_symbolic"]
+        for t in tasks:
+            if t not in TASKS:
+                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        if args.problems < 1 or args.k < 1:
+            raise ConfigError("--problems and --k must be at least 1")
+        result = distill(args.teacher, args.student, args.out, tasks, args.problems, args.k, args.temperature,
+                         args.max_tokens, args.level, args.max_steps, args.overrides, progress=not args.quiet)
+        print(json.dumps(result))
         return 0
     if args.command == "eval":
         from nanoseek.data.tasks import TASKS, TaskError

@@ -75,3 +75,44 @@ def test_equal_rewards_skip_the_update_with_dynamic_sampling(base, tmp_path):
     from nanoseek.train.checkpoint import load_model
     start, after = load_model(ckpt)[0], load_model(tmp_path / "run")[0]
     assert all(torch.equal(a, b) for a, b in zip(start.parameters(), after.parameters()))  # nothing learned
+
+
+def test_distill_keeps_only_correct_traces_and_trains_the_student(tmp_path, capsys):
+    """A teacher that has memorized eight training problems' worked solutions; a fresh student."""
+    from nanoseek.data.sft import tokenize_conversations, worked_solution
+    from nanoseek.data.tasks import problems, reward
+
+    ps = [p for p in problems("chain_sum", "train", 16, level=0) if worked_solution(p)][:8]
+    convs = [[{"role": "user", "content": p.question}, {"role": "assistant", "content": worked_solution(p)}]
+             for p in ps]
+    tok = train_tokenizer([m["content"] for c in convs for m in c] * 10, vocab_size=300)
+    torch.manual_seed(0)
+    teacher = Transformer(preset("tiny").replace(vocab_size=320))
+    rows = [tokenize_conversations([c], tok)[:2] for c in convs]  # one conversation per row, from position 0
+    width = max(len(t) for t, _ in rows)
+    tokens = torch.stack([torch.cat([t, t.new_zeros(width - len(t))]) for t, _ in rows])
+    labels = torch.stack([torch.cat([lab, lab.new_full((width - len(lab),), -100)]) for _, lab in rows])
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    for _ in range(200):
+        teacher.loss(tokens[:, :-1], labels[:, 1:])["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(tmp_path / "teacher", 1, teacher.eval(), tok, {"stage": "sft"})
+    save_checkpoint(tmp_path / "student", 1, Transformer(preset("tiny").replace(vocab_size=320)), tok,
+                    {"stage": "pretrain"})
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(tmp_path / "teacher" / "latest"), "--student",
+                 str(tmp_path / "student" / "latest"), "--out", str(tmp_path / "d"), "--task", "chain_sum",
+                 "--problems", "16", "--k", "4", "--level", "0", "--max-tokens", "64", "--max-steps", "5",
+                 "--temperature", "0.2",
+                 "--quiet", "batch_size=1", "seq_len=32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stats = result["traces"]["chain_sum"]
+    assert stats["samples"] == 64 and 0 < stats["kept"] <= 64 and stats["solved_problems"] >= 4
+    by_question = {p.question: p for p in problems("chain_sum", "train", 16, level=0)}
+    kept = [json.loads(line)["messages"] for line in (tmp_path / "d" / "traces.jsonl").read_text().splitlines()]
+    assert len(kept) == stats["kept"]
+    for user, assistant in kept:  # every kept trace is right and well formed
+        r = reward(by_question[user["content"]], assistant["content"])
+        assert r.accuracy == 1.0 and r.format == 1.0
+    assert json.loads((tmp_path / "d" / "latest" / "meta.json").read_text())["stage"] == "sft"

@@ -168,7 +168,10 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
     model.to(device)
     cfg = model.config
-    loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed, train_labels)
+    try:
+        loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed, train_labels)
+    except ValueError as e:
+        raise TrainingError(f"{e}: give more data or lower batch_size / seq_len") from None
     has_val = len(val_tokens) > tc.seq_len * tc.batch_size
     if not has_val:
         _say(tc, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
