@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="a new folder")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
-    p.add_argument("what", choices=["train", "decode", "serve"])
+    p.add_argument("what", choices=["train", "decode", "grpo", "serve"])
+    p.add_argument("--steps", type=int, default=5, help="grpo: steps of each trainer")
     p.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -326,7 +327,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"imported {args.hf_dir} -> {out} ({meta['params']['total']:,} parameters)")
         return 0
     if args.command == "bench":
-        if args.what == "serve":
+        if args.what == "grpo":
+            from nanoseek.bench.grpo import bench_grpo
+
+            if not args.ckpt:
+                raise ConfigError("bench grpo needs --ckpt (a checkpoint with its tokenizer)")
+            result = bench_grpo(args.ckpt, steps=args.steps)
+        elif args.what == "serve":
             from nanoseek.bench.serve import bench_serve
 
             if not args.ckpt:
