@@ -231,17 +231,20 @@ def _update(model, ref, opt, gc: GRPOConfig, comps: list[tuple[list[int], list[i
             device) -> dict[str, float]:
     """inner_updates passes over the batch in micro-batches; returns mean KL, clip fraction, entropy."""
     model.train()
-    batches = [list(range(i, min(i + gc.micro_batch, len(comps)))) for i in range(0, len(comps), gc.micro_batch)]
+    # micro-batches of similar lengths, so that little of each is padding
+    order = sorted(range(len(comps)), key=lambda j: len(comps[j][0]) + len(comps[j][1]))
+    batches = [order[i: i + gc.micro_batch] for i in range(0, len(comps), gc.micro_batch)]
     tensors = [_pack([comps[j] for j in b], device) for b in batches]
     with torch.no_grad():  # the sampling policy's log-probs (and the reference's), computed once
-        old = [_token_logp(model, ids, gc.temperature)[0] for ids, _ in tensors] if gc.inner_updates > 1 else None
-        refs = [_token_logp(ref, ids, gc.temperature)[0] for ids, _ in tensors] if ref is not None else None
+        old = ([_token_logp(model, ids, mask, gc.temperature)[0] for ids, mask in tensors]
+               if gc.inner_updates > 1 else None)
+        refs = [_token_logp(ref, ids, mask, gc.temperature)[0] for ids, mask in tensors] if ref is not None else None
     agg: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
     n = 0
     for _ in range(gc.inner_updates):
         opt.zero_grad(set_to_none=True)
         for bi, (b, (ids, mask)) in enumerate(zip(batches, tensors)):
-            logp, entropy = _token_logp(model, ids, gc.temperature, with_entropy=True)
+            logp, entropy = _token_logp(model, ids, mask, gc.temperature, with_entropy=True)
             old_lp = old[bi] if old is not None else logp.detach()
             loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,
                                  gc.eps_low, gc.eps_high, gc.loss_type, gc.max_tokens)
@@ -271,11 +274,19 @@ def _pack(comps: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-def _token_logp(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
-    logits = model(ids[:, :-1]).float() / temperature
+def _token_logp(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """Log-probs [B, T-1] of the tokens that follow each position, computed only where mask is
+    set (the completion): the output head and softmax never run on prompt positions."""
+    h, _ = model.hidden_states(ids[:, :-1])
+    where = mask.bool()
+    logits = model.lm_head(h[where]).float() / temperature  # [completion tokens, vocab]
     logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    picked = logp_all.gather(-1, ids[:, 1:][where][:, None]).squeeze(-1)
+    logp = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
+    entropy = None
+    if with_entropy:
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(where, ent)
     return logp, entropy
 
 
