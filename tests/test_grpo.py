@@ -116,3 +116,23 @@ def test_distill_keeps_only_correct_traces_and_trains_the_student(tmp_path, caps
         r = reward(by_question[user["content"]], assistant["content"])
         assert r.accuracy == 1.0 and r.format == 1.0
     assert json.loads((tmp_path / "d" / "latest" / "meta.json").read_text())["stage"] == "sft"
+
+
+def test_r1_zero_rewards_read_the_think_block_the_prompt_opened():
+    from nanoseek.data.tasks import problems
+    from nanoseek.train.grpo import GRPOConfig, task_reward
+
+    p = problems("chain_sum", "train", 1)[0]
+    chat = task_reward(GRPOConfig(init="x", template="chat", max_tokens=64))
+    zero = task_reward(GRPOConfig(init="x", template="r1_zero", max_tokens=64))
+    completion = f" {p.question} is computed step by step </think> {p.answer}"
+    assert zero(p, completion, 10)["accuracy"] == 1.0 and zero(p, completion, 10)["format"] == 1.0
+    assert chat(p, completion, 10)["format"] == 0.0  # in chat mode the model must open it itself
+
+
+def test_wilson_interval():
+    from nanoseek.eval import wilson
+
+    lo, hi = wilson(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    assert wilson(0, 40)[0] == 0.0 and 0.08 < wilson(0, 40)[1] < 0.09
