@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pretrain", help="next-token + MTP pretraining (resumes from --out)")
     _training_flags(p)
     p.add_argument("--tokenizer", help="a tokenizer folder (default: train one on the corpus)")
+    p.add_argument("--init", help="continue pretraining this checkpoint (its model and tokenizer) on --data")
     p.add_argument("--data", nargs="*", default=[], help=".txt/.jsonl/.parquet files or folders (default: embedded corpus)")
     p.add_argument("--price-per-hour", type=float, help="dollars per device-hour for the cost ledger")
 
@@ -204,7 +205,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pretrain":
         from nanoseek.train.pretrain import TrainConfig, pretrain
 
-        tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data,
+        tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
                          stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile,
                          progress=not args.quiet)
         for name in ("max_steps", "save_every", "seed", "device"):  # only where given: a resume keeps its own

@@ -85,3 +85,17 @@ def test_sft_and_eval_commands(tmp_path, tok, capsys):
     assert result["template"] == "chat" and r["problems"] == 5 and 0 <= r["pass@1"] <= 1 and "maj@2" in r
     assert main(["eval", str(tmp_path / "sft"), "--task", "chess"]) == 2
     assert main(["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "x"), "num_hidden_layers=3"]) == 2
+
+
+def test_pretraining_continues_from_a_checkpoint(tmp_path, tok):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(vocab_size=512))
+    save_checkpoint(tmp_path / "base", 1, model, tok, {"stage": "pretrain"})
+    data = tmp_path / "more.jsonl"
+    data.write_text("".join(json.dumps({"text": "Question: 12 + 30 = 42 Answer " * 20}) + "\n" for _ in range(60)))
+    assert main(["pretrain", "--init", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "more"),
+                 "--data", str(data), "--max-steps", "3", "--quiet", "batch_size=2", "seq_len=64"]) == 0
+    from nanoseek.train.checkpoint import load_model
+    again, tok2, _ = load_model(tmp_path / "more")
+    assert again.config.to_dict() == model.config.to_dict() and tok2.vocab_size == tok.vocab_size
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))

@@ -45,7 +45,7 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainConfig:
     stage: str = "pretrain"  # or "sft"
-    init: str | None = None  # sft: the checkpoint to start from
+    init: str | None = None  # the checkpoint to start from (sft; or pretraining further)
     sft_examples: int = 1500  # sft without --data: cold-start problems per task
     preset: str = "cpu"
     out: str = "runs/pretrain"
@@ -157,7 +157,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
         docs = read_files(tc.data) if tc.data else default_corpus()
-        if not resuming:
+        if not resuming and not tc.init:
             if tc.tokenizer:
                 tokenizer = Tokenizer.load(tc.tokenizer)
             else:
