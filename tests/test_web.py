@@ -2,6 +2,7 @@
 Screenshots go to test-artifacts/ (or $NANOSEEK_ARTIFACTS)."""
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,13 @@ def browser():
         b.close()
 
 
-def start(chat_model, api_key=None):
+def start(chat_model, api_key=None, step_delay=0.0):
     model, tok = chat_model
-    return ThreadedServer(create_app(Engine(model, tok, max_seqs=4, context=256), api_key=api_key))
+    engine = Engine(model, tok, max_seqs=4, context=256)
+    if step_delay:  # a slower model, so that the reply arrives in many pieces
+        step = engine.step
+        engine.step = lambda: (threading.Event().wait(step_delay), step())[1]
+    return ThreadedServer(create_app(engine, api_key=api_key))
 
 
 def set_greedy(page):
@@ -49,7 +54,7 @@ def send(page, text):
 
 
 def test_chat_streams_thinks_renders_safely_and_remembers(browser, chat_model):
-    with start(chat_model) as server:
+    with start(chat_model, step_delay=0.01) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(server.url + "/")
         set_greedy(page)
