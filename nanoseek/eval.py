@@ -66,7 +66,7 @@ def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template:
             if answers:
                 top = answers.most_common(1)[0][0]
                 votes_right += next(s.accuracy for s in scored if s.answer == top)
-        out.update({f"pass@1_sampled": hits / (k * len(probs)), f"maj@{k}": votes_right / len(probs),
+        out.update({"pass@1_sampled": hits / (k * len(probs)), f"maj@{k}": votes_right / len(probs),
                     "k": k, "temperature": temperature})
     return out
 

@@ -44,9 +44,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", mtp: bo
         raise CheckpointError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if max_shard_bytes <= 0:
         raise CheckpointError("--max-shard-size must be positive")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not empty; export into a new folder")
+    out = _new_folder(out, "export")
     model, tokenizer, folder = load_model(ckpt)
     cfg = model.config
     if cfg.attn_type != "mla":
@@ -63,9 +61,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", mtp: bo
     main = {k: v for k, v in tensors.items() if not is_mtp[k]}
     extra = {k: v for k, v in tensors.items() if is_mtp[k] and mtp}
 
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _staging(out)
     tmp.mkdir(parents=True)
     hf_cfg = config_to_hf(cfg, dtype)
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
@@ -91,26 +87,38 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", mtp: bo
     (tmp / "README.md").write_text(model_card(model, cfg, meta, dtype, out.name))
     for f in tmp.iterdir():
         f.chmod(0o644)  # safetensors writes 0600; a published folder is readable by all
-    if out.exists():
-        out.rmdir()
-    os.rename(tmp, out)
-    return out
+    return _publish(tmp, out)
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """A transformers DeepseekV3 folder -> a nanoseek checkpoint folder at `out`."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not empty; import into a new folder")
+    out = _new_folder(out, "import")
     model, tokenizer, folder = load_model(hf_dir)
     meta = {"stage": "import", "source": str(folder.resolve()), "params": model.param_counts()}
+    tmp = _staging(out)
+    write_model_folder(tmp, model, None, meta)
+    _write_tokenizer(tokenizer, folder, tmp)
+    return _publish(tmp, out)
+
+
+def _new_folder(out: str | Path, verb: str) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not empty; {verb} into a new folder")
+    return out
+
+
+def _staging(out: Path) -> Path:
+    """OUT.tmp, emptied: the folder is written there and renamed into place when complete."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_model_folder(tmp, model, None, meta)
-    _write_tokenizer(tokenizer, folder, tmp)
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> Path:
     if out.exists():
-        out.rmdir()
+        out.rmdir()  # empty (checked before writing)
     os.rename(tmp, out)
     return out
 

@@ -94,6 +94,8 @@ async def _clients(url: str, questions: list[str], max_tokens: int) -> dict:
 
 
 async def _one(http, question: str, max_tokens: int):
+    import httpx
+
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     t = time.perf_counter()

@@ -41,8 +41,8 @@ def rejection_sample(ckpt: str, tasks: list[str], n_problems: int, k: int = 8, t
         kept = solved = 0
         for p, r in zip(ps, reqs):
             seen = set()
-            good = [c.text for c in r.outputs if c.finish_reason == "stop" and reward(p, c.text).accuracy == 1.0
-                    and reward(p, c.text).format == 1.0]
+            scored = [(c.text, reward(p, c.text)) for c in r.outputs if c.finish_reason == "stop"]
+            good = [text for text, s in scored if s.accuracy == 1.0 and s.format == 1.0]
             solved += bool(good)
             for text in good:
                 if text not in seen:

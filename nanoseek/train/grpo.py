@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,8 @@ from nanoseek.train.cost import CostLedger
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, informative_groups
 from nanoseek.train.optim import (load_optimizer_state, load_rng_state, make_optimizer, optimizer_state,
                                   rng_state)
-from nanoseek.train.pretrain import TrainingError, pick_device
+from nanoseek.train.pretrain import (TrainingError, log_metrics, pick_device, progress_bar, say,
+                                     truncate_metrics)
 
 
 @dataclass
@@ -179,11 +178,11 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
                 ref.load_state_dict(ref_state)
             else:
                 ref.load_state_dict(ckpt.load_model(gc.init)[0].state_dict())
-    _truncate(run / "metrics.jsonl", step)
+    truncate_metrics(run / "metrics.jsonl", step)
     run.mkdir(parents=True, exist_ok=True)
-    _say(gc, f"nanoseek grpo: {P} prompts x {G} samples per step, {gc.loss_type} loss, beta {gc.beta}, "
+    say(gc.progress, f"nanoseek grpo: {P} prompts x {G} samples per step, {gc.loss_type} loss, beta {gc.beta}, "
              f"{'resuming at step ' + str(step) if resuming else 'from ' + gc.init}")
-    bar = _progress(gc, step)
+    bar = progress_bar("grpo", gc.progress, step, gc.max_steps)
     last: dict[str, Any] = {}
     ledger.restart_clock()
     while step < gc.max_steps:
@@ -215,7 +214,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
                "response_length": n_tokens / len(comps), "zero_adv_groups": float((~keep).float().mean()),
                **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()},
                "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
-        _log(run, row)
+        log_metrics(run, row)
         last = row
         bar.update(1)
         bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f}")
@@ -302,27 +301,3 @@ def _save(run: Path, step: int, model, tok, opt, ledger, gc: GRPOConfig, last: d
     info = {"step": step, "grpo_config": dataclasses.asdict(gc), "optimizer": opt_info, "cost": ledger.to_dict()}
     meta = {"stage": "grpo", "step": step, "cost": ledger.to_dict(), "params": model.param_counts(), "metrics": last}
     ckpt.save_checkpoint(run, step, model, tok, meta, {"tensors": tensors, "info": info})
-
-
-def _log(run: Path, row: dict) -> None:
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate(path: Path, step: int) -> None:
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def _progress(gc: GRPOConfig, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=gc.max_steps, initial=initial, disable=not gc.progress, desc="grpo", unit="step",
-                dynamic_ncols=True, file=sys.stderr)
-
-
-def _say(gc: GRPOConfig, msg: str) -> None:
-    if gc.progress:
-        print(msg, file=sys.stderr, flush=True)
-

@@ -174,7 +174,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         raise TrainingError(f"{e}: give more data or lower batch_size / seq_len") from None
     has_val = len(val_tokens) > tc.seq_len * tc.batch_size
     if not has_val:
-        _say(tc, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
+        say(tc.progress, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
     opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     ledger = CostLedger(device, tc.price_per_hour)
     step = 0
@@ -184,13 +184,13 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         loader.load_state_dict(info["loader"])
         ledger.load(info["cost"])
         step = int(info["step"])
-    _truncate_metrics(run / "metrics.jsonl", step)  # a fresh run starts a fresh log
+    truncate_metrics(run / "metrics.jsonl", step)  # a fresh run starts a fresh log
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
     peak = peak_flops(device)
     counts = model.param_counts()
-    _say(tc, f"nanoseek {tc.stage}: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
+    say(tc.progress, f"nanoseek {tc.stage}: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
              f"({counts['active'] / 1e6:.2f}M active), {len(train_tokens):,} training tokens, "
              f"{'resuming at step ' + str(step) if resuming else 'from scratch'}, on {ledger.device}")
     run.mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     end = min(tc.max_steps, tc.stop_at or tc.max_steps)
-    bar = _progress(tc, step, tc.max_steps)
+    bar = progress_bar(tc.stage, tc.progress, step, tc.max_steps)
     bad_in_a_row = 0
     last: dict[str, Any] = {}
     ledger.restart_clock()
@@ -229,7 +229,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             for m in model.moe_layers():
                 m.expert_load.zero_()
             bad_in_a_row += 1
-            _log(run, {"step": step, "skipped": "non-finite loss or gradient"})
+            log_metrics(run, {"step": step, "skipped": "non-finite loss or gradient"})
             if bad_in_a_row >= tc.max_bad_steps:
                 raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                     f"(last at step {step}); lower lr or check the data")
@@ -248,7 +248,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             row.update({k: round(v, 3) for k, v in load_stats.items()})
         if has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
             row["val_loss"] = round(evaluate(model, val_tokens, tc, device, val_labels), 5)
-        _log(run, row)
+        log_metrics(run, row)
         last = row
         bar.update(1)
         bar.set_postfix_str(_postfix(row))
@@ -258,8 +258,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     bar.close()
     summary = {"step": step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
-    _say(tc, f"done at step {step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
-    _say(tc, ledger.summary())
+    say(tc.progress, f"done at step {step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
+    say(tc.progress, ledger.summary())
     return summary
 
 
@@ -286,12 +286,12 @@ def _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts) ->
     ckpt.save_checkpoint(run, step, model, tokenizer, meta, {"tensors": tensors, "info": info})
 
 
-def _log(run: Path, row: dict) -> None:
+def log_metrics(run: Path, row: dict) -> None:
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint we resume from (they will be logged again),
     or every line of a run that died before its first checkpoint."""
     if not path.exists():
@@ -307,15 +307,15 @@ def _postfix(row: dict) -> str:
     return s
 
 
-def _progress(tc: TrainConfig, initial: int, total: int):
+def progress_bar(desc: str, show: bool, initial: int, total: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not tc.progress, desc=tc.stage, unit="step",
+    return tqdm(total=total, initial=initial, disable=not show, desc=desc, unit="step",
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def _say(tc: TrainConfig, msg: str) -> None:
-    if tc.progress:
+def say(show: bool, msg: str) -> None:
+    if show:
         print(msg, file=sys.stderr, flush=True)
 
 
