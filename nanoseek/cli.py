@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from nanoseek.config import PRESETS, ConfigError
+from nanoseek.config import PRESETS, ConfigError, apply_overrides, preset
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -54,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-reset", type=int, metavar="N", help="reset the reference to the policy every N steps")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
+
+    p = sub.add_parser("r1", help="DeepSeek-R1's recipe from a base: cold-start SFT -> GRPO -> rejection "
+                                  "sampling -> SFT -> GRPO -> eval (--zero: R1-Zero)")
+    p.add_argument("ckpt", help="a pretrained base checkpoint")
+    p.add_argument("--out", required=True, help="run folder (finished stages are skipped when restarted)")
+    p.add_argument("--zero", action="store_true", help="R1-Zero: GRPO straight from the base, R1-Zero's prompt")
+    p.add_argument("--task", nargs="*", help="RL and eval tasks (default: chain_sum gsm_symbolic)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="R1Config fields (sft_steps=300, rl_steps=40, eval_n=200, ...); rl.KEY=VALUE: GRPOConfig, "
+                        "sft.KEY=VALUE: SFT training settings")
 
     p = sub.add_parser("distill", help="teacher traces (rejection-sampled) -> student SFT")
     p.add_argument("--teacher", required=True)
@@ -237,6 +248,30 @@ def _run(args: argparse.Namespace) -> int:
         if args.dynamic_sampling:
             gc.dynamic_sampling = True
         print(json.dumps(grpo(gc, args.overrides)))
+        return 0
+    if args.command == "r1":
+        from nanoseek.data.tasks import TASKS, TaskError
+        from nanoseek.train.checkpoint import resolve
+        from nanoseek.train.pipeline import R1Config, r1_stages, run_stages, stage_table
+
+        resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
+        from nanoseek.train.grpo import GRPOConfig
+        from nanoseek.train.pretrain import TrainConfig, split_overrides
+
+        pick = lambda prefix: [o.removeprefix(prefix) for o in args.overrides if o.startswith(prefix)]  # noqa: E731
+        rc = apply_overrides(R1Config(), [o for o in args.overrides if not o.startswith(("rl.", "sft."))])
+        rc.base, rc.out, rc.zero, rc.progress = args.ckpt, args.out, args.zero, not args.quiet
+        rc.grpo_overrides, rc.sft_overrides = pick("rl."), pick("sft.")
+        # a bad stage setting fails now, not minutes later when its stage starts
+        apply_overrides(GRPOConfig(), rc.grpo_overrides)
+        split_overrides(TrainConfig(), preset("tiny"), rc.sft_overrides)
+        for t in args.task or []:
+            if t not in TASKS:
+                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        rc.tasks = args.task or rc.tasks
+        summaries = run_stages(args.out, r1_stages(rc), progress=rc.progress)
+        print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
+        print(json.dumps({"stages": summaries}, default=str))
         return 0
     if args.command == "distill":
         from nanoseek.data.tasks import TASKS, TaskError

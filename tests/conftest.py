@@ -42,3 +42,19 @@ def chat_model():
         opt.step()
         opt.zero_grad()
     return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """A random tiny base model with a tokenizer that spells digits and the tasks' words."""
+    from nanoseek.config import preset
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.model import Transformer
+    from nanoseek.train.checkpoint import save_checkpoint
+
+    tok = train_tokenizer(["the cat sat on the mat 0123456789 + - = Question Answer " * 3] * 50, vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(vocab_size=320, num_nextn_predict_layers=0))
+    folder = tmp_path_factory.mktemp("base")
+    save_checkpoint(folder, 1, model, tok, {"stage": "pretrain"})
+    return folder / "latest", tok

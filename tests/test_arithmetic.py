@@ -1,8 +1,9 @@
 """Checked arithmetic: false and degenerate steps are caught, true ones pass."""
 
+import pytest
 import reasoning_gym as rg
 
-from nanoseek.data.arithmetic import check_steps, solve_steps
+from nanoseek.data.arithmetic import chain_terms, check_steps, column_add, column_steps, column_sub, solve_steps
 
 
 def test_false_and_degenerate_steps_are_caught():
@@ -34,3 +35,38 @@ def test_solve_steps_follows_reasoning_gym_semantics():
         except ZeroDivisionError:
             continue
         assert str(v) == item["answer"], item["metadata"]["expression"]
+
+
+def test_column_work_is_true_fixed_width_and_least_significant_first():
+    assert column_add(29, 37) == "29 + 37: 9+7+0=16 2+3+1=06 = 66"
+    assert column_add(5, 998) == "5 + 998: 5+8+0=13 0+9+1=10 0+9+1=10 = 1003"
+    assert column_sub(71, 66) == "71 - 66: 11-6-0=5 07-6-1=0 = 5"
+    assert column_sub(1000, 1) == "1000 - 1: 10-1-0=9 10-0-1=9 10-0-1=9 01-0-1=0 = 999"
+    with pytest.raises(ValueError):
+        column_sub(3, 5)
+    for a, b in [(0, 0), (9, 1), (123, 4567), (9999, 9999)]:
+        line = column_add(a, b)
+        cols = line.split(": ")[1].rsplit(" = ", 1)[0].split()
+        assert len(cols) == max(len(str(a)), len(str(b))) and all(len(c) == 8 for c in cols)
+        assert not check_steps(line.split(": ")[1])  # every column is a true equation
+        hi, lo = max(a, b), min(a, b)
+        line = column_sub(hi, lo)
+        assert not check_steps(line.split(": ")[1]) and line.endswith(f"= {hi - lo}")
+
+
+def test_column_steps_solve_every_chain_sum_problem():
+    for seed, digits in [(5, 4), (6, 1)]:
+        ds = rg.create_dataset("chain_sum", size=300, seed=seed, min_digits=1, max_digits=digits)
+        for item in ds:
+            lines, value = column_steps(item["metadata"]["expression"])
+            assert str(value) == item["answer"], item["metadata"]["expression"]
+            assert lines[0] == item["metadata"]["expression"]
+            for line in lines[1:]:
+                if ": " in line:  # every column of every line holds
+                    assert not check_steps(line.split(": ")[1]), line
+    lines, value = column_steps("205 - 838 + 505")
+    assert value == -128 and lines[-2:] == ["710 - 838 = -(838 - 710)", "838 - 710: 08-0-0=8 03-1-0=2 08-7-0=1 = 128"]
+    assert column_steps("-3 + 4")[1] == 1  # a leading minus is a negative first term
+    for bad in ["3 * 4", "3 + + 4", "", "3 4", "3 + -4"]:
+        with pytest.raises(ValueError):
+            chain_terms(bad)

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from nanoseek.cli import main
@@ -11,16 +10,6 @@ from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import save_checkpoint
 from nanoseek.train.grpo import GRPOConfig, Sample, grpo
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    tok = train_tokenizer(["the cat sat on the mat 0123456789 + - = Question Answer " * 3] * 50, vocab_size=300)
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(vocab_size=320, num_nextn_predict_layers=0))
-    folder = tmp_path_factory.mktemp("base")
-    save_checkpoint(folder, 1, model, tok, {"stage": "pretrain"})
-    return folder / "latest", tok
 
 
 def rows(run):

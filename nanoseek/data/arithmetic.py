@@ -41,6 +41,7 @@ def check_steps(text: str) -> list[str]:
             continue  # "15 kg * 2 - 9 = 21": the chain started before a unit word; we see only its tail
         lhs, rhs = m.group(1), m.group(2)
         expr = re.sub(r"[×xX]", "*", lhs).replace("÷", "/").replace("−", "-").replace(",", "")
+        expr = re.sub(r"(?<![\d.])0+(?=\d)", "", expr)  # "05 - 1": Python reads no leading zeros
         try:
             value = _eval_exact(expr)
         except (SyntaxError, ZeroDivisionError, ValueError):
@@ -114,3 +115,97 @@ def _apply(op: ast.operator, a, b, divide):
 
 def _paren(v: int) -> str:
     return f"({v})" if v < 0 else str(v)
+
+
+# ---- column arithmetic: sums and differences worked digit by digit ----
+#
+# A small transformer learns single-digit facts at once but adds whole numbers slowly: the
+# first digit of "4821 + 397 =" depends on every carry below it. Written column by column,
+# least significant digit first, every token of the work depends on a handful of tokens
+# before it (the two digits of the column and the carry just written). The chain of thought
+# for a +/- chain adds the terms with a plus sign, then those with a minus, then subtracts:
+#
+#   29 + 37 - 71 + 5
+#   29 + 37: 9+7+0=16 2+3+1=06 = 66
+#   66 + 5: 6+5+0=11 6+0+1=07 = 71
+#   71 - 71: 01-1-0=0 07-7-0=0 = 0
+#
+# An addition column is `x+y+c=Cd` (C the carry out, d the digit); a subtraction column is
+# `Bx-y-b=d`, where B=1 marks a borrow (the column computes 1x - y - b). Every one is a true
+# equation of fixed width. The result is the column digits read back, most significant first.
+
+
+def column_add(a: int, b: int) -> str:
+    """'29 + 37: 9+7+0=16 2+3+1=06 = 66' for non-negative a, b."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    cols, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        x = int(xs[i]) if i < len(xs) else 0
+        y = int(ys[i]) if i < len(ys) else 0
+        s = x + y + carry
+        cols.append(f"{x}+{y}+{carry}={s:02d}")
+        carry = s // 10
+    return f"{a} + {b}: {' '.join(cols)} = {a + b}"
+
+
+def column_sub(a: int, b: int) -> str:
+    """'71 - 66: 11-6-0=5 07-6-1=0 = 5' for a >= b >= 0."""
+    if not 0 <= b <= a:
+        raise ValueError(f"column_sub needs a >= b >= 0, got {a} - {b}")
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    cols, borrow = [], 0
+    for i in range(len(xs)):
+        x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
+        take = 1 if x - y - borrow < 0 else 0
+        cols.append(f"{take}{x}-{y}-{borrow}={10 * take + x - y - borrow}")
+        borrow = take
+    return f"{a} - {b}: {' '.join(cols)} = {a - b}"
+
+
+_TERM = re.compile(r"\s*([+-])?\s*(\d+)\s*")
+
+
+def chain_terms(expression: str) -> list[tuple[int, int]]:
+    """'29 + 37 - 71' -> [(+1, 29), (+1, 37), (-1, 71)]; ValueError for anything but a +/- chain."""
+    terms, pos = [], 0
+    while pos < len(expression):
+        m = _TERM.match(expression, pos)
+        if not m or m.end() == pos or (terms and not m.group(1)):
+            raise ValueError(f"not a chain of + and - over non-negative integers: {expression!r}")
+        terms.append((-1 if m.group(1) == "-" else 1, int(m.group(2))))
+        pos = m.end()
+    if not terms:
+        raise ValueError("empty expression")
+    return terms
+
+
+def column_steps(expression: str) -> tuple[list[str], int]:
+    """The column-arithmetic chain of thought of a +/- chain (see above), and its value."""
+    terms = chain_terms(expression)
+    lines = [" ".join(f"{'-' if s < 0 else '+'} {v}" for s, v in terms).removeprefix("+ ")]
+
+    def total(values: list[int]) -> int:
+        acc = values[0]
+        for v in values[1:]:
+            lines.append(column_add(acc, v))
+            acc += v
+        return acc
+
+    plus = [v for s, v in terms if s > 0]
+    minus = [v for s, v in terms if s < 0]
+    p = total(plus) if plus else 0
+    if not minus:
+        return lines, p
+    m = total(minus)
+    if p >= m:
+        lines.append(column_sub(p, m))
+        return lines, p - m
+    lines.append(f"{p} - {m} = -({m} - {p})")
+    lines.append(column_sub(m, p))
+    return lines, p - m
+
+
+def expression_steps(task: str, expression: str) -> tuple[list[str], int]:
+    """The worked solution we write for a task's expression: chain_sum in columns, anything
+    else (basic_arithmetic, countdown's reference answer) one operation per line."""
+    return column_steps(expression) if task == "chain_sum" else solve_steps(expression)

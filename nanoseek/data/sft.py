@@ -2,8 +2,8 @@
 
 Default (R1's "cold start"): training problems of every task (data/tasks.py, never the
 held-out ones) with worked solutions whose every step is checked: gsm_symbolic's shipped
-chains of thought (the wrong ones dropped), basic_arithmetic / chain_sum worked one operation
-per line, countdown's reference expression evaluated step by step. The assistant turn is
+chains of thought (the wrong ones dropped), basic_arithmetic worked one operation per line,
+chain_sum worked in columns (arithmetic.column_steps), countdown's reference expression evaluated step by step. The assistant turn is
 `<think>\\n{steps}\\n</think>\\nAnswer: {answer}`, the form the rewards read.
 
 A user's files: `.jsonl` with a `messages` list per line (OpenAI's chat format).
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.data.arithmetic import check_steps, solve_steps
+from nanoseek.data.arithmetic import check_steps, expression_steps
 from nanoseek.data.corpus import DataError
 from nanoseek.data.loader import VAL_EVERY
 from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, problems, reward
@@ -39,7 +39,7 @@ def worked_solution(p: Problem) -> str | None:
     else:
         expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
         try:
-            lines, value = solve_steps(expr)
+            lines, value = expression_steps(p.task, expr)
         except (ZeroDivisionError, ValueError):
             return None
         if p.task != "countdown" and str(value) != p.answer.strip():

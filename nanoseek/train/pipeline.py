@@ -1,0 +1,188 @@
+"""Multi-stage runs that survive being killed: DeepSeek-R1's recipe as one command.
+
+A pipeline is a list of stages, each with its own folder under the run. A stage that
+finished wrote `stage.json` (its summary) there last, atomically; a restarted pipeline
+skips those and resumes the first unfinished one from its own checkpoints (every training
+stage resumes itself). `nanoseek speedrun` runs the same machinery with pretraining first.
+
+`nanoseek r1 CKPT --out RUN` (DeepSeek-R1, section 2.3), from a pretrained base:
+  sft    cold start: SFT on verified worked solutions (data/sft.py)
+  rl     GRPO with the accuracy and format rewards
+  rs     rejection sampling: the RL model answers fresh training problems k times, only
+         correct, well-formed answers are kept (train/distill.py)
+  sft2   SFT on those traces. R1 retrains its base on them; at this scale we continue from the
+         RL model (expert iteration, as in STaR), which keeps what RL bought. Skipped (rl2 starts
+         from rl) when no answer was kept
+  rl2    GRPO again, from sft2
+  eval   held-out evaluation of every stage's model, side by side (eval.json)
+`--zero` (R1-Zero, section 2.2): GRPO straight from the base with R1-Zero's prompt, then eval.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.train.pretrain import say
+
+DONE = "stage.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Path], dict[str, Any]]  # gets its folder, returns its summary
+    what: str = ""
+
+
+def stage_done(folder: Path) -> dict[str, Any] | None:
+    f = folder / DONE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def run_stages(out: str | Path, stages: list[Stage], progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run the unfinished stages in order; returns every stage's summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    for i, st in enumerate(stages, 1):
+        folder = out / st.name
+        done = stage_done(folder)
+        head = f"[{i}/{len(stages)}] {st.name}" + (f": {st.what}" if st.what else "")
+        if done is not None:
+            say(progress, f"{head} (done, skipped)")
+            summaries[st.name] = done
+            continue
+        say(progress, head)
+        t0 = time.perf_counter()
+        summary = st.run(folder)
+        summary = {**summary, "stage_wall_s": round(time.perf_counter() - t0, 2)}
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (DONE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        tmp.replace(folder / DONE)
+        summaries[st.name] = summary
+    return summaries
+
+
+@dataclass
+class R1Config:
+    base: str = ""
+    out: str = "runs/r1"
+    tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic"])
+    zero: bool = False
+    sft_steps: int = 300
+    sft_examples: int = 1500  # cold-start problems per task
+    rl_steps: int = 40
+    rs_problems: int = 200  # rejection sampling: training problems per task
+    rs_k: int = 4
+    sft2_steps: int = 150
+    rl2_steps: int = 40
+    eval_n: int = 200
+    eval_k: int = 4
+    max_tokens: int = 320
+    grpo_overrides: list[str] = field(default_factory=list)  # GRPOConfig key=value for both RL stages
+    sft_overrides: list[str] = field(default_factory=list)  # TrainConfig / model key=value for both SFT stages
+    progress: bool = True
+
+
+def r1_stages(rc: R1Config) -> list[Stage]:
+    from nanoseek.eval import evaluate
+    from nanoseek.train.distill import TRACES, rejection_sample
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    from nanoseek.train.pretrain import TrainConfig, pretrain
+
+    out = Path(rc.out)
+    ckpt = lambda name: str(out / name / "latest")  # noqa: E731
+
+    def sft(init: str, data: list[str], steps: int) -> Callable[[Path], dict]:
+        def run(folder: Path) -> dict:
+            tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=1e-3, warmup_steps=20,
+                             max_steps=steps, sft_examples=rc.sft_examples, progress=rc.progress)
+            return pretrain(tc, rc.sft_overrides)
+        return run
+
+    def rl(init: str, steps: int, template: str = "chat") -> Callable[[Path], dict]:
+        def run(folder: Path) -> dict:
+            gc = GRPOConfig(init=init, out=str(folder), tasks=list(rc.tasks), max_steps=steps, template=template,
+                            max_tokens=rc.max_tokens, progress=rc.progress)
+            return grpo(gc, rc.grpo_overrides)
+        return run
+
+    def rs(folder: Path) -> dict:
+        # fresh problems: past those the cold start drew (problems() takes them in order)
+        convs, stats = rejection_sample(ckpt("rl"), rc.tasks, rc.rs_problems, rc.rs_k, max_tokens=rc.max_tokens,
+                                        offset=rc.sft_examples)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TRACES).write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+        return {"kept": len(convs), "tasks": stats}
+
+    def sft2(folder: Path) -> dict:
+        if stage_done(out / "rs").get("kept", 0) == 0:  # nothing to learn from: rl2 continues from rl
+            say(rc.progress, "  rejection sampling kept no answer: SFT skipped")
+            return {"skipped": "rejection sampling kept no answer"}
+        return sft(ckpt("rl"), [str(out / "rs" / TRACES)], rc.sft2_steps)(folder)
+
+    def latest(*names: str) -> str:  # the newest of these stages' models that exists
+        return next(ckpt(n) for n in names if (out / n / "latest").exists())
+
+    def rl2(folder: Path) -> dict:
+        return rl(latest("sft2", "rl"), rc.rl2_steps)(folder)
+
+    def ev(stages: list[tuple[str, str]]) -> Callable[[Path], dict]:
+        def run(folder: Path) -> dict:
+            table = {}
+            for name, path in stages:
+                if name != "base" and not Path(path).exists():
+                    continue  # a skipped stage (sft2 with no kept answers)
+                say(rc.progress, f"  eval {name}")
+                table[name] = evaluate(path, rc.tasks, rc.eval_n, rc.eval_k, max_tokens=rc.max_tokens)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
+            return {"table": summarize(table)}
+        return run
+
+    if rc.zero:
+        return [Stage("rl", rl(rc.base, rc.rl_steps, "r1_zero"), "GRPO from the base, R1-Zero's prompt"),
+                Stage("eval", ev([("base", rc.base), ("rl", ckpt("rl"))]), "held-out evaluation")]
+    return [
+        Stage("sft", sft(rc.base, [], rc.sft_steps), "cold-start SFT on verified worked solutions"),
+        Stage("rl", rl(ckpt("sft"), rc.rl_steps), "GRPO, accuracy + format rewards"),
+        Stage("rs", rs, "rejection sampling: correct, well-formed answers of the RL model"),
+        Stage("sft2", sft2, "SFT on the kept answers"),
+        Stage("rl2", rl2, "GRPO again"),
+        Stage("eval", ev([("base", rc.base), *((n, ckpt(n)) for n in ("sft", "rl", "sft2", "rl2"))]),
+              "held-out evaluation of every stage"),
+    ]
+
+
+def summarize(table: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{stage: {task: {pass@1, ci, maj@k, format, length}}} from evaluate() results."""
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for stage, res in table.items():
+        rows[stage] = {}
+        for task, r in res["tasks"].items():
+            k = r.get("k")
+            rows[stage][task] = {"pass@1": r["pass@1"], "ci95": r["pass@1_ci95"], "format": r["format_rate"],
+                                 "length": r["mean_length"], "problems": r["problems"],
+                                 **({"pass@1_sampled": r["pass@1_sampled"], f"maj@{k}": r[f"maj@{k}"]} if k else {})}
+    return rows
+
+
+def stage_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A markdown table: one row per stage, pass@1 [CI] and format per task."""
+    tasks = sorted({t for r in rows.values() for t in r})
+    head = "| stage | " + " | ".join(f"{t} pass@1 [95% CI] | format" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(tasks))]
+    for stage, r in rows.items():
+        cells = []
+        for t in tasks:
+            x = r.get(t)
+            cells += ([f"{x['pass@1']:.1%} [{x['ci95'][0]:.1%}, {x['ci95'][1]:.1%}]", f"{x['format']:.0%}"]
+                      if x else ["", ""])
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
