@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", type=int, help="curriculum level for the expression tasks (0..3)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT settings (batch_size=8, lr=1e-3, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT settings (batch_size=8, lr=3e-4, ...)")
 
     p = sub.add_parser("eval", help="pass@1, maj@k, format rate on held-out problems")
     p.add_argument("ckpt")
@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    # `--task a b key=value`: a list option swallows the overrides after it; give them back
+    if isinstance(getattr(args, "task", None), list) and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(t for t in args.task if "=" in t)]
+        args.task = [t for t in args.task if "=" not in t] or None
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -226,10 +230,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     if args.command == "sft":
-        from nanoseek.train.pretrain import TrainConfig, pretrain
+        from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
 
         tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, compile=args.compile,
-                         progress=not args.quiet, lr=1e-3, warmup_steps=20, stop_at=args.stop_at)
+                         progress=not args.quiet, lr=SFT_LR, warmup_steps=20, stop_at=args.stop_at)
         for name in ("max_steps", "save_every", "seed", "device"):
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))

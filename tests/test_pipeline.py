@@ -8,9 +8,9 @@ from nanoseek.cli import main
 from nanoseek.data.sft import worked_solution
 from nanoseek.data.tasks import problems
 from nanoseek.train import distill, grpo as grpo_module
-from nanoseek.train.pipeline import Stage, run_stages
+from nanoseek.train.pipeline import Stage, rl_trend, run_stages
 
-TINY = ["sft_steps=2", "sft_examples=4", "rl_steps=1", "rs_problems=2", "rs_k=2", "sft2_steps=2", "rl2_steps=1",
+TINY = ["sft_steps=2", "sft_examples=4", "rl_steps=1", "rs_problems=2", "rs_k=2", "sft2_steps=500", "rl2_steps=1",
         "eval_n=3", "eval_k=2", "max_tokens=8", "rl.prompts_per_step=2", "rl.group_size=2", "sft.batch_size=1",
         "sft.seq_len=64"]
 
@@ -37,8 +37,8 @@ def test_run_stages_skips_finished_stages_after_a_failure(tmp_path):
     assert json.loads((tmp_path / "c" / "stage.json").read_text())["name"] == "c"
 
 
-def _r1(base, out, *extra):
-    return main(["r1", str(base), "--out", str(out), "--task", "chain_sum", "--quiet", *TINY, *extra])
+def _r1(base, out, *extra):  # the overrides after --task's list (it must not swallow them)
+    return main(["r1", str(base), "--out", str(out), "--quiet", *extra, "--task", "chain_sum", *TINY])
 
 
 def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, monkeypatch):
@@ -66,7 +66,8 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
     assert _r1(ckpt, tmp_path / "r1") == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]
     assert stamps == {n: (tmp_path / "r1" / n / "stage.json").stat().st_mtime_ns for n in stamps}  # not redone
-    assert (tmp_path / "r1" / "sft2" / "latest").exists() and out["sft2"]["step"] == 2
+    # SFT on 4 kept answers: two passes over them (sft2_epochs), not the 500 steps allowed
+    assert (tmp_path / "r1" / "sft2" / "latest").exists() and 2 <= out["sft2"]["step"] <= 40
     sft2_meta = json.loads((tmp_path / "r1" / "sft2" / "latest" / "meta.json").read_text())
     assert sft2_meta["stage"] == "sft"
     table = out["eval"]["table"]
@@ -75,6 +76,7 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
         r = row["chain_sum"]
         assert r["problems"] == 3 and 0 <= r["pass@1"] <= 1 and "maj@2" in r
     assert json.loads((tmp_path / "r1" / "rl2" / "latest" / "meta.json").read_text())["stage"] == "grpo"
+    assert set(out["eval"]["rl_trends"]) == {"rl", "rl2"} and out["eval"]["rl_trends"]["rl"]["steps"] == 1
 
 
 def test_r1_zero_and_bad_input(base, tmp_path, capsys):
@@ -90,3 +92,18 @@ def test_r1_zero_and_bad_input(base, tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert main(["r1", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_rl_trend_tells_accuracy_from_format(tmp_path):
+    def log(rows):
+        f = tmp_path / "metrics.jsonl"
+        f.write_text("".join(json.dumps({"step": i, "response_length": 50, **r}) + "\n" for i, r in enumerate(rows)))
+        return rl_trend(f, window=2)
+
+    learning = log([{"reward": 0.1, "accuracy": 0.0, "format_rate": 1.0}] * 2
+                   + [{"reward": 0.6, "accuracy": 0.5, "format_rate": 1.0}] * 2)
+    assert learning["reward_gain"] == 0.5 and learning["gain_from_accuracy"] == 0.5
+    assert learning["gain_from_format"] == 0.0
+    hacking = log([{"reward": 0.0, "accuracy": 0.0, "format_rate": 0.0}] * 2
+                  + [{"reward": 0.1, "accuracy": 0.0, "format_rate": 1.0}] * 2)
+    assert hacking["gain_from_accuracy"] == 0.0 and hacking["gain_from_format"] == 0.1

@@ -96,3 +96,14 @@ def test_split_arguments_are_checked():
         problems("chain_sum", "eval", 1, level=0)
     easy = problems("chain_sum", "train", 50, level=0)
     assert max(len(p.entry["metadata"]["expression"].split()) for p in easy) <= 5  # at most 3 terms
+
+
+def test_problems_never_draw_an_item_whose_gold_answer_fails_its_checker():
+    # reasoning-gym's gsm_symbolic sometimes emits a broken item with the gold answer "-1"
+    raw = tasks._dataset("gsm_symbolic", size=60, seed=tasks.TRAIN_SEED + 1500)
+    broken = [item["question"] for item in raw if item["answer"] == "-1"]
+    assert broken  # the case this test is about is really there
+    drawn = problems("gsm_symbolic", "train", 40, offset=1500)
+    assert len(drawn) == 40 and not {p.question for p in drawn} & set(broken)
+    for p in drawn:
+        assert reward(p, f"<think>x</think>{p.answer}").accuracy == 1.0

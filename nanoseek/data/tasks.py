@@ -103,6 +103,8 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
             p = Problem(task, item["question"], str(item["answer"]), item, template)
             if split == "eval" and p.key in seen_train:
                 continue
+            if _score(p, p.answer) < 1.0:
+                continue  # a broken item (gsm_symbolic's gold "-1" fails its own checker): never drawn
             out.append(p)
             if len(out) == n:
                 break

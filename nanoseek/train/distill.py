@@ -15,7 +15,7 @@ from pathlib import Path
 from nanoseek.data.tasks import TRAIN_POOL, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.train.pretrain import TrainConfig, TrainingError, pretrain
+from nanoseek.train.pretrain import SFT_LR, TrainConfig, TrainingError, pretrain
 
 TRACES = "traces.jsonl"
 
@@ -72,7 +72,7 @@ def distill(teacher: str, student: str, out: str, tasks: list[str], n_problems: 
         tmp.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
         (run / "traces_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         tmp.replace(traces)
-    tc = TrainConfig(stage="sft", init=student, out=out, data=[str(traces)], lr=1e-3, warmup_steps=20,
+    tc = TrainConfig(stage="sft", init=student, out=out, data=[str(traces)], lr=SFT_LR, warmup_steps=20,
                      progress=progress)
     if max_steps is not None:
         tc.max_steps = max_steps

@@ -21,6 +21,7 @@ stage resumes itself). `nanoseek speedrun` runs the same machinery with pretrain
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any
 from nanoseek.train.pretrain import say
 
 DONE = "stage.json"
+CHARS_PER_TOKEN = 2.0  # digit-split text: a rough count of a trace file's tokens, to size sft2
 
 
 @dataclass
@@ -74,13 +76,15 @@ class R1Config:
     base: str = ""
     out: str = "runs/r1"
     tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic"])
+    rl_tasks: list[str] | None = None  # the RL stages' tasks (default: tasks); eval always covers tasks
     zero: bool = False
     sft_steps: int = 300
     sft_examples: int = 1500  # cold-start problems per task
     rl_steps: int = 40
     rs_problems: int = 200  # rejection sampling: training problems per task
     rs_k: int = 4
-    sft2_steps: int = 150
+    sft2_steps: int = 150  # at most; fewer when the kept answers hold less than sft2_epochs passes
+    sft2_epochs: float = 2.0
     rl2_steps: int = 40
     eval_n: int = 200
     eval_k: int = 4
@@ -93,23 +97,29 @@ class R1Config:
 def r1_stages(rc: R1Config) -> list[Stage]:
     from nanoseek.eval import evaluate
     from nanoseek.train.distill import TRACES, rejection_sample
+    from nanoseek.config import preset
     from nanoseek.train.grpo import GRPOConfig, grpo
-    from nanoseek.train.pretrain import TrainConfig, pretrain
+    from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain, split_overrides
 
     out = Path(rc.out)
     ckpt = lambda name: str(out / name / "latest")  # noqa: E731
 
-    def sft(init: str, data: list[str], steps: int) -> Callable[[Path], dict]:
+    def sft(init: str, data: list[str], steps: int, epochs: float | None = None) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
-            tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=1e-3, warmup_steps=20,
+            tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=SFT_LR, warmup_steps=20,
                              max_steps=steps, sft_examples=rc.sft_examples, progress=rc.progress)
+            if epochs is not None:  # a few dozen kept answers must not be seen a hundred times over
+                tc = split_overrides(tc, preset("tiny"), rc.sft_overrides)[0]
+                tokens = sum(len(m["content"]) for line in Path(data[0]).read_text().splitlines()
+                             for m in json.loads(line)["messages"]) / CHARS_PER_TOKEN
+                tc.max_steps = max(1, min(steps, math.ceil(epochs * tokens / (tc.batch_size * tc.seq_len))))
             return pretrain(tc, rc.sft_overrides)
         return run
 
     def rl(init: str, steps: int, template: str = "chat") -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
-            gc = GRPOConfig(init=init, out=str(folder), tasks=list(rc.tasks), max_steps=steps, template=template,
-                            max_tokens=rc.max_tokens, progress=rc.progress)
+            gc = GRPOConfig(init=init, out=str(folder), tasks=list(rc.rl_tasks or rc.tasks), max_steps=steps,
+                            template=template, max_tokens=rc.max_tokens, progress=rc.progress)
             return grpo(gc, rc.grpo_overrides)
         return run
 
@@ -125,7 +135,7 @@ def r1_stages(rc: R1Config) -> list[Stage]:
         if stage_done(out / "rs").get("kept", 0) == 0:  # nothing to learn from: rl2 continues from rl
             say(rc.progress, "  rejection sampling kept no answer: SFT skipped")
             return {"skipped": "rejection sampling kept no answer"}
-        return sft(ckpt("rl"), [str(out / "rs" / TRACES)], rc.sft2_steps)(folder)
+        return sft(ckpt("rl"), [str(out / "rs" / TRACES)], rc.sft2_steps, rc.sft2_epochs)(folder)
 
     def latest(*names: str) -> str:  # the newest of these stages' models that exists
         return next(ckpt(n) for n in names if (out / n / "latest").exists())
@@ -140,10 +150,11 @@ def r1_stages(rc: R1Config) -> list[Stage]:
                 if name != "base" and not Path(path).exists():
                     continue  # a skipped stage (sft2 with no kept answers)
                 say(rc.progress, f"  eval {name}")
-                table[name] = evaluate(path, rc.tasks, rc.eval_n, rc.eval_k, max_tokens=rc.max_tokens)
+                table[name] = evaluate(path, rc.tasks, rc.eval_n, rc.eval_k, max_tokens=rc.max_tokens, max_seqs=64)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
-            return {"table": summarize(table)}
+            trends = {n: rl_trend(out / n / "metrics.jsonl") for n in ("rl", "rl2") if (out / n / "metrics.jsonl").exists()}
+            return {"table": summarize(table), "rl_trends": trends}
         return run
 
     if rc.zero:
@@ -186,3 +197,22 @@ def stage_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
                       if x else ["", ""])
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def rl_trend(metrics: Path, window: int = 5) -> dict[str, float]:
+    """Reward, accuracy and format rate over the first and the last `window` GRPO steps: the
+    reward-hacking check. A policy that games the rewards raises the reward through the format
+    alone; a learning one raises it through accuracy (the format's weight is FORMAT_WEIGHT)."""
+    from nanoseek.data.tasks import FORMAT_WEIGHT
+
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "reward" in r]
+    first, last = rows[:window], rows[-window:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / max(1, len(rs))  # noqa: E731
+    out = {f"{k}_{w}": round(mean(rs, k), 4) for k in ("reward", "accuracy", "format_rate", "response_length")
+           for w, rs in (("first", first), ("last", last))}
+    gain = out["reward_last"] - out["reward_first"]
+    from_accuracy = out["accuracy_last"] - out["accuracy_first"]
+    from_format = FORMAT_WEIGHT * (out["format_rate_last"] - out["format_rate_first"])
+    out.update(steps=len(rows), reward_gain=round(gain, 4), gain_from_accuracy=round(from_accuracy, 4),
+               gain_from_format=round(from_format, 4))
+    return out

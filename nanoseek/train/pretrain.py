@@ -42,6 +42,9 @@ class TrainingError(RuntimeError):
     pass
 
 
+SFT_LR = 3e-4  # fine-tuning (SFT, distillation): below pretraining's, so what the base learned survives
+
+
 @dataclass
 class TrainConfig:
     stage: str = "pretrain"  # or "sft"
@@ -56,7 +59,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 4e-4  # 3e-3 kept the cpu preset from ever learning to copy a number (docs/LOG.md)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     schedule: str = "cosine"  # or "wsd"
@@ -192,7 +195,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     counts = model.param_counts()
     say(tc.progress, f"nanoseek {tc.stage}: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
              f"({counts['active'] / 1e6:.2f}M active), {len(train_tokens):,} training tokens, "
-             f"{'resuming at step ' + str(step) if resuming else 'from scratch'}, on {ledger.device}")
+             f"{'resuming at step ' + str(step) if resuming else 'from ' + tc.init if tc.init else 'from scratch'}, "
+             f"on {ledger.device}")
     run.mkdir(parents=True, exist_ok=True)
     if tc.compile:
         model.compile_blocks()
