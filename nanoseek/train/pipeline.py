@@ -85,6 +85,7 @@ class R1Config:
     rs_k: int = 4
     sft2_steps: int = 150  # at most; fewer when the kept answers hold less than sft2_epochs passes
     sft2_epochs: float = 2.0
+    sft2_lr: float = 3e-5  # a few steps at SFT_LR (3e-4) undo the base's copying: 22% -> 1.3% (docs/LOG.md)
     rl2_steps: int = 40
     eval_n: int = 200
     eval_k: int = 4
@@ -104,9 +105,10 @@ def r1_stages(rc: R1Config) -> list[Stage]:
     out = Path(rc.out)
     ckpt = lambda name: str(out / name / "latest")  # noqa: E731
 
-    def sft(init: str, data: list[str], steps: int, epochs: float | None = None) -> Callable[[Path], dict]:
+    def sft(init: str, data: list[str], steps: int, epochs: float | None = None,
+            lr: float = SFT_LR) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
-            tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=SFT_LR, warmup_steps=20,
+            tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=lr, warmup_steps=20,
                              max_steps=steps, sft_examples=rc.sft_examples, progress=rc.progress)
             if epochs is not None:  # a few dozen kept answers must not be seen a hundred times over
                 tc = split_overrides(tc, preset("tiny"), rc.sft_overrides)[0]
@@ -135,7 +137,7 @@ def r1_stages(rc: R1Config) -> list[Stage]:
         if stage_done(out / "rs").get("kept", 0) == 0:  # nothing to learn from: rl2 continues from rl
             say(rc.progress, "  rejection sampling kept no answer: SFT skipped")
             return {"skipped": "rejection sampling kept no answer"}
-        return sft(ckpt("rl"), [str(out / "rs" / TRACES)], rc.sft2_steps, rc.sft2_epochs)(folder)
+        return sft(ckpt("rl"), [str(out / "rs" / TRACES)], rc.sft2_steps, rc.sft2_epochs, rc.sft2_lr)(folder)
 
     def latest(*names: str) -> str:  # the newest of these stages' models that exists
         return next(ckpt(n) for n in names if (out / n / "latest").exists())
