@@ -256,12 +256,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "r1":
         from nanoseek.data.tasks import TASKS, TaskError
         from nanoseek.train.checkpoint import resolve
-        from nanoseek.train.pipeline import R1Config, r1_stages, run_stages, stage_table
-
-        resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
         from nanoseek.train.grpo import GRPOConfig
+        from nanoseek.train.pipeline import R1Config, r1_stages, run_stages, stage_table
         from nanoseek.train.pretrain import TrainConfig, split_overrides
 
+        resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
         pick = lambda prefix: [o.removeprefix(prefix) for o in args.overrides if o.startswith(prefix)]  # noqa: E731
         rc = apply_overrides(R1Config(), [o for o in args.overrides if not o.startswith(("rl.", "sft."))])
         rc.base, rc.out, rc.zero, rc.progress = args.ckpt, args.out, args.zero, not args.quiet

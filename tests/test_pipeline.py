@@ -89,7 +89,8 @@ def test_r1_zero_and_bad_input(base, tmp_path, capsys):
     grpo_cfg = json.loads((tmp_path / "z" / "rl" / "latest" / "meta.json").read_text())
     assert grpo_cfg["stage"] == "grpo"
     for bad, msg in [(["rl.group_size=x"], "takes a number"), (["rl_stepz=3"], "unknown config field"),
-                     (["--task", "chess"], "unknown task"), (["sft.lr=fast"], "takes a number")]:
+                     (["--task", "chess"], "unknown task"), (["sft.lr=fast"], "takes a number"),
+                     (["sft.max_epochs=0", "sft_steps=1"], "max_epochs must be positive")]:
         assert main(["r1", str(ckpt), "--out", str(tmp_path / "bad"), "--quiet", *bad]) == 2
         assert msg in capsys.readouterr().err
     assert main(["r1", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")]) == 2

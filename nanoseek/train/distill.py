@@ -54,6 +54,13 @@ def rejection_sample(ckpt: str, tasks: list[str], n_problems: int, k: int = 8, t
     return convs, stats
 
 
+def write_traces(path: Path, convs: list[list[dict]]) -> None:
+    """Conversations as chat-format .jsonl (a `messages` list per line), written atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    tmp.replace(path)
+
+
 def distill(teacher: str, student: str, out: str, tasks: list[str], n_problems: int = 500, k: int = 8,
             temperature: float = 0.7, max_tokens: int = 256, level: int | None = None, max_steps: int | None = None,
             overrides: list[str] = (), progress: bool = True) -> dict:
@@ -68,10 +75,8 @@ def distill(teacher: str, student: str, out: str, tasks: list[str], n_problems: 
             raise TrainingError(f"the teacher solved none of the {sum(s['problems'] for s in stats.values())} "
                                 "problems: nothing to distill")
         run.mkdir(parents=True, exist_ok=True)
-        tmp = traces.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
         (run / "traces_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-        tmp.replace(traces)
+        write_traces(traces, convs)
     tc = TrainConfig(stage="sft", init=student, out=out, data=[str(traces)], lr=SFT_LR, warmup_steps=20,
                      progress=progress)
     if max_steps is not None:

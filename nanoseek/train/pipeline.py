@@ -21,7 +21,6 @@ stage resumes itself). `nanoseek speedrun` runs the same machinery with pretrain
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ from typing import Any
 from nanoseek.train.pretrain import say
 
 DONE = "stage.json"
-CHARS_PER_TOKEN = 2.0  # digit-split text: a rough count of a trace file's tokens, to size sft2
 
 
 @dataclass
@@ -97,10 +95,9 @@ class R1Config:
 
 def r1_stages(rc: R1Config) -> list[Stage]:
     from nanoseek.eval import evaluate
-    from nanoseek.train.distill import TRACES, rejection_sample
-    from nanoseek.config import preset
+    from nanoseek.train.distill import TRACES, rejection_sample, write_traces
     from nanoseek.train.grpo import GRPOConfig, grpo
-    from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain, split_overrides
+    from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
 
     out = Path(rc.out)
     ckpt = lambda name: str(out / name / "latest")  # noqa: E731
@@ -108,13 +105,10 @@ def r1_stages(rc: R1Config) -> list[Stage]:
     def sft(init: str, data: list[str], steps: int, epochs: float | None = None,
             lr: float = SFT_LR) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
+            # epochs: a few dozen kept answers must not be seen a hundred times over
             tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=lr, warmup_steps=20,
-                             max_steps=steps, sft_examples=rc.sft_examples, progress=rc.progress)
-            if epochs is not None:  # a few dozen kept answers must not be seen a hundred times over
-                tc = split_overrides(tc, preset("tiny"), rc.sft_overrides)[0]
-                tokens = sum(len(m["content"]) for line in Path(data[0]).read_text().splitlines()
-                             for m in json.loads(line)["messages"]) / CHARS_PER_TOKEN
-                tc.max_steps = max(1, min(steps, math.ceil(epochs * tokens / (tc.batch_size * tc.seq_len))))
+                             max_steps=steps, max_epochs=epochs, sft_examples=rc.sft_examples,
+                             progress=rc.progress)
             return pretrain(tc, rc.sft_overrides)
         return run
 
@@ -130,7 +124,7 @@ def r1_stages(rc: R1Config) -> list[Stage]:
         convs, stats = rejection_sample(ckpt("rl"), rc.tasks, rc.rs_problems, rc.rs_k, max_tokens=rc.max_tokens,
                                         offset=rc.sft_examples)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / TRACES).write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+        write_traces(folder / TRACES, convs)
         return {"kept": len(convs), "tasks": stats}
 
     def sft2(folder: Path) -> dict:
@@ -155,7 +149,8 @@ def r1_stages(rc: R1Config) -> list[Stage]:
                 table[name] = evaluate(path, rc.tasks, rc.eval_n, rc.eval_k, max_tokens=rc.max_tokens, max_seqs=64)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
-            trends = {n: rl_trend(out / n / "metrics.jsonl") for n in ("rl", "rl2") if (out / n / "metrics.jsonl").exists()}
+            trends = {n: rl_trend(out / n / "metrics.jsonl") for n in ("rl", "rl2")
+                      if (out / n / "metrics.jsonl").exists()}
             return {"table": summarize(table), "rl_trends": trends}
         return run
 

@@ -55,6 +55,7 @@ class TrainConfig:
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
     data: list[str] = field(default_factory=list)  # .txt/.jsonl/.parquet files; empty: the embedded corpus
     max_steps: int | None = None  # None: 1000 for a new run, the saved value when resuming
+    max_epochs: float | None = None  # a new run stops after this many passes over its data (max_steps the most)
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
     batch_size: int = 8
     seq_len: int = 256
@@ -92,6 +93,7 @@ class TrainConfig:
         need(self.seq_len <= cfg.max_position_embeddings,
              f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
+        need(self.max_epochs is None or self.max_epochs > 0, "max_epochs must be positive")
 
 
 def split_overrides(tc: TrainConfig, cfg: ModelConfig, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
@@ -190,6 +192,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     truncate_metrics(run / "metrics.jsonl", step)  # a fresh run starts a fresh log
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    if tc.max_epochs and not resuming:  # (a resumed run keeps the max_steps it saved)
+        tc.max_steps = max(1, min(tc.max_steps, math.ceil(tc.max_epochs * len(train_tokens) / tokens_per_step)))
     flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
     peak = peak_flops(device)
     counts = model.param_counts()
