@@ -257,7 +257,7 @@ def _run(args: argparse.Namespace) -> int:
         from nanoseek.data.tasks import TASKS, TaskError
         from nanoseek.train.checkpoint import resolve
         from nanoseek.train.grpo import GRPOConfig
-        from nanoseek.train.pipeline import R1Config, r1_stages, run_stages, stage_table
+        from nanoseek.train.pipeline import R1Config, gains_table, r1_stages, run_stages, stage_table
         from nanoseek.train.pretrain import TrainConfig, split_overrides
 
         resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
@@ -274,6 +274,8 @@ def _run(args: argparse.Namespace) -> int:
         rc.tasks = args.task or rc.tasks
         summaries = run_stages(args.out, r1_stages(rc), progress=rc.progress)
         print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
+        if summaries["eval"].get("gains"):
+            print(gains_table(summaries["eval"]["gains"]), file=sys.stderr)
         print(json.dumps({"stages": summaries}, default=str))
         return 0
     if args.command == "distill":
@@ -302,7 +304,8 @@ def _run(args: argparse.Namespace) -> int:
         result = evaluate(args.ckpt, args.task, args.n, args.k, args.template, args.max_tokens)
         for t, r in result["tasks"].items():
             lo, hi = r["pass@1_ci95"]
-            extra = (f", sampled {r['pass@1_sampled']:.1%}, maj@{r['k']} {r['maj@' + str(r['k'])]:.1%}"
+            extra = (f", sampled {r['pass@1_sampled']:.1%} [{r['pass@1_sampled_ci95'][0]:.1%}, "
+                     f"{r['pass@1_sampled_ci95'][1]:.1%}], maj@{r['k']} {r['maj@' + str(r['k'])]:.1%}"
                      if "k" in r else "")
             print(f"{t:17s} pass@1 {r['pass@1']:.1%} [{lo:.1%}, {hi:.1%}]{extra}, format {r['format_rate']:.0%}, "
                   f"length {r['mean_length']:.0f} ({r['problems']} problems, {r['template']})", file=sys.stderr)

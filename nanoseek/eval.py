@@ -1,9 +1,10 @@
 """`nanoseek eval`: held-out problems only, scored with the tasks' own checkers.
 
 Per task: pass@1 greedy (with a 95% Wilson interval), pass@1 sampled (the mean over k samples
-per problem) and maj@k (the most frequent answer among the k), the format rate and the mean
+per problem, with a 95% interval over problems) and maj@k (the most frequent answer among the k), the format rate and the mean
 response length in tokens. All generation goes through the engine, batched, k samples per
-problem from one prefill.
+problem from one prefill. Per-problem scores are kept (`correct`, `sampled_correct`) so that
+two models evaluated on the same problems can be compared pairwise (train/pipeline.stage_gains).
 
 Prompts: `chat` (the chat template, a user turn, the assistant to answer) for SFT and RL
 checkpoints; `base` for a pretrained model, in the pretraining corpus's own form
@@ -42,6 +43,18 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """A normal-approximation interval for the mean of per-problem scores (each problem one
+    draw): for sampled pass@1 (a problem's score is the share of its k samples that are right)
+    and for paired differences between two models on the same problems."""
+    n = len(values)
+    if n < 2:
+        return (values[0], values[0]) if values else (0.0, 0.0)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m - z * sd / math.sqrt(n), m + z * sd / math.sqrt(n)
+
+
 def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template: str = "chat",
                   max_tokens: int = 256, temperature: float = 0.6, seed: int = 0) -> dict:
     tok = engine.tok
@@ -53,20 +66,23 @@ def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template:
     correct = sum(r.accuracy for r in rewards)
     out = {"task": task, "problems": len(probs), "template": template,
            "pass@1": correct / len(probs), "pass@1_ci95": wilson(int(correct), len(probs)),
+           "correct": [int(r.accuracy) for r in rewards],  # per problem, for paired comparisons
            "format_rate": sum(r.format for r in rewards) / len(probs),
            "mean_length": sum(len(r.outputs[0].token_ids) for r in greedy) / len(probs)}
     if k > 0:
         sampled = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k,
                                                           seed=seed, stop=stop))
-        hits = votes_right = 0
+        votes_right = 0
+        per_problem = []
         for p, r in zip(probs, sampled):
             scored = [reward(p, completion_text(c.text, template)) for c in r.outputs]
-            hits += sum(s.accuracy for s in scored)
+            per_problem.append(sum(s.accuracy for s in scored) / k)
             answers = Counter(s.answer for s in scored if s.answer is not None)
             if answers:
                 top = answers.most_common(1)[0][0]
                 votes_right += next(s.accuracy for s in scored if s.answer == top)
-        out.update({"pass@1_sampled": hits / (k * len(probs)), f"maj@{k}": votes_right / len(probs),
+        out.update({"pass@1_sampled": sum(per_problem) / len(probs), "pass@1_sampled_ci95": mean_ci(per_problem),
+                    "sampled_correct": per_problem, f"maj@{k}": votes_right / len(probs),
                     "k": k, "temperature": temperature})
     return out
 

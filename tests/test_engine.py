@@ -239,6 +239,13 @@ def test_limits_are_clear_refusals(tok):
     r = engine.submit([1, 2], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     engine.run()
     assert r.outputs[0].finish_reason == "length" and 2 + len(r.outputs[0].token_ids) == 32
+    # an offline batch is not refused by the server's queue cap: it is fed in as the queue drains
+    prompts = [[1, 2 + i] for i in range(5)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    batch = engine.generate(prompts, params)
+    assert [b.prompt_ids for b in batch] == prompts and all(len(b.outputs[0].token_ids) == 4 for b in batch)
+    assert [b.outputs[0].token_ids for b in batch] == [engine.generate([p], params)[0].outputs[0].token_ids
+                                                       for p in prompts]
 
 
 def test_abort_frees_the_row_at_once(tok):

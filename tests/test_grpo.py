@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from nanoseek.cli import main
@@ -125,3 +126,11 @@ def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
     assert wilson(0, 40)[0] == 0.0 and 0.08 < wilson(0, 40)[1] < 0.09
+
+
+def test_mean_interval_for_per_problem_scores():
+    from nanoseek.eval import mean_ci
+
+    lo, hi = mean_ci([0.0, 1.0] * 50)  # mean 0.5, sd 0.5025, n 100: +-1.96 * 0.05025
+    assert lo == pytest.approx(0.5 - 0.0985, abs=1e-3) and hi == pytest.approx(0.5 + 0.0985, abs=1e-3)
+    assert mean_ci([0.25] * 10) == pytest.approx((0.25, 0.25)) and mean_ci([]) == (0.0, 0.0)

@@ -8,7 +8,7 @@ from nanoseek.cli import main
 from nanoseek.data.sft import worked_solution
 from nanoseek.data.tasks import problems
 from nanoseek.train import distill, grpo as grpo_module
-from nanoseek.train.pipeline import Stage, rl_trend, run_stages
+from nanoseek.train.pipeline import Stage, gains_table, rl_trend, run_stages, stage_gains
 
 TINY = ["sft_steps=2", "sft_examples=4", "rl_steps=1", "rs_problems=2", "rs_k=2", "sft2_steps=500", "rl2_steps=1",
         "eval_n=3", "eval_k=2", "max_tokens=8", "rl.prompts_per_step=2", "rl.group_size=2", "sft.batch_size=1",
@@ -79,6 +79,15 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
         assert r["problems"] == 3 and 0 <= r["pass@1"] <= 1 and "maj@2" in r
     assert json.loads((tmp_path / "r1" / "rl2" / "latest" / "meta.json").read_text())["stage"] == "grpo"
     assert set(out["eval"]["rl_trends"]) == {"rl", "rl2"} and out["eval"]["rl_trends"]["rl"]["steps"] == 1
+    gains = out["eval"]["gains"]
+    assert list(gains) == ["sft vs base", "rl vs sft", "sft2 vs rl", "rl2 vs sft2"]
+    for pair, row in gains.items():
+        before, after = pair.split(" vs ")[1], pair.split(" vs ")[0]
+        g = row["chain_sum"]["pass@1"]
+        assert g["gain"] == pytest.approx(table[after]["chain_sum"]["pass@1"] - table[before]["chain_sum"]["pass@1"])
+    # the cold start drew only the run's task
+    sft_state = json.loads((tmp_path / "r1" / "sft" / "latest" / "train_state.json").read_text())
+    assert sft_state["train_config"]["sft_tasks"] == ["chain_sum"]
 
 
 def test_r1_zero_and_bad_input(base, tmp_path, capsys):
@@ -90,7 +99,8 @@ def test_r1_zero_and_bad_input(base, tmp_path, capsys):
     assert grpo_cfg["stage"] == "grpo"
     for bad, msg in [(["rl.group_size=x"], "takes a number"), (["rl_stepz=3"], "unknown config field"),
                      (["--task", "chess"], "unknown task"), (["sft.lr=fast"], "takes a number"),
-                     (["sft.max_epochs=0", "sft_steps=1"], "max_epochs must be positive")]:
+                     (["sft.max_epochs=0", "sft_steps=1"], "max_epochs must be positive"),
+                     (['sft.sft_tasks=["chess"]'], "sft_tasks must name tasks")]:
         assert main(["r1", str(ckpt), "--out", str(tmp_path / "bad"), "--quiet", *bad]) == 2
         assert msg in capsys.readouterr().err
     assert main(["r1", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")]) == 2
@@ -110,3 +120,22 @@ def test_rl_trend_tells_accuracy_from_format(tmp_path):
     hacking = log([{"reward": 0.0, "accuracy": 0.0, "format_rate": 0.0}] * 2
                   + [{"reward": 0.1, "accuracy": 0.0, "format_rate": 1.0}] * 2)
     assert hacking["gain_from_accuracy"] == 0.0 and hacking["gain_from_format"] == 0.1
+
+
+def test_stage_gains_are_paired_per_problem():
+    def res(correct, sampled):
+        return {"tasks": {"chain_sum": {"problems": len(correct), "correct": correct, "sampled_correct": sampled}}}
+
+    n = 200
+    base = res([0] * n, [0.0] * n)
+    better = res([1] * 60 + [0] * (n - 60), [0.5] * 60 + [0.0] * (n - 60))  # 60 problems newly solved
+    mixed = res([0] * 60 + [1] * 60 + [0] * (n - 120), [0.0] * n)  # as many lost as won
+    gains = stage_gains({"base": base, "sft": better, "rl": mixed})
+    up = gains["sft vs base"]["chain_sum"]
+    assert up["pass@1"]["gain"] == pytest.approx(0.3) and up["pass@1"]["clear"]
+    assert up["pass@1"]["ci95"][0] > 0.2 and up["pass@1_sampled"]["gain"] == pytest.approx(0.15)
+    flat = gains["rl vs sft"]["chain_sum"]["pass@1"]
+    assert flat["gain"] == pytest.approx(0.0) and not flat["clear"] and flat["ci95"][0] < 0 < flat["ci95"][1]
+    assert "| sft vs base | chain_sum | +30.0% [" in gains_table(gains)
+    # different problem counts cannot be paired
+    assert stage_gains({"a": base, "b": res([1] * 10, [1.0] * 10)}) == {"b vs a": {}}

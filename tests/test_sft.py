@@ -83,6 +83,11 @@ def test_sft_and_eval_commands(tmp_path, tok, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     r = result["tasks"]["chain_sum"]
     assert result["template"] == "chat" and r["problems"] == 5 and 0 <= r["pass@1"] <= 1 and "maj@2" in r
+    # per-problem scores behind the means (what stage_gains pairs), and the sampled interval around its mean
+    assert len(r["correct"]) == 5 and sum(r["correct"]) / 5 == r["pass@1"]
+    assert len(r["sampled_correct"]) == 5 and all(x in (0, 0.5, 1) for x in r["sampled_correct"])
+    lo, hi = r["pass@1_sampled_ci95"]
+    assert lo <= r["pass@1_sampled"] <= hi
     assert main(["eval", str(tmp_path / "sft"), "--task", "chess"]) == 2
     assert main(["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "x"), "num_hidden_layers=3"]) == 2
 

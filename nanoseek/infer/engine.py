@@ -182,9 +182,15 @@ class Engine:
                     on_event(e)
 
     def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None) -> list[Request]:
-        """Run `prompts` to completion, batched; returns their requests (`.outputs`)."""
-        reqs = [self.submit(p, params) for p in prompts]
-        self.run()
+        """Run `prompts` to completion, batched; returns their requests (`.outputs`), in order.
+        Any number of prompts: they join the queue as it drains (max_waiting is the server's
+        back-pressure, not a limit on an offline batch)."""
+        prompts = list(prompts)
+        reqs: list[Request] = []
+        while len(reqs) < len(prompts) or self.has_work():
+            while len(reqs) < len(prompts) and len(self.waiting) < self.max_waiting:
+                reqs.append(self.submit(prompts[len(reqs)], params))
+            self.step()
         return reqs
 
     def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[str]:

@@ -108,7 +108,7 @@ def r1_stages(rc: R1Config) -> list[Stage]:
             # epochs: a few dozen kept answers must not be seen a hundred times over
             tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=lr, warmup_steps=20,
                              max_steps=steps, max_epochs=epochs, sft_examples=rc.sft_examples,
-                             progress=rc.progress)
+                             sft_tasks=list(rc.tasks), progress=rc.progress)
             return pretrain(tc, rc.sft_overrides)
         return run
 
@@ -151,7 +151,7 @@ def r1_stages(rc: R1Config) -> list[Stage]:
             (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
             trends = {n: rl_trend(out / n / "metrics.jsonl") for n in ("rl", "rl2")
                       if (out / n / "metrics.jsonl").exists()}
-            return {"table": summarize(table), "rl_trends": trends}
+            return {"table": summarize(table), "gains": stage_gains(table), "rl_trends": trends}
         return run
 
     if rc.zero:
@@ -177,21 +177,61 @@ def summarize(table: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
             k = r.get("k")
             rows[stage][task] = {"pass@1": r["pass@1"], "ci95": r["pass@1_ci95"], "format": r["format_rate"],
                                  "length": r["mean_length"], "problems": r["problems"],
-                                 **({"pass@1_sampled": r["pass@1_sampled"], f"maj@{k}": r[f"maj@{k}"]} if k else {})}
+                                 **({"pass@1_sampled": r["pass@1_sampled"], "sampled_ci95": r["pass@1_sampled_ci95"],
+                                     f"maj@{k}": r[f"maj@{k}"]} if k else {})}
     return rows
 
 
+def stage_gains(table: dict[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each stage against the one before it, on the same held-out problems: the gain in greedy
+    and sampled pass@1 with a 95% interval on the paired per-problem differences (tighter than
+    comparing two separate intervals, since both models face the same problems). A gain is
+    `clear` when the paired interval lies above zero."""
+    from nanoseek.eval import mean_ci
+
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    names = list(table)
+    for before, after in zip(names, names[1:]):
+        key = f"{after} vs {before}"
+        out[key] = {}
+        for task, b in table[before]["tasks"].items():
+            a = table[after]["tasks"].get(task)
+            if a is None or a["problems"] != b["problems"]:
+                continue
+            row: dict[str, Any] = {}
+            for name, field_ in (("pass@1", "correct"), ("pass@1_sampled", "sampled_correct")):
+                if field_ in a and field_ in b:
+                    d = [x - y for x, y in zip(a[field_], b[field_])]
+                    lo, hi = mean_ci(d)
+                    row[name] = {"gain": sum(d) / len(d), "ci95": [lo, hi], "clear": lo > 0}
+            out[key][task] = row
+    return out
+
+
+def gains_table(gains: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A markdown table of stage_gains: one row per stage pair and task."""
+    lines = ["| stages | task | greedy pass@1 gain [95% CI, paired] | sampled pass@1 gain [95% CI, paired] |",
+             "|---|---|---|---|"]
+    cell = lambda g: f"{g['gain']:+.1%} [{g['ci95'][0]:+.1%}, {g['ci95'][1]:+.1%}]" if g else ""  # noqa: E731
+    for pair, tasks in gains.items():
+        for task, row in tasks.items():
+            lines.append(f"| {pair} | {task} | {cell(row.get('pass@1'))} | {cell(row.get('pass@1_sampled'))} |")
+    return "\n".join(lines)
+
+
 def stage_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A markdown table: one row per stage, pass@1 [CI] and format per task."""
+    """A markdown table: one row per stage, pass@1 greedy [CI], sampled [CI] and format per task."""
     tasks = sorted({t for r in rows.values() for t in r})
-    head = "| stage | " + " | ".join(f"{t} pass@1 [95% CI] | format" for t in tasks) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(tasks))]
+    head = "| stage | " + " | ".join(f"{t} pass@1 [95% CI] | sampled [95% CI] | format" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(tasks))]
     for stage, r in rows.items():
         cells = []
         for t in tasks:
             x = r.get(t)
-            cells += ([f"{x['pass@1']:.1%} [{x['ci95'][0]:.1%}, {x['ci95'][1]:.1%}]", f"{x['format']:.0%}"]
-                      if x else ["", ""])
+            sampled = (f"{x['pass@1_sampled']:.1%} [{x['sampled_ci95'][0]:.1%}, {x['sampled_ci95'][1]:.1%}]"
+                       if x and "sampled_ci95" in x else "")
+            cells += ([f"{x['pass@1']:.1%} [{x['ci95'][0]:.1%}, {x['ci95'][1]:.1%}]", sampled, f"{x['format']:.0%}"]
+                      if x else ["", "", ""])
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -50,6 +50,7 @@ class TrainConfig:
     stage: str = "pretrain"  # or "sft"
     init: str | None = None  # the checkpoint to start from (sft; or pretraining further)
     sft_examples: int = 1500  # sft without --data: cold-start problems per task
+    sft_tasks: list[str] | None = None  # sft without --data: the cold start's tasks (None: every task)
     preset: str = "cpu"
     out: str = "runs/pretrain"
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
@@ -94,6 +95,13 @@ class TrainConfig:
              f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
         need(self.max_epochs is None or self.max_epochs > 0, "max_epochs must be positive")
+        need(self.sft_examples >= 1, "sft_examples must be at least 1")
+        if self.sft_tasks is not None:
+            from nanoseek.data.tasks import TASKS
+
+            bad = [t for t in self.sft_tasks if t not in TASKS]
+            need(bool(self.sft_tasks) and not bad,
+                 f"sft_tasks must name tasks from: {', '.join(TASKS)} (got {self.sft_tasks})")
 
 
 def split_overrides(tc: TrainConfig, cfg: ModelConfig, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
@@ -157,8 +165,10 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     train_labels = val_labels = None
     if tc.stage == "sft":
         from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
+        from nanoseek.data.tasks import TASKS
 
-        convs = read_conversations(tc.data) if tc.data else cold_start_conversations(tc.sft_examples)
+        convs = (read_conversations(tc.data) if tc.data else
+                 cold_start_conversations(tc.sft_examples, tuple(tc.sft_tasks) if tc.sft_tasks else TASKS))
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
         docs = read_files(tc.data) if tc.data else default_corpus()
