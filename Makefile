@@ -26,10 +26,11 @@ $(CHROMIUM):
 test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest tests
 
-# Until the reasoning stages land, the speedrun is the tokenizer + pretraining stages only.
+# The main job: a reasoning model from nothing in ~30 minutes on 2 cores, its report card in
+# runs/speedrun/report.md, the model in runs/speedrun/final (`nanoseek serve runs/speedrun/final`).
+# Interrupted? Run it again: finished stages are skipped.
 speedrun: setup
-	$(BIN)/nanoseek train-tokenizer --out runs/speedrun/tokenizer
-	$(BIN)/nanoseek pretrain --preset cpu --out runs/speedrun/pretrain --tokenizer runs/speedrun/tokenizer
+	$(BIN)/nanoseek speedrun --preset cpu --out runs/speedrun
 
 clean:
 	rm -rf $(VENV) runs

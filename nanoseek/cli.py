@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
 
+    p = sub.add_parser("speedrun", help="the whole pipeline from nothing: tokenizer -> pretraining -> SFT -> GRPO -> "
+                                        "eval -> OUT/final and OUT/report.md (finished stages are skipped on restart)")
+    p.add_argument("--preset", default="cpu", help="tiny, cpu (30 min on 2 cores), gpu, gpu8")
+    p.add_argument("--out", default="runs/speedrun")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., ...)")
+
     p = sub.add_parser("r1", help="DeepSeek-R1's recipe from a base: cold-start SFT -> GRPO -> rejection "
                                   "sampling -> SFT -> GRPO -> eval (--zero: R1-Zero)")
     p.add_argument("ckpt", help="a pretrained base checkpoint")
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("eval", help="pass@1, maj@k, format rate on held-out problems")
     p.add_argument("ckpt")
-    p.add_argument("--task", nargs="*", help="tasks (default: all): gsm_symbolic basic_arithmetic chain_sum countdown")
+    p.add_argument("--task", nargs="*", help="held-out sets (default: the four tasks): gsm_symbolic basic_arithmetic "
+                   "chain_sum countdown, and gsm_symbolic_seen (training templates, unseen numbers)")
     p.add_argument("--n", type=int, default=100, help="held-out problems per task")
     p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1 and maj@k (0: greedy only)")
     p.add_argument("--template", choices=["chat", "base"], help="default: base for a pretrained model, else chat")
@@ -253,6 +262,18 @@ def _run(args: argparse.Namespace) -> int:
             gc.dynamic_sampling = True
         print(json.dumps(grpo(gc, args.overrides)))
         return 0
+    if args.command == "speedrun":
+        from nanoseek.train.pipeline import gains_table, stage_table
+        from nanoseek.train.speedrun import speedrun, speedrun_config
+
+        sc = speedrun_config(args.preset, args.out, args.overrides)
+        sc.progress = not args.quiet
+        summaries = speedrun(sc)
+        print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
+        print(gains_table(summaries["eval"]["gains"]), file=sys.stderr)
+        print(f"report card: {args.out}/report.md; chat with it: nanoseek serve {args.out}/final", file=sys.stderr)
+        print(json.dumps({"stages": summaries}, default=str))
+        return 0
     if args.command == "r1":
         from nanoseek.data.tasks import TASKS, TaskError
         from nanoseek.train.checkpoint import resolve
@@ -293,12 +314,12 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     if args.command == "eval":
-        from nanoseek.data.tasks import TASKS, TaskError
+        from nanoseek.data.tasks import EVAL_SETS, TaskError
         from nanoseek.eval import evaluate
 
         for t in args.task or []:
-            if t not in TASKS:
-                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+            if t not in EVAL_SETS:
+                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(EVAL_SETS)}")
         if args.n < 1 or args.k < 0:
             raise ConfigError("--n must be at least 1 and --k at least 0")
         result = evaluate(args.ckpt, args.task, args.n, args.k, args.template, args.max_tokens)

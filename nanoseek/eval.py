@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from nanoseek.data.tasks import TASKS, Problem, problems, reward
+from nanoseek.data.tasks import EVAL_SETS, TASKS, Problem, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 
@@ -57,8 +57,10 @@ def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
 
 def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template: str = "chat",
                   max_tokens: int = 256, temperature: float = 0.6, seed: int = 0) -> dict:
+    """`task` names a held-out set (data/tasks.EVAL_SETS): a task, or gsm_symbolic_seen."""
     tok = engine.tok
-    probs = problems(task, "eval", n)
+    name, split = EVAL_SETS[task]
+    probs = problems(name, split, n)
     prompts = [prompt_for(tok, p, template) for p in probs]
     stop = ["\nQuestion:"] if template == "base" else []
     greedy = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop))

@@ -48,6 +48,8 @@ def test_grpo_command_on_the_tasks_logs_and_resumes(base, tmp_path, capsys):
         assert key in log[-1], key
     meta = json.loads((tmp_path / "rl" / "latest" / "meta.json").read_text())
     assert meta["stage"] == "grpo" and meta["step"] == 3
+    # RL's compute is in the ledger (rollouts, reference and updates), across the resume
+    assert meta["cost"]["flops"] > 0 and meta["cost"]["tokens"] > 0
     capsys.readouterr()
     assert main(["grpo", str(ckpt), "--out", str(tmp_path / "bad"), "--task", "chess"]) == 2
     assert "tasks must be among" in capsys.readouterr().err
@@ -134,3 +136,27 @@ def test_mean_interval_for_per_problem_scores():
     lo, hi = mean_ci([0.0, 1.0] * 50)  # mean 0.5, sd 0.5025, n 100: +-1.96 * 0.05025
     assert lo == pytest.approx(0.5 - 0.0985, abs=1e-3) and hi == pytest.approx(0.5 + 0.0985, abs=1e-3)
     assert mean_ci([0.25] * 10) == pytest.approx((0.25, 0.25)) and mean_ci([]) == (0.0, 0.0)
+
+
+def test_grpo_step_flops_count_rollout_reference_and_updates():
+    from nanoseek.train.grpo import step_flops
+
+    model = Transformer(preset("tiny"))
+    fwd = model.flops_per_token(5, training=False)
+    comps = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6, 7])]  # one prompt, two samples: 5 tokens each
+    gc = GRPOConfig(inner_updates=1)
+    # rollout: 3 prompt + 4 completion tokens; then reference + forward/backward (1 + 3) over 10 tokens
+    assert step_flops(model, [[1, 2, 3]], comps, 2, gc, with_ref=True) == pytest.approx(fwd * (7 + 4 * 10))
+    gc2 = GRPOConfig(inner_updates=2)  # + the sampling policy's forward, + a second update
+    assert step_flops(model, [[1, 2, 3]], comps, 1, gc2, with_ref=False) == pytest.approx(fwd * (7 + 7 * 5))
+
+
+def test_grpo_prompts_start_at_the_offset_in_the_pool(base):
+    from nanoseek.data.tasks import problems
+    from nanoseek.train.grpo import task_source
+
+    _, tok = base
+    pool = problems("chain_sum", "train", 20)
+    source = task_source(GRPOConfig(init="x", tasks=["chain_sum"], prompts_per_step=3, offset=10), tok)
+    assert [s.key.question for s in source(0)] == [p.question for p in pool[10:13]]
+    assert [s.key.question for s in source(2)] == [p.question for p in pool[16:19]]

@@ -15,7 +15,7 @@ TINY = ["sft_steps=2", "sft_examples=4", "rl_steps=1", "rs_problems=2", "rs_k=2"
         "sft.seq_len=64"]
 
 
-def test_run_stages_skips_finished_stages_after_a_failure(tmp_path):
+def test_run_stages_skips_finished_stages_after_a_failure(tmp_path, capsys):
     calls = []
 
     def ok(name):
@@ -27,12 +27,16 @@ def test_run_stages_skips_finished_stages_after_a_failure(tmp_path):
             raise RuntimeError("killed")
         return {"name": "b"}
 
-    stages = [Stage("a", ok("a")), Stage("b", flaky), Stage("c", ok("c"))]
+    stages = [Stage("a", ok("a"), estimate_s=60), Stage("b", flaky, estimate_s=120), Stage("c", ok("c"), estimate_s=240)]
     with pytest.raises(RuntimeError):
         run_stages(tmp_path, stages, progress=False)
     assert calls == ["a", "b"] and not (tmp_path / "b" / "stage.json").exists()
-    out = run_stages(tmp_path, stages, progress=False)
+    capsys.readouterr()
+    out = run_stages(tmp_path, stages, progress=True)
     assert calls == ["a", "b", "b", "c"]  # a is not redone
+    err = capsys.readouterr().err.splitlines()  # one line per stage: where the run is and what is left
+    assert err[0] == "[1/3] a (done, skipped)"
+    assert err[1].startswith("[2/3] b  [0.0 min in, ~6 min to go]") and "~4 min to go" in err[2]
     assert [out[k]["name"] for k in "abc"] == ["a", "b", "c"]
     assert json.loads((tmp_path / "c" / "stage.json").read_text())["name"] == "c"
 
@@ -88,6 +92,10 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
     # the cold start drew only the run's task
     sft_state = json.loads((tmp_path / "r1" / "sft" / "latest" / "train_state.json").read_text())
     assert sft_state["train_config"]["sft_tasks"] == ["chain_sum"]
+    # RL draws problems past those the cold start (4) and rejection sampling (2) took; rl2 past rl's (1 step x 2)
+    offsets = [json.loads((tmp_path / "r1" / n / "latest" / "train_state.json").read_text())["grpo_config"]["offset"]
+               for n in ("rl", "rl2")]
+    assert offsets == [6, 8]
 
 
 def test_r1_zero_and_bad_input(base, tmp_path, capsys):

@@ -78,9 +78,10 @@ def test_sft_and_eval_commands(tmp_path, tok, capsys):
     meta = json.loads((tmp_path / "sft" / "latest" / "meta.json").read_text())
     assert meta["stage"] == "sft"
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "sft"), "--task", "chain_sum", "--n", "5", "--k", "2",
+    assert main(["eval", str(tmp_path / "sft"), "--task", "chain_sum", "gsm_symbolic_seen", "--n", "5", "--k", "2",
                  "--max-tokens", "16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(result["tasks"]) == ["chain_sum", "gsm_symbolic_seen"]
     r = result["tasks"]["chain_sum"]
     assert result["template"] == "chat" and r["problems"] == 5 and 0 <= r["pass@1"] <= 1 and "maj@2" in r
     # per-problem scores behind the means (what stage_gains pairs), and the sampled interval around its mean

@@ -77,6 +77,11 @@ def test_no_held_out_problem_is_in_any_training_set():
     gsm_train = problems("gsm_symbolic", "train", 500)
     assert {p.template for p in gsm_eval} <= HELD_OUT_TEMPLATES
     assert not {p.template for p in gsm_train} & HELD_OUT_TEMPLATES
+    # the seen-template held-out set: training templates, but not a training question
+    gsm_seen = problems("gsm_symbolic", "eval_seen", 200)
+    assert len({p.template for p in gsm_seen}) > 30 and not {p.template for p in gsm_seen} & HELD_OUT_TEMPLATES
+    assert not {p.key for p in gsm_seen} & tasks._train_keys("gsm_symbolic")
+    assert not {p.key for p in gsm_seen} & {p.key for p in gsm_eval} and len({p.key for p in gsm_seen}) == 200
     # the corpus's gsm_symbolic dataset: its held-out-template problems are not in the corpus
     from nanoseek.data.corpus import math_documents
     docs = "\n".join(math_documents(n_gsm=600, n_expr=8))
@@ -94,6 +99,10 @@ def test_split_arguments_are_checked():
         problems("countdown", "train", 10, offset=tasks.TRAIN_POOL["countdown"])
     with pytest.raises(TaskError, match="curriculum"):
         problems("chain_sum", "eval", 1, level=0)
+    with pytest.raises(TaskError, match="gsm_symbolic's"):
+        problems("chain_sum", "eval_seen", 1)
+    with pytest.raises(TaskError, match="split must be"):
+        problems("chain_sum", "test", 1)
     easy = problems("chain_sum", "train", 50, level=0)
     assert max(len(p.entry["metadata"]["expression"].split()) for p in easy) <= 5  # at most 3 terms
 

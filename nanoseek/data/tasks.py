@@ -10,6 +10,10 @@ The split:
   pretraining corpus from corpus.TRAIN_SEED = 1), evaluation from EVAL_SEED, millions apart.
 - By content: any held-out problem whose question also appears in a training pool (the
   corpus's problems and `TRAIN_POOL` problems per task) is dropped; `question_hash` is the key.
+- A second held-out set for gsm_symbolic, `eval_seen`: the training templates with unseen
+  numbers (seeds from SEEN_EVAL_SEED, the same content check). It measures whether a model can
+  do a problem it has seen the form of; `eval` (unseen templates) whether it can read a new one.
+  `EVAL_SETS` names every held-out set; `gsm_symbolic_seen` is this one.
 
 The answer format: the completion is `<think>reasoning</think>` followed by the final answer
 (an optional `Answer:` prefix and a trailing period are allowed). Rewards:
@@ -33,6 +37,9 @@ TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown")
 HELD_OUT_TEMPLATES = frozenset(range(0, 100, 10))
 TRAIN_SEED = 1_000_000
 EVAL_SEED = 50_000_000
+SEEN_EVAL_SEED = 60_000_000
+# every held-out set: name -> (task, split); the task names are the unseen-template / seed sets
+EVAL_SETS = {**{t: (t, "eval") for t in TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
 # training problems per task (the most a training run may draw); held-out problems are checked
 # against all of them. countdown's generator is slow (~9 ms a problem), so its pool is smaller.
 TRAIN_POOL = {"gsm_symbolic": 20_000, "basic_arithmetic": 20_000, "chain_sum": 20_000, "countdown": 1_000}
@@ -77,20 +84,24 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
 
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    if split not in ("train", "eval"):
-        raise TaskError(f"split must be 'train' or 'eval', not {split!r}")
+    if split not in ("train", "eval", "eval_seen"):
+        raise TaskError(f"split must be 'train', 'eval' or 'eval_seen', not {split!r}")
+    if split == "eval_seen" and task != "gsm_symbolic":
+        raise TaskError("eval_seen (training templates, unseen numbers) is gsm_symbolic's")
     config: dict = {}
     if level is not None:
-        if split == "eval" or task not in ("basic_arithmetic", "chain_sum") or not 0 <= level < len(LEVELS):
+        if split != "train" or task not in ("basic_arithmetic", "chain_sum") or not 0 <= level < len(LEVELS):
             raise TaskError(f"curriculum levels 0..{len(LEVELS) - 1} are for training basic_arithmetic and chain_sum")
         t0, t1, d0, d1 = LEVELS[level]
         config = dict(min_terms=t0, max_terms=t1, min_digits=d0, max_digits=d1)
     if split == "train" and offset + n > TRAIN_POOL.get(task, 0):
         raise TaskError(f"{task}: at most {TRAIN_POOL.get(task, 0)} training problems (the pool that "
                         "held-out problems are checked against)")
-    seed = (TRAIN_SEED + (0 if level is None else 100_000 * (level + 1)) if split == "train" else EVAL_SEED) + offset
+    seed = {"train": TRAIN_SEED + (0 if level is None else 100_000 * (level + 1)), "eval": EVAL_SEED,
+            "eval_seen": SEEN_EVAL_SEED}[split] + offset
     out: list[Problem] = []
-    seen_train = _train_keys(task) if split == "eval" else frozenset()
+    held_out = split != "train"
+    seen_train = _train_keys(task) if held_out else frozenset()
     size = n
     while len(out) < n:
         factor = (12 if split == "eval" else 1.2) if task == "gsm_symbolic" else 1.1
@@ -101,7 +112,7 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
             if template is not None and (template in HELD_OUT_TEMPLATES) != (split == "eval"):
                 continue
             p = Problem(task, item["question"], str(item["answer"]), item, template)
-            if split == "eval" and p.key in seen_train:
+            if held_out and p.key in seen_train:
                 continue
             if _score(p, p.answer) < 1.0:
                 continue  # a broken item (gsm_symbolic's gold "-1" fails its own checker): never drawn
@@ -134,7 +145,7 @@ def _train_keys(task: str) -> frozenset[str]:
     for name, size, seed, config in corpus_problem_specs():
         if name == task:
             keys.update(question_hash(item["question"]) for item in _dataset(name, size, seed, **config))
-    assert CORPUS_SEED < TRAIN_SEED < EVAL_SEED
+    assert CORPUS_SEED < TRAIN_SEED < EVAL_SEED < SEEN_EVAL_SEED
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(sorted(keys)))

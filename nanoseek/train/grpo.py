@@ -49,6 +49,7 @@ class GRPOConfig:
     tasks: list[str] = field(default_factory=lambda: ["chain_sum", "basic_arithmetic", "gsm_symbolic"])
     template: str = "chat"  # or "r1_zero": R1-Zero's plain-text prompt, for a pretrained base
     level: int | None = None  # an easier curriculum level for the expression tasks (0..3)
+    offset: int = 0  # where in each task's training pool the prompts start: past what SFT trained on
     max_steps: int = 100
     prompts_per_step: int = 8
     group_size: int = 8
@@ -78,6 +79,7 @@ class GRPOConfig:
                 raise ConfigError(msg)
 
         need(bool(self.init), "grpo starts from a checkpoint")
+        need(self.offset >= 0, "offset must be at least 0")
         need(all(t in TASKS for t in self.tasks) and self.tasks, f"tasks must be among {', '.join(TASKS)}")
         need(self.template in ("chat", "r1_zero"), "template must be 'chat' or 'r1_zero'")
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
@@ -115,7 +117,7 @@ def task_source(gc: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
             j = step * gc.prompts_per_step + i
             task = gc.tasks[j % len(gc.tasks)]
             ps = pool(task)
-            p = ps[(j // len(gc.tasks)) % len(ps)]
+            p = ps[(gc.offset + j // len(gc.tasks)) % len(ps)]
             if gc.template == "r1_zero":
                 ids = tok.encode(R1_ZERO_TEMPLATE.format(question=p.question))
             else:
@@ -208,7 +210,8 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         if ref is not None and gc.ref_reset_every and step % gc.ref_reset_every == 0:
             ref.load_state_dict(model.state_dict())
         n_tokens = sum(len(c) for _, c in comps)
-        ledger.add(n_tokens, 0.0)  # FLOPs of RL are not counted yet
+        ledger.add(n_tokens, step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
+                                        ref is not None))
         row = {"step": step, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
                "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
                "response_length": n_tokens / len(comps), "zero_adv_groups": float((~keep).float().mean()),
@@ -224,6 +227,20 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     bar.close()
     return {"step": step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
             "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
+
+
+def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], list[int]]], n_trained: int,
+               gc: GRPOConfig, with_ref: bool) -> float:
+    """Matmul FLOPs of one GRPO step, at the forward cost per token of the mean sequence length:
+    the rollout (each prompt prefilled once, every completion token decoded), then over the
+    trained sequences the reference's forward (when beta > 0), the sampling policy's forward
+    (when inner_updates > 1) and each inner update's forward + backward (3x a forward)."""
+    lengths = [len(p) + len(c) for p, c in comps]
+    fwd = model.flops_per_token(max(1, round(sum(lengths) / len(lengths))), training=False)
+    rollout = sum(len(p) for p in prompts) + sum(len(c) for _, c in comps)
+    passes = 3 * gc.inner_updates + int(with_ref) + int(gc.inner_updates > 1)
+    trained = sum(lengths) * n_trained / len(comps)
+    return fwd * (rollout + passes * trained)
 
 
 def _update(model, ref, opt, gc: GRPOConfig, comps: list[tuple[list[int], list[int]]], adv: torch.Tensor,

@@ -14,7 +14,8 @@ stage resumes itself). `nanoseek speedrun` runs the same machinery with pretrain
          RL model (expert iteration, as in STaR), which keeps what RL bought. Skipped (rl2 starts
          from rl) when no answer was kept
   rl2    GRPO again, from sft2
-  eval   held-out evaluation of every stage's model, side by side (eval.json)
+  eval   held-out evaluation of every stage's model, side by side (eval.json; gsm_symbolic on its
+         unseen templates and, as gsm_symbolic_seen, on its training templates with unseen numbers)
 `--zero` (R1-Zero, section 2.2): GRPO straight from the base with R1-Zero's prompt, then eval.
 """
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.config import apply_overrides
 from nanoseek.train.pretrain import say
 
 DONE = "stage.json"
@@ -37,6 +39,7 @@ class Stage:
     name: str
     run: Callable[[Path], dict[str, Any]]  # gets its folder, returns its summary
     what: str = ""
+    estimate_s: float = 0.0  # expected wall time, for the run's ETA (0: unknown)
 
 
 def stage_done(folder: Path) -> dict[str, Any] | None:
@@ -49,6 +52,7 @@ def run_stages(out: str | Path, stages: list[Stage], progress: bool = True) -> d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
     for i, st in enumerate(stages, 1):
         folder = out / st.name
         done = stage_done(folder)
@@ -57,7 +61,9 @@ def run_stages(out: str | Path, stages: list[Stage], progress: bool = True) -> d
             say(progress, f"{head} (done, skipped)")
             summaries[st.name] = done
             continue
-        say(progress, head)
+        left = sum(s.estimate_s for s in stages[i - 1:] if stage_done(out / s.name) is None)
+        say(progress, f"{head}  [{(time.perf_counter() - start) / 60:.1f} min in"
+                      + (f", ~{left / 60:.0f} min to go]" if left else "]"))
         t0 = time.perf_counter()
         summary = st.run(folder)
         summary = {**summary, "stage_wall_s": round(time.perf_counter() - t0, 2)}
@@ -112,10 +118,17 @@ def r1_stages(rc: R1Config) -> list[Stage]:
             return pretrain(tc, rc.sft_overrides)
         return run
 
-    def rl(init: str, steps: int, template: str = "chat") -> Callable[[Path], dict]:
+    # Each stage draws its own training problems, in order from the pools: the cold start takes
+    # the first sft_examples, rejection sampling the next rs_problems, then the RL stages theirs.
+    # RL on problems the cold start wrote out in full would reward recall, not reasoning.
+    per_step = apply_overrides(GRPOConfig(), rc.grpo_overrides).prompts_per_step
+    rl_offset = 0 if rc.zero else rc.sft_examples + rc.rs_problems
+    rl2_offset = rl_offset + rc.rl_steps * per_step
+
+    def rl(init: str, steps: int, template: str = "chat", offset: int = rl_offset) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
             gc = GRPOConfig(init=init, out=str(folder), tasks=list(rc.rl_tasks or rc.tasks), max_steps=steps,
-                            template=template, max_tokens=rc.max_tokens, progress=rc.progress)
+                            template=template, max_tokens=rc.max_tokens, offset=offset, progress=rc.progress)
             return grpo(gc, rc.grpo_overrides)
         return run
 
@@ -137,7 +150,7 @@ def r1_stages(rc: R1Config) -> list[Stage]:
         return next(ckpt(n) for n in names if (out / n / "latest").exists())
 
     def rl2(folder: Path) -> dict:
-        return rl(latest("sft2", "rl"), rc.rl2_steps)(folder)
+        return rl(latest("sft2", "rl"), rc.rl2_steps, offset=rl2_offset)(folder)
 
     def ev(stages: list[tuple[str, str]]) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
@@ -146,7 +159,8 @@ def r1_stages(rc: R1Config) -> list[Stage]:
                 if name != "base" and not Path(path).exists():
                     continue  # a skipped stage (sft2 with no kept answers)
                 say(rc.progress, f"  eval {name}")
-                table[name] = evaluate(path, rc.tasks, rc.eval_n, rc.eval_k, max_tokens=rc.max_tokens, max_seqs=64)
+                table[name] = evaluate(path, eval_sets(rc.tasks), rc.eval_n, rc.eval_k, max_tokens=rc.max_tokens,
+                                       max_seqs=64)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
             trends = {n: rl_trend(out / n / "metrics.jsonl") for n in ("rl", "rl2")
@@ -166,6 +180,12 @@ def r1_stages(rc: R1Config) -> list[Stage]:
         Stage("eval", ev([("base", rc.base), *((n, ckpt(n)) for n in ("sft", "rl", "sft2", "rl2"))]),
               "held-out evaluation of every stage"),
     ]
+
+
+def eval_sets(tasks: list[str]) -> list[str]:
+    """The held-out sets a run's tasks are measured on: each task, and for gsm_symbolic also its
+    training templates with unseen numbers (gsm_symbolic_seen)."""
+    return [*tasks, *(["gsm_symbolic_seen"] if "gsm_symbolic" in tasks else [])]
 
 
 def summarize(table: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:

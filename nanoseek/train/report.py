@@ -1,0 +1,239 @@
+"""The speedrun's report card: OUT/report.md, OUT/report.json (the same numbers) and the PNG
+plots it embeds (OUT/plots/).
+
+What it holds: the model (parameters total / active, architecture), the data (tokens per
+stage), the held-out evaluation of base, SFT and RL per task with intervals and paired gains,
+the cost ledger per stage (FLOPs, device-hours, wall time, dollars) with the total and the
+dollars per point of held-out accuracy, inference figures of the final model (latent cache
+bytes per token, decode tokens/s, MTP acceptance), and plots of pretraining loss and val loss,
+expert load balance per MoE layer, and GRPO reward / accuracy / response length per step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from nanoseek.train.pipeline import gains_table, stage_done, stage_table
+
+TRAINING = ("pretrain", "sft", "rl")  # the stages with a cost ledger of their own
+STAGES = ("tokenizer", "pretrain", "sft", "rl", "eval", "final")
+
+
+def _metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cost_table(out: Path, price_per_hour: float) -> dict[str, dict[str, float]]:
+    """Per stage: FLOPs, device-hours, wall seconds and dollars. Training stages report their
+    own ledger (time spent training, checkpoints included); the others are priced by their
+    wall time on the same machine."""
+    rows: dict[str, dict[str, float]] = {}
+    for name in STAGES:
+        done = stage_done(out / name)
+        if done is None:
+            continue
+        wall = float(done.get("stage_wall_s", 0.0))
+        cost = done.get("cost")
+        if name in TRAINING and cost:
+            rows[name] = {"flops": cost["flops"], "device_hours": cost["device_hours"], "wall_s": wall,
+                          "dollars": cost["dollars"], "tokens": cost["tokens"]}
+        else:
+            hours = wall / 3600
+            rows[name] = {"flops": 0.0, "device_hours": hours, "wall_s": wall, "dollars": hours * price_per_hour}
+    rows["total"] = {k: sum(r.get(k, 0.0) for r in rows.values()) for k in ("flops", "device_hours", "wall_s",
+                                                                              "dollars")}
+    return rows
+
+
+def inference_figures(folder: Path, n_new: int = 48, repeats: int = 3) -> dict[str, Any]:
+    """Latent cache bytes per token (fp32, every layer), decode tokens/s at batch 1 with and
+    without MTP drafting, MTP acceptance (bench/decode.mtp_figures)."""
+    import nanoseek
+    from nanoseek.bench.decode import mtp_figures
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+
+    model, tok = nanoseek.load(folder)
+    cfg = model.config
+    out: dict[str, Any] = {"cache_bytes_per_token": cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
+                           "mha_cache_bytes_per_token": cfg.num_hidden_layers * cfg.num_attention_heads
+                           * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4}
+    engine = Engine(model, tok, max_seqs=1)
+    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
+    prompt = tok.encode("Question: What is 12 + 30?\n<think>\n")
+    times = []
+    for r in range(repeats + 1):
+        t = time.perf_counter()
+        engine.generate([prompt], params)
+        if r:
+            times.append(time.perf_counter() - t)
+    out["decode_tokens_per_s"] = n_new / sorted(times)[len(times) // 2]
+    out.update(mtp_figures(model, tok, n_new, repeats))
+    return out
+
+
+def plots(out: Path, folder: Path, first_moe_layer: int = 0, main_moe_layers: int | None = None) -> dict[str, str]:
+    """PNG files under `folder`; returns {name: path relative to out}. The load-balance series
+    are per MoE layer in model order (`load_max/i`): decoder layers first_moe_layer.., then the
+    MTP module's, past main_moe_layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=90)
+        plt.close(fig)
+        made[name] = str((folder / f"{name}.png").relative_to(out))
+
+    pre = [r for r in _metrics(out / "pretrain" / "metrics.jsonl") if "loss" in r]
+    if pre:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot([r["step"] for r in pre], [r["main_loss"] if "main_loss" in r else r["loss"] for r in pre],
+                label="train loss (next token)", lw=1)
+        val = [r for r in pre if "val_loss" in r]
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss", ms=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("pretraining")
+        ax.legend()
+        save(fig, "pretrain_loss")
+        layers = sorted({k for r in pre for k in r if k.startswith("load_max/")}, key=lambda k: int(k.split("/")[1]))
+        if layers:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            for k in layers:
+                rows = [r for r in pre if k in r]
+                i = int(k.split("/")[1])
+                name = "MTP" if main_moe_layers is not None and i >= main_moe_layers else f"layer {first_moe_layer + i}"
+                ax.plot([r["step"] for r in rows], [r[k] for r in rows], lw=1, label=name)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("step")
+            ax.set_ylabel("max expert load / mean")
+            ax.set_title("expert load balance per MoE layer (1 = perfect)")
+            ax.legend(fontsize=7, ncol=2)
+            save(fig, "expert_load")
+    rl = [r for r in _metrics(out / "rl" / "metrics.jsonl") if "reward" in r]
+    if rl:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+        steps = [r["step"] for r in rl]
+        axes[0].plot(steps, [r["reward"] for r in rl], label="reward", lw=1)
+        axes[0].plot(steps, [r["accuracy"] for r in rl], label="accuracy", lw=1)
+        axes[0].plot(steps, [r["format_rate"] for r in rl], label="format", lw=1)
+        axes[0].set_xlabel("GRPO step")
+        axes[0].legend(fontsize=8)
+        axes[1].plot(steps, [r["response_length"] for r in rl], color="C3", lw=1)
+        axes[1].set_xlabel("GRPO step")
+        axes[1].set_ylabel("response length (tokens)")
+        fig.suptitle("GRPO")
+        save(fig, "grpo")
+    return made
+
+
+def build_report(out: Path, sc) -> dict[str, Any]:
+    import nanoseek
+    from nanoseek.train.cost import DEFAULT_PRICES
+
+    final = out / "final"
+    model, _ = nanoseek.load(final)
+    cfg = model.config
+    counts = model.param_counts()
+    pre, sft, rl, ev = (stage_done(out / n) or {} for n in ("pretrain", "sft", "rl", "eval"))
+    device_type = (pre.get("cost") or {}).get("device_type", "cpu")
+    price = sc.price_per_hour if sc.price_per_hour is not None else DEFAULT_PRICES.get(device_type, 0.10)
+    costs = cost_table(out, price)
+    final_scores = ev.get("table", {}).get("rl", {})
+    total = costs["total"]["dollars"]
+    per_point = {t: (total / (100 * r["pass@1"]) if r["pass@1"] > 0 else None) for t, r in final_scores.items()}
+    arch = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+            "kv_lora_rank": cfg.kv_lora_rank, "q_lora_rank": cfg.q_lora_rank,
+            "qk_rope_head_dim": cfg.qk_rope_head_dim, "routed_experts": cfg.n_routed_experts,
+            "experts_per_token": cfg.num_experts_per_tok, "shared_experts": cfg.n_shared_experts,
+            "dense_layers": cfg.first_k_dense_replace, "mtp_depth": cfg.num_nextn_predict_layers,
+            "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings}
+    return {
+        "preset": sc.preset,
+        "device": (pre.get("cost") or {}).get("device"),
+        "price_per_device_hour": price,
+        "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
+        "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"), "sft_tokens": (sft.get("cost") or {}).get("tokens"),
+                 "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "tasks": list(sc.tasks)},
+        "eval": ev.get("table", {}),
+        "gains": ev.get("gains", {}),
+        "cost": costs,
+        "dollars_per_point": per_point,
+        "inference": inference_figures(final),
+    }
+
+
+def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
+    m, a, c = rep["model"], rep["model"]["architecture"], rep["cost"]
+    lines = [f"# nanoseek speedrun — report card ({rep['preset']} preset)", "",
+             f"Device: {rep['device']} at ${rep['price_per_device_hour']:.2f} per device-hour. "
+             f"Total: **{c['total']['wall_s'] / 60:.1f} min, ${c['total']['dollars']:.4f}**.", "",
+             "## Model", "",
+             f"{m['params_total'] / 1e6:.2f}M parameters, {m['params_active'] / 1e6:.2f}M active per token. "
+             f"{a['layers']} layers ({a['dense_layers']} dense), width {a['hidden']}, {a['heads']} heads; "
+             f"MLA with a {a['kv_lora_rank']}-dim latent + {a['qk_rope_head_dim']}-dim RoPE key; DeepSeekMoE with "
+             f"{a['routed_experts']} routed experts ({a['experts_per_token']} per token) + {a['shared_experts']} "
+             f"shared; MTP depth {a['mtp_depth']}; vocabulary {a['vocab_size']}, context {a['context']}.", "",
+             "## Data", "",
+             "| stage | tokens |", "|---|---|"]
+    d = rep["data"]
+    lines += [f"| pretraining | {d['pretrain_tokens']:,} |", f"| cold-start SFT | {d['sft_tokens']:,} |",
+              f"| GRPO (generated) | {d['rl_generated_tokens']:,} |", "",
+              "## Held-out evaluation", "",
+              f"Tasks {', '.join(d['tasks'])}; gsm_symbolic on unseen templates, gsm_symbolic_seen on the "
+              "training templates with unseen numbers. Greedy pass@1 with a 95% Wilson interval, sampled pass@1 "
+              "(temperature 0.6) with a 95% interval over problems.", ""]
+    lines += [stage_table(rep["eval"]), "", _detail_table(rep["eval"]), "",
+              "Each stage against the one before, on the same problems:", "", gains_table(rep["gains"]), "",
+              "## Cost", "", "| stage | FLOPs | device-hours | wall | dollars |", "|---|---|---|---|---|"]
+    for name, r in c.items():
+        lines.append(f"| {name} | {r['flops']:.3g} | {r['device_hours']:.4f} | {r['wall_s'] / 60:.1f} min | "
+                     f"${r['dollars']:.4f} |")
+    lines += ["", "Dollars per point of held-out greedy pass@1 (the final model): " + ", ".join(
+        f"{t} {('$%.5f' % v) if v is not None else 'n/a (0%)'}" for t, v in rep["dollars_per_point"].items()) + ".",
+        "", "## Inference (the final model, batch 1, this machine)", ""]
+    i = rep["inference"]
+    lines += [f"- latent KV cache: {i['cache_bytes_per_token']:,} bytes per token (fp32), against "
+              f"{i['mha_cache_bytes_per_token']:,} for multi-head attention of the same shape",
+              f"- decode: {i['decode_tokens_per_s']:.0f} tokens/s"]
+    if i.get("mtp_acceptance") is not None:
+        lines.append(f"- MTP speculative decoding: {i['mtp_acceptance']:.0%} of drafts accepted, "
+                     f"{i['mtp_tokens_per_s']:.0f} tokens/s ({i['mtp_speedup']:.2f}x)")
+    lines += ["", "## Plots", ""]
+    titles = {"pretrain_loss": "Pretraining loss", "expert_load": "Expert load balance", "grpo": "GRPO"}
+    for name, path in images.items():
+        lines += [f"![{titles.get(name, name)}]({path})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _detail_table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+    lines = ["| stage | task | maj@k | format | mean length |", "|---|---|---|---|---|"]
+    for stage, tasks in rows.items():
+        for task, r in tasks.items():
+            maj = next((f"{v:.1%} ({k})" for k, v in r.items() if k.startswith("maj@")), "")
+            lines.append(f"| {stage} | {task} | {maj} | {r['format']:.0%} | {r['length']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, sc) -> dict[str, Any]:
+    out = Path(out)
+    rep = build_report(out, sc)
+    arch = rep["model"]["architecture"]
+    moe = arch["layers"] - arch["dense_layers"] if arch["routed_experts"] else 0
+    images = plots(out, out / "plots", arch["dense_layers"], moe)
+    rep["plots"] = images
+    (out / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    (out / "report.md").write_text(render_markdown(rep, images))
+    return {"report": str(out / "report.md"), "plots": list(images)}

@@ -1,0 +1,204 @@
+"""`nanoseek speedrun`: a reasoning model from nothing, with its report card and its cost.
+
+Stages (each in its own folder under OUT; a restarted run skips the finished ones and resumes
+the current one from its checkpoints, train/pipeline.run_stages):
+  tokenizer  byte-level BPE on the embedded corpus
+  pretrain   next-token + MTP pretraining of the preset's MLA + MoE model on that corpus
+  sft        cold start: verified worked solutions of the training problems (data/sft.py)
+  rl         GRPO on the verifiable tasks (accuracy + format rewards)
+  eval       held-out evaluation of base, SFT and RL side by side, with paired gains
+  final      the RL model copied to OUT/final: `nanoseek serve OUT/final`
+  report     OUT/report.md + OUT/report.json + OUT/plots/*.png (train/report.py)
+
+SPEEDRUNS holds each preset's budget: `cpu` is sized for 30 minutes on a 2-core machine;
+`gpu` and `gpu8` are the same recipe for one GPU and for eight through torchrun; `tiny` is a
+minutes-long smoke run for tests. Every field can be overridden with key=value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.config import ConfigError, apply_overrides
+from nanoseek.train.pipeline import Stage, eval_sets, run_stages, say, stage_done, stage_gains, summarize
+
+
+@dataclass
+class SpeedrunConfig:
+    preset: str = "cpu"  # the model preset (config.PRESETS)
+    out: str = "runs/speedrun"
+    tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic"])
+    rl_tasks: list[str] | None = None  # default: tasks
+    vocab_size: int = 4096
+    pretrain_steps: int = 1000
+    pretrain_batch_size: int = 8
+    pretrain_seq_len: int = 256
+    sft_steps: int = 400
+    sft_examples: int = 3000  # cold-start problems per task
+    sft_batch_size: int = 4
+    sft_seq_len: int = 512
+    rl_steps: int = 40
+    rl_prompts_per_step: int = 8
+    rl_group_size: int = 8
+    max_tokens: int = 320
+    eval_n: int = 100
+    eval_k: int = 2
+    price_per_hour: float | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        from nanoseek.config import PRESETS
+        from nanoseek.data.tasks import TASKS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        for t in [*self.tasks, *(self.rl_tasks or [])]:
+            if t not in TASKS:
+                raise ConfigError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if not self.tasks:
+            raise ConfigError("tasks must name at least one task")
+
+
+# Each preset's budget. cpu: ~30 minutes on 2 cores (docs/BENCHMARKS.md); tiny: a smoke run.
+SPEEDRUNS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, pretrain_steps=30, pretrain_batch_size=4, pretrain_seq_len=64, sft_steps=10,
+                 sft_examples=20, sft_batch_size=2, sft_seq_len=128, rl_steps=2, rl_prompts_per_step=2,
+                 rl_group_size=2, max_tokens=16, eval_n=4, eval_k=2),
+    "cpu": {},
+    "gpu": dict(vocab_size=32768, pretrain_steps=20000, pretrain_batch_size=64, pretrain_seq_len=2048,
+                sft_steps=3000, sft_examples=20000, sft_batch_size=32, sft_seq_len=2048, rl_steps=500,
+                rl_prompts_per_step=64, rl_group_size=16, max_tokens=1024, eval_n=500, eval_k=8),
+    "gpu8": dict(vocab_size=65536, pretrain_steps=40000, pretrain_batch_size=256, pretrain_seq_len=4096,
+                 sft_steps=5000, sft_examples=20000, sft_batch_size=128, sft_seq_len=4096, rl_steps=1000,
+                 rl_prompts_per_step=256, rl_group_size=16, max_tokens=2048, eval_n=1000, eval_k=8),
+}
+
+
+# Seconds per unit of work for the cpu preset on the 2-core machine (docs/BENCHMARKS.md): the
+# ETA the progress display shows. Other presets show elapsed time only.
+CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 7.5, "generation": 0.08, "report": 30.0}
+
+
+def estimates(sc: SpeedrunConfig) -> dict[str, float]:
+    if sc.preset != "cpu":
+        return {}
+    c = CPU_SECONDS
+    sets = len(sc.tasks) + ("gsm_symbolic" in sc.tasks)
+    return {"tokenizer": c["tokenizer"],
+            "pretrain": sc.pretrain_steps * sc.pretrain_batch_size * sc.pretrain_seq_len * c["train_token"],
+            "sft": sc.sft_steps * sc.sft_batch_size * sc.sft_seq_len * c["train_token"],
+            "rl": sc.rl_steps * c["rl_step"] * sc.rl_prompts_per_step * sc.rl_group_size / 64,
+            "eval": 3 * sets * sc.eval_n * (1 + sc.eval_k) * c["generation"], "report": c["report"]}
+
+
+def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: list[str] = ()) -> SpeedrunConfig:
+    if preset not in SPEEDRUNS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(SPEEDRUNS)}")
+    sc = apply_overrides(SpeedrunConfig(preset=preset, out=out, **SPEEDRUNS[preset]), list(overrides))
+    sc.validate()
+    return sc
+
+
+def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
+    from nanoseek.eval import evaluate
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
+
+    out = Path(sc.out)
+    ckpt = lambda name: str(out / name / "latest")  # noqa: E731
+
+    def tokenizer(folder: Path) -> dict:
+        from nanoseek.data.corpus import default_corpus
+        from nanoseek.data.tokenizer import train_tokenizer
+
+        docs = default_corpus()
+        tok = train_tokenizer(docs, vocab_size=sc.vocab_size)
+        tok.save(folder)
+        return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs))}
+
+    def pretraining(folder: Path) -> dict:
+        tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(out / "tokenizer"),
+                         max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
+                         price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
+        return pretrain(tc)
+
+    def sft(folder: Path) -> dict:
+        tc = TrainConfig(stage="sft", init=ckpt("pretrain"), out=str(folder), sft_tasks=list(sc.tasks),
+                         sft_examples=sc.sft_examples, max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
+                         seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=20, price_per_hour=sc.price_per_hour,
+                         device=sc.device, progress=sc.progress)
+        return pretrain(tc)
+
+    def rl(folder: Path) -> dict:
+        # the recipe measured in docs/LOG.md: Dr. GRPO, lr 2e-5, temperature 0.7
+        gc = GRPOConfig(init=ckpt("sft"), out=str(folder), tasks=list(sc.rl_tasks or sc.tasks),
+                        max_steps=sc.rl_steps, prompts_per_step=sc.rl_prompts_per_step, group_size=sc.rl_group_size,
+                        max_tokens=sc.max_tokens, temperature=0.7, lr=2e-5, loss_type="dr_grpo",
+                        offset=sc.sft_examples,  # problems the cold start did not write out
+                        price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
+        return grpo(gc)
+
+    def ev(folder: Path) -> dict:
+        table = {}
+        for name in ("pretrain", "sft", "rl"):
+            label = "base" if name == "pretrain" else name
+            say(sc.progress, f"  eval {label}")
+            table[label] = evaluate(ckpt(name), eval_sets(sc.tasks), sc.eval_n, sc.eval_k,
+                                    max_tokens=sc.max_tokens, max_seqs=64)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
+        return {"table": summarize(table), "gains": stage_gains(table)}
+
+    def final(folder: Path) -> dict:
+        src = Path(ckpt("rl")).resolve()
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        # the model, tokenizer and meta; not the optimizer state a resume needs
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("train_state*"))
+        tmp.replace(folder)
+        return {"from": str(src)}
+
+    def report(folder: Path) -> dict:
+        from nanoseek.train.report import write_report
+
+        return write_report(out, sc)
+
+    eta = estimates(sc)
+    stages = [
+        Stage("tokenizer", tokenizer, "byte-level BPE on the embedded corpus"),
+        Stage("pretrain", pretraining, f"{sc.preset} preset: MLA + MoE + MTP, {sc.pretrain_steps} steps"),
+        Stage("sft", sft, "cold-start SFT on verified worked solutions"),
+        Stage("rl", rl, "GRPO, accuracy + format rewards"),
+        Stage("eval", ev, "held-out evaluation of base, SFT and RL"),
+        Stage("final", final, "the RL model, ready to serve"),
+        Stage("report", report, "report card: report.md, report.json, plots"),
+    ]
+    for st in stages:
+        st.estimate_s = eta.get(st.name, 0.0)
+    return stages
+
+
+def speedrun(sc: SpeedrunConfig) -> dict[str, dict[str, Any]]:
+    out = Path(sc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "speedrun.json"
+    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+    mine = {k: v for k, v in dataclasses.asdict(sc).items() if k not in ("progress", "device")}
+    if saved is not None and saved != mine and stage_done(out / "tokenizer") is not None:
+        changed = sorted(k for k in mine if saved.get(k) != mine[k])
+        raise ConfigError(f"{out} holds a speedrun with other settings ({', '.join(changed)}): "
+                          "use another --out, or the same settings to resume it")
+    cfg_file.write_text(json.dumps(mine, indent=1) + "\n")
+    return run_stages(out, speedrun_stages(sc), progress=sc.progress)

@@ -1,0 +1,97 @@
+"""`nanoseek speedrun`: every stage from nothing with the tiny preset, killed in the middle of a
+stage and restarted, every artifact checked, and the final folder serving a chat completion."""
+
+import dataclasses
+import json
+
+import openai
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.train import pretrain as pretrain_module
+
+STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
+
+
+def _speedrun(out, *extra):
+    return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", *extra])
+
+
+def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sr"
+    real = pretrain_module.pretrain
+
+    def killed_mid_sft(tc, overrides=()):
+        if tc.stage == "sft":  # train to step 4 of 10 (a checkpoint there), then the process dies
+            real(dataclasses.replace(tc, stop_at=4, save_every=2), overrides)
+            raise KeyboardInterrupt
+        return real(tc, overrides)
+
+    monkeypatch.setattr(pretrain_module, "pretrain", killed_mid_sft)
+    assert _speedrun(out) == 130
+    assert (out / "pretrain" / "stage.json").is_file() and not (out / "sft" / "stage.json").exists()
+    assert (out / "sft" / "step-000004").is_dir()
+    stamps = {n: (out / n / "stage.json").stat().st_mtime_ns for n in ("tokenizer", "pretrain")}
+    monkeypatch.setattr(pretrain_module, "pretrain", real)
+    capsys.readouterr()
+    assert _speedrun(out) == 0
+    captured = capsys.readouterr()
+    summaries = json.loads(captured.out.strip().splitlines()[-1])["stages"]
+    assert list(summaries) == STAGES
+    assert stamps == {n: (out / n / "stage.json").stat().st_mtime_ns for n in stamps}  # not redone
+    sft_steps = [json.loads(line)["step"] for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft_steps == list(range(1, 11))  # resumed after step 4, each step once
+    assert "report card:" in captured.err and "serve" in captured.err
+
+    # the artifacts
+    assert json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    for stage in ("pretrain", "sft", "rl"):
+        assert (out / stage / "latest" / "model.safetensors").is_file(), stage
+    assert (out / "final" / "model.safetensors").is_file() and not list((out / "final").glob("train_state*"))
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"]["params_total"] > rep["model"]["params_active"] > 0
+    assert rep["data"]["pretrain_tokens"] > 0 and rep["data"]["sft_tokens"] > 0 and rep["data"]["rl_generated_tokens"] > 0
+    assert list(rep["eval"]) == ["base", "sft", "rl"]
+    assert set(rep["eval"]["rl"]) == {"chain_sum", "gsm_symbolic", "gsm_symbolic_seen"}
+    for stage in ("pretrain", "sft", "rl"):
+        assert rep["cost"][stage]["flops"] > 0 and rep["cost"][stage]["dollars"] > 0, stage
+    assert rep["cost"]["total"]["dollars"] == pytest.approx(sum(r["dollars"] for k, r in rep["cost"].items()
+                                                                if k != "total"))
+    inf = rep["inference"]
+    assert inf["cache_bytes_per_token"] < inf["mha_cache_bytes_per_token"] and inf["decode_tokens_per_s"] > 0
+    assert 0 <= inf["mtp_acceptance"] <= 1
+    md = (out / "report.md").read_text()
+    for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots"):
+        assert heading in md, heading
+    assert "| base | " in md and "| rl vs sft | chain_sum |" in md and "| total |" in md
+    assert set(rep["plots"]) == {"pretrain_loss", "expert_load", "grpo"}
+    for path in rep["plots"].values():
+        assert f"]({path})" in md and (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the final folder serves a chat completion over HTTP
+    import nanoseek
+    from nanoseek.infer.engine import Engine
+    from nanoseek.serve.app import create_app
+    from nanoseek.serve.server import ThreadedServer
+
+    model, tok = nanoseek.load(out / "final")
+    with ThreadedServer(create_app(Engine(model, tok, max_seqs=2), "speedrun")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="speedrun", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                           max_tokens=8)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+
+
+def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys):
+    assert main(["speedrun", "--preset", "huge", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "rl_steps=0"]) == 2
+    assert "rl_steps must be at least 1" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "tasks=[\"chess\"]"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    # a folder holding a speedrun with other settings is not silently mixed with this one
+    (tmp_path / "b" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
+    (tmp_path / "b" / "speedrun.json").write_text(json.dumps({"preset": "cpu"}))
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "b")]) == 2
+    assert "other settings" in capsys.readouterr().err
