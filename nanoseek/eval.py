@@ -43,16 +43,17 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
+def mean_ci(values: list[float], z: float = 1.96, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
     """A normal-approximation interval for the mean of per-problem scores (each problem one
-    draw): for sampled pass@1 (a problem's score is the share of its k samples that are right)
-    and for paired differences between two models on the same problems."""
+    draw), kept within `bounds`: for sampled pass@1 (a problem's score is the share of its k
+    samples that are right) and, with bounds (-1, 1), for paired differences between two models
+    on the same problems."""
     n = len(values)
     if n < 2:
         return (values[0], values[0]) if values else (0.0, 0.0)
     m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m - z * sd / math.sqrt(n), m + z * sd / math.sqrt(n)
+    half = z * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+    return max(bounds[0], m - half), min(bounds[1], m + half)
 
 
 def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template: str = "chat",

@@ -136,6 +136,8 @@ def test_mean_interval_for_per_problem_scores():
     lo, hi = mean_ci([0.0, 1.0] * 50)  # mean 0.5, sd 0.5025, n 100: +-1.96 * 0.05025
     assert lo == pytest.approx(0.5 - 0.0985, abs=1e-3) and hi == pytest.approx(0.5 + 0.0985, abs=1e-3)
     assert mean_ci([0.25] * 10) == pytest.approx((0.25, 0.25)) and mean_ci([]) == (0.0, 0.0)
+    assert mean_ci([0.0] * 99 + [0.5])[0] == 0.0  # a share is never below 0
+    assert mean_ci([-1.0] * 50 + [0.0] * 50, bounds=(-1, 1))[0] < -0.5  # a paired difference may be
 
 
 def test_grpo_step_flops_count_rollout_reference_and_updates():

@@ -222,7 +222,7 @@ def stage_gains(table: dict[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
             for name, field_ in (("pass@1", "correct"), ("pass@1_sampled", "sampled_correct")):
                 if field_ in a and field_ in b:
                     d = [x - y for x, y in zip(a[field_], b[field_])]
-                    lo, hi = mean_ci(d)
+                    lo, hi = mean_ci(d, bounds=(-1.0, 1.0))
                     row[name] = {"gain": sum(d) / len(d), "ci95": [lo, hi], "clear": lo > 0}
             out[key][task] = row
     return out
