@@ -13,8 +13,8 @@ from nanoseek.train import pretrain as pretrain_module
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
 
-def _speedrun(out, *extra):
-    return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", *extra])
+def _speedrun(out, *extra):  # on the corpus's math documents: the branch that writes its own corpus file
+    return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "corpus=math", *extra])
 
 
 def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
@@ -45,6 +45,10 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
 
     # the artifacts
     assert json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    first = json.loads((out / "corpus.jsonl").read_text().splitlines()[0])["text"]
+    assert first.startswith("Question: ") and "<think>" in first
+    pre_state = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
+    assert pre_state["data"] == [str(out / "corpus.jsonl")]
     for stage in ("pretrain", "sft", "rl"):
         assert (out / stage / "latest" / "model.safetensors").is_file(), stage
     assert (out / "final" / "model.safetensors").is_file() and not list((out / "final").glob("train_state*"))
@@ -89,6 +93,8 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "rl_steps must be at least 1" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "tasks=[\"chess\"]"]) == 2
     assert "unknown task" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=poetry"]) == 2
+    assert "corpus must be" in capsys.readouterr().err
     # a folder holding a speedrun with other settings is not silently mixed with this one
     (tmp_path / "b" / "tokenizer").mkdir(parents=True)
     (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")

@@ -2,7 +2,8 @@
 
 Stages (each in its own folder under OUT; a restarted run skips the finished ones and resumes
 the current one from its checkpoints, train/pipeline.run_stages):
-  tokenizer  byte-level BPE on the embedded corpus
+  tokenizer  byte-level BPE on the embedded corpus (corpus=math: its math documents only,
+             written to OUT/corpus.jsonl)
   pretrain   next-token + MTP pretraining of the preset's MLA + MoE model on that corpus
   sft        cold start: verified worked solutions of the training problems (data/sft.py)
   rl         GRPO on the verifiable tasks (accuracy + format rewards)
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import ConfigError, apply_overrides
-from nanoseek.train.pipeline import Stage, eval_sets, run_stages, say, stage_done, stage_gains, summarize
+from nanoseek.train.pipeline import Stage, eval_sets, run_stages, stage_done, stage_gains, summarize
+from nanoseek.train.pretrain import say
 
 
 @dataclass
@@ -34,6 +36,7 @@ class SpeedrunConfig:
     out: str = "runs/speedrun"
     tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic"])
     rl_tasks: list[str] | None = None  # default: tasks
+    corpus: str = "default"  # "default": the embedded corpus; "math": its math documents only
     vocab_size: int = 4096
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 8
@@ -66,6 +69,8 @@ class SpeedrunConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
+        if self.corpus not in ("default", "math"):
+            raise ConfigError(f"corpus must be 'default' or 'math', not {self.corpus!r}")
 
 
 # Each preset's budget. cpu: ~30 minutes on 2 cores (docs/BENCHMARKS.md); tiny: a smoke run.
@@ -116,17 +121,24 @@ def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
     out = Path(sc.out)
     ckpt = lambda name: str(out / name / "latest")  # noqa: E731
 
+    corpus_file = out / "corpus.jsonl"  # the "math" corpus, written once so that a resume reads the same
+
     def tokenizer(folder: Path) -> dict:
-        from nanoseek.data.corpus import default_corpus
+        from nanoseek.data.corpus import default_corpus, math_documents
         from nanoseek.data.tokenizer import train_tokenizer
 
-        docs = default_corpus()
+        docs = default_corpus() if sc.corpus == "default" else math_documents()
+        if sc.corpus != "default":
+            tmp = corpus_file.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+            tmp.replace(corpus_file)
         tok = train_tokenizer(docs, vocab_size=sc.vocab_size)
         tok.save(folder)
         return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs))}
 
     def pretraining(folder: Path) -> dict:
         tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(out / "tokenizer"),
+                         data=[str(corpus_file)] if sc.corpus != "default" else [],
                          max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
                          price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
         return pretrain(tc)
@@ -177,7 +189,8 @@ def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
 
     eta = estimates(sc)
     stages = [
-        Stage("tokenizer", tokenizer, "byte-level BPE on the embedded corpus"),
+        Stage("tokenizer", tokenizer, "byte-level BPE on the embedded corpus"
+              + (" (its math documents)" if sc.corpus == "math" else "")),
         Stage("pretrain", pretraining, f"{sc.preset} preset: MLA + MoE + MTP, {sc.pretrain_steps} steps"),
         Stage("sft", sft, "cold-start SFT on verified worked solutions"),
         Stage("rl", rl, "GRPO, accuracy + format rewards"),
