@@ -216,6 +216,24 @@ def _user_errors() -> tuple[type[Exception], ...]:
             TaskError)
 
 
+def _known_tasks(names: list[str], allowed) -> None:
+    from nanoseek.data.tasks import TaskError
+
+    for t in names:
+        if t not in allowed:
+            raise TaskError(f"unknown task {t!r}; choose from: {', '.join(allowed)}")
+
+
+def _print_stages(summaries: dict) -> None:
+    """A pipeline's held-out table and its paired gains on stderr, its stage summaries as JSON on stdout."""
+    from nanoseek.train.pipeline import gains_table, stage_table
+
+    print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
+    if summaries["eval"].get("gains"):
+        print(gains_table(summaries["eval"]["gains"]), file=sys.stderr)
+    print(json.dumps({"stages": summaries}, default=str))
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train-tokenizer":
         from nanoseek.data.corpus import default_corpus, read_files
@@ -263,22 +281,19 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(grpo(gc, args.overrides)))
         return 0
     if args.command == "speedrun":
-        from nanoseek.train.pipeline import gains_table, stage_table
         from nanoseek.train.speedrun import speedrun, speedrun_config
 
         sc = speedrun_config(args.preset, args.out, args.overrides)
         sc.progress = not args.quiet
         summaries = speedrun(sc)
-        print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
-        print(gains_table(summaries["eval"]["gains"]), file=sys.stderr)
+        _print_stages(summaries)
         print(f"report card: {args.out}/report.md; chat with it: nanoseek serve {args.out}/final", file=sys.stderr)
-        print(json.dumps({"stages": summaries}, default=str))
         return 0
     if args.command == "r1":
-        from nanoseek.data.tasks import TASKS, TaskError
+        from nanoseek.data.tasks import TASKS
         from nanoseek.train.checkpoint import resolve
         from nanoseek.train.grpo import GRPOConfig
-        from nanoseek.train.pipeline import R1Config, gains_table, r1_stages, run_stages, stage_table
+        from nanoseek.train.pipeline import R1Config, r1_stages, run_stages
         from nanoseek.train.pretrain import TrainConfig, split_overrides
 
         resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
@@ -289,24 +304,17 @@ def _run(args: argparse.Namespace) -> int:
         # a bad stage setting fails now, not minutes later when its stage starts
         apply_overrides(GRPOConfig(), rc.grpo_overrides)
         split_overrides(TrainConfig(), preset("tiny"), rc.sft_overrides)
-        for t in args.task or []:
-            if t not in TASKS:
-                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        _known_tasks(args.task or [], TASKS)
         rc.tasks = args.task or rc.tasks
         summaries = run_stages(args.out, r1_stages(rc), progress=rc.progress)
-        print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
-        if summaries["eval"].get("gains"):
-            print(gains_table(summaries["eval"]["gains"]), file=sys.stderr)
-        print(json.dumps({"stages": summaries}, default=str))
+        _print_stages(summaries)
         return 0
     if args.command == "distill":
-        from nanoseek.data.tasks import TASKS, TaskError
+        from nanoseek.data.tasks import TASKS
         from nanoseek.train.distill import distill
 
         tasks = args.task or ["chain_sum", "basic_arithmetic", "gsm_symbolic"]
-        for t in tasks:
-            if t not in TASKS:
-                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        _known_tasks(tasks, TASKS)
         if args.problems < 1 or args.k < 1:
             raise ConfigError("--problems and --k must be at least 1")
         result = distill(args.teacher, args.student, args.out, tasks, args.problems, args.k, args.temperature,
@@ -314,12 +322,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     if args.command == "eval":
-        from nanoseek.data.tasks import EVAL_SETS, TaskError
+        from nanoseek.data.tasks import EVAL_SETS
         from nanoseek.eval import evaluate
 
-        for t in args.task or []:
-            if t not in EVAL_SETS:
-                raise TaskError(f"unknown task {t!r}; choose from: {', '.join(EVAL_SETS)}")
+        _known_tasks(args.task or [], EVAL_SETS)
         if args.n < 1 or args.k < 0:
             raise ConfigError("--n must be at least 1 and --k at least 0")
         result = evaluate(args.ckpt, args.task, args.n, args.k, args.template, args.max_tokens)

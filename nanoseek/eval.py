@@ -1,8 +1,8 @@
 """`nanoseek eval`: held-out problems only, scored with the tasks' own checkers.
 
 Per task: pass@1 greedy (with a 95% Wilson interval), pass@1 sampled (the mean over k samples
-per problem, with a 95% interval over problems) and maj@k (the most frequent answer among the k), the format rate and the mean
-response length in tokens. All generation goes through the engine, batched, k samples per
+per problem, with a 95% interval over problems) and maj@k (the most frequent answer among the
+k), the format rate and the mean response length in tokens. All generation goes through the engine, batched, k samples per
 problem from one prefill. Per-problem scores are kept (`correct`, `sampled_correct`) so that
 two models evaluated on the same problems can be compared pairwise (train/pipeline.stage_gains).
 

@@ -62,7 +62,7 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert rep["cost"]["total"]["dollars"] == pytest.approx(sum(r["dollars"] for k, r in rep["cost"].items()
                                                                 if k != "total"))
     inf = rep["inference"]
-    assert inf["cache_bytes_per_token"] < inf["mha_cache_bytes_per_token"] and inf["decode_tokens_per_s"] > 0
+    assert inf["cache_bytes_per_token"] < inf["mha_cache_bytes_per_token"] and inf["no_mtp_tokens_per_s"] > 0
     assert 0 <= inf["mtp_acceptance"] <= 1
     md = (out / "report.md").read_text()
     for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots"):

@@ -100,7 +100,6 @@ class R1Config:
 
 
 def r1_stages(rc: R1Config) -> list[Stage]:
-    from nanoseek.eval import evaluate
     from nanoseek.train.distill import TRACES, rejection_sample, write_traces
     from nanoseek.train.grpo import GRPOConfig, grpo
     from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
@@ -154,18 +153,12 @@ def r1_stages(rc: R1Config) -> list[Stage]:
 
     def ev(stages: list[tuple[str, str]]) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
-            table = {}
-            for name, path in stages:
-                if name != "base" and not Path(path).exists():
-                    continue  # a skipped stage (sft2 with no kept answers)
-                say(rc.progress, f"  eval {name}")
-                table[name] = evaluate(path, eval_sets(rc.tasks), rc.eval_n, rc.eval_k, max_tokens=rc.max_tokens,
-                                       max_seqs=64)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
+            # a skipped stage (sft2 with no kept answers) has no model to evaluate
+            models = [(n, path) for n, path in stages if n == "base" or Path(path).exists()]
+            summary = evaluate_stages(folder, models, rc.tasks, rc.eval_n, rc.eval_k, rc.max_tokens, rc.progress)
             trends = {n: rl_trend(out / n / "metrics.jsonl") for n in ("rl", "rl2")
                       if (out / n / "metrics.jsonl").exists()}
-            return {"table": summarize(table), "gains": stage_gains(table), "rl_trends": trends}
+            return {**summary, "rl_trends": trends}
         return run
 
     if rc.zero:
@@ -180,6 +173,22 @@ def r1_stages(rc: R1Config) -> list[Stage]:
         Stage("eval", ev([("base", rc.base), *((n, ckpt(n)) for n in ("sft", "rl", "sft2", "rl2"))]),
               "held-out evaluation of every stage"),
     ]
+
+
+def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str], n: int, k: int,
+                    max_tokens: int, progress: bool = True) -> dict[str, Any]:
+    """The eval stage of a pipeline: every (stage name, checkpoint) on the held-out sets of
+    `tasks`, the full results in folder/eval.json; returns the summary table and the paired
+    gains of each stage over the one before."""
+    from nanoseek.eval import evaluate
+
+    table = {}
+    for name, path in models:
+        say(progress, f"  eval {name}")
+        table[name] = evaluate(path, eval_sets(tasks), n, k, max_tokens=max_tokens, max_seqs=64)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
+    return {"table": summarize(table), "gains": stage_gains(table)}
 
 
 def eval_sets(tasks: list[str]) -> list[str]:

@@ -12,7 +12,6 @@ expert load balance per MoE layer, and GRPO reward / accuracy / response length 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,30 +50,13 @@ def cost_table(out: Path, price_per_hour: float) -> dict[str, dict[str, float]]:
 
 
 def inference_figures(folder: Path, n_new: int = 48, repeats: int = 3) -> dict[str, Any]:
-    """Latent cache bytes per token (fp32, every layer), decode tokens/s at batch 1 with and
-    without MTP drafting, MTP acceptance (bench/decode.mtp_figures)."""
+    """The latent cache's bytes per token against MHA of the same width (bench/decode.cache_sizes),
+    batch-1 decode tokens/s with and without MTP drafting, MTP acceptance (bench/decode.mtp_figures)."""
     import nanoseek
-    from nanoseek.bench.decode import mtp_figures
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.bench.decode import cache_sizes, mtp_figures
 
     model, tok = nanoseek.load(folder)
-    cfg = model.config
-    out: dict[str, Any] = {"cache_bytes_per_token": cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
-                           "mha_cache_bytes_per_token": cfg.num_hidden_layers * cfg.num_attention_heads
-                           * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4}
-    engine = Engine(model, tok, max_seqs=1)
-    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
-    prompt = tok.encode("Question: What is 12 + 30?\n<think>\n")
-    times = []
-    for r in range(repeats + 1):
-        t = time.perf_counter()
-        engine.generate([prompt], params)
-        if r:
-            times.append(time.perf_counter() - t)
-    out["decode_tokens_per_s"] = n_new / sorted(times)[len(times) // 2]
-    out.update(mtp_figures(model, tok, n_new, repeats))
-    return out
+    return {**cache_sizes(model), **mtp_figures(model, tok, n_new, repeats)}
 
 
 def plots(out: Path, folder: Path, first_moe_layer: int = 0, main_moe_layers: int | None = None) -> dict[str, str]:
@@ -205,9 +187,10 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
         f"{t} {('$%.5f' % v) if v is not None else 'n/a (0%)'}" for t, v in rep["dollars_per_point"].items()) + ".",
         "", "## Inference (the final model, batch 1, this machine)", ""]
     i = rep["inference"]
-    lines += [f"- latent KV cache: {i['cache_bytes_per_token']:,} bytes per token (fp32), against "
-              f"{i['mha_cache_bytes_per_token']:,} for multi-head attention of the same shape",
-              f"- decode: {i['decode_tokens_per_s']:.0f} tokens/s"]
+    lines += [f"- latent KV cache: {i['cache_bytes_per_token']:,.0f} bytes per token (fp32), against "
+              f"{i['mha_cache_bytes_per_token']:,} for multi-head attention of the same width and "
+              f"{i['expanded_mla_cache_bytes_per_token']:,} for MLA with per-head keys and values",
+              f"- decode: {i['no_mtp_tokens_per_s']:.0f} tokens/s"]
     if i.get("mtp_acceptance") is not None:
         lines.append(f"- MTP speculative decoding: {i['mtp_acceptance']:.0%} of drafts accepted, "
                      f"{i['mtp_tokens_per_s']:.0f} tokens/s ({i['mtp_speedup']:.2f}x)")

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import ConfigError, apply_overrides
-from nanoseek.train.pipeline import Stage, eval_sets, run_stages, stage_done, stage_gains, summarize
-from nanoseek.train.pretrain import say
+from nanoseek.train.pipeline import Stage, evaluate_stages, run_stages, stage_done
 
 
 @dataclass
@@ -114,7 +113,6 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
 
 
 def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
-    from nanoseek.eval import evaluate
     from nanoseek.train.grpo import GRPOConfig, grpo
     from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
 
@@ -160,15 +158,8 @@ def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
         return grpo(gc)
 
     def ev(folder: Path) -> dict:
-        table = {}
-        for name in ("pretrain", "sft", "rl"):
-            label = "base" if name == "pretrain" else name
-            say(sc.progress, f"  eval {label}")
-            table[label] = evaluate(ckpt(name), eval_sets(sc.tasks), sc.eval_n, sc.eval_k,
-                                    max_tokens=sc.max_tokens, max_seqs=64)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
-        return {"table": summarize(table), "gains": stage_gains(table)}
+        models = [("base", ckpt("pretrain")), ("sft", ckpt("sft")), ("rl", ckpt("rl"))]
+        return evaluate_stages(folder, models, sc.tasks, sc.eval_n, sc.eval_k, sc.max_tokens, sc.progress)
 
     def final(folder: Path) -> dict:
         src = Path(ckpt("rl")).resolve()
