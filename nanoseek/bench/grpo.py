@@ -26,6 +26,7 @@ def bench_grpo(ckpt: str, task: str = "chain_sum", steps: int = 5, prompts: int 
 
         raise ConfigError("bench grpo compares against TRL: pip install trl") from None
     from nanoseek.train.grpo import GRPOConfig, grpo
+    from nanoseek.train.pretrain import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         gc = GRPOConfig(init=ckpt, out=str(Path(tmp) / "ours"), tasks=[task], level=level, max_steps=steps,
@@ -34,9 +35,7 @@ def bench_grpo(ckpt: str, task: str = "chain_sum", steps: int = 5, prompts: int 
         t = time.perf_counter()
         grpo(gc)
         ours_total = time.perf_counter() - t
-        import json
-
-        rows = [json.loads(line) for line in (Path(gc.out) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(Path(gc.out) / "metrics.jsonl")
         ours = [r["step_s"] for r in rows]
         theirs, trl_rewards = _trl(ckpt, gc, Path(tmp))
     ours_s, trl_s = statistics.median(ours[1:] or ours), statistics.median(theirs[1:] or theirs)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import apply_overrides
-from nanoseek.train.pretrain import say
+from nanoseek.train.pretrain import read_metrics, say
 
 DONE = "stage.json"
 
@@ -271,7 +271,7 @@ def rl_trend(metrics: Path, window: int = 5) -> dict[str, float]:
     alone; a learning one raises it through accuracy (the format's weight is FORMAT_WEIGHT)."""
     from nanoseek.data.tasks import FORMAT_WEIGHT
 
-    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "reward" in r]
+    rows = [r for r in read_metrics(metrics) if "reward" in r]
     first, last = rows[:window], rows[-window:]
     mean = lambda rs, k: sum(r[k] for r in rs) / max(1, len(rs))  # noqa: E731
     out = {f"{k}_{w}": round(mean(rs, k), 4) for k in ("reward", "accuracy", "format_rate", "response_length")

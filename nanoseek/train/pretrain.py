@@ -309,6 +309,13 @@ def log_metrics(run: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows log_metrics wrote (a metrics.jsonl); none if the file does not exist."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint we resume from (they will be logged again),
     or every line of a run that died before its first checkpoint."""

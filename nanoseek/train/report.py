@@ -16,15 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.train.pipeline import gains_table, stage_done, stage_table
+from nanoseek.train.pretrain import read_metrics
 
 TRAINING = ("pretrain", "sft", "rl")  # the stages with a cost ledger of their own
 STAGES = ("tokenizer", "pretrain", "sft", "rl", "eval", "final")
-
-
-def _metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def cost_table(out: Path, price_per_hour: float) -> dict[str, dict[str, float]]:
@@ -49,13 +44,11 @@ def cost_table(out: Path, price_per_hour: float) -> dict[str, dict[str, float]]:
     return rows
 
 
-def inference_figures(folder: Path, n_new: int = 48, repeats: int = 3) -> dict[str, Any]:
+def inference_figures(model, tok, n_new: int = 48, repeats: int = 3) -> dict[str, Any]:
     """The latent cache's bytes per token against MHA of the same width (bench/decode.cache_sizes),
     batch-1 decode tokens/s with and without MTP drafting, MTP acceptance (bench/decode.mtp_figures)."""
-    import nanoseek
     from nanoseek.bench.decode import cache_sizes, mtp_figures
 
-    model, tok = nanoseek.load(folder)
     return {**cache_sizes(model), **mtp_figures(model, tok, n_new, repeats)}
 
 
@@ -77,7 +70,7 @@ def plots(out: Path, folder: Path, first_moe_layer: int = 0, main_moe_layers: in
         plt.close(fig)
         made[name] = str((folder / f"{name}.png").relative_to(out))
 
-    pre = [r for r in _metrics(out / "pretrain" / "metrics.jsonl") if "loss" in r]
+    pre = [r for r in read_metrics(out / "pretrain" / "metrics.jsonl") if "loss" in r]
     if pre:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.plot([r["step"] for r in pre], [r["main_loss"] if "main_loss" in r else r["loss"] for r in pre],
@@ -104,7 +97,7 @@ def plots(out: Path, folder: Path, first_moe_layer: int = 0, main_moe_layers: in
             ax.set_title("expert load balance per MoE layer (1 = perfect)")
             ax.legend(fontsize=7, ncol=2)
             save(fig, "expert_load")
-    rl = [r for r in _metrics(out / "rl" / "metrics.jsonl") if "reward" in r]
+    rl = [r for r in read_metrics(out / "rl" / "metrics.jsonl") if "reward" in r]
     if rl:
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
         steps = [r["step"] for r in rl]
@@ -125,8 +118,7 @@ def build_report(out: Path, sc) -> dict[str, Any]:
     import nanoseek
     from nanoseek.train.cost import DEFAULT_PRICES
 
-    final = out / "final"
-    model, _ = nanoseek.load(final)
+    model, tok = nanoseek.load(out / "final")
     cfg = model.config
     counts = model.param_counts()
     pre, sft, rl, ev = (stage_done(out / n) or {} for n in ("pretrain", "sft", "rl", "eval"))
@@ -153,7 +145,7 @@ def build_report(out: Path, sc) -> dict[str, Any]:
         "gains": ev.get("gains", {}),
         "cost": costs,
         "dollars_per_point": per_point,
-        "inference": inference_figures(final),
+        "inference": inference_figures(model, tok),
     }
 
 
