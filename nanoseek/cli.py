@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from nanoseek.config import PRESETS, ConfigError, apply_overrides, preset
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "eval -> OUT/final and OUT/report.md (finished stages are skipped on restart)")
     p.add_argument("--preset", default="cpu", help="tiny, cpu (30 min on 2 cores), gpu, gpu8")
     p.add_argument("--out", default="runs/speedrun")
+    p.add_argument("--ablate", action="store_true",
+                   help="also train the same budget dense (same active parameters), without MTP and with an MHA cache, "
+                        "and compare them after the cold start: OUT/ablations.md")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., ...)")
@@ -285,7 +289,11 @@ def _run(args: argparse.Namespace) -> int:
 
         sc = speedrun_config(args.preset, args.out, args.overrides)
         sc.progress = not args.quiet
-        summaries = speedrun(sc)
+        summaries = speedrun(sc, args.ablate)
+        if args.ablate:
+            print((Path(args.out) / "ablations.md").read_text(), file=sys.stderr)
+            print(json.dumps({"stages": summaries}, default=str))
+            return 0
         _print_stages(summaries)
         print(f"report card: {args.out}/report.md; chat with it: nanoseek serve {args.out}/final", file=sys.stderr)
         return 0

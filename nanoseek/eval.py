@@ -57,11 +57,13 @@ def mean_ci(values: list[float], z: float = 1.96, bounds: tuple[float, float] = 
 
 
 def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template: str = "chat",
-                  max_tokens: int = 256, temperature: float = 0.6, seed: int = 0) -> dict:
-    """`task` names a held-out set (data/tasks.EVAL_SETS): a task, or gsm_symbolic_seen."""
+                  max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, offset: int = 0) -> dict:
+    """`task` names a held-out set (data/tasks.EVAL_SETS): a task, or gsm_symbolic_seen. `offset`
+    picks another slice of the held-out split (GRPO's validation problems, disjoint from the
+    test problems at offset 0)."""
     tok = engine.tok
     name, split = EVAL_SETS[task]
-    probs = problems(name, split, n)
+    probs = problems(name, split, n, offset=offset)
     prompts = [prompt_for(tok, p, template) for p in probs]
     stop = ["\nQuestion:"] if template == "base" else []
     greedy = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop))

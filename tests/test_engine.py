@@ -9,7 +9,7 @@ from nanoseek.config import preset
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer import greedy
 from nanoseek.infer.engine import Engine, EngineBusy, EngineError
-from nanoseek.infer.runner import DecodeRunner
+from nanoseek.infer.runner import DecodeRunner, ModuleRunner
 from nanoseek.infer.sampling import SamplingError, SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
@@ -107,6 +107,26 @@ def trained(tok):
         opt.step()
         opt.zero_grad()
     return model.eval()
+
+
+def test_an_mha_model_decodes_through_its_own_modules(tok):
+    """The ablations' multi-head-attention model (GQA with a KV head per head): the engine
+    decodes it through ModuleRunner, plain and with MTP drafts, to the same tokens as argmax
+    over full forwards of the whole sequence."""
+    model = model_for(seed=2, attn_type="gqa", num_key_value_heads=preset("tiny").num_attention_heads)
+    prompts = [tok.encode(t) for t in ["To be", "Question: 12 + 30", "Café"]]
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            s = list(p)
+            for _ in range(GREEDY.max_tokens):
+                s.append(int(model(torch.tensor([s]))[0, -1].argmax()))
+            expected.append(s[len(p):])
+    for speculative in (False, True):
+        engine = Engine(model, tok, max_seqs=2, speculative=speculative)
+        assert isinstance(engine.runner, ModuleRunner)
+        assert [r.outputs[0].token_ids for r in engine.generate(prompts, GREEDY)] == expected
+    assert engine.stats["drafted"] > 0
 
 
 @pytest.mark.parametrize("which", ["random", "trained"])

@@ -38,11 +38,15 @@ def test_grpo_command_on_the_tasks_logs_and_resumes(base, tmp_path, capsys):
     ckpt, _ = base
     args = ["grpo", str(ckpt), "--out", str(tmp_path / "rl"), "--task", "chain_sum", "--quiet", "--loss-type", "dapo",
             "--clip-higher", "0.28", "--dynamic-sampling", "--ref-reset", "1", "prompts_per_step=2",
-            "group_size=4", "max_tokens=12", "save_every=1"]
+            "group_size=4", "max_tokens=12", "save_every=1", "lr=1e-4", "warmup_steps=4", "eval_every=2", "eval_n=3"]
     assert main(args + ["--max-steps", "2"]) == 0
     assert main(args + ["--max-steps", "3"]) == 0
     log = rows(tmp_path / "rl")
     assert [x["step"] for x in log] == [1, 2, 3]
+    assert [x["lr"] for x in log] == pytest.approx([2.5e-5, 5e-5, 7.5e-5])  # the warmup, across the resume
+    # held-out validation every 2 steps and at the end, a share of 3 problems
+    assert [x["step"] for x in log if "val/chain_sum" in x] == [2, 3]
+    assert all(x["val/chain_sum"] in (0, 1 / 3, 2 / 3, 1) for x in log if "val/chain_sum" in x)
     for key in ("reward", "accuracy", "format_rate", "response_length", "kl", "entropy", "clip_fraction",
                 "zero_adv_groups", "rollout_s"):
         assert key in log[-1], key

@@ -7,8 +7,9 @@ import torch
 
 from nanoseek.cli import main
 from nanoseek.config import preset
-from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations, worked_solution
-from nanoseek.data.tasks import problems, reward
+from nanoseek.data.sft import (cold_start_conversations, read_conversations, task_documents, tokenize_conversations,
+                               worked_solution)
+from nanoseek.data.tasks import TRAIN_POOL, problems, question_hash, reward
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train.checkpoint import save_checkpoint
@@ -48,6 +49,20 @@ def test_cold_start_solutions_are_verified_and_rewarded():
         assert all(reward(p, s).accuracy == 1.0 and reward(p, s).format == 1.0 for p, s in kept)
     convs = cold_start_conversations(20)
     assert {c[0]["role"] for c in convs} == {"user"} and len(convs) > 40
+
+
+def test_task_documents_come_from_the_far_end_of_the_pool():
+    docs = task_documents(["chain_sum", "gsm_symbolic"], 40)
+    assert 60 <= len(docs) <= 80 and {d.startswith("Question: ") for d in docs} == {True}
+    tails = {p.question: p for t in ("chain_sum", "gsm_symbolic") for p in problems(t, "train", 40, offset=TRAIN_POOL[t] - 40)}
+    for d in docs:  # every document is a problem of the pool's tail with its rewarded solution
+        question = d.removeprefix("Question: ").split("\n<think>")[0]
+        p = tails[question]
+        assert reward(p, d.split("\n", 1)[1]).accuracy == 1.0
+    # and none is a problem the cold start or GRPO (the pool's start) trains on (chain_sum; some
+    # gsm_symbolic templates have so few variables that the generator repeats questions anyway)
+    starts = {question_hash(p.question) for p in problems("chain_sum", "train", 3000)}
+    assert not starts & {question_hash(q) for q, p in tails.items() if p.task == "chain_sum"}
 
 
 def test_read_conversations_checks_its_input(tmp_path):

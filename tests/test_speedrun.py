@@ -95,9 +95,43 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "unknown task" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=poetry"]) == 2
     assert "corpus must be" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks", "corpus_docs=19990"]) == 2
+    assert "must fit in" in capsys.readouterr().err
     # a folder holding a speedrun with other settings is not silently mixed with this one
     (tmp_path / "b" / "tokenizer").mkdir(parents=True)
     (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
     (tmp_path / "b" / "speedrun.json").write_text(json.dumps({"preset": "cpu"}))
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "b")]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
+    """`speedrun --ablate`: the speedrun's own tokenizer, pretraining and cold start, then the same
+    two stages for a dense model with the same active parameters, one without MTP and one with
+    multi-head attention's cache, all evaluated on the same held-out problems."""
+    out = tmp_path / "ab"
+    assert main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "--ablate", "corpus=tasks",
+                 "corpus_docs=200"]) == 0
+    assert "| no MTP |" in capsys.readouterr().err
+    rep = json.loads((out / "ablations.json").read_text())
+    v = rep["variants"]
+    assert list(v) == ["deepseek", "dense", "no_mtp", "mha"]
+    assert not (out / "rl").exists()  # GRPO is not part of the comparison
+    import nanoseek
+
+    configs = {n: nanoseek.load(out / ("pretrain" if n == "deepseek" else f"ablate/{n}/pretrain") / "latest")[0].config
+               for n in v}
+    assert configs["deepseek"].n_routed_experts and not configs["dense"].n_routed_experts
+    assert abs(v["dense"]["params_active"] / v["deepseek"]["params_active"] - 1) < 0.1  # same active budget
+    assert configs["no_mtp"].num_nextn_predict_layers == 0 and v["no_mtp"]["params_total"] < v["deepseek"]["params_total"]
+    assert configs["mha"].attn_type == "gqa" and v["mha"]["cache_bytes_per_token"] > 2 * v["deepseek"]["cache_bytes_per_token"]
+    for n, row in v.items():
+        assert row["pretrain_wall_s"] > 0 and row["val_loss"] > 0, n
+        assert set(rep["eval"][n]) == {"chain_sum", "gsm_symbolic", "gsm_symbolic_seen"}
+    assert set(rep["gains"]) == {"dense vs deepseek", "no_mtp vs deepseek", "mha vs deepseek"}
+    # the pretraining corpus: worked solutions of the run's tasks, none a cold-start problem
+    from nanoseek.data.tasks import problems
+
+    docs = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
+    cold = {p.question for p in problems("chain_sum", "train", 20)}
+    assert 300 <= len(docs) <= 400 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}

@@ -92,6 +92,15 @@ def test_no_held_out_problem_is_in_any_training_set():
     assert held and not any(q in docs for q in held)
 
 
+def test_grpo_validation_problems_are_held_out_and_not_the_test_problems():
+    for name in ("chain_sum", "gsm_symbolic", "gsm_symbolic_seen"):
+        task, split = tasks.EVAL_SETS[name]
+        val = problems(task, split, 50, offset=tasks.VALIDATION_OFFSET)
+        test = problems(task, split, 300)
+        assert len({p.key for p in val}) == 50 and not {p.key for p in val} & {p.key for p in test}, name
+        assert not {p.key for p in val} & tasks._train_keys(task), name
+
+
 def test_split_arguments_are_checked():
     with pytest.raises(TaskError, match="unknown task"):
         problems("chess", "train", 1)

@@ -49,6 +49,21 @@ def worked_solution(p: Problem) -> str | None:
     return text if reward(p, text).accuracy == 1.0 else None
 
 
+def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int) -> list[str]:
+    """Pretraining documents made of worked solutions (`Question: ...` then the same assistant
+    text SFT trains on), from the far end of each task's training pool: the cold start and GRPO
+    draw from its start, so their problems stay new to the base. Shuffled together."""
+    docs = []
+    for task in tasks:
+        n = min(n_per_task, TRAIN_POOL[task])
+        for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n):
+            sol = worked_solution(p)
+            if sol is not None:
+                docs.append(f"Question: {p.question}\n{sol}\n")
+    rng = np.random.default_rng(1)
+    return [docs[i] for i in rng.permutation(len(docs))]
+
+
 def cold_start_conversations(n_per_task: int = 1500, tasks: tuple[str, ...] = TASKS) -> list[list[dict]]:
     convs = []
     for task in tasks:

@@ -38,6 +38,9 @@ HELD_OUT_TEMPLATES = frozenset(range(0, 100, 10))
 TRAIN_SEED = 1_000_000
 EVAL_SEED = 50_000_000
 SEEN_EVAL_SEED = 60_000_000
+# GRPO's validation problems: this far into each held-out split, disjoint from the test problems
+# (the first few thousand), so that watching them during training does not tune on the test
+VALIDATION_OFFSET = 1_000_000
 # every held-out set: name -> (task, split); the task names are the unseen-template / seed sets
 EVAL_SETS = {**{t: (t, "eval") for t in TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
 # training problems per task (the most a training run may draw); held-out problems are checked

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from nanoseek.infer.runner import DecodeRunner
+from nanoseek.infer.runner import DecodeRunner, ModuleRunner
 from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
@@ -101,7 +101,7 @@ class Engine:
         self.max_seqs = max_seqs
         self.max_waiting = max_waiting
         self.cache = model.new_cache(max_seqs, self.context, mtp=speculative)
-        self.runner = DecodeRunner(model)
+        self.runner = DecodeRunner(model) if model.config.attn_type == "mla" else ModuleRunner(model)
         self.eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.running: list[_Seq] = []  # row i of the cache holds running[i]
         self.waiting: deque[Request] = deque()

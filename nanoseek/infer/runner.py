@@ -16,7 +16,8 @@ decode through the training modules but through weights prepared once from them:
 
 The prepared weights follow the model: `sync()` rebuilds them when any parameter has
 changed in place (an optimizer step, a loaded checkpoint), so a trainer can keep one engine.
-`forward` is tested against the model's own full forward.
+`forward` is tested against the model's own full forward. Models with another attention
+(the GQA / MHA baseline) decode through `ModuleRunner`, the model's own modules.
 """
 
 from __future__ import annotations
@@ -218,3 +219,27 @@ class DecodeRunner:
         module = self.model.mtp[0]
         x = module.eh_proj(torch.cat([module.enorm(self.model.embed_tokens(next_tokens)), module.hnorm(h)], -1))
         return self.mtp[0](x, _Step(self.rot(positions) if rot is None else rot, positions, cache))
+
+
+class ModuleRunner:
+    """The same interface over the model's own modules: any attention type (the GQA / MHA
+    baseline the ablations measure), without the folded weights."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def sync(self, force: bool = False) -> None:
+        pass  # nothing folded, nothing to rebuild
+
+    def rot(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.rotary(positions)
+
+    @torch.no_grad()
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache, rot=None) -> torch.Tensor:
+        return self.model.hidden_states(tokens, positions, cache)[0]
+
+    @torch.no_grad()
+    def mtp_hidden(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+                   cache: LatentCache, rot=None) -> torch.Tensor:
+        cos, sin = self.rot(positions) if rot is None else rot
+        return self.model.mtp[0](h, self.model.embed_tokens(next_tokens), cos, sin, positions, cache)[0]

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from nanoseek.config import ConfigError, apply_overrides
-from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, R1_ZERO_TEMPLATE, problems, reward
+from nanoseek.data.tasks import TASKS, TRAIN_POOL, VALIDATION_OFFSET, Problem, R1_ZERO_TEMPLATE, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.train import checkpoint as ckpt
@@ -56,6 +56,7 @@ class GRPOConfig:
     max_tokens: int = 128
     temperature: float = 1.0
     lr: float = 1e-4
+    warmup_steps: int = 0  # linear lr warmup: Adam's first steps move every weight by ~lr
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     inner_updates: int = 1
@@ -68,6 +69,8 @@ class GRPOConfig:
     ref_reset_every: int | None = None
     overlong_buffer: int = 0
     save_every: int = 25
+    eval_every: int = 0  # greedy pass@1 on held-out validation problems every N steps (0: never)
+    eval_n: int = 100  # validation problems per task
     seed: int = 0
     device: str = "auto"
     price_per_hour: float | None = None
@@ -84,8 +87,9 @@ class GRPOConfig:
         need(self.template in ("chat", "r1_zero"), "template must be 'chat' or 'r1_zero'")
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
         for name in ("max_steps", "prompts_per_step", "group_size", "max_tokens", "inner_updates", "micro_batch",
-                     "save_every"):
+                     "save_every", "eval_n"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
+        need(self.warmup_steps >= 0 and self.eval_every >= 0, "warmup_steps and eval_every must be at least 0")
         need(self.group_size >= 2, "group_size must be at least 2 (advantages compare within a group)")
         need(self.temperature > 0, "temperature must be positive (GRPO samples)")
         need(self.lr > 0 and self.beta >= 0 and 0 <= self.eps_low < 1 and self.eps_high >= 0,
@@ -158,6 +162,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     device = pick_device(gc.device)
     torch.manual_seed(gc.seed)
     model.to(device)
+    validating = gc.eval_every > 0 and source is None  # validation problems exist for the tasks only
     source = source or task_source(gc, tok)
     score = score or task_reward(gc)
     G, P = gc.group_size, gc.prompts_per_step
@@ -189,6 +194,9 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     ledger.restart_clock()
     while step < gc.max_steps:
         t0 = time.perf_counter()
+        lr = gc.lr * min(1.0, (step + 1) / gc.warmup_steps) if gc.warmup_steps else gc.lr
+        for g in opt.param_groups:
+            g["lr"] = lr
         samples = source(step)
         params = SamplingParams(max_tokens=gc.max_tokens, temperature=gc.temperature, n=G,
                                 seed=gc.seed * 1_000_003 + step * 1009)
@@ -212,11 +220,13 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         n_tokens = sum(len(c) for _, c in comps)
         ledger.add(n_tokens, step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
                                         ref is not None))
-        row = {"step": step, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
+        row = {"step": step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
                "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
                "response_length": n_tokens / len(comps), "zero_adv_groups": float((~keep).float().mean()),
                **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()},
                "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
+        if validating and (step % gc.eval_every == 0 or step == gc.max_steps):
+            row.update(validate(engine, gc))
         log_metrics(run, row)
         last = row
         bar.update(1)
@@ -227,6 +237,16 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     bar.close()
     return {"step": step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
             "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
+
+
+def validate(engine: Engine, gc: GRPOConfig) -> dict[str, float]:
+    """Greedy pass@1 per task on `eval_n` held-out validation problems (tasks.VALIDATION_OFFSET:
+    never trained on, and not the test problems that `nanoseek eval` reports)."""
+    from nanoseek.eval import evaluate_task
+
+    template = "base" if gc.template == "r1_zero" else "chat"
+    return {f"val/{t}": evaluate_task(engine, t, gc.eval_n, k=0, template=template, max_tokens=gc.max_tokens,
+                                      offset=VALIDATION_OFFSET)["pass@1"] for t in gc.tasks}
 
 
 def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], list[int]]], n_trained: int,

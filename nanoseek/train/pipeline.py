@@ -211,16 +211,17 @@ def summarize(table: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
     return rows
 
 
-def stage_gains(table: dict[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Each stage against the one before it, on the same held-out problems: the gain in greedy
-    and sampled pass@1 with a 95% interval on the paired per-problem differences (tighter than
-    comparing two separate intervals, since both models face the same problems). A gain is
-    `clear` when the paired interval lies above zero."""
+def stage_gains(table: dict[str, dict], pairs: list[tuple[str, str]] | None = None
+                ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each stage against the one before it (or each (before, after) of `pairs`), on the same
+    held-out problems: the gain in greedy and sampled pass@1 with a 95% interval on the paired
+    per-problem differences (tighter than comparing two separate intervals, since both models
+    face the same problems). A gain is `clear` when the paired interval lies above zero."""
     from nanoseek.eval import mean_ci
 
     out: dict[str, dict[str, dict[str, Any]]] = {}
     names = list(table)
-    for before, after in zip(names, names[1:]):
+    for before, after in pairs or list(zip(names, names[1:])):
         key = f"{after} vs {before}"
         out[key] = {}
         for task, b in table[before]["tasks"].items():

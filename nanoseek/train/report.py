@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.pipeline import gains_table, stage_done, stage_table
+from nanoseek.train.pipeline import gains_table, stage_done, stage_gains, stage_table, summarize
 from nanoseek.train.pretrain import read_metrics
 
 TRAINING = ("pretrain", "sft", "rl")  # the stages with a cost ledger of their own
@@ -212,3 +212,53 @@ def write_report(out: Path, sc) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     (out / "report.md").write_text(render_markdown(rep, images))
     return {"report": str(out / "report.md"), "plots": list(images)}
+
+
+ABLATION_TITLES = {"deepseek": "MLA + MoE + MTP (the speedrun)", "dense": "dense FFN, same active parameters",
+                   "no_mtp": "no MTP", "mha": "multi-head attention cache instead of MLA"}
+
+
+def write_ablations(out: Path, sc) -> dict[str, Any]:
+    """OUT/ablations.md and OUT/ablations.json from the ablation stages (speedrun --ablate): per
+    variant its parameters, KV cache per token, pretraining and SFT wall time, final losses and
+    held-out pass@1 after the cold start, with the paired gain against the speedrun's model."""
+    import nanoseek
+    from nanoseek.bench.decode import cache_sizes
+
+    table = json.loads((out / "ablate" / "eval" / "eval.json").read_text())
+    rows: dict[str, dict[str, Any]] = {}
+    for name in table:
+        base = out / ("pretrain" if name == "deepseek" else f"ablate/{name}/pretrain")
+        sft = out / ("sft" if name == "deepseek" else f"ablate/{name}/sft")
+        model, _ = nanoseek.load(base / "latest")
+        pre, tuned = stage_done(base) or {}, stage_done(sft) or {}
+        last = [r for r in read_metrics(base / "metrics.jsonl") if "main_loss" in r or "loss" in r]
+        val = [r["val_loss"] for r in read_metrics(base / "metrics.jsonl") if "val_loss" in r]
+        counts = model.param_counts()
+        rows[name] = {"params_total": counts["total"], "params_active": counts["active"],
+                      "cache_bytes_per_token": cache_sizes(model)["cache_bytes_per_token"],
+                      "pretrain_wall_s": pre.get("stage_wall_s"), "sft_wall_s": tuned.get("stage_wall_s"),
+                      "pretrain_loss": last[-1].get("main_loss", last[-1].get("loss")) if last else None,
+                      "val_loss": val[-1] if val else None}
+    scores = summarize(table)
+    gains = stage_gains(table, [("deepseek", n) for n in table if n != "deepseek"])
+    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(sc.tasks)}
+    tasks = list(next(iter(scores.values())))
+    lines = ["# nanoseek speedrun — ablations", "",
+             f"The same tokenizer, corpus ({sc.corpus}), {sc.pretrain_steps} pretraining steps and "
+             f"{sc.sft_steps}-step cold start for each variant, one DeepSeek-V3 idea taken out at a time; held-out "
+             "greedy pass@1 after the cold start (GRPO is not part of the comparison).", "",
+             "| variant | params total / active | KV cache bytes/token | pretraining | SFT | final loss / val loss | "
+             + " | ".join(f"{t} pass@1 [95% CI]" for t in tasks) + " |",
+             "|" + "---|" * (6 + len(tasks))]
+    for name, r in rows.items():
+        loss = " / ".join(f"{x:.3f}" if x is not None else "n/a" for x in (r["pretrain_loss"], r["val_loss"]))
+        cells = [f"{scores[name][t]['pass@1']:.1%} [{scores[name][t]['ci95'][0]:.1%}, {scores[name][t]['ci95'][1]:.1%}]"
+                 for t in tasks]
+        lines.append(f"| {ABLATION_TITLES.get(name, name)} | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M"
+                     f" | {r['cache_bytes_per_token']:,.0f} | {(r['pretrain_wall_s'] or 0) / 60:.1f} min"
+                     f" | {(r['sft_wall_s'] or 0) / 60:.1f} min | {loss} | " + " | ".join(cells) + " |")
+    lines += ["", "Each variant against the speedrun's model, on the same problems:", "", gains_table(gains), ""]
+    (out / "ablations.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    (out / "ablations.md").write_text("\n".join(lines))
+    return {"ablations": str(out / "ablations.md")}

@@ -2,8 +2,10 @@
 
 Stages (each in its own folder under OUT; a restarted run skips the finished ones and resumes
 the current one from its checkpoints, train/pipeline.run_stages):
-  tokenizer  byte-level BPE on the embedded corpus (corpus=math: its math documents only,
-             written to OUT/corpus.jsonl)
+  tokenizer  byte-level BPE on the pretraining corpus: the embedded one (corpus=default), its
+             math documents (corpus=math) or worked solutions of the run's tasks drawn from
+             the far end of their training pools (corpus=tasks); the last two are written to
+             OUT/corpus.jsonl
   pretrain   next-token + MTP pretraining of the preset's MLA + MoE model on that corpus
   sft        cold start: verified worked solutions of the training problems (data/sft.py)
   rl         GRPO on the verifiable tasks (accuracy + format rewards)
@@ -25,8 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import ConfigError, apply_overrides
+from nanoseek.config import ConfigError, apply_overrides, preset as preset_config, round_up
 from nanoseek.train.pipeline import Stage, evaluate_stages, run_stages, stage_done
+
+
+CORPORA = ("default", "math", "tasks")
 
 
 @dataclass
@@ -35,7 +40,10 @@ class SpeedrunConfig:
     out: str = "runs/speedrun"
     tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic"])
     rl_tasks: list[str] | None = None  # default: tasks
-    corpus: str = "default"  # "default": the embedded corpus; "math": its math documents only
+    # "default": the embedded corpus; "math": its math documents only; "tasks": worked solutions
+    # of the run's tasks only (`corpus_docs` each, data/sft.task_documents)
+    corpus: str = "default"
+    corpus_docs: int = 10000
     vocab_size: int = 4096
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 8
@@ -47,6 +55,8 @@ class SpeedrunConfig:
     rl_steps: int = 40
     rl_prompts_per_step: int = 8
     rl_group_size: int = 8
+    rl_lr: float = 1e-5
+    rl_warmup: int = 5
     max_tokens: int = 320
     eval_n: int = 100
     eval_k: int = 2
@@ -68,8 +78,16 @@ class SpeedrunConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
-        if self.corpus not in ("default", "math"):
-            raise ConfigError(f"corpus must be 'default' or 'math', not {self.corpus!r}")
+        if self.corpus not in CORPORA:
+            raise ConfigError(f"corpus must be one of {', '.join(CORPORA)}, not {self.corpus!r}")
+        if self.corpus == "tasks":
+            from nanoseek.data.tasks import TRAIN_POOL
+
+            rl = self.rl_steps * self.rl_prompts_per_step // len(self.rl_tasks or self.tasks) + 1
+            for t in self.tasks:  # the corpus takes the pool's end, SFT and RL its start
+                if self.corpus_docs < 1 or self.corpus_docs + self.sft_examples + rl > TRAIN_POOL[t]:
+                    raise ConfigError(f"corpus_docs + sft_examples + the RL prompts must fit in {t}'s "
+                                      f"{TRAIN_POOL[t]} training problems")
 
 
 # Each preset's budget. cpu: ~30 minutes on 2 cores (docs/BENCHMARKS.md); tiny: a smoke run.
@@ -112,20 +130,25 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
     return sc
 
 
-def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
+def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
+    """The speedrun's stages; with `ablate`, its tokenizer, pretraining and cold start (shared,
+    skipped when done) and then the same two training stages for each ablation, and their
+    side-by-side evaluation (OUT/ablate/, OUT/ablations.md)."""
     from nanoseek.train.grpo import GRPOConfig, grpo
     from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
 
     out = Path(sc.out)
     ckpt = lambda name: str(out / name / "latest")  # noqa: E731
 
-    corpus_file = out / "corpus.jsonl"  # the "math" corpus, written once so that a resume reads the same
+    corpus_file = out / "corpus.jsonl"  # a non-default corpus, written once so that a resume reads the same
 
     def tokenizer(folder: Path) -> dict:
         from nanoseek.data.corpus import default_corpus, math_documents
+        from nanoseek.data.sft import task_documents
         from nanoseek.data.tokenizer import train_tokenizer
 
-        docs = default_corpus() if sc.corpus == "default" else math_documents()
+        docs = {"default": default_corpus, "math": math_documents,
+                "tasks": lambda: task_documents(sc.tasks, sc.corpus_docs)}[sc.corpus]()
         if sc.corpus != "default":
             tmp = corpus_file.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -134,25 +157,27 @@ def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
         tok.save(folder)
         return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs))}
 
-    def pretraining(folder: Path) -> dict:
+    def pretraining(folder: Path, model_overrides: list[str] = ()) -> dict:
         tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(out / "tokenizer"),
                          data=[str(corpus_file)] if sc.corpus != "default" else [],
                          max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
                          price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
-        return pretrain(tc)
+        return pretrain(tc, model_overrides)
 
-    def sft(folder: Path) -> dict:
-        tc = TrainConfig(stage="sft", init=ckpt("pretrain"), out=str(folder), sft_tasks=list(sc.tasks),
+    def sft(folder: Path, base: str = "pretrain") -> dict:
+        tc = TrainConfig(stage="sft", init=ckpt(base), out=str(folder), sft_tasks=list(sc.tasks),
                          sft_examples=sc.sft_examples, max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
                          seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=20, price_per_hour=sc.price_per_hour,
                          device=sc.device, progress=sc.progress)
         return pretrain(tc)
 
     def rl(folder: Path) -> dict:
-        # the recipe measured in docs/LOG.md: Dr. GRPO, lr 2e-5, temperature 0.7
+        # the recipe measured in docs/LOG.md: Dr. GRPO, temperature 0.7, a small lr with a warmup
+        # and many prompts per step (few prompts: the step fits those problems, not the task)
         gc = GRPOConfig(init=ckpt("sft"), out=str(folder), tasks=list(sc.rl_tasks or sc.tasks),
                         max_steps=sc.rl_steps, prompts_per_step=sc.rl_prompts_per_step, group_size=sc.rl_group_size,
-                        max_tokens=sc.max_tokens, temperature=0.7, lr=2e-5, loss_type="dr_grpo",
+                        max_tokens=sc.max_tokens, temperature=0.7, lr=sc.rl_lr, warmup_steps=sc.rl_warmup,
+                        loss_type="dr_grpo",
                         offset=sc.sft_examples,  # problems the cold start did not write out
                         price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
         return grpo(gc)
@@ -180,8 +205,9 @@ def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
 
     eta = estimates(sc)
     stages = [
-        Stage("tokenizer", tokenizer, "byte-level BPE on the embedded corpus"
-              + (" (its math documents)" if sc.corpus == "math" else "")),
+        Stage("tokenizer", tokenizer, {"default": "byte-level BPE on the embedded corpus",
+                                        "math": "byte-level BPE on the embedded corpus's math documents",
+                                        "tasks": "byte-level BPE on worked solutions of the run's tasks"}[sc.corpus]),
         Stage("pretrain", pretraining, f"{sc.preset} preset: MLA + MoE + MTP, {sc.pretrain_steps} steps"),
         Stage("sft", sft, "cold-start SFT on verified worked solutions"),
         Stage("rl", rl, "GRPO, accuracy + format rewards"),
@@ -191,10 +217,42 @@ def speedrun_stages(sc: SpeedrunConfig) -> list[Stage]:
     ]
     for st in stages:
         st.estimate_s = eta.get(st.name, 0.0)
-    return stages
+    if not ablate:
+        return stages
+    # the ablations: the same tokenizer, corpus, budget and cold start, one idea taken out each
+    extra = []
+    for name, over in ablations(preset_config(sc.preset)).items():
+        extra += [Stage(f"ablate/{name}/pretrain", lambda f, o=over: pretraining(f, o), f"pretraining, {name}"),
+                  Stage(f"ablate/{name}/sft", lambda f, n=name: sft(f, f"ablate/{n}/pretrain"), f"cold start, {name}")]
+        extra[-2].estimate_s, extra[-1].estimate_s = eta.get("pretrain", 0.0), eta.get("sft", 0.0)
+
+    def ablation_eval(folder: Path) -> dict:
+        from nanoseek.train.report import write_ablations
+
+        models = [("deepseek", ckpt("sft"))] + [(n, ckpt(f"ablate/{n}/sft")) for n in ABLATIONS]
+        evaluate_stages(folder, models, sc.tasks, sc.eval_n, sc.eval_k, sc.max_tokens, sc.progress)
+        return write_ablations(out, sc)
+
+    return stages[:3] + extra + [Stage("ablate/eval", ablation_eval, "held-out evaluation of every variant's SFT model")]
 
 
-def speedrun(sc: SpeedrunConfig) -> dict[str, dict[str, Any]]:
+ABLATIONS = ("dense", "no_mtp", "mha")
+
+
+def ablations(cfg) -> dict[str, list[str]]:
+    """Model overrides of each ablation. dense: every layer a SwiGLU MLP with the width of the
+    MoE model's mean active feed-forward (shared + routed experts, and its dense first layer),
+    so the active parameters match; no_mtp: no multi-token prediction module; mha: multi-head
+    attention (GQA with a KV head per head) and its full key/value cache instead of MLA."""
+    L, k = cfg.num_hidden_layers, cfg.first_k_dense_replace
+    active = (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
+    width = round_up((k * cfg.intermediate_size + (L - k) * active) // L, 32)
+    return {"dense": ["n_routed_experts=0", f"intermediate_size={width}"],
+            "no_mtp": ["num_nextn_predict_layers=0"],
+            "mha": ["attn_type=gqa", f"num_key_value_heads={cfg.num_attention_heads}"]}
+
+
+def speedrun(sc: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str, Any]]:
     out = Path(sc.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "speedrun.json"
@@ -205,4 +263,4 @@ def speedrun(sc: SpeedrunConfig) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{out} holds a speedrun with other settings ({', '.join(changed)}): "
                           "use another --out, or the same settings to resume it")
     cfg_file.write_text(json.dumps(mine, indent=1) + "\n")
-    return run_stages(out, speedrun_stages(sc), progress=sc.progress)
+    return run_stages(out, speedrun_stages(sc, ablate), progress=sc.progress)
