@@ -26,7 +26,8 @@ def test_grpo_learns_a_toy_task(base, tmp_path):
     ckpt, tok = base
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": "digits please"}], True))
     gc = GRPOConfig(init=str(ckpt), out=str(tmp_path / "run"), max_steps=40, prompts_per_step=4, group_size=8,
-                    max_tokens=8, lr=1e-2, beta=0.01, progress=False, save_every=100, device="cpu")
+                    max_tokens=8, lr=1e-2, beta=0.01, temperature=1.0, loss_type="grpo", warmup_steps=0, progress=False,
+                    save_every=100, device="cpu")
     grpo(gc, source=lambda step: [Sample(prompt, None)] * 4, score=digits)
     r = [x["reward"] for x in rows(tmp_path / "run")]
     start, end = sum(r[:5]) / 5, sum(r[-5:]) / 5

@@ -31,6 +31,7 @@ def bench_grpo(ckpt: str, task: str = "chain_sum", steps: int = 5, prompts: int 
     with tempfile.TemporaryDirectory() as tmp:
         gc = GRPOConfig(init=ckpt, out=str(Path(tmp) / "ours"), tasks=[task], level=level, max_steps=steps,
                         prompts_per_step=prompts, group_size=group, max_tokens=max_tokens, lr=lr, beta=beta,
+                        loss_type="grpo", temperature=1.0, warmup_steps=0,  # what TRL runs below
                         save_every=10**6, progress=False, device="cpu")
         t = time.perf_counter()
         grpo(gc)
