@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate", action="store_true",
                    help="also train the same budget dense (same active parameters), without MTP and with an MHA cache, "
                         "and compare them after the cold start: OUT/ablations.md")
+    p.add_argument("--smoke", action="store_true",
+                   help="the preset's architecture (experts, routing groups, MTP) at the tiny preset's size and "
+                        "budget: a minutes-long CPU check of a GPU preset's code path")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., ...)")
@@ -287,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "speedrun":
         from nanoseek.train.speedrun import speedrun, speedrun_config
 
-        sc = speedrun_config(args.preset, args.out, args.overrides)
+        sc = speedrun_config(args.preset, args.out, args.overrides, args.smoke)
         sc.progress = not args.quiet
         summaries = speedrun(sc, args.ablate)
         if args.ablate:

@@ -135,3 +135,22 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     docs = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
     cold = {p.question for p in problems("chain_sum", "train", 20)}
     assert 300 <= len(docs) <= 400 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
+
+
+@pytest.mark.parametrize("name", ["gpu", "gpu8"])
+def test_gpu_presets_run_their_architecture_shrunk_on_the_cpu(tmp_path, name):
+    """`--smoke`: the GPU preset's expert layout and group-limited routing at the tiny preset's
+    size and budget, every stage through to the report card."""
+    import nanoseek
+    from nanoseek.config import preset
+
+    out = tmp_path / name
+    assert main(["speedrun", "--preset", name, "--smoke", "--out", str(out), "--quiet", "corpus=tasks",
+                 "corpus_docs=100"]) == 0
+    cfg, full = nanoseek.load(out / "final")[0].config, preset(name)
+    for field in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
+                  "num_nextn_predict_layers"):
+        assert getattr(cfg, field) == getattr(full, field), field
+    assert cfg.n_group > 1 and cfg.hidden_size == preset("tiny").hidden_size < full.hidden_size
+    assert json.loads((out / "speedrun.json").read_text())["smoke"] is True
+    assert json.loads((out / "report.json").read_text())["model"]["architecture"]["routed_experts"] == full.n_routed_experts

@@ -62,6 +62,7 @@ class SpeedrunConfig:
     eval_k: int = 2
     price_per_hour: float | None = None
     device: str = "auto"
+    smoke: bool = False  # the preset's architecture at the tiny preset's size and budget (a CPU check)
     progress: bool = True
 
     def validate(self) -> None:
@@ -122,10 +123,12 @@ def estimates(sc: SpeedrunConfig) -> dict[str, float]:
             "eval": 3 * sets * sc.eval_n * (1 + sc.eval_k) * c["generation"], "report": c["report"]}
 
 
-def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: list[str] = ()) -> SpeedrunConfig:
+def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: list[str] = (),
+                    smoke: bool = False) -> SpeedrunConfig:
     if preset not in SPEEDRUNS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(SPEEDRUNS)}")
-    sc = apply_overrides(SpeedrunConfig(preset=preset, out=out, **SPEEDRUNS[preset]), list(overrides))
+    budget = {**SPEEDRUNS[preset], **(SPEEDRUNS["tiny"] if smoke else {})}
+    sc = apply_overrides(SpeedrunConfig(preset=preset, out=out, smoke=smoke, **budget), list(overrides))
     sc.validate()
     return sc
 
@@ -157,12 +160,14 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
         tok.save(folder)
         return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs))}
 
+    shrink = smoke_overrides(sc.preset) if sc.smoke else []
+
     def pretraining(folder: Path, model_overrides: list[str] = ()) -> dict:
         tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(out / "tokenizer"),
                          data=[str(corpus_file)] if sc.corpus != "default" else [],
                          max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
                          price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
-        return pretrain(tc, model_overrides)
+        return pretrain(tc, [*shrink, *model_overrides])
 
     def sft(folder: Path, base: str = "pretrain") -> dict:
         tc = TrainConfig(stage="sft", init=ckpt(base), out=str(folder), sft_tasks=list(sc.tasks),
@@ -221,7 +226,7 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
         return stages
     # the ablations: the same tokenizer, corpus, budget and cold start, one idea taken out each
     extra = []
-    for name, over in ablations(preset_config(sc.preset)).items():
+    for name, over in ablations(apply_overrides(preset_config(sc.preset), shrink)).items():
         extra += [Stage(f"ablate/{name}/pretrain", lambda f, o=over: pretraining(f, o), f"pretraining, {name}"),
                   Stage(f"ablate/{name}/sft", lambda f, n=name: sft(f, f"ablate/{n}/pretrain"), f"cold start, {name}")]
         extra[-2].estimate_s, extra[-1].estimate_s = eta.get("pretrain", 0.0), eta.get("sft", 0.0)
@@ -237,6 +242,18 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
 
 
 ABLATIONS = ("dense", "no_mtp", "mha")
+
+
+def smoke_overrides(preset: str) -> list[str]:
+    """Model overrides that shrink a preset to the tiny preset's depth, width, vocabulary and
+    context while keeping its architecture (routed / shared experts, experts per token, routing
+    groups, MTP): `speedrun --preset gpu --smoke` runs the GPU recipe's code path on a CPU."""
+    from nanoseek.config import PRESETS, derive
+
+    small = derive(**{**PRESETS[preset], **{k: PRESETS["tiny"][k] for k in ("depth", "width", "vocab_size", "context")}})
+    full = preset_config(preset)
+    return [f"{f.name}={json.dumps(getattr(small, f.name))}" for f in dataclasses.fields(small)
+            if getattr(small, f.name) != getattr(full, f.name)]
 
 
 def ablations(cfg) -> dict[str, list[str]]:
