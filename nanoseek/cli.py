@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="the preset's architecture (experts, routing groups, MTP) at the tiny preset's size and "
                         "budget: a minutes-long CPU check of a GPU preset's code path")
+    p.add_argument("--plan", action="store_true",
+                   help="a GPU preset's compute per stage and its expected hours and dollars; runs nothing")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., ...)")
@@ -291,6 +293,18 @@ def _run(args: argparse.Namespace) -> int:
         from nanoseek.train.speedrun import speedrun, speedrun_config
 
         sc = speedrun_config(args.preset, args.out, args.overrides, args.smoke)
+        if args.plan:
+            from nanoseek.train.speedrun import plan
+
+            p = plan(sc)
+            print(f"{p['preset']}: {p['params_total'] / 1e9:.2f}B parameters, {p['params_active'] / 1e9:.2f}B active, "
+                  f"on {p['gpus']} GPU(s) at {p['mfu']:.0%} MFU, ${p['price_per_gpu_hour']:.2f} per GPU-hour "
+                  "(expected, not measured)", file=sys.stderr)
+            for name, r in p["stages"].items():
+                print(f"  {name:9} {r['tokens'] / 1e9:8.2f}B tokens  {r['flops']:9.2e} FLOPs  {r['hours']:6.2f} h  "
+                      f"${r['dollars']:,.0f}", file=sys.stderr)
+            print(json.dumps(p))
+            return 0
         sc.progress = not args.quiet
         summaries = speedrun(sc, args.ablate)
         if args.ablate:

@@ -97,6 +97,11 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "corpus must be" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks", "corpus_docs=19990"]) == 2
     assert "must fit in" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), f"data=[\"{tmp_path}/none.txt\"]"]) == 2
+    assert "no such data file" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "cpu", "--plan"]) == 2
+    assert "for the GPU presets" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # nothing was started
     # a folder holding a speedrun with other settings is not silently mixed with this one
     (tmp_path / "b" / "tokenizer").mkdir(parents=True)
     (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
@@ -145,8 +150,10 @@ def test_gpu_presets_run_their_architecture_shrunk_on_the_cpu(tmp_path, name):
     from nanoseek.config import preset
 
     out = tmp_path / name
-    assert main(["speedrun", "--preset", name, "--smoke", "--out", str(out), "--quiet", "corpus=tasks",
-                 "corpus_docs=100"]) == 0
+    text = tmp_path / "mine.txt"  # the user's own pretraining text, as a GPU run would bring
+    text.write_text("".join(f"Question: {i} + {i} = ?\n<think>\n{i} + {i} = {2 * i}\n</think>\nAnswer: {2 * i}\n\n"
+                            for i in range(300)))
+    assert main(["speedrun", "--preset", name, "--smoke", "--out", str(out), "--quiet", f"data=[\"{text}\"]"]) == 0
     cfg, full = nanoseek.load(out / "final")[0].config, preset(name)
     for field in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
                   "num_nextn_predict_layers"):
@@ -154,3 +161,18 @@ def test_gpu_presets_run_their_architecture_shrunk_on_the_cpu(tmp_path, name):
     assert cfg.n_group > 1 and cfg.hidden_size == preset("tiny").hidden_size < full.hidden_size
     assert json.loads((out / "speedrun.json").read_text())["smoke"] is True
     assert json.loads((out / "report.json").read_text())["model"]["architecture"]["routed_experts"] == full.n_routed_experts
+    pre_state = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
+    assert pre_state["data"] == [str(text)]
+
+
+def test_gpu_presets_plan_their_compute_and_cost(capsys):
+    for name, gpus in (("gpu", 1), ("gpu8", 8)):
+        assert main(["speedrun", "--preset", name, "--plan"]) == 0
+        p = json.loads(capsys.readouterr().out)
+        st = p["stages"]
+        assert p["gpus"] == gpus and p["params_active"] < p["params_total"]
+        assert st["pretrain"]["flops"] > st["sft"]["flops"] > 0 and st["rl"]["flops"] > 0
+        # hours follow from FLOPs / (GPUs x peak x MFU); dollars from GPU-hours
+        hours = st["total"]["flops"] / (gpus * p["peak_flops_per_gpu"] * p["mfu"]) / 3600
+        assert st["total"]["hours"] == pytest.approx(hours)
+        assert st["total"]["dollars"] == pytest.approx(hours * gpus * p["price_per_gpu_hour"])

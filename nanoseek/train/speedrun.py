@@ -44,6 +44,9 @@ class SpeedrunConfig:
     # of the run's tasks only (`corpus_docs` each, data/sft.task_documents)
     corpus: str = "default"
     corpus_docs: int = 10000
+    # your own .txt / .jsonl / .parquet files or folders: the tokenizer and pretraining read them
+    # instead of the corpus (what the GPU presets' token budgets need: the embedded corpus is ~4M tokens)
+    data: list[str] = field(default_factory=list)
     vocab_size: int = 4096
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 8
@@ -81,14 +84,22 @@ class SpeedrunConfig:
             raise ConfigError("tasks must name at least one task")
         if self.corpus not in CORPORA:
             raise ConfigError(f"corpus must be one of {', '.join(CORPORA)}, not {self.corpus!r}")
-        if self.corpus == "tasks":
-            from nanoseek.data.tasks import TRAIN_POOL
+        from nanoseek.data.tasks import TRAIN_POOL
 
-            rl = self.rl_steps * self.rl_prompts_per_step // len(self.rl_tasks or self.tasks) + 1
-            for t in self.tasks:  # the corpus takes the pool's end, SFT and RL its start
-                if self.corpus_docs < 1 or self.corpus_docs + self.sft_examples + rl > TRAIN_POOL[t]:
-                    raise ConfigError(f"corpus_docs + sft_examples + the RL prompts must fit in {t}'s "
-                                      f"{TRAIN_POOL[t]} training problems")
+        for path in self.data:
+            if not Path(path).exists():
+                raise ConfigError(f"no such data file or folder: {path}")
+        if self.corpus_docs < 1:
+            raise ConfigError("corpus_docs must be at least 1")
+        # SFT and RL take their problems from the start of each pool, corpus=tasks from its end:
+        # none may run into another's (RL on problems the cold start wrote out rewards recall)
+        rl = -(-self.rl_steps * self.rl_prompts_per_step // len(self.rl_tasks or self.tasks))
+        corpus = self.corpus_docs if self.corpus == "tasks" else 0
+        for t in self.tasks:
+            if corpus + self.sft_examples + (rl if t in (self.rl_tasks or self.tasks) else 0) > TRAIN_POOL[t]:
+                raise ConfigError(("corpus_docs + " if corpus else "") + "sft_examples + the RL prompts "
+                                  f"({corpus + self.sft_examples + rl:,}) must fit in {t}'s {TRAIN_POOL[t]:,} "
+                                  "training problems")
 
 
 # Each preset's budget. cpu: ~30 minutes on 2 cores (docs/BENCHMARKS.md); tiny: a smoke run.
@@ -97,18 +108,60 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
                  sft_examples=20, sft_batch_size=2, sft_seq_len=128, rl_steps=2, rl_prompts_per_step=2,
                  rl_group_size=2, max_tokens=16, eval_n=4, eval_k=2),
     "cpu": {},
+    # GPU presets: pretraining budgets far beyond the embedded corpus (pass data=[...]); the cold
+    # start a few passes over its ~4M tokens of worked solutions
     "gpu": dict(vocab_size=32768, pretrain_steps=20000, pretrain_batch_size=64, pretrain_seq_len=2048,
-                sft_steps=3000, sft_examples=20000, sft_batch_size=32, sft_seq_len=2048, rl_steps=500,
-                rl_prompts_per_step=64, rl_group_size=16, max_tokens=1024, eval_n=500, eval_k=8),
-    "gpu8": dict(vocab_size=65536, pretrain_steps=40000, pretrain_batch_size=256, pretrain_seq_len=4096,
-                 sft_steps=5000, sft_examples=20000, sft_batch_size=128, sft_seq_len=4096, rl_steps=1000,
-                 rl_prompts_per_step=256, rl_group_size=16, max_tokens=2048, eval_n=1000, eval_k=8),
+                sft_steps=200, sft_examples=8000, sft_batch_size=32, sft_seq_len=2048, rl_steps=500,
+                rl_prompts_per_step=32, rl_group_size=16, max_tokens=1024, eval_n=500, eval_k=8),
+    "gpu8": dict(vocab_size=65536, pretrain_steps=6000, pretrain_batch_size=256, pretrain_seq_len=4096,
+                 sft_steps=100, sft_examples=8000, sft_batch_size=32, sft_seq_len=4096, rl_steps=250,
+                 rl_prompts_per_step=64, rl_group_size=16, max_tokens=2048, eval_n=1000, eval_k=8),
 }
 
 
 # Seconds per unit of work for the cpu preset on the 2-core machine (docs/BENCHMARKS.md): the
 # ETA the progress display shows. Other presets show elapsed time only.
 CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 7.5, "generation": 0.08, "report": 30.0}
+
+
+GPUS = {"gpu": 1, "gpu8": 8}  # the hardware each GPU preset is sized for (H100 / H200)
+
+
+def plan(sc: SpeedrunConfig, mfu: float = 0.4, peak: float = 989e12) -> dict[str, Any]:
+    """A GPU preset's compute per training stage, and the hours and dollars that implies on its
+    GPUs at an assumed model FLOPs utilization (`mfu` of the bf16 dense peak; `DEFAULT_PRICES`
+    per GPU-hour). Pretraining and SFT at their token budgets; GRPO as every completion running
+    to max_tokens, one forward to sample it, one for the reference and three for the update.
+    Rollouts are memory-bound on a GPU, so its real time is longer. Not a measurement: a run
+    reports its own ledger."""
+    import torch
+
+    from nanoseek.model import Transformer
+    from nanoseek.train.cost import DEFAULT_PRICES
+
+    if sc.preset not in GPUS:
+        raise ConfigError(f"--plan is for the GPU presets ({', '.join(GPUS)}); the {sc.preset} preset prints "
+                          "its ETA as it runs")
+    gpus = GPUS[sc.preset]
+    with torch.device("meta"):  # parameter counts without allocating the weights
+        model = Transformer(preset_config(sc.preset).replace(vocab_size=sc.vocab_size))
+    rl_tokens = sc.rl_steps * sc.rl_prompts_per_step * sc.rl_group_size * sc.max_tokens
+    stages = {
+        "pretrain": (sc.pretrain_steps * sc.pretrain_batch_size * sc.pretrain_seq_len,
+                     model.flops_per_token(sc.pretrain_seq_len)),
+        "sft": (sc.sft_steps * sc.sft_batch_size * sc.sft_seq_len, model.flops_per_token(sc.sft_seq_len)),
+        "rl": (rl_tokens, 5 * model.flops_per_token(sc.max_tokens, training=False)),
+    }
+    rows = {}
+    for name, (tokens, per_token) in stages.items():
+        hours = tokens * per_token / (gpus * peak * mfu) / 3600
+        rows[name] = {"tokens": tokens, "flops": tokens * per_token, "hours": hours,
+                      "dollars": hours * gpus * DEFAULT_PRICES["cuda"]}
+    rows["total"] = {k: sum(r[k] for r in rows.values()) for k in ("tokens", "flops", "hours", "dollars")}
+    counts = model.param_counts()
+    return {"preset": sc.preset, "gpus": gpus, "mfu": mfu, "peak_flops_per_gpu": peak,
+            "price_per_gpu_hour": DEFAULT_PRICES["cuda"], "params_total": counts["total"],
+            "params_active": counts["active"], "stages": rows}
 
 
 def estimates(sc: SpeedrunConfig) -> dict[str, float]:
@@ -150,6 +203,14 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
         from nanoseek.data.sft import task_documents
         from nanoseek.data.tokenizer import train_tokenizer
 
+        from nanoseek.data.corpus import read_files
+
+        if sc.data:
+            docs = read_files(sc.data)
+            tok = train_tokenizer(docs, vocab_size=sc.vocab_size)
+            tok.save(folder)
+            return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
+                    "data": list(sc.data)}
         docs = {"default": default_corpus, "math": math_documents,
                 "tasks": lambda: task_documents(sc.tasks, sc.corpus_docs)}[sc.corpus]()
         if sc.corpus != "default":
@@ -164,7 +225,7 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
 
     def pretraining(folder: Path, model_overrides: list[str] = ()) -> dict:
         tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(out / "tokenizer"),
-                         data=[str(corpus_file)] if sc.corpus != "default" else [],
+                         data=list(sc.data) or ([str(corpus_file)] if sc.corpus != "default" else []),
                          max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
                          price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
         return pretrain(tc, [*shrink, *model_overrides])
