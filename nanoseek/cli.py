@@ -181,6 +181,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape parts of the model")
+    p.add_argument("--fp8", action="store_true", help="DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 block scales); "
+                                                      "emulated on the CPU, FP8 tensor cores on CUDA")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
@@ -219,10 +221,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from nanoseek.data.tasks import TaskError
     from nanoseek.infer.engine import EngineError
     from nanoseek.infer.sampling import SamplingError
+    from nanoseek.train.fp8 import FP8Error
     from nanoseek.train.pretrain import TrainingError
 
     return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, EngineError, SamplingError,
-            TaskError)
+            TaskError, FP8Error)
 
 
 def _known_tasks(names: list[str], allowed) -> None:
@@ -257,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
         from nanoseek.train.pretrain import TrainConfig, pretrain
 
         tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
-                         stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile,
+                         stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile, fp8=args.fp8,
                          progress=not args.quiet)
         for name in ("max_steps", "save_every", "seed", "device"):  # only where given: a resume keeps its own
             if getattr(args, name) is not None:
@@ -268,7 +271,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "sft":
         from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
 
-        tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, compile=args.compile,
+        tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, compile=args.compile, fp8=args.fp8,
                          progress=not args.quiet, lr=SFT_LR, warmup_steps=20, stop_at=args.stop_at)
         for name in ("max_steps", "save_every", "seed", "device"):
             if getattr(args, name) is not None:

@@ -75,6 +75,7 @@ class Experts(nn.Module):
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.linear = F.linear  # train/fp8.enable_fp8 swaps in the FP8 GEMM
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights, indices [N, k] -> [N, H]."""
@@ -89,8 +90,8 @@ class Experts(nn.Module):
         for e, chunk in enumerate(chunks):
             if counts[e] == 0:
                 continue
-            g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, down[e]))
+            g, u = self.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+            outs.append(self.linear(F.silu(g) * u, down[e]))
         y = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 

@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    fp8: bool = False  # DeepSeek-V3's fine-grained FP8 GEMMs (train/fp8.py)
     price_per_hour: float | None = None
     max_bad_steps: int = 3
     progress: bool = True
@@ -212,6 +213,11 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
              f"{'resuming at step ' + str(step) if resuming else 'from ' + tc.init if tc.init else 'from scratch'}, "
              f"on {ledger.device}")
     run.mkdir(parents=True, exist_ok=True)
+    if tc.fp8:  # the parameters (and checkpoints) stay as they are; the GEMMs see E4M3
+        from nanoseek.train.fp8 import check_device, enable_fp8
+
+        check_device(device)
+        enable_fp8(model)
     if tc.compile:
         model.compile_blocks()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
