@@ -228,6 +228,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
             TaskError, FP8Error)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _known_tasks(names: list[str], allowed) -> None:
     from nanoseek.data.tasks import TaskError
 
@@ -266,7 +271,8 @@ def _run(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))
         summary = pretrain(tc, args.overrides)
-        print(json.dumps(summary))
+        if _rank() == 0:  # under torchrun, one summary
+            print(json.dumps(summary))
         return 0
     if args.command == "sft":
         from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
@@ -276,7 +282,9 @@ def _run(args: argparse.Namespace) -> int:
         for name in ("max_steps", "save_every", "seed", "device"):
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))
-        print(json.dumps(pretrain(tc, args.overrides)))
+        summary = pretrain(tc, args.overrides)
+        if _rank() == 0:
+            print(json.dumps(summary))
         return 0
     if args.command == "grpo":
         from nanoseek.train.grpo import GRPOConfig, grpo

@@ -33,6 +33,7 @@ from nanoseek.data.loader import PackedLoader, tokenize_documents, val_batches
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train import checkpoint as ckpt
+from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger, peak_flops
 from nanoseek.train.optim import (load_optimizer_state, load_rng_state, lr_at, make_optimizer,
                                   optimizer_state, rng_state)
@@ -160,7 +161,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         tc = dataclasses.replace(tc, max_steps=tc.max_steps or 1000, save_every=tc.save_every or 250)
         tc, cfg = split_overrides(tc, preset(tc.preset), list(overrides))
     tc.validate(model.config if resuming or tc.init else cfg)
-    device = pick_device(tc.device)
+    ranks, device = dist.setup(pick_device(tc.device))  # one process, or torchrun's group
+    if tc.batch_size % ranks.world:
+        raise ConfigError(f"batch_size {tc.batch_size} (the global batch) must divide among {ranks.world} processes")
     torch.manual_seed(tc.seed)
 
     train_labels = val_labels = None
@@ -190,9 +193,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         raise TrainingError(f"{e}: give more data or lower batch_size / seq_len") from None
     has_val = len(val_tokens) > tc.seq_len * tc.batch_size
     if not has_val:
-        say(tc.progress, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
+        say(tc.progress and ranks.main, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
     opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
-    ledger = CostLedger(device, tc.price_per_hour)
+    ledger = CostLedger(device, tc.price_per_hour, ranks.world)
     step = 0
     if resuming:
         load_optimizer_state(opt, tensors, info["optimizer"])
@@ -200,18 +203,19 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         loader.load_state_dict(info["loader"])
         ledger.load(info["cost"])
         step = int(info["step"])
-    truncate_metrics(run / "metrics.jsonl", step)  # a fresh run starts a fresh log
+    if ranks.main:
+        truncate_metrics(run / "metrics.jsonl", step)  # a fresh run starts a fresh log
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     if tc.max_epochs and not resuming:  # (a resumed run keeps the max_steps it saved)
         tc.max_steps = max(1, min(tc.max_steps, math.ceil(tc.max_epochs * len(train_tokens) / tokens_per_step)))
     flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
-    peak = peak_flops(device)
+    peak = peak_flops(device) * ranks.world
     counts = model.param_counts()
-    say(tc.progress, f"nanoseek {tc.stage}: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
+    say(tc.progress and ranks.main, f"nanoseek {tc.stage}: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
              f"({counts['active'] / 1e6:.2f}M active), {len(train_tokens):,} training tokens, "
              f"{'resuming at step ' + str(step) if resuming else 'from ' + tc.init if tc.init else 'from scratch'}, "
-             f"on {ledger.device}")
+             f"on {ledger.device}" + (f" x {ranks.world} processes" if ranks.parallel else ""))
     run.mkdir(parents=True, exist_ok=True)
     if tc.fp8:  # the parameters (and checkpoints) stay as they are; the GEMMs see E4M3
         from nanoseek.train.fp8 import check_device, enable_fp8
@@ -223,7 +227,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     end = min(tc.max_steps, tc.stop_at or tc.max_steps)
-    bar = progress_bar(tc.stage, tc.progress, step, tc.max_steps)
+    forward = dist.loss_fn(model, ranks, device)  # model.loss, through DDP under torchrun
+    bar = progress_bar(tc.stage, tc.progress and ranks.main, step, tc.max_steps)
     bad_in_a_row = 0
     last: dict[str, Any] = {}
     ledger.restart_clock()
@@ -236,16 +241,19 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         parts: dict[str, float] = {}
         finite = True
         for _ in range(tc.grad_accum):
-            x, y = loader.next_batch()
+            x, y = loader.next_batch()  # the global batch; this process trains on its share
             with autocast:
-                out = model.loss(x.to(device), y.to(device))
+                out = forward(dist.shard(x, ranks).to(device), dist.shard(y, ranks).to(device))
             loss = out["loss"]
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if not ranks.parallel:  # (every rank must run each backward: theirs wait on it)
+                    break
             (loss / tc.grad_accum).backward()
             for k, v in out.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+        finite = dist.all_true(finite, ranks)
+        parts = dist.mean(parts, ranks)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)) if finite else math.nan
         step += 1
         if not (finite and math.isfinite(grad_norm)):
@@ -253,7 +261,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             for m in model.moe_layers():
                 m.expert_load.zero_()
             bad_in_a_row += 1
-            log_metrics(run, {"step": step, "skipped": "non-finite loss or gradient"})
+            if ranks.main:
+                log_metrics(run, {"step": step, "skipped": "non-finite loss or gradient"})
             if bad_in_a_row >= tc.max_bad_steps:
                 raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                     f"(last at step {step}); lower lr or check the data")
@@ -261,7 +270,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         bad_in_a_row = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
+        dist.sync_expert_load(model, ranks)  # the global batch's expert load
         load_stats = model.update_bias()
+        dist.check_same_biases(model, ranks)
         ledger.add(tokens_per_step, flops_per_step)
         dt = time.perf_counter() - t0
         row = {"step": step, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
@@ -270,20 +281,23 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         if load_stats:
             row["load_max"] = round(max(load_stats.values()), 3)
             row.update({k: round(v, 3) for k, v in load_stats.items()})
-        if has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+        if ranks.main and has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
             row["val_loss"] = round(evaluate(model, val_tokens, tc, device, val_labels), 5)
-        log_metrics(run, row)
         last = row
-        bar.update(1)
-        bar.set_postfix_str(_postfix(row))
+        if ranks.main:
+            log_metrics(run, row)
+            bar.update(1)
+            bar.set_postfix_str(_postfix(row))
         if step % tc.save_every == 0 or step == end:
-            _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts)
+            if ranks.main:  # one checkpoint, in the one format: it resumes under any number of processes
+                _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts)
             ledger.restart_clock()
     bar.close()
+    dist.finish(ranks)
     summary = {"step": step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
-    say(tc.progress, f"done at step {step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
-    say(tc.progress, ledger.summary())
+    say(tc.progress and ranks.main, f"done at step {step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
+    say(tc.progress and ranks.main, ledger.summary())
     return summary
 
 
