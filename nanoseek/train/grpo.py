@@ -54,7 +54,7 @@ class GRPOConfig:
     # The defaults are the recipe measured on the cpu-size model (docs/LOG.md, 2026-11-29): with
     # 8 prompts a step or lr >= 2e-5 held-out accuracy fell while the training reward rose (the
     # step fits the batch's problems, not the task); 32 prompts at lr 1e-5 after a 5-step warmup
-    # raised it by 17 points in 40 steps.
+    # raised held-out chain_sum by 10.3 points [+5.8, +14.9] in 40 steps.
     prompts_per_step: int = 32
     group_size: int = 8
     max_tokens: int = 128

@@ -128,7 +128,7 @@ CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 6.0, "genera
 GPUS = {"gpu": 1, "gpu8": 8}  # the hardware each GPU preset is sized for (H100 / H200)
 
 
-def plan(sc: SpeedrunConfig, mfu: float = 0.4, peak: float = 989e12) -> dict[str, Any]:
+def plan(sc: SpeedrunConfig, mfu: float = 0.4) -> dict[str, Any]:
     """A GPU preset's compute per training stage, and the hours and dollars that implies on its
     GPUs at an assumed model FLOPs utilization (`mfu` of the bf16 dense peak; `DEFAULT_PRICES`
     per GPU-hour). Pretraining and SFT at their token budgets; GRPO as every completion running
@@ -138,8 +138,9 @@ def plan(sc: SpeedrunConfig, mfu: float = 0.4, peak: float = 989e12) -> dict[str
     import torch
 
     from nanoseek.model import Transformer
-    from nanoseek.train.cost import DEFAULT_PRICES
+    from nanoseek.train.cost import DEFAULT_PRICES, GPU_PEAKS
 
+    peak = GPU_PEAKS["H100"]  # H100 and H200: the same bf16 dense peak
     if sc.preset not in GPUS:
         raise ConfigError(f"--plan is for the GPU presets ({', '.join(GPUS)}); the {sc.preset} preset prints "
                           "its ETA as it runs")
