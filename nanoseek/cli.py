@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="a new folder")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
-    p.add_argument("what", choices=["train", "decode", "grpo", "serve"])
-    p.add_argument("--steps", type=int, default=5, help="grpo: steps of each trainer")
+    p.add_argument("what", choices=["train", "decode", "grpo", "serve", "fp8"])
+    p.add_argument("--steps", type=int, help="grpo: steps of each trainer (default 5); fp8: of each model (200)")
+    p.add_argument("--device", default="cpu", help="fp8: cpu (emulated) or cuda")
     p.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -437,13 +438,21 @@ def _run(args: argparse.Namespace) -> int:
 
             if not args.ckpt:
                 raise ConfigError("bench grpo needs --ckpt (a checkpoint with its tokenizer)")
-            result = bench_grpo(args.ckpt, steps=args.steps)
+            result = bench_grpo(args.ckpt, steps=args.steps or 5)
         elif args.what == "serve":
             from nanoseek.bench.serve import bench_serve
 
             if not args.ckpt:
                 raise ConfigError("bench serve needs --ckpt (a checkpoint with its tokenizer)")
             result = bench_serve(args.ckpt, clients=args.clients, repeats=args.repeats)
+        elif args.what == "fp8":
+            from nanoseek.bench.fp8 import bench_fp8
+
+            result = bench_fp8(args.preset, steps=args.steps or 200, device=args.device)
+            print(f"FP8 vs full precision after {result['steps']} steps: loss {result['final_loss_fp8']:.4f} vs "
+                  f"{result['final_loss_full']:.4f}, relative error {result['relative_loss_error']:.3%} "
+                  f"(largest gap along the curve {result['max_relative_gap_smoothed']:.3%}); step "
+                  f"{result['step_s_fp8']:.3f} s vs {result['step_s_full']:.3f} s", file=sys.stderr)
         elif args.what == "decode":
             from nanoseek.bench.decode import bench_decode
 

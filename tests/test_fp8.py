@@ -162,3 +162,14 @@ def test_pretrain_fp8_flag_trains_and_resumes_with_an_ordinary_checkpoint(tmp_pa
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)
+
+
+def test_bench_fp8_reports_both_curves_and_the_gap():
+    from nanoseek.bench.fp8 import bench_fp8
+
+    r = bench_fp8("tiny", steps=12, batch=2, seq_len=32, n_docs=60)
+    assert len(r["loss_full"]) == len(r["loss_fp8"]) == 12 and r["loss_full"] != r["loss_fp8"]
+    assert r["loss_full"][-1] < r["loss_full"][0]
+    tail = (sum(r["loss_fp8"][-1:]), sum(r["loss_full"][-1:]))
+    assert r["relative_loss_error"] == pytest.approx(abs(tail[0] - tail[1]) / tail[1])
+    assert 0 <= r["relative_loss_error"] < 0.05 and r["step_s_fp8"] > 0
