@@ -115,13 +115,15 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     two stages for a dense model with the same active parameters, one without MTP and one with
     multi-head attention's cache, all evaluated on the same held-out problems."""
     out = tmp_path / "ab"
-    assert main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "--ablate", "corpus=tasks",
-                 "corpus_docs=200"]) == 0
+    assert main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0  # the speedrun first
+    assert "## Ablations" not in (out / "report.md").read_text()
+    assert main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "--ablate"]) == 0
     assert "| no MTP |" in capsys.readouterr().err
+    assert "## Ablations" in (out / "report.md").read_text()  # the report card now shows them
+    assert json.loads((out / "report.json").read_text())["ablations"]["variants"].keys() >= {"dense", "mha"}
     rep = json.loads((out / "ablations.json").read_text())
     v = rep["variants"]
     assert list(v) == ["deepseek", "dense", "no_mtp", "mha"]
-    assert not (out / "rl").exists()  # GRPO is not part of the comparison
     import nanoseek
 
     configs = {n: nanoseek.load(out / ("pretrain" if n == "deepseek" else f"ablate/{n}/pretrain") / "latest")[0].config

@@ -146,6 +146,8 @@ def build_report(out: Path, sc) -> dict[str, Any]:
         "cost": costs,
         "dollars_per_point": per_point,
         "inference": inference_figures(model, tok),
+        # `speedrun --ablate`'s table, when it has run (its stage rewrites this report)
+        "ablations": json.loads((out / "ablations.json").read_text()) if (out / "ablations.json").is_file() else None,
     }
 
 
@@ -186,6 +188,8 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
     if i.get("mtp_acceptance") is not None:
         lines.append(f"- MTP speculative decoding: {i['mtp_acceptance']:.0%} of drafts accepted, "
                      f"{i['mtp_tokens_per_s']:.0f} tokens/s ({i['mtp_speedup']:.2f}x)")
+    if rep.get("ablations"):
+        lines += ["", "## Ablations (`speedrun --ablate`)", "", ablation_table(rep["ablations"])]
     lines += ["", "## Plots", ""]
     titles = {"pretrain_loss": "Pretraining loss", "expert_load": "Expert load balance", "grpo": "GRPO"}
     for name, path in images.items():
@@ -242,12 +246,22 @@ def write_ablations(out: Path, sc) -> dict[str, Any]:
                       "val_loss": val[-1] if val else None}
     scores = summarize(table)
     gains = stage_gains(table, [("deepseek", n) for n in table if n != "deepseek"])
-    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(sc.tasks)}
+    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(sc.tasks), "corpus": sc.corpus,
+           "pretrain_steps": sc.pretrain_steps, "sft_steps": sc.sft_steps}
+    (out / "ablations.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    (out / "ablations.md").write_text("# nanoseek speedrun — ablations\n\n" + ablation_table(rep))
+    if stage_done(out / "final") is not None:  # the speedrun's report card shows the table too
+        write_report(out, sc)
+    return {"ablations": str(out / "ablations.md")}
+
+
+def ablation_table(rep: dict[str, Any]) -> str:
+    """The markdown of write_ablations' results: one row per variant, then the paired gains."""
+    rows, scores = rep["variants"], rep["eval"]
     tasks = list(next(iter(scores.values())))
-    lines = ["# nanoseek speedrun — ablations", "",
-             f"The same tokenizer, corpus ({sc.corpus}), {sc.pretrain_steps} pretraining steps and "
-             f"{sc.sft_steps}-step cold start for each variant, one DeepSeek-V3 idea taken out at a time; held-out "
-             "greedy pass@1 after the cold start (GRPO is not part of the comparison).", "",
+    lines = [f"The same tokenizer, corpus ({rep['corpus']}), {rep['pretrain_steps']} pretraining steps and "
+             f"{rep['sft_steps']}-step cold start for each variant, one DeepSeek-V3 idea taken out at a time; "
+             "held-out greedy pass@1 after the cold start (GRPO is not part of the comparison).", "",
              "| variant | params total / active | KV cache bytes/token | pretraining | SFT | final loss / val loss | "
              + " | ".join(f"{t} pass@1 [95% CI]" for t in tasks) + " |",
              "|" + "---|" * (6 + len(tasks))]
@@ -258,7 +272,5 @@ def write_ablations(out: Path, sc) -> dict[str, Any]:
         lines.append(f"| {ABLATION_TITLES.get(name, name)} | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M"
                      f" | {r['cache_bytes_per_token']:,.0f} | {(r['pretrain_wall_s'] or 0) / 60:.1f} min"
                      f" | {(r['sft_wall_s'] or 0) / 60:.1f} min | {loss} | " + " | ".join(cells) + " |")
-    lines += ["", "Each variant against the speedrun's model, on the same problems:", "", gains_table(gains), ""]
-    (out / "ablations.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    (out / "ablations.md").write_text("\n".join(lines))
-    return {"ablations": str(out / "ablations.md")}
+    lines += ["", "Each variant against the speedrun's model, on the same problems:", "", gains_table(rep["gains"]), ""]
+    return "\n".join(lines)
