@@ -113,9 +113,10 @@ def test_fp8_training_stays_within_one_percent_of_fp32():
     torch.manual_seed(0)
     base = Transformer(preset("tiny").replace(vocab_size=128))
     g = torch.Generator().manual_seed(1)
-    # learnable data: a few repeating patterns, so the loss falls well below its start
-    patterns = torch.randint(0, 128, (8, 16), generator=g)
-    batches = [patterns[torch.randint(0, 8, (8,), generator=g)].repeat(1, 4) for _ in range(60)]
+    # learnable data that 60 steps do not memorize (64 repeating patterns): the loss falls from
+    # 4.9 to about 2.9, so the comparison is not between two noisy near-zero losses
+    patterns = torch.randint(0, 128, (64, 16), generator=g)
+    batches = [patterns[torch.randint(0, 64, (8,), generator=g)].repeat(1, 4) for _ in range(60)]
 
     def train(fp8: bool) -> list[float]:
         model = copy.deepcopy(base)
@@ -133,7 +134,7 @@ def test_fp8_training_stays_within_one_percent_of_fp32():
         return losses
 
     ref, fp8 = train(False), train(True)
-    assert ref[-1] < 0.6 * ref[0]  # it learned something
+    assert sum(ref[-10:]) / 10 < 0.7 * ref[0]  # it learned something
     tail = lambda v: sum(v[-10:]) / 10  # noqa: E731
     assert abs(tail(fp8) - tail(ref)) / tail(ref) < 0.01, (tail(fp8), tail(ref))
 
