@@ -236,8 +236,9 @@ def write_ablations(out: Path, sc) -> dict[str, Any]:
         sft = out / ("sft" if name == "deepseek" else f"ablate/{name}/sft")
         model, _ = nanoseek.load(base / "latest")
         pre, tuned = stage_done(base) or {}, stage_done(sft) or {}
-        last = [r for r in read_metrics(base / "metrics.jsonl") if "main_loss" in r or "loss" in r]
-        val = [r["val_loss"] for r in read_metrics(base / "metrics.jsonl") if "val_loss" in r]
+        metrics = read_metrics(base / "metrics.jsonl")
+        last = [r for r in metrics if "main_loss" in r or "loss" in r]
+        val = [r["val_loss"] for r in metrics if "val_loss" in r]
         counts = model.param_counts()
         rows[name] = {"params_total": counts["total"], "params_active": counts["active"],
                       "cache_bytes_per_token": cache_sizes(model)["cache_bytes_per_token"],

@@ -94,7 +94,7 @@ class SpeedrunConfig:
         # SFT and RL take their problems from the start of each pool, corpus=tasks from its end:
         # none may run into another's (RL on problems the cold start wrote out rewards recall)
         rl = -(-self.rl_steps * self.rl_prompts_per_step // len(self.rl_tasks or self.tasks))
-        corpus = self.corpus_docs if self.corpus == "tasks" else 0
+        corpus = self.corpus_docs if self.corpus == "tasks" and not self.data else 0  # data replaces the corpus
         for t in self.tasks:
             if corpus + self.sft_examples + (rl if t in (self.rl_tasks or self.tasks) else 0) > TRAIN_POOL[t]:
                 raise ConfigError(("corpus_docs + " if corpus else "") + "sft_examples + the RL prompts "
@@ -201,27 +201,23 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
     corpus_file = out / "corpus.jsonl"  # a non-default corpus, written once so that a resume reads the same
 
     def tokenizer(folder: Path) -> dict:
-        from nanoseek.data.corpus import default_corpus, math_documents
+        from nanoseek.data.corpus import default_corpus, math_documents, read_files
         from nanoseek.data.sft import task_documents
         from nanoseek.data.tokenizer import train_tokenizer
 
-        from nanoseek.data.corpus import read_files
-
         if sc.data:
             docs = read_files(sc.data)
-            tok = train_tokenizer(docs, vocab_size=sc.vocab_size)
-            tok.save(folder)
-            return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
-                    "data": list(sc.data)}
-        docs = {"default": default_corpus, "math": math_documents,
-                "tasks": lambda: task_documents(sc.tasks, sc.corpus_docs)}[sc.corpus]()
-        if sc.corpus != "default":
-            tmp = corpus_file.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-            tmp.replace(corpus_file)
+        else:
+            docs = {"default": default_corpus, "math": math_documents,
+                    "tasks": lambda: task_documents(sc.tasks, sc.corpus_docs)}[sc.corpus]()
+            if sc.corpus != "default":
+                tmp = corpus_file.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+                tmp.replace(corpus_file)
         tok = train_tokenizer(docs, vocab_size=sc.vocab_size)
         tok.save(folder)
-        return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs))}
+        return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
+                **({"data": list(sc.data)} if sc.data else {})}
 
     shrink = smoke_overrides(sc.preset) if sc.smoke else []
 
@@ -273,9 +269,9 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
 
     eta = estimates(sc)
     stages = [
-        Stage("tokenizer", tokenizer, {"default": "byte-level BPE on the embedded corpus",
-                                        "math": "byte-level BPE on the embedded corpus's math documents",
-                                        "tasks": "byte-level BPE on worked solutions of the run's tasks"}[sc.corpus]),
+        Stage("tokenizer", tokenizer, "byte-level BPE on " + ("your data" if sc.data else {
+            "default": "the embedded corpus", "math": "the embedded corpus's math documents",
+            "tasks": "worked solutions of the run's tasks"}[sc.corpus])),
         Stage("pretrain", pretraining, f"{sc.preset} preset: MLA + MoE + MTP, {sc.pretrain_steps} steps"),
         Stage("sft", sft, "cold-start SFT on verified worked solutions"),
         Stage("rl", rl, "GRPO, accuracy + format rewards"),
@@ -288,8 +284,9 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
     if not ablate:
         return stages
     # the ablations: the same tokenizer, corpus, budget and cold start, one idea taken out each
+    variants = ablations(apply_overrides(preset_config(sc.preset), shrink))
     extra = []
-    for name, over in ablations(apply_overrides(preset_config(sc.preset), shrink)).items():
+    for name, over in variants.items():
         extra += [Stage(f"ablate/{name}/pretrain", lambda f, o=over: pretraining(f, o), f"pretraining, {name}"),
                   Stage(f"ablate/{name}/sft", lambda f, n=name: sft(f, f"ablate/{n}/pretrain"), f"cold start, {name}")]
         extra[-2].estimate_s, extra[-1].estimate_s = eta.get("pretrain", 0.0), eta.get("sft", 0.0)
@@ -297,14 +294,11 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
     def ablation_eval(folder: Path) -> dict:
         from nanoseek.train.report import write_ablations
 
-        models = [("deepseek", ckpt("sft"))] + [(n, ckpt(f"ablate/{n}/sft")) for n in ABLATIONS]
+        models = [("deepseek", ckpt("sft"))] + [(n, ckpt(f"ablate/{n}/sft")) for n in variants]
         evaluate_stages(folder, models, sc.tasks, sc.eval_n, sc.eval_k, sc.max_tokens, sc.progress)
         return write_ablations(out, sc)
 
     return stages[:3] + extra + [Stage("ablate/eval", ablation_eval, "held-out evaluation of every variant's SFT model")]
-
-
-ABLATIONS = ("dense", "no_mtp", "mha")
 
 
 def smoke_overrides(preset: str) -> list[str]:
