@@ -184,6 +184,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape parts of the model")
     p.add_argument("--fp8", action="store_true", help="DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 block scales); "
                                                       "emulated on the CPU, FP8 tensor cores on CUDA")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: DDP (a whole model per process) or FSDP2 (parameters, gradients and "
+                        "optimizer state sharded); a run saved under either resumes under the other, with any N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
@@ -267,7 +270,7 @@ def _run(args: argparse.Namespace) -> int:
 
         tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
                          stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile, fp8=args.fp8,
-                         progress=not args.quiet)
+                         parallel=args.parallel, progress=not args.quiet)
         for name in ("max_steps", "save_every", "seed", "device"):  # only where given: a resume keeps its own
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))
@@ -279,7 +282,7 @@ def _run(args: argparse.Namespace) -> int:
         from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
 
         tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, compile=args.compile, fp8=args.fp8,
-                         progress=not args.quiet, lr=SFT_LR, warmup_steps=20, stop_at=args.stop_at)
+                         parallel=args.parallel, progress=not args.quiet, lr=SFT_LR, warmup_steps=20, stop_at=args.stop_at)
         for name in ("max_steps", "save_every", "seed", "device"):
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))

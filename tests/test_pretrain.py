@@ -101,9 +101,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, small_data, mo
     real = Transformer.loss
     calls = {"n": 0}
 
-    def sometimes_nan(self, x, y):
+    def sometimes_nan(self, x, y, counts=None):
         calls["n"] += 1
-        out = real(self, x, y)
+        out = real(self, x, y, counts)
         if calls["n"] == 3:
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -114,6 +114,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, small_data, mo
     assert [r["step"] for r in rows if "skipped" in r] == [3]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and rows[-1]["step"] == 6
 
-    monkeypatch.setattr(Transformer, "loss", lambda self, x, y: {"loss": torch.tensor(float("inf"), requires_grad=True)})
+    monkeypatch.setattr(Transformer, "loss", lambda self, x, y, counts=None: {"loss": torch.tensor(float("inf"), requires_grad=True)})
     with pytest.raises(TrainingError, match="3 steps in a row"):
         pretrain(_tc(tmp_path / "b", data=small_data, max_steps=6, eval_every=0))

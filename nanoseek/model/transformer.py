@@ -86,11 +86,16 @@ class Transformer(nn.Module):
                 aux_total = aux if aux_total is None else aux_total + aux
         return self.norm(x), aux_total
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+             counts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """input_ids, labels [B, T] (labels[t] = the token after input_ids[t]; IGNORE_INDEX
-        masks a position). Returns loss (the objective), main, mtp and aux components."""
+        masks a position). Returns loss (the objective), main, mtp and aux components.
+        counts: what to divide each head's summed loss by (the main head, then each MTP depth);
+        by default the number of its unmasked targets here (data parallelism passes the global
+        batch's, see train/dist.py)."""
+        counts = counts or [None] * (1 + len(self.mtp))
         h, aux = self.hidden_states(input_ids)
-        main = _cross_entropy(self.lm_head(h), labels)
+        main = _cross_entropy(self.lm_head(h), labels, counts[0])
         out = {"main_loss": main}
         total = main
         if self.mtp and self.config.mtp_loss_weight > 0:
@@ -105,7 +110,7 @@ class Transformer(nn.Module):
                 # position t: h^{k-1}_t and token t+k predict token t+k+1 (labels[t+k])
                 h_prev, mtp_aux = module(h_prev[:, : T - k], self.embed_tokens(input_ids[:, k:]),
                                          cos[:, : T - k], sin[:, : T - k])
-                mtp_losses.append(_cross_entropy(self.lm_head(module.shared_head.norm(h_prev)), labels[:, k:]))
+                mtp_losses.append(_cross_entropy(self.lm_head(module.shared_head.norm(h_prev)), labels[:, k:], counts[k]))
                 if mtp_aux is not None:
                     aux = mtp_aux if aux is None else aux + mtp_aux
             if mtp_losses:
@@ -162,12 +167,15 @@ class Transformer(nn.Module):
         return flops_per_token(self, seq_len, training)
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over the unmasked positions; 0 (not NaN) when every position is masked, as can
-    happen to an MTP depth's shifted targets at the end of a short assistant turn."""
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the unmasked positions (or the sum over `count`); 0 (not NaN) when every
+    position is masked, as can happen to an MTP depth's shifted targets at the end of a short
+    assistant turn."""
     labels = labels.flatten()
     total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    if count is None:
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count if count > 0 else total
 
 
 def _numel(module: nn.Module) -> int:

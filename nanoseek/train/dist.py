@@ -1,13 +1,16 @@
-"""Data parallelism under torchrun, on PyTorch's own engine (DistributedDataParallel).
+"""Data parallelism under torchrun, on PyTorch's own engine: DDP or FSDP2 (`fully_shard`).
 
 `torchrun --nproc-per-node N -m nanoseek pretrain ...` starts N processes; each reads the same
 data stream and takes its 1/N share of every global batch (`batch_size` is the global batch,
-so batch size, gradient accumulation and learning rate mean the same whatever N is), DDP
-averages the gradients, and every rank takes the same optimizer step. The aux-loss-free
-balancing counts expert load over the global batch (all-reduced) so every rank moves its
-routing biases the same way; that is checked after each step. Rank 0 alone writes metrics
-and checkpoints, in the one checkpoint format, so a run saved under N processes resumes
-under M. gloo on the CPU, NCCL on GPUs.
+so batch size, gradient accumulation and learning rate mean the same whatever N is), and every
+rank takes the same optimizer step. `parallel=ddp` (the default) keeps a whole model and its
+optimizer state on every rank and averages the gradients; `parallel=fsdp` shards parameters,
+gradients and optimizer state over the ranks (each transformer block, then the rest),
+gathering a block's weights only while it runs: the memory of one model spread
+over N devices. The aux-loss-free balancing counts expert load over the global batch
+(all-reduced) so every rank moves its routing biases the same way; that is checked after each
+step. Checkpoints are gathered into the one checkpoint format and written by rank 0 alone, so
+a run saved under N processes (either mode) resumes under M. gloo on the CPU, NCCL on GPUs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -56,18 +62,75 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.loss(x, y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, counts=None) -> dict[str, torch.Tensor]:
+        return self.model.loss(x, y, counts)
 
 
-def loss_fn(model: nn.Module, ranks: Ranks, device: torch.device):
-    """(x, y) -> model.loss(x, y), through DDP when there are several ranks."""
+def loss_fn(model: nn.Module, ranks: Ranks, device: torch.device, mode: str = "ddp"):
+    """(x, y, counts=None) -> model.loss(...), through DDP or FSDP2 when there are several ranks.
+    Under FSDP the model's parameters become shards (DTensors) in place: build the optimizer
+    after this, and gather with `full_state` to save."""
+    if mode not in PARALLEL:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, not {mode!r}")
     if not ranks.parallel:
         return model.loss
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:  # one all-gather per block, freed after it
+            fully_shard(block)
+        root = LossModule(model)
+        # the rest in one group, gathered for the whole of model.loss: the embedding, final norm,
+        # head and the MTP modules (the loss calls their head's norm outside their forward)
+        fully_shard(root)
+        return root
     # broadcast_buffers off: DDP would copy rank 0's expert-load counters over every rank's
     # before each forward; the counts are summed in sync_expert_load instead
     return nn.parallel.DistributedDataParallel(LossModule(model), broadcast_buffers=False,
                                                device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (a collective: every rank calls it); a plain
+    tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """What a checkpoint holds, whole: under FSDP (every rank calls this) an unsharded copy of
+    the model on the CPU and the optimizer tensors gathered; otherwise the model and tensors as
+    they are."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model, tensors
+    state = {k: full(v).detach().cpu() for k, v in model.state_dict().items()}
+    copy = type(model)(model.config)
+    copy.load_state_dict(state)
+    return copy, {k: full(v).cpu() for k, v in tensors.items()}
+
+
+def shard_like_params(tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Saved (whole) optimizer tensors `optim.<i>.<key>` cut into this rank's shards where
+    parameter i is an FSDP shard, so that a run saved under any N resumes under FSDP."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    out = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            p = params[int(name.split(".")[1])]
+            if isinstance(p, DTensor) and value.shape == p.shape:
+                value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+        out[name] = value
+    return out
+
+
+def target_counts(labels: torch.Tensor, depths: int, ignore: int, ranks: Ranks) -> list[torch.Tensor] | None:
+    """For the global batch's labels: each head's number of targets (the main head, then MTP
+    depth k, whose targets are labels[:, k:]) divided by the number of ranks. Dividing each
+    rank's summed loss by these, not by its own counts, makes the average of the ranks'
+    gradients the gradient of the global batch's mean loss, also where masks give ranks
+    unequal numbers of targets (SFT). None with one process (model.loss counts for itself)."""
+    if not ranks.parallel:
+        return None
+    return [(labels[:, k:] != ignore).sum().float() / ranks.world for k in range(depths + 1)]
 
 
 def shard(batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:

@@ -31,7 +31,7 @@ from nanoseek.config import ConfigError, ModelConfig, apply_overrides, preset, r
 from nanoseek.data.corpus import default_corpus, read_files
 from nanoseek.data.loader import PackedLoader, tokenize_documents, val_batches
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
-from nanoseek.model import Transformer
+from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger, peak_flops
@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     fp8: bool = False  # DeepSeek-V3's fine-grained FP8 GEMMs (train/fp8.py)
+    parallel: str = "ddp"  # under torchrun: "ddp" (a whole model per rank) or "fsdp" (sharded, FSDP2)
     price_per_hour: float | None = None
     max_bad_steps: int = 3
     progress: bool = True
@@ -88,6 +89,7 @@ class TrainConfig:
 
         need(self.stage in ("pretrain", "sft"), f"stage must be 'pretrain' or 'sft', not {self.stage!r}")
         need(self.stage != "sft" or self.init, "sft starts from a checkpoint")
+        need(self.parallel in dist.PARALLEL, f"parallel must be one of {', '.join(dist.PARALLEL)}, not {self.parallel!r}")
         need(self.schedule in ("cosine", "wsd"), f"schedule must be 'cosine' or 'wsd', not {self.schedule!r}")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "save_every"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
@@ -144,7 +146,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         # what may change on resume: how far to go, where to stop, how to show it
         tc = dataclasses.replace(saved, max_steps=tc.max_steps or saved.max_steps, stop_at=tc.stop_at,
                                  save_every=tc.save_every or saved.save_every, progress=tc.progress,
-                                 device=tc.device, out=tc.out)
+                                 device=tc.device, out=tc.out, parallel=tc.parallel)
         tc, changed = split_overrides(tc, model.config, list(overrides))
         if changed != model.config:
             raise ConfigError(f"{run} holds a checkpoint: its model config cannot change on resume "
@@ -194,11 +196,19 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     has_val = len(val_tokens) > tc.seq_len * tc.batch_size
     if not has_val:
         say(tc.progress and ranks.main, "note: too little validation text for one batch (every 50th document is held out): no val_loss")
-    opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    if tc.fp8:  # the parameters (and checkpoints) stay as they are; the GEMMs see E4M3
+        from nanoseek.train.fp8 import check_device, enable_fp8
+
+        check_device(device)
+        enable_fp8(model)
+    if tc.compile:
+        model.compile_blocks()
+    forward = dist.loss_fn(model, ranks, device, tc.parallel)  # model.loss; DDP or FSDP under torchrun
+    opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))  # (FSDP: over the shards)
     ledger = CostLedger(device, tc.price_per_hour, ranks.world)
     step = 0
     if resuming:
-        load_optimizer_state(opt, tensors, info["optimizer"])
+        load_optimizer_state(opt, dist.shard_like_params(tensors, opt), info["optimizer"])
         load_rng_state(tensors)
         loader.load_state_dict(info["loader"])
         ledger.load(info["cost"])
@@ -217,17 +227,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
              f"{'resuming at step ' + str(step) if resuming else 'from ' + tc.init if tc.init else 'from scratch'}, "
              f"on {ledger.device}" + (f" x {ranks.world} processes" if ranks.parallel else ""))
     run.mkdir(parents=True, exist_ok=True)
-    if tc.fp8:  # the parameters (and checkpoints) stay as they are; the GEMMs see E4M3
-        from nanoseek.train.fp8 import check_device, enable_fp8
-
-        check_device(device)
-        enable_fp8(model)
-    if tc.compile:
-        model.compile_blocks()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     end = min(tc.max_steps, tc.stop_at or tc.max_steps)
-    forward = dist.loss_fn(model, ranks, device)  # model.loss, through DDP under torchrun
     bar = progress_bar(tc.stage, tc.progress and ranks.main, step, tc.max_steps)
     bad_in_a_row = 0
     last: dict[str, Any] = {}
@@ -242,8 +244,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         finite = True
         for _ in range(tc.grad_accum):
             x, y = loader.next_batch()  # the global batch; this process trains on its share
+            targets = dist.target_counts(y, len(model.mtp), IGNORE_INDEX, ranks)  # the global batch's
             with autocast:
-                out = forward(dist.shard(x, ranks).to(device), dist.shard(y, ranks).to(device))
+                out = forward(dist.shard(x, ranks).to(device), dist.shard(y, ranks).to(device), targets)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 finite = False
@@ -254,7 +257,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / tc.grad_accum
         finite = dist.all_true(finite, ranks)
         parts = dist.mean(parts, ranks)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)) if finite else math.nan
+        grad_norm = float(dist.full(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))) if finite else math.nan
         step += 1
         if not (finite and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
@@ -281,16 +284,18 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         if load_stats:
             row["load_max"] = round(max(load_stats.values()), 3)
             row.update({k: round(v, 3) for k, v in load_stats.items()})
-        if ranks.main and has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
-            row["val_loss"] = round(evaluate(model, val_tokens, tc, device, val_labels), 5)
+        if has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+            row["val_loss"] = round(evaluate(model, val_tokens, tc, device, val_labels, forward), 5)  # every rank (FSDP)
         last = row
         if ranks.main:
             log_metrics(run, row)
             bar.update(1)
             bar.set_postfix_str(_postfix(row))
         if step % tc.save_every == 0 or step == end:
+            opt_tensors, opt_info = optimizer_state(opt)
+            whole, opt_tensors = dist.full_state(model, opt_tensors)  # FSDP: gathered, on every rank
             if ranks.main:  # one checkpoint, in the one format: it resumes under any number of processes
-                _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts)
+                _save(run, step, whole, tokenizer, (opt_tensors, opt_info), loader, ledger, tc, last, counts)
             ledger.restart_clock()
     bar.close()
     dist.finish(ranks)
@@ -303,19 +308,21 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: Transformer, val_tokens: torch.Tensor, tc: TrainConfig, device: torch.device,
-             val_labels: torch.Tensor | None = None) -> float:
-    """Next-token loss on the fixed validation batches (the main head only)."""
+             val_labels: torch.Tensor | None = None, forward=None) -> float:
+    """Next-token loss on the fixed validation batches (the main head only). forward: the
+    training loop's loss function (under FSDP the model's own weights are shards)."""
     was_training = model.training
     model.eval()
-    losses = [float(model.loss(x.to(device), y.to(device))["main_loss"])
+    forward = forward or model.loss
+    losses = [float(forward(x.to(device), y.to(device))["main_loss"])
               for x, y in val_batches(val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, val_labels)]
     model.train(was_training)
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def _save(run, step, model, tokenizer, opt, loader, ledger, tc, last, counts) -> None:
-    tensors, opt_info = optimizer_state(opt)
-    tensors.update(rng_state())
+def _save(run, step, model, tokenizer, opt_state, loader, ledger, tc, last, counts) -> None:
+    tensors, opt_info = opt_state
+    tensors = {**tensors, **rng_state()}
     info = {"step": step, "train_config": dataclasses.asdict(tc), "optimizer": opt_info,
             "loader": loader.state_dict(), "cost": ledger.to_dict()}
     meta = {"stage": tc.stage, "step": step, "tokens_seen": ledger.tokens, "cost": ledger.to_dict(),
