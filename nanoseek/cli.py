@@ -302,7 +302,9 @@ def _run(args: argparse.Namespace) -> int:
                 setattr(gc, name, value)
         if args.dynamic_sampling:
             gc.dynamic_sampling = True
-        print(json.dumps(grpo(gc, args.overrides)))
+        summary = grpo(gc, args.overrides)
+        if _rank() == 0:  # under torchrun, one summary
+            print(json.dumps(summary))
         return 0
     if args.command == "speedrun":
         from nanoseek.train.speedrun import speedrun, speedrun_config

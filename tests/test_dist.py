@@ -108,3 +108,53 @@ def test_a_global_batch_that_does_not_divide_is_refused(data, tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "must divide among 2 processes" in r.stderr
     assert not (tmp_path / "x" / "latest").exists()
+
+
+GRPO_SCRIPT = """
+import json, sys
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.train.grpo import GRPOConfig, Sample, grpo
+
+ckpt, out, loss_type, dynamic = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+tok = Tokenizer.load(ckpt)
+prompt = lambda text: tok.encode(tok.render_chat([{"role": "user", "content": text}], True))
+# the second half of each step's prompts (rank 1's under 2 processes) scores flat: its groups
+# carry no signal, so under dynamic sampling that rank trains nothing while rank 0 does
+source = lambda step: [Sample(prompt("digits please"), "digits"), Sample(prompt("more digits"), "digits"),
+                       Sample(prompt("the cat"), "flat"), Sample(prompt("the mat"), "flat")]
+
+def score(key, text, n):
+    r = 0.5 if key == "flat" else sum(ch.isdigit() for ch in text) / max(1, len(text))
+    return {"reward": r, "accuracy": float(r > 0.5), "format": 0.0, "overlong": 0.0}
+
+gc = GRPOConfig(init=ckpt, out=out, max_steps=3, prompts_per_step=4, group_size=4, max_tokens=8, lr=3e-3,
+                beta=0.05, temperature=1.0, loss_type=loss_type, dynamic_sampling=dynamic, inner_updates=2,
+                micro_batch=3, warmup_steps=0, progress=False, save_every=10, device="cpu")
+grpo(gc, source=source, score=score)
+"""
+
+
+@pytest.mark.parametrize("loss_type,dynamic", [("dr_grpo", "0"), ("dapo", "1")])
+def test_grpo_rollouts_split_across_two_processes_follow_one(base, tmp_path, loss_type, dynamic):
+    ckpt, _ = base
+    script = tmp_path / "grpo_run.py"
+    script.write_text(GRPO_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for procs, out in ((1, "one"), (2, "two")):
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+                  if procs > 1 else [sys.executable])
+        r = subprocess.run(launch + [str(script), str(ckpt), str(tmp_path / out), loss_type, dynamic], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert a[1]["zero_adv_groups"] == b[1]["zero_adv_groups"] == 0.5  # the step's groups, not rank 0's
+    for step in a:  # the same samples (each owns its seed) and rewards, step after step
+        for key in ("reward", "accuracy", "response_length"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+    one, two = (load_file(tmp_path / r / "latest" / "model.safetensors") for r in ("one", "two"))
+    start = load_file(ckpt / "model.safetensors")
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    assert moved > 1e-3  # it trained
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=moved * 1e-3), k

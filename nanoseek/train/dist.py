@@ -84,9 +84,14 @@ def loss_fn(model: nn.Module, ranks: Ranks, device: torch.device, mode: str = "d
         # head and the MTP modules (the loss calls their head's norm outside their forward)
         fully_shard(root)
         return root
+    return ddp(LossModule(model), device)
+
+
+def ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """DistributedDataParallel over a module whose forward computes the loss."""
     # broadcast_buffers off: DDP would copy rank 0's expert-load counters over every rank's
     # before each forward; the counts are summed in sync_expert_load instead
-    return nn.parallel.DistributedDataParallel(LossModule(model), broadcast_buffers=False,
+    return nn.parallel.DistributedDataParallel(module, broadcast_buffers=False, find_unused_parameters=find_unused,
                                                device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -137,6 +142,30 @@ def shard(batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """This rank's rows of a global batch."""
     per = batch.shape[0] // ranks.world
     return batch[ranks.rank * per: (ranks.rank + 1) * per]
+
+
+def share(items: list, ranks: Ranks) -> list:
+    """This rank's contiguous share of a global list (e.g. GRPO's prompts of a step)."""
+    per = len(items) // ranks.world
+    return items[ranks.rank * per: (ranks.rank + 1) * per]
+
+
+def gather(items: list, ranks: Ranks) -> list:
+    """Every rank's list, concatenated in rank order (small Python objects: rewards, lengths)."""
+    if not ranks.parallel:
+        return items
+    parts: list = [None] * ranks.world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def total(value: float, ranks: Ranks) -> float:
+    """The sum over ranks."""
+    if not ranks.parallel:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(t)
+    return float(t)
 
 
 def mean(values: dict[str, float], ranks: Ranks) -> dict[str, float]:

@@ -16,10 +16,18 @@ the long-running RL recipes), `beta` (0: no reference model at all), `overlong_b
 Logged per step (metrics.jsonl): reward (and its accuracy / format / overlong parts),
 accuracy, format rate, response length, KL, entropy, clip fraction, the share of groups with
 zero advantage, seconds per step (rollout / update).
+
+Under `torchrun --nproc-per-node N` (DDP; `prompts_per_step` is the global number) each rank
+samples the groups of its 1/N of the step's prompts with its own copy of the engine, the
+rewards are gathered so that the metrics are the step's, and each rank's loss is weighted
+by its share of the step's trained samples so that DDP's average of the gradients is the
+gradient of the whole step. Rank 0 validates, logs and checkpoints (the one format: a run
+saved under N processes resumes under M).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -28,12 +36,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from nanoseek.config import ConfigError, apply_overrides
 from nanoseek.data.tasks import TASKS, TRAIN_POOL, VALIDATION_OFFSET, Problem, R1_ZERO_TEMPLATE, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.train import checkpoint as ckpt
+from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, informative_groups
 from nanoseek.train.optim import (load_optimizer_state, load_rng_state, make_optimizer, optimizer_state,
@@ -163,7 +173,10 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         model, tok, _ = ckpt.load_model(gc.init)
     if tok is None:
         raise ConfigError(f"{gc.init} has no nanoseek tokenizer")
-    device = pick_device(gc.device)
+    ranks, device = dist.setup(pick_device(gc.device))  # one process, or torchrun's group
+    if gc.prompts_per_step % ranks.world:
+        raise ConfigError(f"prompts_per_step {gc.prompts_per_step} (the global number) must divide among "
+                          f"{ranks.world} processes")
     torch.manual_seed(gc.seed)
     model.to(device)
     validating = gc.eval_every > 0 and source is None  # validation problems exist for the tasks only
@@ -171,12 +184,15 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     score = score or task_reward(gc)
     G, P = gc.group_size, gc.prompts_per_step
     context = min(model.config.max_position_embeddings, 1024 + gc.max_tokens)
-    engine = Engine(model, tok, max_seqs=G * P, context=context)
+    engine = Engine(model, tok, max_seqs=G * P // ranks.world, context=context)  # this rank's groups
     ref = None
     if gc.beta > 0:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, gc.lr, gc.weight_decay)
-    ledger = CostLedger(device, gc.price_per_hour)
+    # the log-probs as a module's forward, through DDP under torchrun (the MTP modules take no
+    # part in GRPO: find_unused_parameters)
+    policy = dist.ddp(_Policy(model), device, find_unused=True) if ranks.parallel else _Policy(model)
+    ledger = CostLedger(device, gc.price_per_hour, ranks.world)
     step = 0
     if resuming:
         load_optimizer_state(opt, tensors, info["optimizer"])
@@ -189,11 +205,14 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
                 ref.load_state_dict(ref_state)
             else:
                 ref.load_state_dict(ckpt.load_model(gc.init)[0].state_dict())
-    truncate_metrics(run / "metrics.jsonl", step)
-    run.mkdir(parents=True, exist_ok=True)
-    say(gc.progress, f"nanoseek grpo: {P} prompts x {G} samples per step, {gc.loss_type} loss, beta {gc.beta}, "
-             f"{'resuming at step ' + str(step) if resuming else 'from ' + gc.init}")
-    bar = progress_bar("grpo", gc.progress, step, gc.max_steps)
+    if ranks.main:
+        truncate_metrics(run / "metrics.jsonl", step)
+        run.mkdir(parents=True, exist_ok=True)
+    show = gc.progress and ranks.main
+    say(show, f"nanoseek grpo: {P} prompts x {G} samples per step, {gc.loss_type} loss, beta {gc.beta}, "
+              f"{'resuming at step ' + str(step) if resuming else 'from ' + gc.init}"
+              + (f", {ranks.world} processes" if ranks.parallel else ""))
+    bar = progress_bar("grpo", show, step, gc.max_steps)
     last: dict[str, Any] = {}
     ledger.restart_clock()
     while step < gc.max_steps:
@@ -201,7 +220,9 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         lr = gc.lr * min(1.0, (step + 1) / gc.warmup_steps) if gc.warmup_steps else gc.lr
         for g in opt.param_groups:
             g["lr"] = lr
-        samples = source(step)
+        samples = dist.share(source(step), ranks)  # this rank's prompts of the step
+        # (every sample owns its generator, seeded by its index in the group: the same samples
+        # whichever rank draws them)
         params = SamplingParams(max_tokens=gc.max_tokens, temperature=gc.temperature, n=G,
                                 seed=gc.seed * 1_000_003 + step * 1009)
         reqs = engine.generate([s.prompt for s in samples], params)
@@ -211,34 +232,43 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
             for c in r.outputs:
                 rows.append(score(s.key, c.text, len(c.token_ids)))
                 comps.append((s.prompt, c.token_ids))
-        rewards = torch.tensor([x["reward"] for x in rows]).view(P, G)
+        rewards = torch.tensor([x["reward"] for x in rows]).view(-1, G)
         keep = informative_groups(rewards)
         adv = group_advantages(rewards, scale=gc.loss_type != "dr_grpo").flatten()
-        use = keep.repeat_interleave(G) if gc.dynamic_sampling else torch.ones(P * G, dtype=torch.bool)
-        stats = _update(model, ref, opt, gc, [c for c, u in zip(comps, use) if u], adv[use], device) \
-            if use.any() else {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "skipped_update": 1}
+        use = keep.repeat_interleave(G) if gc.dynamic_sampling else torch.ones(len(rows), dtype=torch.bool)
+        n_used = int(dist.total(float(use.sum()), ranks))  # the step's trained samples, over the ranks
+        stats = _update(policy, ref, opt, gc, comps, adv, use, n_used, ranks, device) \
+            if n_used else {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "skipped_update": 1}
+        dist.sync_expert_load(model, ranks)
         model.update_bias()
+        dist.check_same_biases(model, ranks)
         step += 1
         if ref is not None and gc.ref_reset_every and step % gc.ref_reset_every == 0:
             ref.load_state_dict(model.state_dict())
-        n_tokens = sum(len(c) for _, c in comps)
-        ledger.add(n_tokens, step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
-                                        ref is not None))
+        flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
+                                      ref is not None), ranks)
+        rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c) in zip(rows, comps)], ranks)  # the step's
+        n_tokens = sum(x["tokens"] for x in rows)
+        ledger.add(n_tokens, flops)
         row = {"step": step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
                "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
-               "response_length": n_tokens / len(comps), "zero_adv_groups": float((~keep).float().mean()),
-               **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()},
+               "response_length": n_tokens / len(rows),
+               "zero_adv_groups": 1 - dist.total(float(keep.sum()), ranks) / P,
+               **{k: round(v, 5) if isinstance(v, float) else v for k, v in dist.mean(stats, ranks).items()},
                "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
-        if validating and (step % gc.eval_every == 0 or step == gc.max_steps):
-            row.update(validate(engine, gc))
-        log_metrics(run, row)
+        if ranks.main:
+            if validating and (step % gc.eval_every == 0 or step == gc.max_steps):
+                row.update(validate(engine, gc))
+            log_metrics(run, row)
+            bar.update(1)
+            bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f}")
         last = row
-        bar.update(1)
-        bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f}")
         if step % gc.save_every == 0 or step == gc.max_steps:
-            _save(run, step, model, tok, opt, ledger, gc, last, ref)
+            if ranks.main:
+                _save(run, step, model, tok, opt, ledger, gc, last, ref)
             ledger.restart_clock()
     bar.close()
+    dist.finish(ranks)
     return {"step": step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
             "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
 
@@ -269,9 +299,26 @@ def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], lis
     return fwd * (rollout + passes * trained)
 
 
-def _update(model, ref, opt, gc: GRPOConfig, comps: list[tuple[list[int], list[int]]], adv: torch.Tensor,
-            device) -> dict[str, float]:
-    """inner_updates passes over the batch in micro-batches; returns mean KL, clip fraction, entropy."""
+class _Policy(nn.Module):
+    """The policy's token log-probs as a forward (for DDP's hooks)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, temperature: float, with_entropy: bool = False):
+        return _token_logp(self.model, ids, mask, temperature, with_entropy)
+
+
+def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[int], list[int]]],
+            adv: torch.Tensor, use: torch.Tensor, n_used: int, ranks: dist.Ranks, device) -> dict[str, float]:
+    """inner_updates passes over this rank's used samples in micro-batches, each weighted by its
+    share of the step's n_used samples (all ranks); returns mean KL, clip fraction, entropy."""
+    model = policy.module.model if ranks.parallel else policy.model
+    weight = ranks.world / n_used  # DDP averages over the ranks: world x (share of the step)
+    if not use.any():  # other ranks train: this one takes part in each gradient sync with nothing
+        use, weight = torch.arange(len(comps)) == 0, 0.0
+    comps, adv = [c for c, u in zip(comps, use) if u], adv[use]
     model.train()
     # micro-batches of similar lengths, so that little of each is padding
     order = sorted(range(len(comps)), key=lambda j: len(comps[j][0]) + len(comps[j][1]))
@@ -286,13 +333,17 @@ def _update(model, ref, opt, gc: GRPOConfig, comps: list[tuple[list[int], list[i
     for _ in range(gc.inner_updates):
         opt.zero_grad(set_to_none=True)
         for bi, (b, (ids, mask)) in enumerate(zip(batches, tensors)):
-            logp, entropy = _token_logp(model, ids, mask, gc.temperature, with_entropy=True)
-            old_lp = old[bi] if old is not None else logp.detach()
-            loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,
-                                 gc.eps_low, gc.eps_high, gc.loss_type, gc.max_tokens)
-            if not torch.isfinite(loss):
-                raise TrainingError("non-finite GRPO loss: lower lr")
-            (loss * len(b) / len(comps)).backward()
+            # DDP syncs the gradients once per update, on each rank's last micro-batch (ranks may
+            # hold different numbers of them)
+            last_one = bi == len(batches) - 1
+            with policy.no_sync() if ranks.parallel and not last_one else contextlib.nullcontext():
+                logp, entropy = policy(ids, mask, gc.temperature, True)
+                old_lp = old[bi] if old is not None else logp.detach()
+                loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,
+                                     gc.eps_low, gc.eps_high, gc.loss_type, gc.max_tokens)
+                if not torch.isfinite(loss):
+                    raise TrainingError("non-finite GRPO loss: lower lr")
+                (loss * len(b) * weight).backward()
             agg["kl"] += st["kl"]
             agg["clip_fraction"] += st["clip_fraction"]
             agg["entropy"] += float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
