@@ -104,7 +104,8 @@ def test_a_global_batch_that_does_not_divide_is_refused(data, tmp_path):
     folder, base, one = data
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                        "nanoseek", "pretrain", "--out", str(tmp_path / "x"), *base, "batch_size=3"],
+                        "nanoseek", "pretrain", "--out", str(tmp_path / "x"),
+                        *[a.replace("batch_size=4", "batch_size=3") for a in base]],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "must divide among 2 processes" in r.stderr
     assert not (tmp_path / "x" / "latest").exists()
@@ -115,7 +116,7 @@ import json, sys
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPOConfig, Sample, grpo
 
-ckpt, out, loss_type, dynamic = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+ckpt, out, loss_type, dynamic, parallel = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5]
 tok = Tokenizer.load(ckpt)
 prompt = lambda text: tok.encode(tok.render_chat([{"role": "user", "content": text}], True))
 # the second half of each step's prompts (rank 1's under 2 processes) scores flat: its groups
@@ -129,13 +130,14 @@ def score(key, text, n):
 
 gc = GRPOConfig(init=ckpt, out=out, max_steps=3, prompts_per_step=4, group_size=4, max_tokens=8, lr=3e-3,
                 beta=0.05, temperature=1.0, loss_type=loss_type, dynamic_sampling=dynamic, inner_updates=2,
-                micro_batch=3, warmup_steps=0, progress=False, save_every=10, device="cpu")
+                micro_batch=3, warmup_steps=0, progress=False, save_every=10, device="cpu", parallel=parallel)
 grpo(gc, source=source, score=score)
 """
 
 
-@pytest.mark.parametrize("loss_type,dynamic", [("dr_grpo", "0"), ("dapo", "1")])
-def test_grpo_rollouts_split_across_two_processes_follow_one(base, tmp_path, loss_type, dynamic):
+@pytest.mark.parametrize("loss_type,dynamic,parallel", [("dr_grpo", "0", "ddp"), ("dapo", "1", "ddp"),
+                                                        ("dapo", "1", "fsdp")])
+def test_grpo_rollouts_split_across_two_processes_follow_one(base, tmp_path, loss_type, dynamic, parallel):
     ckpt, _ = base
     script = tmp_path / "grpo_run.py"
     script.write_text(GRPO_SCRIPT)
@@ -143,7 +145,7 @@ def test_grpo_rollouts_split_across_two_processes_follow_one(base, tmp_path, los
     for procs, out in ((1, "one"), (2, "two")):
         launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
                   if procs > 1 else [sys.executable])
-        r = subprocess.run(launch + [str(script), str(ckpt), str(tmp_path / out), loss_type, dynamic], env=env,
+        r = subprocess.run(launch + [str(script), str(ckpt), str(tmp_path / out), loss_type, dynamic, parallel], env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")

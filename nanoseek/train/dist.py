@@ -15,7 +15,9 @@ a run saved under N processes (either mode) resumes under M. gloo on the CPU, NC
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -75,16 +77,48 @@ def loss_fn(model: nn.Module, ranks: Ranks, device: torch.device, mode: str = "d
     if not ranks.parallel:
         return model.loss
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:  # one all-gather per block, freed after it
-            fully_shard(block)
-        root = LossModule(model)
-        # the rest in one group, gathered for the whole of model.loss: the embedding, final norm,
-        # head and the MTP modules (the loss calls their head's norm outside their forward)
-        fully_shard(root)
-        return root
+        return fsdp(model, LossModule(model))
     return ddp(LossModule(model), device)
+
+
+def fsdp(model: nn.Module, root: nn.Module) -> nn.Module:
+    """FSDP2 over `root`, a module holding `model` whose forward computes the loss: each block
+    sharded on its own (one all-gather per block, freed after it), then the rest in one group,
+    gathered for the whole of root's forward: the embedding, final norm, head and the MTP
+    modules (the loss calls their head's norm outside their forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(root)
+    return root
+
+
+def copy_whole(model: nn.Module, target: nn.Module) -> None:
+    """Load `model`'s weights, gathered whole where they are FSDP shards (every rank calls
+    this), into `target`, a plain copy (what the inference engine samples from)."""
+    target.load_state_dict({k: full(v) for k, v in model.state_dict().items()})
+
+
+def gradient_sync(module: nn.Module, on: bool):
+    """A context in which backward passes sync gradients over the ranks (on) or only
+    accumulate them (off: every micro-batch but the last of an update), for DDP and FSDP."""
+    if on:
+        return contextlib.nullcontext()
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
@@ -159,12 +193,12 @@ def gather(items: list, ranks: Ranks) -> list:
     return [x for part in parts for x in part]
 
 
-def total(value: float, ranks: Ranks) -> float:
-    """The sum over ranks."""
+def total(value: float, ranks: Ranks, op: str = "sum") -> float:
+    """The sum (or "max") over ranks."""
     if not ranks.parallel:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=ranks.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return float(t)
 
 
@@ -210,4 +244,8 @@ def finish(ranks: Ranks) -> None:
     """Wait for rank 0's last checkpoint, then leave the process group."""
     if ranks.parallel:
         dist.barrier()
+        # gloo's worker threads free a finished collective's tensors under the GIL; a group
+        # destroyed while one still does (the DDP reducer drops the last reference with the
+        # GIL held, then joins them) deadlocks, about 1 run in 10: let them finish first
+        time.sleep(0.1)
         dist.destroy_process_group()

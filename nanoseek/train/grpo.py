@@ -27,7 +27,6 @@ saved under N processes resumes under M).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
@@ -85,6 +84,7 @@ class GRPOConfig:
     save_every: int = 25
     eval_every: int = 0  # greedy pass@1 on held-out validation problems every N steps (0: never)
     eval_n: int = 100  # validation problems per task
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (train/dist.py)
     seed: int = 0
     device: str = "auto"
     price_per_hour: float | None = None
@@ -99,6 +99,7 @@ class GRPOConfig:
         need(self.offset >= 0, "offset must be at least 0")
         need(all(t in TASKS for t in self.tasks) and self.tasks, f"tasks must be among {', '.join(TASKS)}")
         need(self.template in ("chat", "r1_zero"), "template must be 'chat' or 'r1_zero'")
+        need(self.parallel in dist.PARALLEL, f"parallel must be one of {', '.join(dist.PARALLEL)}")
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
         for name in ("max_steps", "prompts_per_step", "group_size", "max_tokens", "inner_updates", "micro_batch",
                      "save_every", "eval_n"):
@@ -166,7 +167,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         model, tok, folder = ckpt.load_model(run)
         tensors, info = ckpt.load_train_state(folder)
         gc = dataclasses.replace(GRPOConfig(**info["grpo_config"]), max_steps=gc.max_steps, progress=gc.progress,
-                                 device=gc.device, out=gc.out)
+                                 device=gc.device, out=gc.out, parallel=gc.parallel)
     else:
         gc = apply_overrides(gc, list(overrides))
         gc.validate()
@@ -184,18 +185,24 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     score = score or task_reward(gc)
     G, P = gc.group_size, gc.prompts_per_step
     context = min(model.config.max_position_embeddings, 1024 + gc.max_tokens)
-    engine = Engine(model, tok, max_seqs=G * P // ranks.world, context=context)  # this rank's groups
+    # the engine samples from the policy; under FSDP from a whole copy, loaded from the shards
+    # every step (as RL systems load the trainer's weights into their inference engine)
+    sampler = copy.deepcopy(model) if ranks.parallel and gc.parallel == "fsdp" else model
+    engine = Engine(sampler, tok, max_seqs=G * P // ranks.world, context=context)  # this rank's groups
     ref = None
     if gc.beta > 0:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
+    # the log-probs as a module's forward, through DDP or FSDP under torchrun (DDP: the MTP
+    # modules take no part in GRPO, find_unused_parameters; FSDP: the reference stays a whole
+    # copy on each rank)
+    policy = _Policy(model)
+    if ranks.parallel:
+        policy = dist.fsdp(model, policy) if gc.parallel == "fsdp" else dist.ddp(policy, device, find_unused=True)
     opt = make_optimizer(model, gc.lr, gc.weight_decay)
-    # the log-probs as a module's forward, through DDP under torchrun (the MTP modules take no
-    # part in GRPO: find_unused_parameters)
-    policy = dist.ddp(_Policy(model), device, find_unused=True) if ranks.parallel else _Policy(model)
     ledger = CostLedger(device, gc.price_per_hour, ranks.world)
     step = 0
     if resuming:
-        load_optimizer_state(opt, tensors, info["optimizer"])
+        load_optimizer_state(opt, dist.shard_like_params(tensors, opt), info["optimizer"])
         load_rng_state(tensors)
         ledger.load(info["cost"])
         step = int(info["step"])
@@ -225,6 +232,8 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         # whichever rank draws them)
         params = SamplingParams(max_tokens=gc.max_tokens, temperature=gc.temperature, n=G,
                                 seed=gc.seed * 1_000_003 + step * 1009)
+        if sampler is not model:
+            dist.copy_whole(model, sampler)  # this step's policy, gathered from the shards
         reqs = engine.generate([s.prompt for s in samples], params)
         t_roll = time.perf_counter() - t0
         rows, comps = [], []
@@ -244,7 +253,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         dist.check_same_biases(model, ranks)
         step += 1
         if ref is not None and gc.ref_reset_every and step % gc.ref_reset_every == 0:
-            ref.load_state_dict(model.state_dict())
+            ref.load_state_dict(dist.full_state(model, {})[0].state_dict())
         flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
                                       ref is not None), ranks)
         rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c) in zip(rows, comps)], ranks)  # the step's
@@ -256,16 +265,21 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
                "zero_adv_groups": 1 - dist.total(float(keep.sum()), ranks) / P,
                **{k: round(v, 5) if isinstance(v, float) else v for k, v in dist.mean(stats, ranks).items()},
                "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
-        if ranks.main:
-            if validating and (step % gc.eval_every == 0 or step == gc.max_steps):
+        if validating and (step % gc.eval_every == 0 or step == gc.max_steps):
+            if sampler is not model:
+                dist.copy_whole(model, sampler)  # (every rank gathers; rank 0 validates)
+            if ranks.main:
                 row.update(validate(engine, gc))
+        if ranks.main:
             log_metrics(run, row)
             bar.update(1)
             bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f}")
         last = row
         if step % gc.save_every == 0 or step == gc.max_steps:
+            opt_tensors, opt_info = optimizer_state(opt)
+            whole, opt_tensors = dist.full_state(model, opt_tensors)  # FSDP: gathered, on every rank
             if ranks.main:
-                _save(run, step, model, tok, opt, ledger, gc, last, ref)
+                _save(run, step, whole, tok, (opt_tensors, opt_info), ledger, gc, last, ref)
             ledger.restart_clock()
     bar.close()
     dist.finish(ranks)
@@ -314,44 +328,46 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
             adv: torch.Tensor, use: torch.Tensor, n_used: int, ranks: dist.Ranks, device) -> dict[str, float]:
     """inner_updates passes over this rank's used samples in micro-batches, each weighted by its
     share of the step's n_used samples (all ranks); returns mean KL, clip fraction, entropy."""
-    model = policy.module.model if ranks.parallel else policy.model
-    weight = ranks.world / n_used  # DDP averages over the ranks: world x (share of the step)
+    weight = ranks.world / n_used  # the ranks' gradients are averaged: world x (share of the step)
     if not use.any():  # other ranks train: this one takes part in each gradient sync with nothing
         use, weight = torch.arange(len(comps)) == 0, 0.0
     comps, adv = [c for c, u in zip(comps, use) if u], adv[use]
-    model.train()
+    policy.train()
     # micro-batches of similar lengths, so that little of each is padding
     order = sorted(range(len(comps)), key=lambda j: len(comps[j][0]) + len(comps[j][1]))
     batches = [order[i: i + gc.micro_batch] for i in range(0, len(comps), gc.micro_batch)]
+    # every rank runs as many forwards as the busiest (FSDP gathers weights in each): the
+    # others add micro-batches that weigh nothing
+    extra = int(dist.total(len(batches), ranks, "max")) - len(batches)
+    scale = [weight] * len(batches) + [0.0] * extra
+    batches += [batches[0][:1]] * extra
     tensors = [_pack([comps[j] for j in b], device) for b in batches]
     with torch.no_grad():  # the sampling policy's log-probs (and the reference's), computed once
-        old = ([_token_logp(model, ids, mask, gc.temperature)[0] for ids, mask in tensors]
-               if gc.inner_updates > 1 else None)
+        old = [policy(ids, mask, gc.temperature)[0] for ids, mask in tensors] if gc.inner_updates > 1 else None
         refs = [_token_logp(ref, ids, mask, gc.temperature)[0] for ids, mask in tensors] if ref is not None else None
     agg: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
     n = 0
     for _ in range(gc.inner_updates):
         opt.zero_grad(set_to_none=True)
         for bi, (b, (ids, mask)) in enumerate(zip(batches, tensors)):
-            # DDP syncs the gradients once per update, on each rank's last micro-batch (ranks may
-            # hold different numbers of them)
-            last_one = bi == len(batches) - 1
-            with policy.no_sync() if ranks.parallel and not last_one else contextlib.nullcontext():
+            # gradients synced once per update, on the last micro-batch
+            with dist.gradient_sync(policy, on=bi == len(batches) - 1):
                 logp, entropy = policy(ids, mask, gc.temperature, True)
                 old_lp = old[bi] if old is not None else logp.detach()
                 loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,
                                      gc.eps_low, gc.eps_high, gc.loss_type, gc.max_tokens)
                 if not torch.isfinite(loss):
                     raise TrainingError("non-finite GRPO loss: lower lr")
-                (loss * len(b) * weight).backward()
-            agg["kl"] += st["kl"]
-            agg["clip_fraction"] += st["clip_fraction"]
-            agg["entropy"] += float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
-            n += 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), gc.grad_clip)
+                (loss * len(b) * scale[bi]).backward()
+            if bi < len(batches) - extra:
+                agg["kl"] += st["kl"]
+                agg["clip_fraction"] += st["clip_fraction"]
+                agg["entropy"] += float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+                n += 1
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), gc.grad_clip)
         opt.step()
     opt.zero_grad(set_to_none=True)
-    model.eval()
+    policy.eval()
     return {k: v / max(1, n) for k, v in agg.items()}
 
 
@@ -387,9 +403,9 @@ def _mean(rows: list[dict], key: str) -> float:
     return round(sum(r.get(key, 0.0) for r in rows) / max(1, len(rows)), 5)
 
 
-def _save(run: Path, step: int, model, tok, opt, ledger, gc: GRPOConfig, last: dict, ref) -> None:
-    tensors, opt_info = optimizer_state(opt)
-    tensors.update(rng_state())
+def _save(run: Path, step: int, model, tok, opt_state, ledger, gc: GRPOConfig, last: dict, ref) -> None:
+    tensors, opt_info = opt_state
+    tensors = {**tensors, **rng_state()}
     if ref is not None and gc.ref_reset_every:  # a reset reference is no longer the init checkpoint
         tensors.update({f"ref/{k}": v.detach().contiguous() for k, v in ref.state_dict().items()})
     info = {"step": step, "grpo_config": dataclasses.asdict(gc), "optimizer": opt_info, "cost": ledger.to_dict()}
