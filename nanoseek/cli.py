@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-higher", type=float, metavar="EPS_HIGH", help="DAPO's clip-higher, e.g. 0.28")
     p.add_argument("--dynamic-sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal")
     p.add_argument("--ref-reset", type=int, metavar="N", help="reset the reference to the policy every N steps")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (prompts_per_step is "
+                   "the global number, split across the processes)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
 
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="a new folder")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
-    p.add_argument("what", choices=["train", "decode", "grpo", "serve", "fp8"])
-    p.add_argument("--steps", type=int, help="grpo: steps of each trainer (default 5); fp8: of each model (200)")
+    p.add_argument("what", choices=["train", "decode", "grpo", "serve", "fp8", "dp"])
+    p.add_argument("--steps", type=int, help="grpo: steps of each trainer (default 5); fp8: of each model (200); "
+                                             "dp: of each run (20)")
     p.add_argument("--device", default="cpu", help="fp8: cpu (emulated) or cuda")
     p.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset)")
@@ -187,6 +190,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: DDP (a whole model per process) or FSDP2 (parameters, gradients and "
                         "optimizer state sharded); a run saved under either resumes under the other, with any N")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the block in backward (less memory, ~1/3 more compute)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
@@ -270,7 +275,8 @@ def _run(args: argparse.Namespace) -> int:
 
         tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
                          stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile, fp8=args.fp8,
-                         parallel=args.parallel, progress=not args.quiet)
+                         parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
+                         progress=not args.quiet)
         for name in ("max_steps", "save_every", "seed", "device"):  # only where given: a resume keeps its own
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))
@@ -282,7 +288,8 @@ def _run(args: argparse.Namespace) -> int:
         from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
 
         tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, compile=args.compile, fp8=args.fp8,
-                         parallel=args.parallel, progress=not args.quiet, lr=SFT_LR, warmup_steps=20, stop_at=args.stop_at)
+                         parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
+                         progress=not args.quiet, lr=SFT_LR, warmup_steps=20, stop_at=args.stop_at)
         for name in ("max_steps", "save_every", "seed", "device"):
             if getattr(args, name) is not None:
                 setattr(tc, name, getattr(args, name))
@@ -297,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
         for name, value in (("tasks", args.task), ("max_steps", args.max_steps), ("save_every", args.save_every),
                             ("seed", args.seed), ("device", args.device), ("template", args.template),
                             ("loss_type", args.loss_type), ("beta", args.beta), ("eps_high", args.clip_higher),
-                            ("ref_reset_every", args.ref_reset)):
+                            ("ref_reset_every", args.ref_reset), ("parallel", args.parallel)):
             if value is not None:
                 setattr(gc, name, value)
         if args.dynamic_sampling:
@@ -458,6 +465,15 @@ def _run(args: argparse.Namespace) -> int:
                   f"{result['final_loss_full']:.4f}, relative error {result['relative_loss_error']:.3%} "
                   f"(largest gap along the curve {result['max_relative_gap_smoothed']:.3%}); step "
                   f"{result['step_s_fp8']:.3f} s vs {result['step_s_full']:.3f} s", file=sys.stderr)
+        elif args.what == "dp":
+            from nanoseek.bench.dp import CONFIGS, bench_dp
+
+            result = bench_dp(args.preset, steps=args.steps or 20, repeats=args.repeats)
+            for name in CONFIGS:
+                r = result[name]
+                print(f"{name:14} {r['step_s']:.3f} s/step ({r.get('step_time_vs_single', 1):.2f}x single)  "
+                      f"{r['tokens_per_s']:,.0f} tok/s  peak {r['peak_rss_mb']:,.0f} MB  loss {r['final_loss']:.4f}",
+                      file=sys.stderr)
         elif args.what == "decode":
             from nanoseek.bench.decode import bench_decode
 

@@ -84,3 +84,14 @@ def test_bench_train_ends_with_the_documented_json():
     for key in ("tokens_per_s", "mfu", "matmul_peak_flops", "hf_tokens_per_s", "speedup_vs_hf"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert 0 < result["mfu"] < 1.5
+
+
+def test_bench_dp_runs_each_configuration_to_the_same_loss():
+    r = run("bench", "dp", "--json", "--preset", "tiny", "--steps", "3", "--repeats", "1", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["processes"] == 2 and result["global_batch"] == 8
+    for name in ("single", "ddp", "fsdp", "checkpointing"):
+        assert result[name]["step_s"] > 0 and result[name]["peak_rss_mb"] > 0, name
+    for name in ("ddp", "fsdp", "checkpointing"):  # the same global batch, the same run
+        assert abs(result[name]["loss_vs_single"]) < 1e-4, name

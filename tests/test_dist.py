@@ -58,11 +58,12 @@ def same_curve(a: dict[int, dict], b: dict[int, dict]) -> None:
                 assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_follow_one_and_resume_under_one(data, tmp_path, mode):
+@pytest.mark.parametrize("flags", [["--parallel", "ddp"], ["--parallel", "fsdp"],
+                                   ["--parallel", "fsdp", "--activation-checkpointing"]])
+def test_two_processes_follow_one_and_resume_under_one(data, tmp_path, flags):
     folder, base, one = data
     two = tmp_path / "two"
-    run(["--out", str(two), "--parallel", mode, "--stop-at", "3", *base], procs=2)  # biases checked every step
+    run(["--out", str(two), *flags, "--stop-at", "3", *base], procs=2)  # biases checked every step
     assert sorted(rows(two)) == [1, 2, 3]
     meta = json.loads((two / "latest" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["cost"]["n_devices"] == 2 and meta["tokens_seen"] == 3 * 4 * 32  # global

@@ -58,3 +58,40 @@ def test_config_validation_and_overrides():
         preset("tiny").replace(rope_scaling={"type": "linear", "factor": 2.0})
     with pytest.raises(ConfigError, match="integer"):
         apply_overrides(preset("tiny"), ["hidden_size=1.5"])
+
+
+def test_activation_checkpointing_recomputes_blocks_and_changes_nothing_else():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))  # MLA + MoE + MTP
+    x = torch.randint(0, model.config.vocab_size, (2, 24))
+    y = torch.randint(0, model.config.vocab_size, (2, 24))
+
+    def run(checkpointing: bool):
+        model.zero_grad(set_to_none=True)
+        for m in model.moe_layers():
+            m.expert_load.zero_()
+        model.activation_checkpointing = checkpointing
+        calls = []
+        hooks = [layer.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in model.layers]
+        out = model.loss(x, y)
+        out["loss"].backward()
+        for h in hooks:
+            h.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loads = [m.expert_load.clone() for m in model.moe_layers()]
+        return float(out["loss"].detach()), grads, loads, len(calls)
+
+    model.train()
+    loss_a, grads_a, loads_a, calls_a = run(False)
+    loss_b, grads_b, loads_b, calls_b = run(True)
+    n = len(model.layers)
+    assert calls_a == n and calls_b == 2 * n  # each block ran again in backward
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for k in grads_a:
+        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-4, atol=1e-6), k
+    # the balancing signal counts each routed token once, not again in the recomputation
+    assert all(torch.equal(a, b) and a.sum() > 0 for a, b in zip(loads_a, loads_b))
+    with torch.no_grad():  # inference is untouched
+        model.eval()
+        assert model.loss(x, y)["loss"].isfinite()

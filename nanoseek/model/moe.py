@@ -19,6 +19,8 @@ weights are stored fused as in transformers' in-memory layout (`gate_up_proj` [E
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +98,20 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, y)
 
 
+_recomputing = False  # set while activation checkpointing reruns a block's forward in backward
+
+
+@contextlib.contextmanager
+def recomputing():
+    """The context in which torch.utils.checkpoint recomputes a block (its `context_fn`)."""
+    global _recomputing
+    before, _recomputing = _recomputing, True
+    try:
+        yield
+    finally:
+        _recomputing = before
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -111,7 +127,7 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         weights, indices, scores = self.gate(flat)
-        if self.training:
+        if self.training and not _recomputing:  # (a checkpointed block's second forward routes no new tokens)
             with torch.no_grad():
                 self.expert_load += torch.bincount(indices.flatten(), minlength=self.expert_load.numel())
         out = self.experts(flat, weights, indices).view(B, T, H)

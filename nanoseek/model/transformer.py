@@ -9,16 +9,19 @@ modules themselves (`param_counts`, `flops_per_token`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE
+from nanoseek.model.moe import recomputing as moe_recomputing
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -29,6 +32,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        # a training setting, not the model's: trade compute for memory (train/pretrain.py)
+        self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.qk_head_dim
         self.rotary = RotaryEmbedding(rope_dim, cfg)
@@ -80,8 +85,13 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(input_ids)
         aux_total = None
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x, aux = layer(x, cos, sin, positions, cache, absorb)
+            if recompute:  # keep only each block's input; rerun the block in backward
+                x, aux = checkpoint(layer, x, cos, sin, positions, None, absorb, use_reentrant=False,
+                                    context_fn=_recompute_contexts)
+            else:
+                x, aux = layer(x, cos, sin, positions, cache, absorb)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         return self.norm(x), aux_total
@@ -165,6 +175,11 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         return flops_per_token(self, seq_len, training)
+
+
+def _recompute_contexts():
+    """(forward, recompute) contexts for torch.utils.checkpoint: expert load is counted once."""
+    return contextlib.nullcontext(), moe_recomputing()
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:

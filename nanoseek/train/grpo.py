@@ -85,6 +85,7 @@ class GRPOConfig:
     eval_every: int = 0  # greedy pass@1 on held-out validation problems every N steps (0: never)
     eval_n: int = 100  # validation problems per task
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (train/dist.py)
+    activation_checkpointing: bool = False  # in the policy's training forward (model/transformer.py)
     seed: int = 0
     device: str = "auto"
     price_per_hour: float | None = None
@@ -195,6 +196,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     # the log-probs as a module's forward, through DDP or FSDP under torchrun (DDP: the MTP
     # modules take no part in GRPO, find_unused_parameters; FSDP: the reference stays a whole
     # copy on each rank)
+    model.activation_checkpointing = gc.activation_checkpointing
     policy = _Policy(model)
     if ranks.parallel:
         policy = dist.fsdp(model, policy) if gc.parallel == "fsdp" else dist.ddp(policy, device, find_unused=True)

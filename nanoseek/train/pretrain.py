@@ -78,6 +78,7 @@ class TrainConfig:
     compile: bool = False
     fp8: bool = False  # DeepSeek-V3's fine-grained FP8 GEMMs (train/fp8.py)
     parallel: str = "ddp"  # under torchrun: "ddp" (a whole model per rank) or "fsdp" (sharded, FSDP2)
+    activation_checkpointing: bool = False  # keep each block's input only, rerun it in backward
     price_per_hour: float | None = None
     max_bad_steps: int = 3
     progress: bool = True
@@ -146,7 +147,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         # what may change on resume: how far to go, where to stop, how to show it
         tc = dataclasses.replace(saved, max_steps=tc.max_steps or saved.max_steps, stop_at=tc.stop_at,
                                  save_every=tc.save_every or saved.save_every, progress=tc.progress,
-                                 device=tc.device, out=tc.out, parallel=tc.parallel)
+                                 device=tc.device, out=tc.out, parallel=tc.parallel,
+                                 activation_checkpointing=tc.activation_checkpointing)
         tc, changed = split_overrides(tc, model.config, list(overrides))
         if changed != model.config:
             raise ConfigError(f"{run} holds a checkpoint: its model config cannot change on resume "
@@ -203,6 +205,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         enable_fp8(model)
     if tc.compile:
         model.compile_blocks()
+    model.activation_checkpointing = tc.activation_checkpointing
     forward = dist.loss_fn(model, ranks, device, tc.parallel)  # model.loss; DDP or FSDP under torchrun
     opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))  # (FSDP: over the shards)
     ledger = CostLedger(device, tc.price_per_hour, ranks.world)
