@@ -54,6 +54,8 @@ def test_cold_start_solutions_are_verified_and_rewarded():
 def test_task_documents_come_from_the_far_end_of_the_pool():
     docs = task_documents(["chain_sum", "gsm_symbolic"], 40)
     assert 60 <= len(docs) <= 80 and {d.startswith("Question: ") for d in docs} == {True}
+    mixed = task_documents(["chain_sum", "gsm_symbolic"], {"chain_sum": 30})  # a number per task
+    assert 25 <= len(mixed) <= 30 and set(mixed) == set(task_documents(["chain_sum"], 30)) and set(mixed) < set(docs)
     tails = {p.question: p for t in ("chain_sum", "gsm_symbolic") for p in problems(t, "train", 40, offset=TRAIN_POOL[t] - 40)}
     for d in docs:  # every document is a problem of the pool's tail with its rewarded solution
         question = d.removeprefix("Question: ").split("\n<think>")[0]

@@ -97,6 +97,10 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "corpus must be" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks", "corpus_docs=19990"]) == 2
     assert "must fit in" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chess": 10}']) == 2
+    assert "corpus_mix maps the run's tasks" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chain_sum": 19990}']) == 2
+    assert "must fit in chain_sum's" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), f"data=[\"{tmp_path}/none.txt\"]"]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "cpu", "--plan"]) == 2

@@ -49,13 +49,14 @@ def worked_solution(p: Problem) -> str | None:
     return text if reward(p, text).accuracy == 1.0 else None
 
 
-def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int) -> list[str]:
+def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int]) -> list[str]:
     """Pretraining documents made of worked solutions (`Question: ...` then the same assistant
     text SFT trains on), from the far end of each task's training pool: the cold start and GRPO
-    draw from its start, so their problems stay new to the base. Shuffled together."""
+    draw from its start, so their problems stay new to the base. Shuffled together.
+    n_per_task: the same number for every task, or a number per task (missing: none)."""
     docs = []
     for task in tasks:
-        n = min(n_per_task, TRAIN_POOL[task])
+        n = min(n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task, TRAIN_POOL[task])
         for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n):
             sol = worked_solution(p)
             if sol is not None:

@@ -44,6 +44,8 @@ class SpeedrunConfig:
     # of the run's tasks only (`corpus_docs` each, data/sft.task_documents)
     corpus: str = "tasks"
     corpus_docs: int = 10000
+    # corpus=tasks: documents per task instead (e.g. {"chain_sum": 16000, "gsm_symbolic": 2000})
+    corpus_mix: dict[str, int] | None = None
     # your own .txt / .jsonl / .parquet files or folders: the tokenizer and pretraining read them
     # instead of the corpus (what the GPU presets' token budgets need: the embedded corpus is ~4M tokens)
     data: list[str] = field(default_factory=list)
@@ -91,15 +93,24 @@ class SpeedrunConfig:
                 raise ConfigError(f"no such data file or folder: {path}")
         if self.corpus_docs < 1:
             raise ConfigError("corpus_docs must be at least 1")
+        if self.corpus_mix is not None and not (
+                isinstance(self.corpus_mix, dict) and self.corpus_mix and set(self.corpus_mix) <= set(self.tasks)
+                and all(isinstance(n, int) and n >= 0 for n in self.corpus_mix.values())):
+            raise ConfigError(f"corpus_mix maps the run's tasks ({', '.join(self.tasks)}) to numbers of documents, "
+                              f"not {self.corpus_mix!r}")
         # SFT and RL take their problems from the start of each pool, corpus=tasks from its end:
         # none may run into another's (RL on problems the cold start wrote out rewards recall)
         rl = -(-self.rl_steps * self.rl_prompts_per_step // len(self.rl_tasks or self.tasks))
-        corpus = self.corpus_docs if self.corpus == "tasks" and not self.data else 0  # data replaces the corpus
         for t in self.tasks:
+            corpus = self.corpus_counts()[t] if self.corpus == "tasks" and not self.data else 0  # data replaces it
             if corpus + self.sft_examples + (rl if t in (self.rl_tasks or self.tasks) else 0) > TRAIN_POOL[t]:
                 raise ConfigError(("corpus_docs + " if corpus else "") + "sft_examples + the RL prompts "
                                   f"({corpus + self.sft_examples + rl:,}) must fit in {t}'s {TRAIN_POOL[t]:,} "
                                   "training problems")
+
+    def corpus_counts(self) -> dict[str, int]:
+        """corpus=tasks: how many worked solutions of each task the base pretrains on."""
+        return {t: self.corpus_mix.get(t, 0) if self.corpus_mix else self.corpus_docs for t in self.tasks}
 
 
 # Each preset's budget. cpu: ~30 minutes on 2 cores (docs/BENCHMARKS.md); tiny: a smoke run.
@@ -209,7 +220,7 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
             docs = read_files(sc.data)
         else:
             docs = {"default": default_corpus, "math": math_documents,
-                    "tasks": lambda: task_documents(sc.tasks, sc.corpus_docs)}[sc.corpus]()
+                    "tasks": lambda: task_documents(sc.tasks, sc.corpus_counts())}[sc.corpus]()
             if sc.corpus != "default":
                 tmp = corpus_file.with_suffix(".tmp")
                 tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
