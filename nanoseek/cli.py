@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-reset", type=int, metavar="N", help="reset the reference to the policy every N steps")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (prompts_per_step is "
                    "the global number, split across the processes)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
 
@@ -304,7 +305,8 @@ def _run(args: argparse.Namespace) -> int:
         for name, value in (("tasks", args.task), ("max_steps", args.max_steps), ("save_every", args.save_every),
                             ("seed", args.seed), ("device", args.device), ("template", args.template),
                             ("loss_type", args.loss_type), ("beta", args.beta), ("eps_high", args.clip_higher),
-                            ("ref_reset_every", args.ref_reset), ("parallel", args.parallel)):
+                            ("ref_reset_every", args.ref_reset), ("parallel", args.parallel),
+                            ("activation_checkpointing", args.activation_checkpointing or None)):
             if value is not None:
                 setattr(gc, name, value)
         if args.dynamic_sampling:

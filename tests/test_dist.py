@@ -68,10 +68,23 @@ def test_two_processes_follow_one_and_resume_under_one(data, tmp_path, flags):
     meta = json.loads((two / "latest" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["cost"]["n_devices"] == 2 and meta["tokens_seen"] == 3 * 4 * 32  # global
     state = load_file(two / "latest" / "model.safetensors")  # gathered whole, not rank 0's shard
-    assert all(v.shape == w.shape for v, w in zip(state.values(), load_file(one / "latest" / "model.safetensors").values()))
+    reference = load_file(one / "latest" / "model.safetensors")
+    assert state.keys() == reference.keys() and all(state[k].shape == reference[k].shape for k in state)
     run(["--out", str(two), *base])  # resumed by a single process
     same_curve(rows(one), rows(two))
     assert torch.allclose(biases(one), biases(two), atol=1e-6) and biases(one).abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_gradient_accumulation_under_two_processes(data, tmp_path, mode):
+    folder, base, one = data
+    accum = [*base[:-4], "grad_accum=2", *base[-4:]]  # (the overrides come before --tokenizer, --data)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(["--out", str(a), *accum])
+    run(["--out", str(b), "--parallel", mode, *accum], procs=2)
+    ra, rb = rows(a), rows(b)
+    assert ra[1]["tokens"] == 2 * 4 * 32  # two micro-batches of the global batch a step
+    same_curve(ra, rb)
 
 
 def test_fsdp_resumes_a_single_process_run(data, tmp_path):
@@ -131,7 +144,8 @@ def score(key, text, n):
 
 gc = GRPOConfig(init=ckpt, out=out, max_steps=3, prompts_per_step=4, group_size=4, max_tokens=8, lr=3e-3,
                 beta=0.05, temperature=1.0, loss_type=loss_type, dynamic_sampling=dynamic, inner_updates=2,
-                micro_batch=3, warmup_steps=0, progress=False, save_every=10, device="cpu", parallel=parallel)
+                micro_batch=3, warmup_steps=0, progress=False, save_every=10, device="cpu", parallel=parallel,
+                ref_reset_every=2)  # (the reference reloaded from the policy's shards at step 2)
 grpo(gc, source=source, score=score)
 """
 

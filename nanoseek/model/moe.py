@@ -98,18 +98,20 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, y)
 
 
-_recomputing = False  # set while activation checkpointing reruns a block's forward in backward
+_uncounted = False  # set while a forward routes no tokens for real (see `uncounted`)
 
 
 @contextlib.contextmanager
-def recomputing():
-    """The context in which torch.utils.checkpoint recomputes a block (its `context_fn`)."""
-    global _recomputing
-    before, _recomputing = _recomputing, True
+def uncounted():
+    """Forwards whose tokens do not count toward the expert load that balancing reads: a block
+    recomputed by activation checkpointing in backward, or the weightless micro-batches a
+    data-parallel rank runs only to keep step with the others."""
+    global _uncounted
+    before, _uncounted = _uncounted, True
     try:
         yield
     finally:
-        _recomputing = before
+        _uncounted = before
 
 
 class MoE(nn.Module):
@@ -127,7 +129,7 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         weights, indices, scores = self.gate(flat)
-        if self.training and not _recomputing:  # (a checkpointed block's second forward routes no new tokens)
+        if self.training and not _uncounted:
             with torch.no_grad():
                 self.expert_load += torch.bincount(indices.flatten(), minlength=self.expert_load.numel())
         out = self.experts(flat, weights, indices).view(B, T, H)

@@ -21,7 +21,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE
-from nanoseek.model.moe import recomputing as moe_recomputing
+from nanoseek.model.moe import uncounted
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -179,7 +179,7 @@ class Transformer(nn.Module):
 
 def _recompute_contexts():
     """(forward, recompute) contexts for torch.utils.checkpoint: expert load is counted once."""
-    return contextlib.nullcontext(), moe_recomputing()
+    return contextlib.nullcontext(), uncounted()
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,8 +189,8 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tens
     labels = labels.flatten()
     total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if count is None:
-        count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count if count > 0 else total
+        count = (labels != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1e-6)  # (a global count over N ranks may be below 1; 0 only if total is)
 
 
 def _numel(module: nn.Module) -> int:

@@ -16,6 +16,7 @@ a run saved under N processes (either mode) resumes under M. gloo on the CPU, NC
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import time
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone validates and writes checkpoints while the others wait in their next
+        # collective: longer than NCCL's 10-minute default
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return Ranks(dist.get_rank(), dist.get_world_size(), device), device
 
 
@@ -135,16 +138,28 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """What a checkpoint holds, whole: under FSDP (every rank calls this) an unsharded copy of
-    the model on the CPU and the optimizer tensors gathered; otherwise the model and tensors as
-    they are."""
+def full_state(model: nn.Module, tensors: dict[str, torch.Tensor],
+               ranks: Ranks) -> tuple[nn.Module | None, dict[str, torch.Tensor]]:
+    """What a checkpoint holds, whole: under FSDP (every rank calls this; each tensor is
+    gathered in turn and only rank 0 keeps it) an unsharded copy of the model on the CPU and
+    the optimizer tensors; otherwise the model and tensors as they are."""
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return model, tensors
-    state = {k: full(v).detach().cpu() for k, v in model.state_dict().items()}
-    copy = type(model)(model.config)
-    copy.load_state_dict(state)
-    return copy, {k: full(v).cpu() for k, v in tensors.items()}
+    def gather_to_main(items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in items.items():
+            t = full(v)  # (a collective: every rank takes part)
+            if ranks.main:
+                out[k] = t.detach().cpu()
+        return out
+
+    state, tensors = gather_to_main(model.state_dict()), gather_to_main(tensors)
+    if not ranks.main:
+        return None, {}
+    with torch.device("meta"):  # no second initialization (nor its random numbers): the weights are these
+        copy = type(model)(model.config)
+    copy.load_state_dict(state, assign=True)
+    return copy, tensors
 
 
 def shard_like_params(tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -156,7 +171,8 @@ def shard_like_params(tensors: dict[str, torch.Tensor], opt: torch.optim.Optimiz
         if name.startswith("optim."):
             p = params[int(name.split(".")[1])]
             if isinstance(p, DTensor) and value.shape == p.shape:
-                value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+                value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
+                                          src_data_rank=None)  # every rank holds the whole: cut locally
         out[name] = value
     return out
 
@@ -180,6 +196,8 @@ def shard(batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 
 def share(items: list, ranks: Ranks) -> list:
     """This rank's contiguous share of a global list (e.g. GRPO's prompts of a step)."""
+    if len(items) % ranks.world:
+        raise ValueError(f"{len(items)} items do not divide among {ranks.world} processes")
     per = len(items) // ranks.world
     return items[ranks.rank * per: (ranks.rank + 1) * per]
 
@@ -230,14 +248,25 @@ def sync_expert_load(model: nn.Module, ranks: Ranks) -> None:
 
 def check_same_biases(model: nn.Module, ranks: Ranks) -> None:
     """Every rank must route the same way: its balancing biases equal rank 0's."""
-    if not ranks.parallel:
-        return
-    mine = torch.cat([m.gate.e_score_correction_bias.detach().flatten() for m in model.moe_layers()]
-                     or [torch.zeros(0, device=ranks.device)])
+    if ranks.parallel:
+        _check_same(torch.cat([m.gate.e_score_correction_bias.detach().flatten() for m in model.moe_layers()]
+                              or [torch.zeros(0, device=ranks.device)]), ranks, "routing biases")
+
+
+def check_same_start(model: nn.Module, ranks: Ranks) -> None:
+    """Before wrapping: every rank starts from rank 0's weights (DDP would copy them over;
+    FSDP cuts each rank's shard from the rank's own copy)."""
+    if ranks.parallel:
+        _check_same(torch.stack([t.detach().double().sum() for t in model.state_dict().values()]), ranks,
+                    "initial weights")
+
+
+def _check_same(mine: torch.Tensor, ranks: Ranks, what: str) -> None:
+    mine = mine.to(ranks.device)
     first = mine.clone()
     dist.broadcast(first, 0)
     if not torch.equal(mine, first):
-        raise RuntimeError(f"rank {ranks.rank}'s routing biases differ from rank 0's")
+        raise RuntimeError(f"rank {ranks.rank}'s {what} differ from rank 0's")
 
 
 def finish(ranks: Ranks) -> None:

@@ -17,16 +17,18 @@ Logged per step (metrics.jsonl): reward (and its accuracy / format / overlong pa
 accuracy, format rate, response length, KL, entropy, clip fraction, the share of groups with
 zero advantage, seconds per step (rollout / update).
 
-Under `torchrun --nproc-per-node N` (DDP; `prompts_per_step` is the global number) each rank
-samples the groups of its 1/N of the step's prompts with its own copy of the engine, the
-rewards are gathered so that the metrics are the step's, and each rank's loss is weighted
-by its share of the step's trained samples so that DDP's average of the gradients is the
+Under `torchrun --nproc-per-node N` (`parallel` ddp or fsdp; `prompts_per_step` is the
+global number) each rank samples the groups of its 1/N of the step's prompts with its own
+engine (under FSDP from a whole copy of the policy loaded from the shards each step), the
+rewards are gathered so that the metrics are the step's, and each rank's loss is weighted by
+its share of the step's trained samples so that the average of the ranks' gradients is the
 gradient of the whole step. Rank 0 validates, logs and checkpoints (the one format: a run
 saved under N processes resumes under M).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -41,6 +43,7 @@ from nanoseek.config import ConfigError, apply_overrides
 from nanoseek.data.tasks import TASKS, TRAIN_POOL, VALIDATION_OFFSET, Problem, R1_ZERO_TEMPLATE, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model.moe import uncounted
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger
@@ -168,7 +171,8 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         model, tok, folder = ckpt.load_model(run)
         tensors, info = ckpt.load_train_state(folder)
         gc = dataclasses.replace(GRPOConfig(**info["grpo_config"]), max_steps=gc.max_steps, progress=gc.progress,
-                                 device=gc.device, out=gc.out, parallel=gc.parallel)
+                                 device=gc.device, out=gc.out, parallel=gc.parallel,
+                                 activation_checkpointing=gc.activation_checkpointing)
     else:
         gc = apply_overrides(gc, list(overrides))
         gc.validate()
@@ -197,6 +201,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     # modules take no part in GRPO, find_unused_parameters; FSDP: the reference stays a whole
     # copy on each rank)
     model.activation_checkpointing = gc.activation_checkpointing
+    dist.check_same_start(model, ranks)
     policy = _Policy(model)
     if ranks.parallel:
         policy = dist.fsdp(model, policy) if gc.parallel == "fsdp" else dist.ddp(policy, device, find_unused=True)
@@ -255,7 +260,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         dist.check_same_biases(model, ranks)
         step += 1
         if ref is not None and gc.ref_reset_every and step % gc.ref_reset_every == 0:
-            ref.load_state_dict(dist.full_state(model, {})[0].state_dict())
+            dist.copy_whole(model, ref)
         flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
                                       ref is not None), ranks)
         rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c) in zip(rows, comps)], ranks)  # the step's
@@ -265,7 +270,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
                "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
                "response_length": n_tokens / len(rows),
                "zero_adv_groups": 1 - dist.total(float(keep.sum()), ranks) / P,
-               **{k: round(v, 5) if isinstance(v, float) else v for k, v in dist.mean(stats, ranks).items()},
+               **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()},
                "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
         if validating and (step % gc.eval_every == 0 or step == gc.max_steps):
             if sampler is not model:
@@ -279,7 +284,7 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
         last = row
         if step % gc.save_every == 0 or step == gc.max_steps:
             opt_tensors, opt_info = optimizer_state(opt)
-            whole, opt_tensors = dist.full_state(model, opt_tensors)  # FSDP: gathered, on every rank
+            whole, opt_tensors = dist.full_state(model, opt_tensors, ranks)  # FSDP: every rank gathers
             if ranks.main:
                 _save(run, step, whole, tok, (opt_tensors, opt_info), ledger, gc, last, ref)
             ledger.restart_clock()
@@ -344,8 +349,15 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
     scale = [weight] * len(batches) + [0.0] * extra
     batches += [batches[0][:1]] * extra
     tensors = [_pack([comps[j] for j in b], device) for b in batches]
+    # (their tokens are not routed for real: they do not count toward the expert load)
+    weightless = lambda bi: uncounted() if scale[bi] == 0 else contextlib.nullcontext()  # noqa: E731
     with torch.no_grad():  # the sampling policy's log-probs (and the reference's), computed once
-        old = [policy(ids, mask, gc.temperature)[0] for ids, mask in tensors] if gc.inner_updates > 1 else None
+        old = None
+        if gc.inner_updates > 1:
+            old = []
+            for bi, (ids, mask) in enumerate(tensors):
+                with weightless(bi):
+                    old.append(policy(ids, mask, gc.temperature)[0])
         refs = [_token_logp(ref, ids, mask, gc.temperature)[0] for ids, mask in tensors] if ref is not None else None
     agg: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
     n = 0
@@ -353,15 +365,15 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
         opt.zero_grad(set_to_none=True)
         for bi, (b, (ids, mask)) in enumerate(zip(batches, tensors)):
             # gradients synced once per update, on the last micro-batch
-            with dist.gradient_sync(policy, on=bi == len(batches) - 1):
+            with dist.gradient_sync(policy, on=bi == len(batches) - 1), weightless(bi):
                 logp, entropy = policy(ids, mask, gc.temperature, True)
                 old_lp = old[bi] if old is not None else logp.detach()
                 loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,
                                      gc.eps_low, gc.eps_high, gc.loss_type, gc.max_tokens)
-                if not torch.isfinite(loss):
+                if not dist.all_true(bool(torch.isfinite(loss)), ranks):  # every rank stops, not one
                     raise TrainingError("non-finite GRPO loss: lower lr")
                 (loss * len(b) * scale[bi]).backward()
-            if bi < len(batches) - extra:
+            if scale[bi]:
                 agg["kl"] += st["kl"]
                 agg["clip_fraction"] += st["clip_fraction"]
                 agg["entropy"] += float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
@@ -370,7 +382,8 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
         opt.step()
     opt.zero_grad(set_to_none=True)
     policy.eval()
-    return {k: v / max(1, n) for k, v in agg.items()}
+    n = dist.total(n, ranks)  # the means over every rank's trained micro-batches
+    return {k: dist.total(v, ranks) / max(1, n) for k, v in agg.items()}
 
 
 def _pack(comps: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:

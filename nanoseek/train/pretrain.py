@@ -206,6 +206,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     if tc.compile:
         model.compile_blocks()
     model.activation_checkpointing = tc.activation_checkpointing
+    dist.check_same_start(model, ranks)
     forward = dist.loss_fn(model, ranks, device, tc.parallel)  # model.loss; DDP or FSDP under torchrun
     opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))  # (FSDP: over the shards)
     ledger = CostLedger(device, tc.price_per_hour, ranks.world)
@@ -245,17 +246,18 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             group["lr"] = lr
         parts: dict[str, float] = {}
         finite = True
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             x, y = loader.next_batch()  # the global batch; this process trains on its share
             targets = dist.target_counts(y, len(model.mtp), IGNORE_INDEX, ranks)  # the global batch's
-            with autocast:
-                out = forward(dist.shard(x, ranks).to(device), dist.shard(y, ranks).to(device), targets)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                finite = False
-                if not ranks.parallel:  # (every rank must run each backward: theirs wait on it)
-                    break
-            (loss / tc.grad_accum).backward()
+            with dist.gradient_sync(forward, on=micro == tc.grad_accum - 1):  # one sync per step
+                with autocast:
+                    out = forward(dist.shard(x, ranks).to(device), dist.shard(y, ranks).to(device), targets)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    finite = False
+                    if not ranks.parallel:  # (every rank must run each backward: theirs wait on it)
+                        break
+                (loss / tc.grad_accum).backward()
             for k, v in out.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / tc.grad_accum
         finite = dist.all_true(finite, ranks)
@@ -296,7 +298,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             bar.set_postfix_str(_postfix(row))
         if step % tc.save_every == 0 or step == end:
             opt_tensors, opt_info = optimizer_state(opt)
-            whole, opt_tensors = dist.full_state(model, opt_tensors)  # FSDP: gathered, on every rank
+            whole, opt_tensors = dist.full_state(model, opt_tensors, ranks)  # FSDP: every rank gathers
             if ranks.main:  # one checkpoint, in the one format: it resumes under any number of processes
                 _save(run, step, whole, tokenizer, (opt_tensors, opt_info), loader, ledger, tc, last, counts)
             ledger.restart_clock()

@@ -93,18 +93,21 @@ class SpeedrunConfig:
                 raise ConfigError(f"no such data file or folder: {path}")
         if self.corpus_docs < 1:
             raise ConfigError("corpus_docs must be at least 1")
-        if self.corpus_mix is not None and not (
-                isinstance(self.corpus_mix, dict) and self.corpus_mix and set(self.corpus_mix) <= set(self.tasks)
-                and all(isinstance(n, int) and n >= 0 for n in self.corpus_mix.values())):
-            raise ConfigError(f"corpus_mix maps the run's tasks ({', '.join(self.tasks)}) to numbers of documents, "
-                              f"not {self.corpus_mix!r}")
+        if self.corpus_mix is not None:
+            if not (isinstance(self.corpus_mix, dict) and set(self.corpus_mix) <= set(self.tasks)
+                    and all(isinstance(n, int) and n >= 0 for n in self.corpus_mix.values())
+                    and sum(self.corpus_mix.values()) > 0):
+                raise ConfigError(f"corpus_mix maps the run's tasks ({', '.join(self.tasks)}) to numbers of "
+                                  f"documents (not all 0), not {self.corpus_mix!r}")
+            if self.corpus != "tasks" or self.data:
+                raise ConfigError("corpus_mix is for corpus=tasks (without data=[...])")
         # SFT and RL take their problems from the start of each pool, corpus=tasks from its end:
         # none may run into another's (RL on problems the cold start wrote out rewards recall)
         rl = -(-self.rl_steps * self.rl_prompts_per_step // len(self.rl_tasks or self.tasks))
         for t in self.tasks:
             corpus = self.corpus_counts()[t] if self.corpus == "tasks" and not self.data else 0  # data replaces it
             if corpus + self.sft_examples + (rl if t in (self.rl_tasks or self.tasks) else 0) > TRAIN_POOL[t]:
-                raise ConfigError(("corpus_docs + " if corpus else "") + "sft_examples + the RL prompts "
+                raise ConfigError(("the corpus's documents + " if corpus else "") + "sft_examples + the RL prompts "
                                   f"({corpus + self.sft_examples + rl:,}) must fit in {t}'s {TRAIN_POOL[t]:,} "
                                   "training problems")
 
