@@ -9,6 +9,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.train import pretrain as pretrain_module
+from nanoseek.train.speedrun import speedrun_config
 
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
@@ -101,6 +102,9 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "corpus_mix maps the run's tasks" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chain_sum": 19990}']) == 2
     assert "must fit in chain_sum's" in capsys.readouterr().err
+    assert speedrun_config("cpu").corpus_counts() == {"chain_sum": 16000, "gsm_symbolic": 2000}  # the cpu mix
+    assert speedrun_config("cpu", overrides=["corpus_docs=500"]).corpus_counts() == {"chain_sum": 500, "gsm_symbolic": 500}
+    assert speedrun_config("cpu", overrides=["corpus=math"]).corpus_mix is None  # asked for another corpus
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), f"data=[\"{tmp_path}/none.txt\"]"]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "cpu", "--plan"]) == 2
