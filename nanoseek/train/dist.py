@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from nanoseek.train.optim import optimizer_state
+
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -75,8 +77,6 @@ def loss_fn(model: nn.Module, ranks: Ranks, device: torch.device, mode: str = "d
     """(x, y, counts=None) -> model.loss(...), through DDP or FSDP2 when there are several ranks.
     Under FSDP the model's parameters become shards (DTensors) in place: build the optimizer
     after this, and gather with `full_state` to save."""
-    if mode not in PARALLEL:
-        raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, not {mode!r}")
     if not ranks.parallel:
         return model.loss
     if mode == "fsdp":
@@ -138,13 +138,16 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_state(model: nn.Module, tensors: dict[str, torch.Tensor],
-               ranks: Ranks) -> tuple[nn.Module | None, dict[str, torch.Tensor]]:
-    """What a checkpoint holds, whole: under FSDP (every rank calls this; each tensor is
-    gathered in turn and only rank 0 keeps it) an unsharded copy of the model on the CPU and
-    the optimizer tensors; otherwise the model and tensors as they are."""
+def full_state(model: nn.Module, opt: torch.optim.Optimizer,
+               ranks: Ranks) -> tuple[nn.Module | None, tuple[dict[str, torch.Tensor], dict]]:
+    """What a checkpoint holds, whole: the model and the optimizer state (`optim.optimizer_state`).
+    Under FSDP (every rank calls this; each tensor is gathered in turn and only rank 0 keeps
+    it) an unsharded copy of the model on the CPU and the gathered optimizer tensors; otherwise
+    the model and the state as they are."""
+    tensors, info = optimizer_state(opt)
     if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return model, tensors
+        return model, (tensors, info)
+
     def gather_to_main(items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in items.items():
@@ -155,11 +158,11 @@ def full_state(model: nn.Module, tensors: dict[str, torch.Tensor],
 
     state, tensors = gather_to_main(model.state_dict()), gather_to_main(tensors)
     if not ranks.main:
-        return None, {}
+        return None, ({}, info)
     with torch.device("meta"):  # no second initialization (nor its random numbers): the weights are these
         copy = type(model)(model.config)
     copy.load_state_dict(state, assign=True)
-    return copy, tensors
+    return copy, (tensors, info)
 
 
 def shard_like_params(tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

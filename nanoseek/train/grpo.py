@@ -48,8 +48,7 @@ from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, informative_groups
-from nanoseek.train.optim import (load_optimizer_state, load_rng_state, make_optimizer, optimizer_state,
-                                  rng_state)
+from nanoseek.train.optim import load_optimizer_state, load_rng_state, make_optimizer, rng_state
 from nanoseek.train.pretrain import (TrainingError, log_metrics, pick_device, progress_bar, say,
                                      truncate_metrics)
 
@@ -283,10 +282,9 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
             bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f}")
         last = row
         if step % gc.save_every == 0 or step == gc.max_steps:
-            opt_tensors, opt_info = optimizer_state(opt)
-            whole, opt_tensors = dist.full_state(model, opt_tensors, ranks)  # FSDP: every rank gathers
+            whole, opt_state = dist.full_state(model, opt, ranks)  # FSDP: every rank gathers
             if ranks.main:
-                _save(run, step, whole, tok, (opt_tensors, opt_info), ledger, gc, last, ref)
+                _save(run, step, whole, tok, opt_state, ledger, gc, last, ref)
             ledger.restart_clock()
     bar.close()
     dist.finish(ranks)

@@ -35,8 +35,7 @@ from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger, peak_flops
-from nanoseek.train.optim import (load_optimizer_state, load_rng_state, lr_at, make_optimizer,
-                                  optimizer_state, rng_state)
+from nanoseek.train.optim import load_optimizer_state, load_rng_state, lr_at, make_optimizer, rng_state
 
 
 class TrainingError(RuntimeError):
@@ -297,10 +296,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix_str(_postfix(row))
         if step % tc.save_every == 0 or step == end:
-            opt_tensors, opt_info = optimizer_state(opt)
-            whole, opt_tensors = dist.full_state(model, opt_tensors, ranks)  # FSDP: every rank gathers
+            whole, opt_state = dist.full_state(model, opt, ranks)  # FSDP: every rank gathers
             if ranks.main:  # one checkpoint, in the one format: it resumes under any number of processes
-                _save(run, step, whole, tokenizer, (opt_tensors, opt_info), loader, ledger, tc, last, counts)
+                _save(run, step, whole, tokenizer, opt_state, loader, ledger, tc, last, counts)
             ledger.restart_clock()
     bar.close()
     dist.finish(ranks)
