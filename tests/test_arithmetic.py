@@ -3,7 +3,12 @@
 import pytest
 import reasoning_gym as rg
 
-from nanoseek.data.arithmetic import chain_terms, check_steps, column_add, column_steps, column_sub, solve_steps
+import random
+import re
+from fractions import Fraction
+
+from nanoseek.data.arithmetic import (chain_terms, check_steps, column_add, column_mul, column_steps, column_sub,
+                                      long_division, solve_steps, work_equations, worked_op)
 
 
 def test_false_and_degenerate_steps_are_caught():
@@ -70,3 +75,81 @@ def test_column_steps_solve_every_chain_sum_problem():
     for bad in ["3 * 4", "3 + + 4", "", "3 4", "3 + -4"]:
         with pytest.raises(ValueError):
             chain_terms(bad)
+
+
+def _columns_hold(text: str) -> int:
+    """Check every column and division step in worked text; the number of steps checked."""
+    n = 0
+    for x, d, c, out in re.findall(r"(?<![\d.])(\d)\*(\d)\+(\d)=(\d\d)(?!\d)", text):
+        assert int(x) * int(d) + int(c) == int(out), text
+        n += 1
+    for x, y, c, out in re.findall(r"(?<![\d.])(\d)\+(\d)\+(\d)=(\d\d)(?!\d)", text):
+        assert int(x) + int(y) + int(c) == int(out), text
+        n += 1
+    for r, b, d, rest in re.findall(r"(\d+) - (\d+)\*(\d) = (\d+)", text):
+        assert int(r) - int(b) * int(d) == int(rest) and 0 <= int(rest) < int(b), text
+        n += 1
+    return n
+
+
+def test_column_products_and_long_division_are_true_step_by_step():
+    assert column_mul(46, 25) == ("46 * 25: 46*5: 6*5+0=30 4*5+3=23 = 230; 46*2: 6*2+0=12 4*2+1=09 = 92; "
+                                  "230 + 920: 0+0+0=00 3+2+0=05 2+9+0=11 = 1150")
+    assert column_mul(26, 3) == "26*3: 6*3+0=18 2*3+1=07 = 78"
+    assert column_mul(7, 305) == "7 * 305: 305*7: 5*7+0=35 0*7+3=03 3*7+0=21 = 2135"  # the shorter one multiplies
+    assert column_mul(380000, 30) == "380000 * 30: 38*3: 8*3+0=24 3*3+2=11 = 114, 11400000"  # zeros set aside
+    assert long_division(1664, 26) == "1664 / 26: 166 - 26*6 = 10; 104 - 26*4 = 0; = 64"
+    assert long_division(7, 7) == "7 / 7: 7 - 7*1 = 0; = 1"
+    for bad in [(7, 2), (5, 0), (-4, 2)]:
+        with pytest.raises(ValueError):
+            long_division(*bad)
+    rng = random.Random(0)
+    for _ in range(300):
+        a, b = rng.randrange(0, 10 ** rng.randint(1, 6)), rng.randrange(1, 10 ** rng.randint(1, 4))
+        line = column_mul(a, b)
+        assert line.endswith(f" {a * b}") and (a * b == 0 or _columns_hold(line) > 0)
+        line = long_division(a * b, b)
+        assert line.endswith(f"= {a}") and _columns_hold(line) > 0
+
+
+def test_decimals_are_worked_as_integers():
+    assert worked_op(Fraction("0.35"), "*", Fraction(6)) == ("0.35 * 6: 35*6: 5*6+0=30 3*6+3=21 = 210 = 2.1",
+                                                             Fraction("2.1"))
+    text, value = worked_op(Fraction("1.81"), "+", Fraction("3.4"))
+    assert text == "1.81 + 3.4: 181 + 340: 1+0+0=01 8+4+0=12 1+3+1=05 = 521 = 5.21" and value == Fraction("5.21")
+    assert worked_op(Fraction(1140000), "/", Fraction(100)) == ("1140000 / 100 = 11400", Fraction(11400))
+    for a, op, b in [("7", "/", "2"), ("2", "-", "5"), ("1", "/", "3")]:  # no whole quotient, negative: no work
+        with pytest.raises(ValueError):
+            worked_op(Fraction(a), op, Fraction(b))
+
+
+def test_work_equations_inserts_true_work_before_each_result():
+    assert work_equations("There are 26 girls x 3 boys/girl = 78 boys in the yard.") == \
+        "There are 26 girls x 3 boys/girl = [26*3: 6*3+0=18 2*3+1=07 = 78] 78 boys in the yard."
+    assert work_equations("$21/hour * 7 hours = $147") == "$21/hour * 7 hours = [21*7: 1*7+0=07 2*7+0=14 = 147] $147"
+    assert work_equations("The fee is $380,000 x 3/100 = $11,400.") == (
+        "The fee is $380,000 x 3/100 = [380000 * 3: 38*3: 8*3+0=24 3*3+2=11 = 114, 1140000; "
+        "1140000 / 100 = 11400] $11,400.")
+    # only the chain next to `=` is read ("104 minutes because 59 + 45"), operands are not invented
+    assert work_equations("a total of 104 minutes because 59 + 45 = 104").endswith("= [59 + 45: 9+5+0=14 5+4+1=10 = 104] 104")
+    for plain in ["half * 38 grasshoppers = 19 wasps", "we get 2x+30=134", "2(64+26) = 180", "48=48 emails",
+                  "17*0.5=8 apples", "7 / 2 = 3.5 hours"]:  # no operator, unknowns, false or unworkable: unchanged
+        assert work_equations(plain) == plain
+    from nanoseek.data.sft import worked_solution
+    from nanoseek.data.tasks import problems, reward
+
+    checked = worked = 0
+    for p in problems("gsm_symbolic", "train", 150):
+        sol = worked_solution(p, work_arithmetic=False)
+        if sol is None:
+            continue
+        text = work_equations(sol)
+        assert worked_solution(p) == text and work_equations(text) == text  # the default; worked once
+        assert re.sub(r" \[[^\]]*\]", "", text) == sol  # nothing of the solution is lost or changed
+        for m in re.finditer(r"\[([^\]]*)\] [$£€]?(-?[\d,.]+)", text):  # each block ends in the result after it
+            shown = m.group(1).rsplit(" ", 1)[-1].rstrip(",")
+            assert Fraction(shown) == Fraction(m.group(2).replace(",", "").rstrip(".")), m.group(0)
+            worked += 1
+        checked += _columns_hold(text)
+        assert reward(p, text).accuracy == 1.0
+    assert worked > 200 and checked > 500

@@ -209,3 +209,198 @@ def expression_steps(task: str, expression: str) -> tuple[list[str], int]:
     """The worked solution we write for a task's expression: chain_sum in columns, anything
     else (basic_arithmetic, countdown's reference answer) one operation per line."""
     return column_steps(expression) if task == "chain_sum" else solve_steps(expression)
+
+
+# ---- worked arithmetic inside word-problem solutions ----
+#
+# gsm_symbolic's chains of thought write every result in one go ("26 girls x 3 boys/girl = 78
+# boys"); a small model copies the template's sentences and the right operands but invents the
+# result (it wrote 126 there). `work_equations` inserts the computation, worked the way
+# column_add works a sum, between the `=` and the result:
+#
+#   There are 26 girls x 3 boys/girl = [26 * 3: 6*3+0=18 2*3+1=07 = 78] 78 boys in the yard.
+#
+# Products multiply by one digit of the multiplier at a time (`x*y+c=Cd`: digit times digit
+# plus the carry in), then add the shifted partial products in columns; exact quotients are
+# long division (`r - b*q = r'` per quotient digit); finite decimals are worked as integers and
+# the point put back. An equation whose left side cannot be read (operands among words,
+# unknowns, a quotient that is not a whole number) keeps its plain form.
+
+
+def column_mul(a: int, b: int) -> str:
+    """'46 * 25: 46*5: 6*5+0=30 4*5+3=23 = 230; 46*2: ... = 92; 230 + 920: ... = 1150' for
+    a, b >= 0: trailing zeros set aside, the shorter operand the multiplier, one partial product
+    per non-zero digit of it, the shifted partials added in columns, the zeros put back."""
+    if a < 0 or b < 0:
+        raise ValueError(f"column_mul needs non-negative operands, got {a} * {b}")
+    if a == 0 or b == 0:
+        return f"{a} * {b} = 0"
+    x, y = str(a).rstrip("0"), str(b).rstrip("0")
+    zeros = len(str(a)) - len(x) + len(str(b)) - len(y)
+    x, y = (int(y), int(x)) if len(y) > len(x) else (int(x), int(y))
+    parts, partials = [], []
+    for i, d in enumerate(int(c) for c in str(y)[::-1]):
+        if d == 0:
+            continue
+        cols, carry = [], 0
+        for digit in (int(c) for c in str(x)[::-1]):
+            s = digit * d + carry
+            cols.append(f"{digit}*{d}+{carry}={s:02d}")
+            carry = s // 10
+        parts.append(f"{x}*{d}: {' '.join(cols)} = {x * d}")
+        partials.append(x * d * 10 ** i)
+    acc = partials[0]
+    for p in partials[1:]:
+        parts.append(column_add(acc, p))
+        acc += p
+    head = f"{a} * {b}: " if (len(parts) > 1 or zeros or (x, y) != (a, b)) else ""
+    tail = f", {acc * 10 ** zeros}" if zeros else ""
+    return head + "; ".join(parts) + tail
+
+
+def long_division(a: int, b: int) -> str:
+    """'1664 / 26: 166 - 26*6 = 10; 104 - 26*4 = 0; = 64' for an exact quotient of a >= 0 by b > 0."""
+    if b <= 0 or a < 0 or a % b:
+        raise ValueError(f"long_division needs an exact quotient, got {a} / {b}")
+    digits, steps, r, q = str(a), [], 0, ""
+    for i, c in enumerate(digits):
+        r = 10 * r + int(c)
+        if r < b and not q and i < len(digits) - 1:
+            continue
+        d = r // b
+        steps.append(f"{r} - {b}*{d} = {r - b * d}")
+        r -= b * d
+        q += str(d)
+    return f"{a} / {b}: " + "; ".join(steps) + f"; = {int(q)}"
+
+
+def _decimals(v: Fraction) -> int | None:
+    """How many decimal places v has (None: not a finite decimal, or more than 4)."""
+    for k in range(5):
+        if (v * 10 ** k).denominator == 1:
+            return k
+    return None
+
+
+def _show(v: Fraction) -> str:
+    k = _decimals(v)
+    if k is None:
+        raise ValueError(f"{v} is not a short decimal")
+    if k == 0:
+        return str(int(v))
+    s = f"{abs(v.numerator) * 10 ** k // v.denominator:0{k + 1}d}"
+    return ("-" if v < 0 else "") + f"{s[:-k]}.{s[-k:]}".rstrip("0").rstrip(".")
+
+
+def worked_op(a: Fraction, op: str, b: Fraction) -> tuple[str, Fraction]:
+    """One worked binary operation on short decimals: (text, value). ValueError when the
+    operation has no worked form here (a quotient that is not a whole number, negatives)."""
+    if a < 0 or b < 0:
+        raise ValueError("negative operand")
+    if op == "/":
+        if b == 0 or (a / b).denominator != 1 or a.denominator != 1 or b.denominator != 1:
+            raise ValueError(f"no long division for {a} / {b}")
+        a, b = int(a), int(b)
+        if str(b).rstrip("0") == "1":  # by 10, 100, ...: drop the zeros
+            return f"{a} / {b} = {a // b}", Fraction(a // b)
+        return long_division(a, b), Fraction(a // b)
+    ka, kb = _decimals(a), _decimals(b)
+    if ka is None or kb is None:
+        raise ValueError("not a short decimal")
+    if op == "*":
+        x, y, scale = int(a * 10 ** ka), int(b * 10 ** kb), ka + kb
+        work, value = column_mul(x, y), a * b
+    else:
+        scale = max(ka, kb)
+        x, y = int(a * 10 ** scale), int(b * 10 ** scale)
+        if op == "+":
+            work, value = column_add(x, y), a + b
+        elif x >= y:
+            work, value = column_sub(x, y), a - b
+        else:
+            raise ValueError("a negative difference")
+    head = f"{_show(a)} {op} {_show(b)}"
+    if scale:  # worked on the integers, the point put back
+        return f"{head}: {work} = {_show(value)}", value
+    return work, value
+
+
+_WTOK = re.compile(r"(?P<per>/[A-Za-z][A-Za-z']*)|(?P<num>[$£€]?\d[\d,]*(?:\.\d+)?%?)|(?P<op>[+\-−×*/÷]|(?<= )[xX](?= ))|(?P<lp>\()|(?P<rp>\))"
+                   r"|(?P<word>[A-Za-z][A-Za-z'/-]*)|(?P<sp>\s+)|(?P<other>.)")
+_RESULT = re.compile(r"\s*[$£€]?(-?\d[\d,]*(?:\.\d+)?)(?![\d/])")
+
+
+def _left_operand_chain(lhs: str) -> str | None:
+    """The arithmetic expression that ends `lhs` ('There are 26 girls x 3 boys/girl ' -> '26*3'),
+    read right to left: operands, operators and brackets, unit words after an operand skipped;
+    None when there is no operator in it."""
+    toks = [(m.lastgroup, m.group()) for m in _WTOK.finditer(lhs) if m.lastgroup != "sp"]
+    out: list[str] = []
+    want_operand, depth = True, 0
+    i = len(toks) - 1
+    while i >= 0:
+        kind, text = toks[i]
+        if want_operand:
+            if kind in ("word", "per") and (not out or out[-1] in "+-*/("):
+                i -= 1  # a unit after the operand ("3 boys/girl")
+                continue
+            if kind == "num":
+                s = text.lstrip("$£€").replace(",", "")
+                out.append(f"({s[:-1]}/100)" if s.endswith("%") else s)
+                want_operand = False
+            elif kind == "rp":
+                out.append(")")
+                depth += 1
+            else:
+                return None
+        else:
+            if kind == "op":
+                out.append({"×": "*", "x": "*", "X": "*", "÷": "/", "−": "-"}.get(text, text))
+                want_operand = True
+            elif kind == "lp" and depth > 0:
+                out.append("(")
+                depth -= 1
+            else:
+                break
+        i -= 1
+    if want_operand or depth or not any(c in "+-*/" for c in out if len(c) == 1):
+        return None
+    return "".join(reversed(out))
+
+
+def work_equations(text: str) -> str:
+    """`text` with a worked computation inserted after every `=` whose left side is an
+    arithmetic chain whose value is the number written after it (see above)."""
+    out, pos = [], 0
+    for m in re.finditer(r"=", text):
+        if text.rfind("[", 0, m.start()) > text.rfind("]", 0, m.start()):
+            continue  # inside work already written: worked text is left as it is
+        start = text.rfind("\n", 0, m.start()) + 1
+        lhs = text[max(start, text.rfind("=", 0, m.start()) + 1): m.start()]
+        res = _RESULT.match(text, m.end())
+        expr = _left_operand_chain(lhs)
+        if expr is None or res is None:
+            continue
+        try:
+            steps: list[str] = []
+            value = _evaluate(expr, lambda v: Fraction(str(v)), lambda a, b: a / b)
+            if value != Fraction(res.group(1).replace(",", "")):
+                continue
+            _worked(ast.parse(expr, mode="eval").body, steps)
+        except (ValueError, ZeroDivisionError, SyntaxError):
+            continue
+        out.append(text[pos: m.end()] + " [" + "; ".join(steps) + "]")
+        pos = m.end()
+    return "".join(out) + text[pos:]
+
+
+def _worked(node: ast.AST, steps: list[str]) -> Fraction:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return Fraction(str(node.value))
+    if isinstance(node, ast.BinOp):
+        a, b = _worked(node.left, steps), _worked(node.right, steps)
+        sym = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
+        text, value = worked_op(a, sym, b)
+        steps.append(text)
+        return value
+    raise ValueError("unsupported expression")

@@ -2,7 +2,9 @@
 
 Default (R1's "cold start"): training problems of every task (data/tasks.py, never the
 held-out ones) with worked solutions whose every step is checked: gsm_symbolic's shipped
-chains of thought (the wrong ones dropped), basic_arithmetic worked one operation per line,
+chains of thought (the wrong ones dropped) with each result's arithmetic worked out in columns
+before it (arithmetic.work_equations: held-out gsm_symbolic_seen 5.7% -> 38.3% after the same
+kind of SFT, docs/LOG.md), basic_arithmetic worked one operation per line,
 chain_sum worked in columns (arithmetic.column_steps), countdown's reference expression evaluated step by step. The assistant turn is
 `<think>\\n{steps}\\n</think>\\nAnswer: {answer}`, the form the rewards read.
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.data.arithmetic import check_steps, expression_steps
+from nanoseek.data.arithmetic import check_steps, expression_steps, work_equations
 from nanoseek.data.corpus import DataError
 from nanoseek.data.loader import VAL_EVERY
 from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, problems, reward
@@ -29,13 +31,17 @@ from nanoseek.data.tokenizer import ROLE_TOKENS, Tokenizer
 from nanoseek.model import IGNORE_INDEX
 
 
-def worked_solution(p: Problem) -> str | None:
-    """The assistant turn for a training problem, or None if no verified solution exists."""
+def worked_solution(p: Problem, work_arithmetic: bool = True) -> str | None:
+    """The assistant turn for a training problem, or None if no verified solution exists.
+    work_arithmetic: gsm_symbolic's results worked out before they are written (False: the
+    shipped chain of thought as it is)."""
     if p.task == "gsm_symbolic":
         body, _, final = p.entry["metadata"]["answer_cot"].rpartition("####")
         if check_steps(body) or final.strip() != p.answer.strip():
             return None
         steps, answer = body.strip(), p.answer.strip()
+        if work_arithmetic:
+            steps = work_equations(steps)
     else:
         expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
         try:
