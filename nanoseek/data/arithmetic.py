@@ -18,6 +18,7 @@ from fractions import Fraction
 
 _NUM = r"\d[\d,]*(?:\.\d+)?"
 _OP = r"[+\-−×xX*/÷]"
+_ASCII_OPS = str.maketrans({"×": "*", "x": "*", "X": "*", "÷": "/", "−": "-"})
 # a chain "n op n op n = n" (spaces optional); the left side must contain an operator
 STEP = re.compile(rf"(?<![\d.])((?:{_NUM}\s*{_OP}\s*)+{_NUM})\s*=\s*(-?{_NUM}(?:/{_NUM}|%)?)")
 _ENDS_IN_OP = re.compile(rf"{_OP}\s*(?:[A-Za-z]+\s*)?$")
@@ -40,7 +41,7 @@ def check_steps(text: str) -> list[str]:
         if _ENDS_IN_OP.search(text[: m.start()]):
             continue  # "15 kg * 2 - 9 = 21": the chain started before a unit word; we see only its tail
         lhs, rhs = m.group(1), m.group(2)
-        expr = re.sub(r"[×xX]", "*", lhs).replace("÷", "/").replace("−", "-").replace(",", "")
+        expr = lhs.translate(_ASCII_OPS).replace(",", "")
         expr = re.sub(r"(?<![\d.])0+(?=\d)", "", expr)  # "05 - 1": Python reads no leading zeros
         try:
             value = _eval_exact(expr)
@@ -57,8 +58,8 @@ def check_steps(text: str) -> list[str]:
     return bad
 
 
-def _eval_exact(expr: str) -> Fraction:
-    return _evaluate(expr, lambda v: Fraction(str(v)), lambda a, b: a / b)
+def _eval_exact(expr: str, steps: list[str] | None = None, work=None) -> Fraction:
+    return _evaluate(expr, lambda v: Fraction(str(v)), lambda a, b: a / b, steps, work)
 
 
 def solve_steps(expression: str) -> tuple[list[str], int]:
@@ -75,9 +76,10 @@ def _integer(v: object) -> int:
     return v
 
 
-def _evaluate(expr: str, number, divide, steps: list[str] | None = None):
+def _evaluate(expr: str, number, divide, steps: list[str] | None = None, work=None):
     """Evaluate + - * / and negation over `number(literal)`; with `steps`, record each operation
-    as 'a op b = c' (a negative literal is a number, not a step)."""
+    as 'a op b = c' (a negative literal is a number, not a step), or as `work(a, op, b)` writes
+    it (that returns (text, value))."""
     def ev(node: ast.AST):
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -91,7 +93,10 @@ def _evaluate(expr: str, number, divide, steps: list[str] | None = None):
         if isinstance(node, ast.BinOp):
             a, b = ev(node.left), ev(node.right)
             sym, value = _apply(node.op, a, b, divide)
-            if steps is not None:
+            if work is not None:
+                text, value = work(a, sym, b)
+                steps.append(text)
+            elif steps is not None:
                 steps.append(f"{a} {sym} {_paren(b)} = {value}")
             return value
         raise ValueError(f"unsupported expression {expr!r}")
@@ -325,9 +330,9 @@ def worked_op(a: Fraction, op: str, b: Fraction) -> tuple[str, Fraction]:
     return work, value
 
 
-_WTOK = re.compile(r"(?P<per>/[A-Za-z][A-Za-z']*)|(?P<num>[$£€]?\d[\d,]*(?:\.\d+)?%?)|(?P<op>[+\-−×*/÷]|(?<= )[xX](?= ))|(?P<lp>\()|(?P<rp>\))"
-                   r"|(?P<word>[A-Za-z][A-Za-z'/-]*)|(?P<sp>\s+)|(?P<other>.)")
-_RESULT = re.compile(r"\s*[$£€]?(-?\d[\d,]*(?:\.\d+)?)(?![\d/])")
+_WTOK = re.compile(rf"(?P<per>/[A-Za-z][A-Za-z']*)|(?P<num>[$£€]?{_NUM}%?)|(?P<op>[+\-−×*/÷]|(?<= )[xX](?= ))"
+                   r"|(?P<lp>\()|(?P<rp>\))|(?P<word>[A-Za-z][A-Za-z'/-]*)|(?P<sp>\s+)|(?P<other>.)")
+_RESULT = re.compile(rf"\s*[$£€]?(-?{_NUM})(?![\d/])")
 
 
 def _left_operand_chain(lhs: str) -> str | None:
@@ -355,7 +360,7 @@ def _left_operand_chain(lhs: str) -> str | None:
                 return None
         else:
             if kind == "op":
-                out.append({"×": "*", "x": "*", "X": "*", "÷": "/", "−": "-"}.get(text, text))
+                out.append(text.translate(_ASCII_OPS))
                 want_operand = True
             elif kind == "lp" and depth > 0:
                 out.append("(")
@@ -381,26 +386,13 @@ def work_equations(text: str) -> str:
         expr = _left_operand_chain(lhs)
         if expr is None or res is None:
             continue
+        steps: list[str] = []
         try:
-            steps: list[str] = []
-            value = _evaluate(expr, lambda v: Fraction(str(v)), lambda a, b: a / b)
-            if value != Fraction(res.group(1).replace(",", "")):
+            if _eval_exact(expr, steps, work=worked_op) != Fraction(res.group(1).replace(",", "")):
                 continue
-            _worked(ast.parse(expr, mode="eval").body, steps)
         except (ValueError, ZeroDivisionError, SyntaxError):
             continue
         out.append(text[pos: m.end()] + " [" + "; ".join(steps) + "]")
         pos = m.end()
     return "".join(out) + text[pos:]
 
-
-def _worked(node: ast.AST, steps: list[str]) -> Fraction:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-        return Fraction(str(node.value))
-    if isinstance(node, ast.BinOp):
-        a, b = _worked(node.left, steps), _worked(node.right, steps)
-        sym = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
-        text, value = worked_op(a, sym, b)
-        steps.append(text)
-        return value
-    raise ValueError("unsupported expression")
