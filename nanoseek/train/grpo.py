@@ -68,7 +68,7 @@ class GRPOConfig:
     # raised held-out chain_sum by 10.3 points [+5.8, +14.9] in 40 steps.
     prompts_per_step: int = 32
     group_size: int = 8
-    max_tokens: int = 128
+    max_tokens: int = 512  # a worked gsm_symbolic solution: ~420 tokens at its 90th percentile
     temperature: float = 0.7
     lr: float = 1e-5
     warmup_steps: int = 5  # linear lr warmup: Adam's first steps move every weight by ~lr

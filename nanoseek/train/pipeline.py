@@ -93,7 +93,7 @@ class R1Config:
     rl2_steps: int = 40
     eval_n: int = 200
     eval_k: int = 4
-    max_tokens: int = 320
+    max_tokens: int = 512
     grpo_overrides: list[str] = field(default_factory=list)  # GRPOConfig key=value for both RL stages
     sft_overrides: list[str] = field(default_factory=list)  # TrainConfig / model key=value for both SFT stages
     progress: bool = True
