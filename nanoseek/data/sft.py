@@ -58,11 +58,10 @@ def worked_solution(p: Problem, work_arithmetic: bool = True) -> str | None:
 def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int]) -> list[str]:
     """Pretraining documents made of worked solutions (`Question: ...` then the same assistant
     text SFT trains on), from the far end of each task's training pool: the cold start and GRPO
-    draw from its start, so their problems stay new to the base. Shuffled together.
-    n_per_task: the same number for every task, or a number per task (missing: none)."""
+    draw from its start, so their problems stay new to the base. Shuffled together."""
     docs = []
     for task in tasks:
-        n = min(n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task, TRAIN_POOL[task])
+        n = _count(n_per_task, task)
         for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n):
             sol = worked_solution(p)
             if sol is not None:
@@ -71,11 +70,16 @@ def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[st
     return [docs[i] for i in rng.permutation(len(docs))]
 
 
-def cold_start_conversations(n_per_task: int = 1500, tasks: tuple[str, ...] = TASKS) -> list[list[dict]]:
+def _count(n_per_task: int | dict[str, int], task: str) -> int:
+    """The same number for every task, or a number per task (missing: none); at most the pool."""
+    return min(n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task, TRAIN_POOL[task])
+
+
+def cold_start_conversations(n_per_task: int | dict[str, int] = 1500, tasks: tuple[str, ...] = TASKS
+                             ) -> list[list[dict]]:
     convs = []
     for task in tasks:
-        n = min(n_per_task, TRAIN_POOL[task])
-        for p in problems(task, "train", n):
+        for p in problems(task, "train", _count(n_per_task, task)):
             sol = worked_solution(p)
             if sol is not None:
                 convs.append([{"role": "user", "content": p.question}, {"role": "assistant", "content": sol}])

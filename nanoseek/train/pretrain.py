@@ -49,7 +49,7 @@ SFT_LR = 3e-4  # fine-tuning (SFT, distillation): below pretraining's, so what t
 class TrainConfig:
     stage: str = "pretrain"  # or "sft"
     init: str | None = None  # the checkpoint to start from (sft; or pretraining further)
-    sft_examples: int = 1500  # sft without --data: cold-start problems per task
+    sft_examples: int | dict[str, int] = 1500  # sft without --data: cold-start problems per task (or by task)
     sft_tasks: list[str] | None = None  # sft without --data: the cold start's tasks (None: every task)
     preset: str = "cpu"
     out: str = "runs/pretrain"
@@ -99,7 +99,8 @@ class TrainConfig:
              f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
         need(self.max_epochs is None or self.max_epochs > 0, "max_epochs must be positive")
-        need(self.sft_examples >= 1, "sft_examples must be at least 1")
+        n = self.sft_examples
+        need((sum(n.values()) if isinstance(n, dict) else n) >= 1, "sft_examples must be at least 1")
         if self.sft_tasks is not None:
             from nanoseek.data.tasks import TASKS
 

@@ -55,6 +55,7 @@ class SpeedrunConfig:
     pretrain_seq_len: int = 256
     sft_steps: int = 400
     sft_examples: int = 3000  # cold-start problems per task
+    sft_mix: dict[str, int] | None = None  # or a number per task (e.g. {"chain_sum": 3000, "gsm_symbolic": 1000})
     sft_batch_size: int = 4
     sft_seq_len: int = 512
     rl_steps: int = 12
@@ -95,27 +96,36 @@ class SpeedrunConfig:
                 raise ConfigError(f"no such data file or folder: {path}")
         if self.corpus_docs < 1:
             raise ConfigError("corpus_docs must be at least 1")
-        if self.corpus_mix is not None:
-            if not (isinstance(self.corpus_mix, dict) and set(self.corpus_mix) <= set(self.tasks)
-                    and all(isinstance(n, int) and n >= 0 for n in self.corpus_mix.values())
-                    and sum(self.corpus_mix.values()) > 0):
-                raise ConfigError(f"corpus_mix maps the run's tasks ({', '.join(self.tasks)}) to numbers of "
-                                  f"documents (not all 0), not {self.corpus_mix!r}")
-            if self.corpus != "tasks" or self.data:
-                raise ConfigError("corpus_mix is for corpus=tasks (without data=[...])")
+        for name, what in (("corpus_mix", "documents"), ("sft_mix", "cold-start problems")):
+            mix = getattr(self, name)
+            if mix is not None and not (isinstance(mix, dict) and set(mix) <= set(self.tasks)
+                                        and all(isinstance(n, int) and n >= 0 for n in mix.values())
+                                        and sum(mix.values()) > 0):
+                raise ConfigError(f"{name} maps the run's tasks ({', '.join(self.tasks)}) to numbers of "
+                                  f"{what} (not all 0), not {mix!r}")
+        if self.corpus_mix is not None and (self.corpus != "tasks" or self.data):
+            raise ConfigError("corpus_mix is for corpus=tasks (without data=[...])")
         # SFT and RL take their problems from the start of each pool, corpus=tasks from its end:
         # none may run into another's (RL on problems the cold start wrote out rewards recall)
         rl = -(-self.rl_steps * self.rl_prompts_per_step // len(self.rl_tasks or self.tasks))
         for t in self.tasks:
             corpus = self.corpus_counts()[t] if self.corpus == "tasks" and not self.data else 0  # data replaces it
-            if corpus + self.sft_examples + (rl if t in (self.rl_tasks or self.tasks) else 0) > TRAIN_POOL[t]:
+            used = corpus + (self.rl_offset() + rl if t in (self.rl_tasks or self.tasks) else self.sft_counts()[t])
+            if used > TRAIN_POOL[t]:
                 raise ConfigError(("the corpus's documents + " if corpus else "") + "sft_examples + the RL prompts "
-                                  f"({corpus + self.sft_examples + rl:,}) must fit in {t}'s {TRAIN_POOL[t]:,} "
-                                  "training problems")
+                                  f"({used:,}) must fit in {t}'s {TRAIN_POOL[t]:,} training problems")
 
     def corpus_counts(self) -> dict[str, int]:
         """corpus=tasks: how many worked solutions of each task the base pretrains on."""
         return {t: self.corpus_mix.get(t, 0) if self.corpus_mix else self.corpus_docs for t in self.tasks}
+
+    def sft_counts(self) -> dict[str, int]:
+        """How many training problems of each task the cold start writes out."""
+        return {t: self.sft_mix.get(t, 0) if self.sft_mix else self.sft_examples for t in self.tasks}
+
+    def rl_offset(self) -> int:
+        """Where GRPO's prompts start in every RL task's pool: past each one's cold-start problems."""
+        return max(self.sft_counts().get(t, 0) for t in self.rl_tasks or self.tasks)
 
 
 # Each preset's budget. cpu: ~30 minutes on 2 cores (docs/BENCHMARKS.md); tiny: a smoke run.
@@ -130,7 +140,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # mean: lr x the ~35% of groups with signal keeps the per-sample step of lr 1e-5): the accuracy
     # of 30 plain steps in 28% less time (docs/LOG.md, runs/gD)
     "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000},
-                rl_steps=30, rl_dynamic_sampling=True, rl_lr=3.5e-6),
+                rl_steps=30, rl_dynamic_sampling=True, rl_lr=3.5e-6,
+                # a third as many word problems in the cold start: their worked solutions are ~2.5x
+                # longer, and with 3,000 of each chain_sum's cold start fell from 28% to 11% (docs/LOG.md)
+                sft_mix={"chain_sum": 3000, "gsm_symbolic": 1000}),
     # GPU presets: pretraining budgets far beyond the embedded corpus (pass data=[...]); the cold
     # start a few passes over its ~4M tokens of worked solutions
     "gpu": dict(corpus="default", vocab_size=32768, pretrain_steps=20000, pretrain_batch_size=64, pretrain_seq_len=2048,
@@ -209,6 +222,8 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
     keys = {o.partition("=")[0].strip() for o in overrides}
     if (smoke or keys & {"corpus", "corpus_docs", "data"}) and "corpus_mix" not in keys:
         budget.pop("corpus_mix", None)  # the preset's mix gives way to the corpus asked for
+    if (smoke or "sft_examples" in keys) and "sft_mix" not in keys:
+        budget.pop("sft_mix", None)
     sc = apply_overrides(SpeedrunConfig(preset=preset, out=out, smoke=smoke, **budget), list(overrides))
     sc.validate()
     return sc
@@ -256,7 +271,7 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
 
     def sft(folder: Path, base: str = "pretrain") -> dict:
         tc = TrainConfig(stage="sft", init=ckpt(base), out=str(folder), sft_tasks=list(sc.tasks),
-                         sft_examples=sc.sft_examples, max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
+                         sft_examples=sc.sft_counts(), max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
                          seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=20, price_per_hour=sc.price_per_hour,
                          device=sc.device, progress=sc.progress)
         return pretrain(tc)
@@ -268,7 +283,7 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
                         max_steps=sc.rl_steps, prompts_per_step=sc.rl_prompts_per_step, group_size=sc.rl_group_size,
                         max_tokens=sc.max_tokens, temperature=0.7, lr=sc.rl_lr, warmup_steps=sc.rl_warmup,
                         loss_type="dr_grpo", dynamic_sampling=sc.rl_dynamic_sampling,
-                        offset=sc.sft_examples,  # problems the cold start did not write out
+                        offset=sc.rl_offset(),  # problems the cold start did not write out
                         price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
         return grpo(gc)
 
