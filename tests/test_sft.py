@@ -49,6 +49,9 @@ def test_cold_start_solutions_are_verified_and_rewarded():
         assert all(reward(p, s).accuracy == 1.0 and reward(p, s).format == 1.0 for p, s in kept)
     convs = cold_start_conversations(20)
     assert {c[0]["role"] for c in convs} == {"user"} and len(convs) > 40
+    chain = {c[0]["content"] for c in cold_start_conversations(20, ("chain_sum",))}
+    mixed = cold_start_conversations({"chain_sum": 20, "gsm_symbolic": 5}, ("chain_sum", "gsm_symbolic"))
+    assert chain < {c[0]["content"] for c in mixed} and 20 < len(mixed) <= 25  # a number per task
 
 
 def test_task_documents_come_from_the_far_end_of_the_pool():
