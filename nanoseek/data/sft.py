@@ -55,6 +55,11 @@ def worked_solution(p: Problem, work_arithmetic: bool = True) -> str | None:
     return text if reward(p, text).accuracy == 1.0 else None
 
 
+def _count(n_per_task: int | dict[str, int], task: str) -> int:
+    """The same number for every task, or a number per task (missing: none); at most the pool."""
+    return min(n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task, TRAIN_POOL[task])
+
+
 def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int]) -> list[str]:
     """Pretraining documents made of worked solutions (`Question: ...` then the same assistant
     text SFT trains on), from the far end of each task's training pool: the cold start and GRPO
@@ -68,11 +73,6 @@ def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[st
                 docs.append(f"Question: {p.question}\n{sol}\n")
     rng = np.random.default_rng(1)
     return [docs[i] for i in rng.permutation(len(docs))]
-
-
-def _count(n_per_task: int | dict[str, int], task: str) -> int:
-    """The same number for every task, or a number per task (missing: none); at most the pool."""
-    return min(n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task, TRAIN_POOL[task])
 
 
 def cold_start_conversations(n_per_task: int | dict[str, int] = 1500, tasks: tuple[str, ...] = TASKS
