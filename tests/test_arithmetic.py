@@ -45,8 +45,8 @@ def test_solve_steps_follows_reasoning_gym_semantics():
 def test_column_work_is_true_fixed_width_and_least_significant_first():
     assert column_add(29, 37) == "29 + 37: 9+7+0=16 2+3+1=06 = 66"
     assert column_add(5, 998) == "5 + 998: 5+8+0=13 0+9+1=10 0+9+1=10 = 1003"
-    assert column_sub(71, 66) == "71 - 66: 11-6-0=5 07-6-1=0 = 5"
-    assert column_sub(1000, 1) == "1000 - 1: 10-1-0=9 10-0-1=9 10-0-1=9 01-0-1=0 = 999"
+    assert column_sub(71, 66) == "71 - 66: 1-6-0=-5;11-6-0=5 7-6-1=0 = 5"  # the borrow after the column's digits
+    assert column_sub(1000, 1) == "1000 - 1: 0-1-0=-1;10-1-0=9 0-0-1=-1;10-0-1=9 0-0-1=-1;10-0-1=9 1-0-1=0 = 999"
     with pytest.raises(ValueError):
         column_sub(3, 5)
     for a, b in [(0, 0), (9, 1), (123, 4567), (9999, 9999)]:
@@ -66,11 +66,17 @@ def test_column_steps_solve_every_chain_sum_problem():
             lines, value = column_steps(item["metadata"]["expression"])
             assert str(value) == item["answer"], item["metadata"]["expression"]
             assert lines[0] == item["metadata"]["expression"]
-            for line in lines[1:]:
+            for above, line in zip(lines[1:], lines[2:]):
                 if ": " in line:  # every column of every line holds
                     assert not check_steps(line.split(": ")[1]), line
+                    # and its operands open the line above or its bracket: nothing to look for in the question
+                    assert re.match(r"= (-?\()?" + re.escape(line.split(":")[0]), above) or \
+                        f"({line.split(':')[0]}" in above and not re.match(r"= \d+ \+", above), (above, line)
     lines, value = column_steps("205 - 838 + 505")
-    assert value == -128 and lines[-2:] == ["710 - 838 = -(838 - 710)", "838 - 710: 08-0-0=8 03-1-0=2 08-7-0=1 = 128"]
+    assert value == -128 and lines[1:] == ["= 205 + 505 - 838", "205 + 505: 5+5+0=10 0+0+1=01 2+5+0=07 = 710",
+                                           "= 710 - 838", "= -(838 - 710)", "838 - 710: 8-0-0=8 3-1-0=2 8-7-0=1 = 128"]
+    lines, value = column_steps("1 - 2 - 3 + 4")
+    assert value == 0 and lines[1:4] == ["= 1 + 4 - (2 + 3)", "1 + 4: 1+4+0=05 = 5", "= 5 - (2 + 3)"]
     assert column_steps("-3 + 4")[1] == 1  # a leading minus is a negative first term
     for bad in ["3 * 4", "3 + + 4", "", "3 4", "3 + -4"]:
         with pytest.raises(ValueError):

@@ -89,7 +89,7 @@ def test_distill_keeps_only_correct_traces_and_trains_the_student(tmp_path, caps
     width = max(len(t) for t, _ in rows)
     tokens = torch.stack([torch.cat([t, t.new_zeros(width - len(t))]) for t, _ in rows])
     labels = torch.stack([torch.cat([lab, lab.new_full((width - len(lab),), -100)]) for _, lab in rows])
-    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)  # 1e-2 diverged on some seeds
     for _ in range(200):
         teacher.loss(tokens[:, :-1], labels[:, 1:])["loss"].backward()
         opt.step()
@@ -100,7 +100,7 @@ def test_distill_keeps_only_correct_traces_and_trains_the_student(tmp_path, caps
     capsys.readouterr()
     assert main(["distill", "--teacher", str(tmp_path / "teacher" / "latest"), "--student",
                  str(tmp_path / "student" / "latest"), "--out", str(tmp_path / "d"), "--task", "chain_sum",
-                 "--problems", "16", "--k", "4", "--level", "0", "--max-tokens", "64", "--max-steps", "5",
+                 "--problems", "16", "--k", "4", "--level", "0", "--max-tokens", "128", "--max-steps", "5",
                  "--temperature", "0.2",
                  "--quiet", "batch_size=1", "seq_len=32"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -73,7 +73,7 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
     # SFT on 4 kept answers: two passes over them (sft2_epochs), not the 500 steps allowed
     assert (tmp_path / "r1" / "sft2" / "latest").exists() and 2 <= out["sft2"]["step"] <= 40
     lrs = [json.loads(line).get("lr") for line in (tmp_path / "r1" / "sft2" / "metrics.jsonl").read_text().splitlines()]
-    assert lrs[0] == pytest.approx(3e-5 / 20) and max(x for x in lrs if x) <= 3e-5  # sft2_lr, warmed up
+    assert lrs[0] == pytest.approx(3e-5 / 20) and max(x for x in lrs if x) <= 3e-5 * (1 + 1e-9)  # sft2_lr, warmed up
     sft2_meta = json.loads((tmp_path / "r1" / "sft2" / "latest" / "meta.json").read_text())
     assert sft2_meta["stage"] == "sft"
     table = out["eval"]["table"]

@@ -107,8 +107,8 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert speedrun_config("cpu", overrides=["corpus=math"]).corpus_mix is None  # asked for another corpus
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": -3}']) == 2
     assert "sft_mix maps the run's tasks" in capsys.readouterr().err
-    cpu = speedrun_config("cpu")  # the cpu cold start: fewer (longer) word problems; GRPO starts past both
-    assert cpu.sft_counts() == {"chain_sum": 3000, "gsm_symbolic": 1000} and cpu.rl_offset() == 3000
+    cpu = speedrun_config("cpu")  # the cpu cold start: chain_sum only; GRPO starts past it
+    assert cpu.sft_counts() == {"chain_sum": 3000, "gsm_symbolic": 0} and cpu.rl_offset() == 3000
     assert speedrun_config("cpu", overrides=["sft_examples=500"]).sft_counts() == {"chain_sum": 500, "gsm_symbolic": 500}
     mixed = speedrun_config("cpu", overrides=['sft_mix={"chain_sum": 100, "gsm_symbolic": 900}', 'rl_tasks=["chain_sum", "gsm_symbolic"]'])
     assert mixed.rl_offset() == 900  # past the cold start's problems of every RL task

@@ -128,16 +128,25 @@ def _paren(v: int) -> str:
 # first digit of "4821 + 397 =" depends on every carry below it. Written column by column,
 # least significant digit first, every token of the work depends on a handful of tokens
 # before it (the two digits of the column and the carry just written). The chain of thought
-# for a +/- chain adds the terms with a plus sign, then those with a minus, then subtracts:
+# for a +/- chain first rewrites it as the terms with a plus sign minus those with a minus
+# sign, then adds the first two terms of a sum and rewrites what is left, until one
+# subtraction remains:
 #
-#   29 + 37 - 71 + 5
+#   29 - 71 + 37 + 5
+#   = 29 + 37 + 5 - 71
 #   29 + 37: 9+7+0=16 2+3+1=06 = 66
+#   = 66 + 5 - 71
 #   66 + 5: 6+5+0=11 6+0+1=07 = 71
-#   71 - 71: 01-1-0=0 07-7-0=0 = 0
+#   = 71 - 71
+#   71 - 71: 1-1-0=0 7-7-0=0 = 0
 #
-# An addition column is `x+y+c=Cd` (C the carry out, d the digit); a subtraction column is
-# `Bx-y-b=d`, where B=1 marks a borrow (the column computes 1x - y - b). Every one is a true
-# equation of fixed width. The result is the column digits read back, most significant first.
+# The next operation is always the first two terms of the line just above, or of its bracket
+# once the plus terms are summed (with the terms grouped in the question only, the cpu-size
+# model picked a wrong term in three errors of four). An addition column is `x+y+c=Cd` (C the carry out, d the digit); a subtraction
+# column is `x-y-b=d`, and where that is negative it goes on with the borrow,
+# `4-6-0=-2;14-6-0=8` (the next column's b is 1), so the borrow is decided after the column's
+# digits are read. Every one is a true equation. The result is the column digits read back,
+# most significant first.
 
 
 def column_add(a: int, b: int) -> str:
@@ -154,16 +163,16 @@ def column_add(a: int, b: int) -> str:
 
 
 def column_sub(a: int, b: int) -> str:
-    """'71 - 66: 11-6-0=5 07-6-1=0 = 5' for a >= b >= 0."""
+    """'71 - 66: 1-6-0=-5;11-6-0=5 7-6-1=0 = 5' for a >= b >= 0."""
     if not 0 <= b <= a:
         raise ValueError(f"column_sub needs a >= b >= 0, got {a} - {b}")
     xs, ys = str(a)[::-1], str(b)[::-1]
     cols, borrow = [], 0
     for i in range(len(xs)):
         x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
-        take = 1 if x - y - borrow < 0 else 0
-        cols.append(f"{take}{x}-{y}-{borrow}={10 * take + x - y - borrow}")
-        borrow = take
+        d = x - y - borrow
+        cols.append(f"{x}-{y}-{borrow}={d}" + (f";1{x}-{y}-{borrow}={d + 10}" if d < 0 else ""))
+        borrow = int(d < 0)
     return f"{a} - {b}: {' '.join(cols)} = {a - b}"
 
 
@@ -188,24 +197,25 @@ def column_steps(expression: str) -> tuple[list[str], int]:
     """The column-arithmetic chain of thought of a +/- chain (see above), and its value."""
     terms = chain_terms(expression)
     lines = [" ".join(f"{'-' if s < 0 else '+'} {v}" for s, v in terms).removeprefix("+ ")]
-
-    def total(values: list[int]) -> int:
-        acc = values[0]
-        for v in values[1:]:
-            lines.append(column_add(acc, v))
-            acc += v
-        return acc
-
-    plus = [v for s, v in terms if s > 0]
+    plus = [v for s, v in terms if s > 0] or [0]
     minus = [v for s, v in terms if s < 0]
-    p = total(plus) if plus else 0
-    if not minus:
-        return lines, p
-    m = total(minus)
+
+    def rest() -> str:
+        sums = " + ".join(map(str, minus))
+        return "= " + " + ".join(map(str, plus)) + (f" - ({sums})" if len(minus) > 1 else f" - {sums}" if minus else "")
+
+    lines.append(rest())
+    while len(plus) > 1 or len(minus) > 1:
+        terms_ = plus if len(plus) > 1 else minus
+        lines.append(column_add(terms_[0], terms_[1]))
+        terms_[:2] = [terms_[0] + terms_[1]]
+        lines.append(rest())
+    p, m = plus[0], (minus[0] if minus else 0)
     if p >= m:
-        lines.append(column_sub(p, m))
+        if minus:
+            lines.append(column_sub(p, m))
         return lines, p - m
-    lines.append(f"{p} - {m} = -({m} - {p})")
+    lines.append(f"= -({m} - {p})")
     lines.append(column_sub(m, p))
     return lines, p - m
 
