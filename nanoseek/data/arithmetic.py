@@ -141,12 +141,12 @@ def _paren(v: int) -> str:
 #   71 - 71: 1-1-0=0 7-7-0=0 = 0
 #
 # The next operation is always the first two terms of the line just above, or of its bracket
-# once the plus terms are summed (with the terms grouped in the question only, the cpu-size
-# model picked a wrong term in three errors of four). An addition column is `x+y+c=Cd` (C the carry out, d the digit); a subtraction
-# column is `x-y-b=d`, and where that is negative it goes on with the borrow,
-# `4-6-0=-2;14-6-0=8` (the next column's b is 1), so the borrow is decided after the column's
-# digits are read. Every one is a true equation. The result is the column digits read back,
-# most significant first.
+# once the plus terms are summed (when it had to find them in the question, the cpu-size model
+# picked a wrong term in three errors of four). An addition column is `x+y+c=Cd` (C the carry
+# out, d the digit); a subtraction column is `x-y-b=d`, and where that is negative it goes on
+# with the borrow, `4-6-0=-2;14-6-0=8` (the next column's b is 1), so the borrow is decided
+# after the column's digits are read. Every one is a true equation. The result is the column
+# digits read back, most significant first.
 
 
 def column_add(a: int, b: int) -> str:
@@ -206,9 +206,9 @@ def column_steps(expression: str) -> tuple[list[str], int]:
 
     lines.append(rest())
     while len(plus) > 1 or len(minus) > 1:
-        terms_ = plus if len(plus) > 1 else minus
-        lines.append(column_add(terms_[0], terms_[1]))
-        terms_[:2] = [terms_[0] + terms_[1]]
+        group = plus if len(plus) > 1 else minus
+        lines.append(column_add(group[0], group[1]))
+        group[:2] = [group[0] + group[1]]
         lines.append(rest())
     p, m = plus[0], (minus[0] if minus else 0)
     if p >= m:
