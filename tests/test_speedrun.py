@@ -113,7 +113,7 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     mixed = speedrun_config("cpu", overrides=['sft_mix={"chain_sum": 100, "gsm_symbolic": 900}', 'rl_tasks=["chain_sum", "gsm_symbolic"]'])
     assert mixed.rl_offset() == 900  # past the cold start's problems of every RL task
     assert main(["speedrun", "--preset", "cpu", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": 3900}']) == 2
-    assert "must fit in chain_sum's" in capsys.readouterr().err  # 16,000 + 3,900 + 960 RL prompts
+    assert "must fit in chain_sum's" in capsys.readouterr().err  # 16,000 + 3,900 + 480 RL prompts
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), f"data=[\"{tmp_path}/none.txt\"]"]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "cpu", "--plan"]) == 2

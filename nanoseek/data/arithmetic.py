@@ -201,8 +201,12 @@ def column_steps(expression: str) -> tuple[list[str], int]:
     minus = [v for s, v in terms if s < 0]
 
     def rest() -> str:
-        sums = " + ".join(map(str, minus))
-        return "= " + " + ".join(map(str, plus)) + (f" - ({sums})" if len(minus) > 1 else f" - {sums}" if minus else "")
+        line = "= " + " + ".join(map(str, plus))
+        if len(minus) == 1:
+            line += f" - {minus[0]}"
+        elif minus:
+            line += " - (" + " + ".join(map(str, minus)) + ")"
+        return line
 
     lines.append(rest())
     while len(plus) > 1 or len(minus) > 1:
@@ -210,10 +214,11 @@ def column_steps(expression: str) -> tuple[list[str], int]:
         lines.append(column_add(group[0], group[1]))
         group[:2] = [group[0] + group[1]]
         lines.append(rest())
-    p, m = plus[0], (minus[0] if minus else 0)
+    if not minus:
+        return lines, plus[0]
+    p, m = plus[0], minus[0]
     if p >= m:
-        if minus:
-            lines.append(column_sub(p, m))
+        lines.append(column_sub(p, m))
         return lines, p - m
     lines.append(f"= -({m} - {p})")
     lines.append(column_sub(m, p))

@@ -136,9 +136,9 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # GRPO on chain_sum only: gsm_symbolic's groups are nearly all wrong at this size (no signal)
     # 16k chain_sum and 2k gsm_symbolic worked solutions: chain_sum 31% after GRPO against 19% with
     # 10k of each (paired +12 [+3, +21], docs/LOG.md); the model reads no word problem either way
-    # 30 GRPO steps with dynamic sampling at lr 3.5e-6 (the dropped groups no longer dilute the
-    # mean: lr x the ~35% of groups with signal keeps the per-sample step of lr 1e-5): the accuracy
-    # of 30 plain steps in 28% less time (docs/LOG.md, runs/gD)
+    # GRPO with dynamic sampling at lr 3.5e-6 (the dropped groups no longer dilute the mean: lr x
+    # the ~35% of groups with signal keeps the per-sample step of lr 1e-5): the accuracy of plain
+    # steps in 28% less time (docs/LOG.md, runs/gD)
     # 700 cold-start steps (~1.7 passes over its problems) and 15 GRPO steps instead of 400 and 30:
     # chain_sum 87% against 54%, in 26.4 minutes against 27.5 (paired +33 [+23, +43], docs/LOG.md)
     "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000},
