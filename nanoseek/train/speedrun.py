@@ -139,10 +139,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # GRPO with dynamic sampling at lr 3.5e-6 (the dropped groups no longer dilute the mean: lr x
     # the ~35% of groups with signal keeps the per-sample step of lr 1e-5): the accuracy of plain
     # steps in 28% less time (docs/LOG.md, runs/gD)
-    # 700 cold-start steps (~1.7 passes over its problems) and 15 GRPO steps instead of 400 and 30:
-    # chain_sum 87% against 54%, in 26.4 minutes against 27.5 (paired +33 [+23, +43], docs/LOG.md)
+    # 900 cold-start steps (~2.2 passes over its problems) and 12 GRPO steps instead of 400 and 30:
+    # chain_sum 93% against 54% (700 and 15: 87%), in the same ~27 minutes (docs/LOG.md)
     "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000},
-                sft_steps=700, rl_steps=15, rl_dynamic_sampling=True, rl_lr=3.5e-6,
+                sft_steps=900, rl_steps=12, rl_dynamic_sampling=True, rl_lr=3.5e-6,
                 # no word problems in the cold start: their worked solutions are ~2.5x longer and take
                 # chain_sum's tokens (its cold start 29% without them, 20% with 1,000, 11% with 3,000)
                 # for no gain on gsm_symbolic at this size (0-3% either way; docs/LOG.md)
