@@ -92,8 +92,9 @@ def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template:
     return out
 
 
-def evaluate(ckpt: str, tasks: list[str] | None = None, n: int = 100, k: int = 4, template: str | None = None,
-             max_tokens: int = 256, max_seqs: int = 32) -> dict:
+def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] = 100, k: int = 4,
+             template: str | None = None, max_tokens: int = 256, max_seqs: int = 32) -> dict:
+    """Every held-out set of `tasks` (default: all four tasks) on `n` problems, or n[set]."""
     import nanoseek
     from nanoseek.train.checkpoint import CheckpointError, read_meta, resolve
 
@@ -103,5 +104,6 @@ def evaluate(ckpt: str, tasks: list[str] | None = None, n: int = 100, k: int = 4
     stage = read_meta(resolve(ckpt)).get("stage")
     template = template or ("base" if stage in (None, "pretrain", "import") else "chat")
     engine = Engine(model, tok, max_seqs=max_seqs)
-    results = {t: evaluate_task(engine, t, n, k, template, max_tokens) for t in (tasks or list(TASKS))}
+    results = {t: evaluate_task(engine, t, n[t] if isinstance(n, dict) else n, k, template, max_tokens)
+               for t in (tasks or list(TASKS))}
     return {"checkpoint": str(ckpt), "stage": stage, "template": template, "tasks": results}

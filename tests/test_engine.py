@@ -176,6 +176,18 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     assert seen == allowed
 
 
+def test_a_rows_distribution_does_not_depend_on_the_rows_beside_it():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    t, k, p = torch.tensor([0.7, 1.0, 0.0, 0.7]), torch.tensor([0, 5, 0, 0]), torch.tensor([1.0, 1.0, 1.0, 0.9])
+    together = filtered_probs(logits, t, k, p)
+    for row in range(4):
+        alone = filtered_probs(logits[row:row + 1], t[row:row + 1], k[row:row + 1], p[row:row + 1])
+        assert torch.equal(together[row], alone[0]), row
+    assert torch.allclose(together[0], (logits[0] / 0.7).softmax(-1))  # no cut: the plain distribution
+    assert together[2].tolist() == torch.nn.functional.one_hot(logits[2].argmax(), 50).float().tolist()
+    assert (together[1] > 0).sum() == 5 and 0 < (together[3] > 0).sum() < 50
+
+
 def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(tok):
     model = model_for()
     prompt = tok.encode("To be")

@@ -15,7 +15,8 @@ STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
 
 def _speedrun(out, *extra):  # on the corpus's math documents: the branch that writes its own corpus file
-    return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "corpus=math", *extra])
+    return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "corpus=math",
+                 'eval_mix={"chain_sum": 6}', *extra])
 
 
 def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
@@ -57,7 +58,10 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert rep["model"]["params_total"] > rep["model"]["params_active"] > 0
     assert rep["data"]["pretrain_tokens"] > 0 and rep["data"]["sft_tokens"] > 0 and rep["data"]["rl_generated_tokens"] > 0
     assert list(rep["eval"]) == ["base", "sft", "rl"]
-    assert set(rep["eval"]["rl"]) == {"chain_sum", "gsm_symbolic", "gsm_symbolic_seen"}
+    # the run's tasks, then the sets measured without training on them (report_tasks)
+    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "countdown", "gsm_symbolic_seen"]
+    assert rep["data"]["report_tasks"] == ["basic_arithmetic", "countdown"]
+    assert [rep["eval"]["rl"][s]["problems"] for s in ("chain_sum", "countdown")] == [6, 4]  # eval_mix, eval_n
     for stage in ("pretrain", "sft", "rl"):
         assert rep["cost"][stage]["flops"] > 0 and rep["cost"][stage]["dollars"] > 0, stage
     assert rep["cost"]["total"]["dollars"] == pytest.approx(sum(r["dollars"] for k, r in rep["cost"].items()
@@ -69,6 +73,7 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots"):
         assert heading in md, heading
     assert "| base | " in md and "| rl vs sft | chain_sum |" in md and "| total |" in md
+    assert "| rl vs sft | countdown |" in md and "not trained on: basic_arithmetic, countdown" in md
     assert set(rep["plots"]) == {"pretrain_loss", "expert_load", "grpo"}
     for path in rep["plots"].values():
         assert f"]({path})" in md and (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -93,7 +98,11 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "rl_steps=0"]) == 2
     assert "rl_steps must be at least 1" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "tasks=[\"chess\"]"]) == 2
+    assert "unknown task 'chess'" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "report_tasks=[\"chess\"]"]) == 2
     assert "unknown task" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'eval_mix={"chess": 5}']) == 2
+    assert "eval_mix maps held-out sets (chain_sum, gsm_symbolic, basic_arithmetic, countdown, " in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=poetry"]) == 2
     assert "corpus must be" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks", "corpus_docs=19990"]) == 2
@@ -109,6 +118,10 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "sft_mix maps the run's tasks" in capsys.readouterr().err
     cpu = speedrun_config("cpu")  # the cpu cold start: chain_sum only; GRPO starts past it
     assert cpu.sft_counts() == {"chain_sum": 3000, "gsm_symbolic": 0} and cpu.rl_offset() == 3000
+    assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 100, "basic_arithmetic": 50, "countdown": 50,
+                                 "gsm_symbolic_seen": 100}
+    assert set(speedrun_config("cpu", overrides=["eval_n=7"]).eval_counts().values()) == {7}  # asked for another n
+    assert speedrun_config("cpu", overrides=["report_tasks=[]"]).eval_tasks() == ["chain_sum", "gsm_symbolic"]
     assert speedrun_config("cpu", overrides=["sft_examples=500"]).sft_counts() == {"chain_sum": 500, "gsm_symbolic": 500}
     mixed = speedrun_config("cpu", overrides=['sft_mix={"chain_sum": 100, "gsm_symbolic": 900}', 'rl_tasks=["chain_sum", "gsm_symbolic"]'])
     assert mixed.rl_offset() == 900  # past the cold start's problems of every RL task

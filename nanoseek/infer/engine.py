@@ -153,11 +153,13 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Event]:
         training = self.model.training  # a trainer may hand over a model in train mode
-        self.model.eval()
+        if training:  # (a walk over every module: not on each step of an eval-mode model)
+            self.model.eval()
         try:
             return self._step()
         finally:
-            self.model.train(training)
+            if training:
+                self.model.train()
 
     def _step(self) -> list[Event]:
         events: list[Event] = []

@@ -53,19 +53,34 @@ class SamplingParams:
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                    top_p: torch.Tensor) -> torch.Tensor:
     """Per-row distributions [B, V] after temperature, top-k and top-p (rows with temperature
-    0 become one-hot on their argmax). Tokens outside the allowed set get probability 0."""
+    0 become one-hot on their argmax). Tokens outside the allowed set get probability 0. Only
+    the rows that cut (top-k or top-p) pay for sorting the vocabulary; a row's result depends
+    on its own settings alone, not on the rows beside it."""
     logits = logits.float()
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    sorted_logits, order = (logits / t[:, None]).sort(dim=-1, descending=True)
-    V = logits.shape[-1]
-    rank = torch.arange(V, device=logits.device)[None]
+    scaled = logits / t[:, None]
+    probs = scaled.softmax(-1)
+    cut = ((top_k > 0) | (top_p < 1)) & ~greedy
+    if cut.any():
+        rows = cut.nonzero().squeeze(-1)
+        probs[rows] = _cut(scaled[rows], top_k[rows], top_p[rows])
+    if greedy.any():
+        one_hot = torch.zeros_like(probs).scatter_(-1, scaled.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
+
+
+def _cut(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p, on rows of temperature-scaled logits: the renormalized distribution."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    V = scaled.shape[-1]
+    rank = torch.arange(V, device=scaled.device)[None]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
     drop = rank >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     before = probs.cumsum(-1) - probs  # mass of the better tokens
     drop |= before >= top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
-    drop |= greedy[:, None] & (rank > 0)
     probs = probs.masked_fill(drop, 0.0)
     probs = probs / probs.sum(-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(-1, order, probs)

@@ -175,11 +175,11 @@ def r1_stages(rc: R1Config) -> list[Stage]:
     ]
 
 
-def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str], n: int, k: int,
-                    max_tokens: int, progress: bool = True) -> dict[str, Any]:
+def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str], n: int | dict[str, int],
+                    k: int, max_tokens: int, progress: bool = True) -> dict[str, Any]:
     """The eval stage of a pipeline: every (stage name, checkpoint) on the held-out sets of
-    `tasks`, the full results in folder/eval.json; returns the summary table and the paired
-    gains of each stage over the one before."""
+    `tasks` (`n` problems each, or n[set]), the full results in folder/eval.json; returns the
+    summary table and the paired gains of each stage over the one before."""
     from nanoseek.eval import evaluate
 
     table = {}

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import ConfigError, apply_overrides, preset as preset_config, round_up
-from nanoseek.train.pipeline import Stage, evaluate_stages, run_stages, stage_done
+from nanoseek.train.pipeline import Stage, eval_sets, evaluate_stages, run_stages, stage_done
 
 
 CORPORA = ("default", "math", "tasks")
@@ -40,6 +40,8 @@ class SpeedrunConfig:
     out: str = "runs/speedrun"
     tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic"])
     rl_tasks: list[str] | None = None  # default: tasks
+    # held-out sets measured at every stage beside the run's tasks, not trained on
+    report_tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic", "countdown"])
     # "default": the embedded corpus; "math": its math documents only; "tasks": worked solutions
     # of the run's tasks only (`corpus_docs` each, data/sft.task_documents)
     corpus: str = "tasks"
@@ -67,6 +69,7 @@ class SpeedrunConfig:
     # a worked gsm_symbolic solution runs to ~420 tokens at its 90th percentile (docs/LOG.md)
     max_tokens: int = 512
     eval_n: int = 100
+    eval_mix: dict[str, int] | None = None  # or a number per held-out set (e.g. {"chain_sum": 300})
     eval_k: int = 2
     price_per_hour: float | None = None
     device: str = "auto"
@@ -79,7 +82,7 @@ class SpeedrunConfig:
 
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        for t in [*self.tasks, *(self.rl_tasks or [])]:
+        for t in [*self.tasks, *(self.rl_tasks or []), *self.report_tasks]:
             if t not in TASKS:
                 raise ConfigError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
         for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples"):
@@ -103,6 +106,11 @@ class SpeedrunConfig:
                                         and sum(mix.values()) > 0):
                 raise ConfigError(f"{name} maps the run's tasks ({', '.join(self.tasks)}) to numbers of "
                                   f"{what} (not all 0), not {mix!r}")
+        sets = eval_sets(self.eval_tasks())
+        if self.eval_mix is not None and not (isinstance(self.eval_mix, dict) and set(self.eval_mix) <= set(sets)
+                                              and all(isinstance(n, int) and n >= 1 for n in self.eval_mix.values())):
+            raise ConfigError(f"eval_mix maps held-out sets ({', '.join(sets)}) to numbers of problems "
+                              f"(at least 1), not {self.eval_mix!r}")
         if self.corpus_mix is not None and (self.corpus != "tasks" or self.data):
             raise ConfigError("corpus_mix is for corpus=tasks (without data=[...])")
         # SFT and RL take their problems from the start of each pool, corpus=tasks from its end:
@@ -114,6 +122,14 @@ class SpeedrunConfig:
             if used > TRAIN_POOL[t]:
                 raise ConfigError(("the corpus's documents + " if corpus else "") + "sft_examples + the RL prompts "
                                   f"({used:,}) must fit in {t}'s {TRAIN_POOL[t]:,} training problems")
+
+    def eval_tasks(self) -> list[str]:
+        """The tasks the eval stage measures: the run's, then report_tasks."""
+        return [*self.tasks, *(t for t in self.report_tasks if t not in self.tasks)]
+
+    def eval_counts(self) -> dict[str, int]:
+        """How many held-out problems of each set the eval stage measures."""
+        return {s: (self.eval_mix or {}).get(s, self.eval_n) for s in eval_sets(self.eval_tasks())}
 
     def corpus_counts(self) -> dict[str, int]:
         """corpus=tasks: how many worked solutions of each task the base pretrains on."""
@@ -146,7 +162,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
                 # no word problems in the cold start: their worked solutions are ~2.5x longer and take
                 # chain_sum's tokens (its cold start 29% without them, 20% with 1,000, 11% with 3,000)
                 # for no gain on gsm_symbolic at this size (0-3% either way; docs/LOG.md)
-                sft_mix={"chain_sum": 3000}),
+                sft_mix={"chain_sum": 3000},
+                # 300 chain_sum problems: GRPO's +2.7 points over a 88% cold start is clear on 300
+                # (+0.8 to +4.5), not on 100; 50 each of the two tasks it is not trained on
+                eval_mix={"chain_sum": 300, "basic_arithmetic": 50, "countdown": 50}),
     # GPU presets: pretraining budgets far beyond the embedded corpus (pass data=[...]); the cold
     # start a few passes over its ~4M tokens of worked solutions
     "gpu": dict(corpus="default", vocab_size=32768, pretrain_steps=20000, pretrain_batch_size=64, pretrain_seq_len=2048,
@@ -208,13 +227,12 @@ def estimates(sc: SpeedrunConfig) -> dict[str, float]:
     if sc.preset != "cpu":
         return {}
     c = CPU_SECONDS
-    sets = len(sc.tasks) + ("gsm_symbolic" in sc.tasks)
     return {"tokenizer": c["tokenizer"],
             "pretrain": sc.pretrain_steps * sc.pretrain_batch_size * sc.pretrain_seq_len * c["train_token"],
             "sft": sc.sft_steps * sc.sft_batch_size * sc.sft_seq_len * c["train_token"],
             "rl": sc.rl_steps * c["rl_step"] * sc.rl_prompts_per_step * sc.rl_group_size / 64
             * (0.72 if sc.rl_dynamic_sampling else 1.0),  # updates skip the groups without signal
-            "eval": 3 * sets * sc.eval_n * (1 + sc.eval_k) * c["generation"], "report": c["report"]}
+            "eval": 3 * sum(sc.eval_counts().values()) * (1 + sc.eval_k) * c["generation"], "report": c["report"]}
 
 
 def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: list[str] = (),
@@ -227,6 +245,8 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
         budget.pop("corpus_mix", None)  # the preset's mix gives way to the corpus asked for
     if (smoke or "sft_examples" in keys) and "sft_mix" not in keys:
         budget.pop("sft_mix", None)
+    if (smoke or keys & {"eval_n", "tasks", "report_tasks"}) and "eval_mix" not in keys:
+        budget.pop("eval_mix", None)
     sc = apply_overrides(SpeedrunConfig(preset=preset, out=out, smoke=smoke, **budget), list(overrides))
     sc.validate()
     return sc
@@ -292,7 +312,8 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
 
     def ev(folder: Path) -> dict:
         models = [("base", ckpt("pretrain")), ("sft", ckpt("sft")), ("rl", ckpt("rl"))]
-        return evaluate_stages(folder, models, sc.tasks, sc.eval_n, sc.eval_k, sc.max_tokens, sc.progress)
+        return evaluate_stages(folder, models, sc.eval_tasks(), sc.eval_counts(), sc.eval_k, sc.max_tokens,
+                               sc.progress)
 
     def final(folder: Path) -> dict:
         src = Path(ckpt("rl")).resolve()
@@ -339,7 +360,7 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
         from nanoseek.train.report import write_ablations
 
         models = [("deepseek", ckpt("sft"))] + [(n, ckpt(f"ablate/{n}/sft")) for n in variants]
-        evaluate_stages(folder, models, sc.tasks, sc.eval_n, sc.eval_k, sc.max_tokens, sc.progress)
+        evaluate_stages(folder, models, sc.tasks, sc.eval_counts(), sc.eval_k, sc.max_tokens, sc.progress)
         return write_ablations(out, sc)
 
     return stages[:3] + extra + [Stage("ablate/eval", ablation_eval, "held-out evaluation of every variant's SFT model")]
