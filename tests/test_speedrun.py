@@ -118,8 +118,8 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "sft_mix maps the run's tasks" in capsys.readouterr().err
     cpu = speedrun_config("cpu")  # the cpu cold start: chain_sum only; GRPO starts past it
     assert cpu.sft_counts() == {"chain_sum": 3000, "gsm_symbolic": 0} and cpu.rl_offset() == 3000
-    assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 100, "basic_arithmetic": 50, "countdown": 50,
-                                 "gsm_symbolic_seen": 100}
+    assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 50, "basic_arithmetic": 50, "countdown": 50,
+                                 "gsm_symbolic_seen": 50}
     assert set(speedrun_config("cpu", overrides=["eval_n=7"]).eval_counts().values()) == {7}  # asked for another n
     assert speedrun_config("cpu", overrides=["report_tasks=[]"]).eval_tasks() == ["chain_sum", "gsm_symbolic"]
     assert speedrun_config("cpu", overrides=["sft_examples=500"]).sft_counts() == {"chain_sum": 500, "gsm_symbolic": 500}
