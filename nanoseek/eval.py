@@ -22,6 +22,20 @@ from nanoseek.infer.sampling import SamplingParams
 
 TEMPLATES = ("chat", "base")
 
+# Sequences decoded together. A wide batch spreads each decode step's fixed cost over more
+# tokens: 300 chain_sum problems, greedy and 2 samples each, with the speedrun's model took 129 s
+# at 64, 60 s at 256 and 57 s at 512, with the same answers (docs/LOG.md). Capped so that the
+# latent cache (allocated for every row at the full context) stays within CACHE_BUDGET bytes.
+EVAL_SEQS = 256
+CACHE_BUDGET = 2 << 30
+
+
+def eval_seqs(model) -> int:
+    """How many sequences evaluate() decodes together for this model: EVAL_SEQS, or fewer
+    where their latent cache would pass CACHE_BUDGET."""
+    per_seq = model.new_cache(1, model.config.max_position_embeddings, mtp=False).nbytes()
+    return max(1, min(EVAL_SEQS, CACHE_BUDGET // per_seq))
+
 
 def prompt_for(tok, p: Problem, template: str) -> list[int]:
     if template == "base":
@@ -93,8 +107,9 @@ def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template:
 
 
 def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] = 100, k: int = 4,
-             template: str | None = None, max_tokens: int = 256, max_seqs: int = 32) -> dict:
-    """Every held-out set of `tasks` (default: all four tasks) on `n` problems, or n[set]."""
+             template: str | None = None, max_tokens: int = 256, max_seqs: int | None = None) -> dict:
+    """Every held-out set of `tasks` (default: all four tasks) on `n` problems, or n[set];
+    `max_seqs` sequences decoded together (default: eval_seqs())."""
     import nanoseek
     from nanoseek.train.checkpoint import CheckpointError, read_meta, resolve
 
@@ -103,7 +118,7 @@ def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] 
         raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")
     stage = read_meta(resolve(ckpt)).get("stage")
     template = template or ("base" if stage in (None, "pretrain", "import") else "chat")
-    engine = Engine(model, tok, max_seqs=max_seqs)
+    engine = Engine(model, tok, max_seqs=max_seqs or eval_seqs(model))
     results = {t: evaluate_task(engine, t, n[t] if isinstance(n, dict) else n, k, template, max_tokens)
                for t in (tasks or list(TASKS))}
     return {"checkpoint": str(ckpt), "stage": stage, "template": template, "tasks": results}

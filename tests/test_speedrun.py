@@ -16,7 +16,7 @@ STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
 def _speedrun(out, *extra):  # on the corpus's math documents: the branch that writes its own corpus file
     return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "corpus=math",
-                 'eval_mix={"chain_sum": 6}', *extra])
+                 'eval_mix={"chain_sum": 6}', "precision=bf16", *extra])
 
 
 def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
@@ -51,6 +51,8 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert first.startswith("Question: ") and "<think>" in first
     pre_state = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
     assert pre_state["data"] == [str(out / "corpus.jsonl")]
+    sft_state = json.loads((out / "sft" / "latest" / "train_state.json").read_text())["train_config"]
+    assert pre_state["precision"] == sft_state["precision"] == "bf16"  # the speedrun's, to both stages
     for stage in ("pretrain", "sft", "rl"):
         assert (out / stage / "latest" / "model.safetensors").is_file(), stage
     assert (out / "final" / "model.safetensors").is_file() and not list((out / "final").glob("train_state*"))
@@ -91,6 +93,24 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
                                            max_tokens=8)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
 
+    # restarted with other evaluation settings: the trained stages are kept, eval and report redone;
+    # a setting missing from speedrun.json (one added after the folder was started) counts as its default
+    saved = json.loads((out / "speedrun.json").read_text())
+    del saved["rl_warmup"]
+    (out / "speedrun.json").write_text(json.dumps(saved))
+    stamps = {n: (out / n / "stage.json").stat().st_mtime_ns for n in STAGES}
+    assert _speedrun(out, "eval_n=3", 'report_tasks=["countdown"]') == 0
+    assert "its trained stages are kept" in capsys.readouterr().err
+    redone = {n for n in STAGES if (out / n / "stage.json").stat().st_mtime_ns != stamps[n]}
+    assert redone == {"eval", "report"}
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "countdown", "gsm_symbolic_seen"]
+    assert [r["problems"] for r in rep["eval"]["rl"].values()] == [6, 3, 3, 3]  # eval_mix, then eval_n
+    # a trained stage's setting is not: the run is refused and nothing is touched
+    assert _speedrun(out, "rl_steps=3") == 2
+    assert "other settings (rl_steps)" in capsys.readouterr().err
+    assert json.loads((out / "speedrun.json").read_text())["eval_n"] == 3
+
 
 def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys):
     assert main(["speedrun", "--preset", "huge", "--out", str(tmp_path / "a")]) == 2
@@ -103,6 +123,8 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "unknown task" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'eval_mix={"chess": 5}']) == 2
     assert "eval_mix maps held-out sets (chain_sum, gsm_symbolic, basic_arithmetic, countdown, " in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "precision=fp16"]) == 2
+    assert "precision must be one of auto, bf16, fp32" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=poetry"]) == 2
     assert "corpus must be" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks", "corpus_docs=19990"]) == 2

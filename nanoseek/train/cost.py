@@ -55,14 +55,15 @@ def measure_matmul_peak(device: torch.device | str = "cpu", n: int = 1024, repea
     return 2 * n ** 3 / best
 
 
-def peak_flops(device: torch.device) -> float:
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """A GPU's bf16 peak (its datasheet's, or measured); a CPU's measured matmul peak in `dtype`."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAKS.items():
             if key in name:
                 return peak
         return measure_matmul_peak(device, n=8192, dtype=torch.bfloat16)
-    return measure_matmul_peak(device)
+    return measure_matmul_peak(device, dtype=dtype)
 
 
 def _sync(device: torch.device) -> None:

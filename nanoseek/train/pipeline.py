@@ -185,7 +185,7 @@ def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str
     table = {}
     for name, path in models:
         say(progress, f"  eval {name}")
-        table[name] = evaluate(path, eval_sets(tasks), n, k, max_tokens=max_tokens, max_seqs=64)
+        table[name] = evaluate(path, eval_sets(tasks), n, k, max_tokens=max_tokens)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
     return {"table": summarize(table), "gains": stage_gains(table)}

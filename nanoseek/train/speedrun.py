@@ -1,7 +1,8 @@
 """`nanoseek speedrun`: a reasoning model from nothing, with its report card and its cost.
 
 Stages (each in its own folder under OUT; a restarted run skips the finished ones and resumes
-the current one from its checkpoints, train/pipeline.run_stages):
+the current one from its checkpoints, train/pipeline.run_stages; restarted with other settings
+it refuses, except for the evaluation's own (EVAL_ONLY), which redo only the eval and report):
   tokenizer  byte-level BPE on the pretraining corpus: the embedded one (corpus=default), its
              math documents (corpus=math) or worked solutions of the run's tasks drawn from
              the far end of their training pools (corpus=tasks); the last two are written to
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import ConfigError, apply_overrides, preset as preset_config, round_up
-from nanoseek.train.pipeline import Stage, eval_sets, evaluate_stages, run_stages, stage_done
+from nanoseek.train.pipeline import DONE, Stage, eval_sets, evaluate_stages, run_stages, stage_done
+from nanoseek.train.pretrain import say
 
 
 CORPORA = ("default", "math", "tasks")
@@ -73,6 +75,7 @@ class SpeedrunConfig:
     eval_k: int = 2
     price_per_hour: float | None = None
     device: str = "auto"
+    precision: str = "auto"  # pretraining's and the cold start's matmuls (TrainConfig.precision)
     smoke: bool = False  # the preset's architecture at the tiny preset's size and budget (a CPU check)
     progress: bool = True
 
@@ -90,6 +93,10 @@ class SpeedrunConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
+        from nanoseek.train.pretrain import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.corpus not in CORPORA:
             raise ConfigError(f"corpus must be one of {', '.join(CORPORA)}, not {self.corpus!r}")
         from nanoseek.data.tasks import TRAIN_POOL
@@ -166,7 +173,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
                 sft_mix={"chain_sum": 3000},
                 # 300 chain_sum problems: GRPO's +2.7 points over a 88% cold start is clear on 300
                 # (+0.8 to +4.5), not on 100; 50 of each other set (0-4% at every stage)
-                eval_n=50, eval_mix={"chain_sum": 300}),
+                eval_n=50, eval_mix={"chain_sum": 300},
+                # bf16 matmuls in pretraining and the cold start: ~1.2x their steps on a CPU with
+                # AVX-512 BF16 (docs/LOG.md); fp32 on a CPU without bf16 matmuls
+                precision="bf16"),
     # GPU presets: pretraining budgets far beyond the embedded corpus (pass data=[...]); the cold
     # start a few passes over its ~4M tokens of worked solutions
     "gpu": dict(corpus="default", vocab_size=32768, pretrain_steps=20000, pretrain_batch_size=64, pretrain_seq_len=2048,
@@ -290,14 +300,15 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
         tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(out / "tokenizer"),
                          data=list(sc.data) or ([str(corpus_file)] if sc.corpus != "default" else []),
                          max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
-                         price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
+                         price_per_hour=sc.price_per_hour, device=sc.device, precision=sc.precision,
+                         progress=sc.progress)
         return pretrain(tc, [*shrink, *model_overrides])
 
     def sft(folder: Path, base: str = "pretrain") -> dict:
         tc = TrainConfig(stage="sft", init=ckpt(base), out=str(folder), sft_tasks=list(sc.tasks),
                          sft_examples=sc.sft_counts(), max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
                          seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=20, price_per_hour=sc.price_per_hour,
-                         device=sc.device, progress=sc.progress)
+                         device=sc.device, precision=sc.precision, progress=sc.progress)
         return pretrain(tc)
 
     def rl(folder: Path) -> dict:
@@ -392,15 +403,30 @@ def ablations(cfg) -> dict[str, list[str]]:
             "mha": ["attn_type=gqa", f"num_key_value_heads={cfg.num_attention_heads}"]}
 
 
+# Settings only the evaluation and the report read: a folder resumed with other values keeps its
+# trained stages and redoes these ones.
+EVAL_ONLY = ("eval_n", "eval_mix", "eval_k", "report_tasks")
+EVAL_STAGES = ("eval", "report", "ablate/eval")
+
+
 def speedrun(sc: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str, Any]]:
     out = Path(sc.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "speedrun.json"
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
     mine = {k: v for k, v in dataclasses.asdict(sc).items() if k not in ("progress", "device")}
-    if saved is not None and saved != mine and stage_done(out / "tokenizer") is not None:
-        changed = sorted(k for k in mine if saved.get(k) != mine[k])
-        raise ConfigError(f"{out} holds a speedrun with other settings ({', '.join(changed)}): "
-                          "use another --out, or the same settings to resume it")
+    if saved is not None and stage_done(out / "tokenizer") is not None:
+        # a setting added to SpeedrunConfig after the folder was started counts as its default
+        default = dataclasses.asdict(SpeedrunConfig())
+        changed = sorted(k for k in mine if saved.get(k, default[k]) != mine[k])
+        trained = [k for k in changed if k not in EVAL_ONLY]
+        if trained:
+            raise ConfigError(f"{out} holds a speedrun with other settings ({', '.join(trained)}): "
+                              "use another --out, or the same settings to resume it")
+        if changed:
+            say(True, f"{out}: other {', '.join(changed)} than it was started with: "
+                             "its trained stages are kept, the evaluation and report redone")
+            for name in EVAL_STAGES:
+                (out / name / DONE).unlink(missing_ok=True)
     cfg_file.write_text(json.dumps(mine, indent=1) + "\n")
     return run_stages(out, speedrun_stages(sc, ablate), progress=sc.progress)
