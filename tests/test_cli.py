@@ -81,7 +81,8 @@ def test_bench_train_ends_with_the_documented_json():
     r = run("bench", "train", "--json", "--preset", "tiny", "--repeats", "1", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("tokens_per_s", "mfu", "matmul_peak_flops", "hf_tokens_per_s", "speedup_vs_hf"):
+    for key in ("tokens_per_s", "mfu", "matmul_peak_flops", "hf_tokens_per_s", "speedup_vs_hf", "tokens_per_s_bf16",
+                "bf16_speedup", "matmul_peak_flops_bf16"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert 0 < result["mfu"] < 1.5
 

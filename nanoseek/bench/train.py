@@ -6,11 +6,13 @@ from the same config, alternating, `repeats` rounds, medians reported. The head-
 uses MTP off on both sides (transformers has no MTP training), so both do the same
 arithmetic; `speedup_vs_hf` is eager against eager, `speedup_vs_hf_compiled` ours with
 `compile_blocks()` (transformers eager). The preset as it trains (MTP on, eager) gives
-`tokens_per_s` and `mfu`, whose FLOPs include the MTP module.
+`tokens_per_s` and `mfu`, whose FLOPs include the MTP module; the same with bf16 matmuls
+(`precision=bf16`) gives `tokens_per_s_bf16`, `bf16_speedup` and `mfu_bf16` (of the bf16 peak).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -22,6 +24,7 @@ from nanoseek.hf import config_to_hf
 from nanoseek.model import Transformer
 from nanoseek.train.cost import measure_matmul_peak
 from nanoseek.train.optim import make_optimizer
+from nanoseek.train.pretrain import autocast_for, cpu_has_bf16
 
 
 def hf_config(cfg: ModelConfig):
@@ -44,15 +47,18 @@ def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, re
     compiled = Transformer(cfg.replace(num_nextn_predict_layers=0))
     compiled.compile_blocks()
     hf = _hf_model(cfg)
+    ours_bf16 = Transformer(cfg)  # the preset as it trains, its matmuls in bf16 (precision=bf16)
     runners = {name: _stepper(m, x, y) for name, m in
                (("ours", ours), ("ours_mtp", ours_mtp), ("ours_compiled", compiled), ("hf", hf)) if m is not None}
+    runners["ours_mtp_bf16"] = _stepper(ours_bf16, x, y, autocast_for(torch.device("cpu"), "bf16"))
     times: dict[str, list[float]] = {k: [] for k in runners}
-    peaks = []
+    peaks, peaks_bf16 = [], []
     for run in runners.values():  # warm-up (and torch.compile's compilation)
         run()
         run()
     for r in range(repeats):
         peaks.append(measure_matmul_peak(n=1024, repeats=2))
+        peaks_bf16.append(measure_matmul_peak(n=1024, repeats=2, dtype=torch.bfloat16))
         for name, run in runners.items():
             t = time.perf_counter()
             for _ in range(steps):
@@ -73,6 +79,12 @@ def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, re
         "mfu": flops_tok * tokens / med["ours_mtp"] / peak,
         "tokens_per_s_no_mtp": tokens / med["ours"],
         "mfu_no_mtp": flops_tok_nomtp * tokens / med["ours"] / peak,
+        # precision=bf16 (fp32 where the CPU has no bf16 matmuls); its MFU of the bf16 matmul peak
+        "bf16_matmuls": cpu_has_bf16(),
+        "matmul_peak_flops_bf16": statistics.median(peaks_bf16),
+        "tokens_per_s_bf16": tokens / med["ours_mtp_bf16"],
+        "mfu_bf16": flops_tok * tokens / med["ours_mtp_bf16"] / statistics.median(peaks_bf16),
+        "bf16_speedup": med["ours_mtp"] / med["ours_mtp_bf16"],
     }
     if "hf" in med:
         out.update({"hf_tokens_per_s": tokens / med["hf"], "hf_mfu": flops_tok_nomtp * tokens / med["hf"] / peak,
@@ -94,15 +106,17 @@ def _hf_model(cfg: ModelConfig):
     return model.train()
 
 
-def _stepper(model, x, y):
-    """One training step of either model: loss, backward, clip, AdamW (and nanoseek's bias update)."""
+def _stepper(model, x, y, autocast=None):
+    """One training step of either model: loss, backward, clip, AdamW (and nanoseek's bias update),
+    the forward under `autocast` if given (as the training loop runs it)."""
     opt = make_optimizer(model, 1e-4)
     model.train()
     ours = isinstance(model, Transformer)
 
     def step():
         if ours:
-            loss = model.loss(x, y)["loss"]
+            with autocast or contextlib.nullcontext():
+                loss = model.loss(x, y)["loss"]
         else:
             logits = model(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
