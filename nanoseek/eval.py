@@ -75,35 +75,51 @@ def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template:
     """`task` names a held-out set (data/tasks.EVAL_SETS): a task, or gsm_symbolic_seen. `offset`
     picks another slice of the held-out split (GRPO's validation problems, disjoint from the
     test problems at offset 0)."""
+    return evaluate_tasks(engine, {task: n}, k, template, max_tokens, temperature, seed, offset)[task]
+
+
+def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template: str = "chat",
+                   max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, offset: int = 0) -> dict:
+    """evaluate_task() on several held-out sets ({set: problems}) at once: every set's prompts go
+    to the engine in one greedy batch and one sampled batch, so a small set's long answers do not
+    leave the batch's other rows idle. Each request's samples draw from seeds of its own (seed,
+    seed + 1, ...), so the results are those of evaluating each set alone."""
     tok = engine.tok
-    name, split = EVAL_SETS[task]
-    probs = problems(name, split, n, offset=offset)
-    prompts = [prompt_for(tok, p, template) for p in probs]
+    sets = {}
+    for task, n in counts.items():
+        name, split = EVAL_SETS[task]
+        probs = problems(name, split, n, offset=offset)
+        sets[task] = (probs, [prompt_for(tok, p, template) for p in probs])
+    prompts = [q for _, qs in sets.values() for q in qs]
     stop = ["\nQuestion:"] if template == "base" else []
-    greedy = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop))
-    rewards = [reward(p, completion_text(r.outputs[0].text, template)) for p, r in zip(probs, greedy)]
-    correct = sum(r.accuracy for r in rewards)
-    out = {"task": task, "problems": len(probs), "template": template,
-           "pass@1": correct / len(probs), "pass@1_ci95": wilson(int(correct), len(probs)),
-           "correct": [int(r.accuracy) for r in rewards],  # per problem, for paired comparisons
-           "format_rate": sum(r.format for r in rewards) / len(probs),
-           "mean_length": sum(len(r.outputs[0].token_ids) for r in greedy) / len(probs)}
-    if k > 0:
-        sampled = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k,
-                                                          seed=seed, stop=stop))
-        votes_right = 0
-        per_problem = []
-        for p, r in zip(probs, sampled):
-            scored = [reward(p, completion_text(c.text, template)) for c in r.outputs]
-            per_problem.append(sum(s.accuracy for s in scored) / k)
-            answers = Counter(s.answer for s in scored if s.answer is not None)
-            if answers:
-                top = answers.most_common(1)[0][0]
-                votes_right += next(s.accuracy for s in scored if s.answer == top)
-        out.update({"pass@1_sampled": sum(per_problem) / len(probs), "pass@1_sampled_ci95": mean_ci(per_problem),
-                    "sampled_correct": per_problem, f"maj@{k}": votes_right / len(probs),
-                    "k": k, "temperature": temperature})
-    return out
+    greedy = iter(engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop)))
+    sampled = iter(engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k,
+                                                           seed=seed, stop=stop)) if k > 0 else [])
+    results = {}
+    for task, (probs, _) in sets.items():
+        reqs = [next(greedy) for _ in probs]
+        rewards = [reward(p, completion_text(r.outputs[0].text, template)) for p, r in zip(probs, reqs)]
+        correct = sum(r.accuracy for r in rewards)
+        out = {"task": task, "problems": len(probs), "template": template,
+               "pass@1": correct / len(probs), "pass@1_ci95": wilson(int(correct), len(probs)),
+               "correct": [int(r.accuracy) for r in rewards],  # per problem, for paired comparisons
+               "format_rate": sum(r.format for r in rewards) / len(probs),
+               "mean_length": sum(len(r.outputs[0].token_ids) for r in reqs) / len(probs)}
+        if k > 0:
+            votes_right = 0
+            per_problem = []
+            for p in probs:
+                scored = [reward(p, completion_text(c.text, template)) for c in next(sampled).outputs]
+                per_problem.append(sum(s.accuracy for s in scored) / k)
+                answers = Counter(s.answer for s in scored if s.answer is not None)
+                if answers:
+                    top = answers.most_common(1)[0][0]
+                    votes_right += next(s.accuracy for s in scored if s.answer == top)
+            out.update({"pass@1_sampled": sum(per_problem) / len(probs), "pass@1_sampled_ci95": mean_ci(per_problem),
+                        "sampled_correct": per_problem, f"maj@{k}": votes_right / len(probs),
+                        "k": k, "temperature": temperature})
+        results[task] = out
+    return results
 
 
 def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] = 100, k: int = 4,
@@ -119,6 +135,6 @@ def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] 
     stage = read_meta(resolve(ckpt)).get("stage")
     template = template or ("base" if stage in (None, "pretrain", "import") else "chat")
     engine = Engine(model, tok, max_seqs=max_seqs or eval_seqs(model))
-    results = {t: evaluate_task(engine, t, n[t] if isinstance(n, dict) else n, k, template, max_tokens)
-               for t in (tasks or list(TASKS))}
+    results = evaluate_tasks(engine, {t: n[t] if isinstance(n, dict) else n for t in (tasks or list(TASKS))},
+                             k, template, max_tokens)
     return {"checkpoint": str(ckpt), "stage": stage, "template": template, "tasks": results}

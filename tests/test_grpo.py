@@ -145,6 +145,40 @@ def test_mean_interval_for_per_problem_scores():
     assert mean_ci([-1.0] * 50 + [0.0] * 50, bounds=(-1, 1))[0] < -0.5  # a paired difference may be
 
 
+def test_sets_evaluated_together_are_scored_problem_by_problem(base):
+    """evaluate_tasks sends every set's prompts to the engine in one batch: each answer must
+    still be scored against its own problem. A scripted engine answers every other problem of
+    each set right (and only the first of its samples)."""
+    from types import SimpleNamespace
+
+    from nanoseek.data.tasks import EVAL_SETS, problems
+    from nanoseek.eval import evaluate_task, evaluate_tasks, prompt_for
+
+    _, tok = base
+    counts = {"chain_sum": 5, "basic_arithmetic": 4, "gsm_symbolic_seen": 3}
+    gold = {}
+    for task, n in counts.items():
+        for i, p in enumerate(problems(*EVAL_SETS[task], n)):
+            gold[tuple(prompt_for(tok, p, "chat"))] = p.answer if i % 2 == 0 else "-1"
+
+    class Scripted:
+        tok = base[1]
+
+        def generate(self, prompts, params):
+            def out(text):
+                return SimpleNamespace(text=f"<think>\nwork\n</think>\n{text}", token_ids=[0] * len(text))
+            return [SimpleNamespace(outputs=[out(gold[tuple(q)] if i == 0 else "-1") for i in range(params.n)])
+                    for q in prompts]
+
+    together = evaluate_tasks(Scripted(), counts, k=2)
+    assert list(together) == list(counts)
+    for task, n in counts.items():
+        right = [int(i % 2 == 0) for i in range(n)]
+        assert together[task]["correct"] == right, task
+        assert together[task]["sampled_correct"] == [r / 2 for r in right], task
+        assert together[task] == evaluate_task(Scripted(), task, n, k=2)  # as the set alone
+
+
 def test_grpo_step_flops_count_rollout_reference_and_updates():
     from nanoseek.train.grpo import step_flops
 

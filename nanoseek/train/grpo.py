@@ -296,12 +296,13 @@ def validate(engine: Engine, gc: GRPOConfig) -> dict[str, float]:
     """Greedy pass@1 on `eval_n` held-out validation problems of each task's held-out sets
     (gsm_symbolic: also gsm_symbolic_seen), from tasks.VALIDATION_OFFSET: never trained on, and
     not the test problems that `nanoseek eval` reports."""
-    from nanoseek.eval import evaluate_task
+    from nanoseek.eval import evaluate_tasks
     from nanoseek.train.pipeline import eval_sets
 
     template = "base" if gc.template == "r1_zero" else "chat"
-    return {f"val/{t}": evaluate_task(engine, t, gc.eval_n, k=0, template=template, max_tokens=gc.max_tokens,
-                                      offset=VALIDATION_OFFSET)["pass@1"] for t in eval_sets(gc.tasks)}
+    sets = evaluate_tasks(engine, {t: gc.eval_n for t in eval_sets(gc.tasks)}, k=0, template=template,
+                          max_tokens=gc.max_tokens, offset=VALIDATION_OFFSET)
+    return {f"val/{t}": r["pass@1"] for t, r in sets.items()}
 
 
 def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], list[int]]], n_trained: int,
