@@ -189,7 +189,7 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
 
 # Seconds per unit of work for the cpu preset on the 2-core machine (docs/BENCHMARKS.md): the
 # ETA the progress display shows. Other presets show elapsed time only.
-CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 6.0, "generation": 0.08, "report": 30.0}
+CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 6.0, "generation": 0.06, "report": 30.0}
 
 
 GPUS = {"gpu": 1, "gpu8": 8}  # the hardware each GPU preset is sized for (H100 / H200)
