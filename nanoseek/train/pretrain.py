@@ -320,8 +320,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
 def autocast_for(device: torch.device, precision: str):
     """The training forward's context: bf16 autocast ("bf16", or "auto" on a GPU) or none
     (also for "bf16" on a CPU without bf16 matmuls).
-    On a CPU with AVX-512 BF16 (AMD Zen 4, Intel Sapphire Rapids) the cpu preset's step runs
-    ~1.2x faster in bf16: its matmuls ~1.5x, attention not at all (docs/LOG.md)."""
+    On a CPU with AVX-512 BF16 the cpu preset's step on random tokens runs 1.2-1.5x faster in
+    bf16, but on the speedrun's corpus 0.91x (docs/LOG.md): measure before using it there."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     if device.type == "cpu" and not cpu_has_bf16():

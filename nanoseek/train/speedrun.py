@@ -173,8 +173,8 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
                 sft_mix={"chain_sum": 3000},
                 # 300 chain_sum problems: GRPO's +2.7 points over a 88% cold start is clear on 300
                 # (+0.8 to +4.5), not on 100; 50 of each other set (0-4% at every stage)
-                # (fp32: precision=bf16 trained 5% faster here and ended 1.7 points lower, not clearly;
-                # docs/LOG.md)
+                # (fp32: with precision=bf16 the steps were no faster on this corpus side by side, and
+                # chain_sum ended 1.7 points lower, not clearly; docs/LOG.md)
                 eval_n=50, eval_mix={"chain_sum": 300}),
     # GPU presets: pretraining budgets far beyond the embedded corpus (pass data=[...]); the cold
     # start a few passes over its ~4M tokens of worked solutions
