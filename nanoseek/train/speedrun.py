@@ -93,10 +93,9 @@ class SpeedrunConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
-        from nanoseek.train.pretrain import PRECISIONS
+        from nanoseek.train.pretrain import check_precision
 
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        check_precision(self.precision)
         if self.corpus not in CORPORA:
             raise ConfigError(f"corpus must be one of {', '.join(CORPORA)}, not {self.corpus!r}")
         from nanoseek.data.tasks import TRAIN_POOL
