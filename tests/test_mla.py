@@ -29,28 +29,6 @@ def test_naive_and_absorbed_agree_on_prefill(q_lora_rank, yarn):
     assert torch.allclose(naive, absorbed, atol=1e-5), (naive - absorbed).abs().max()
 
 
-def test_padded_flash_path_matches_the_masked_path_forward_and_backward():
-    """Training's causal attention pads v to q's width (SDPA's flash kernel); the cache path's
-    explicit mask takes the unpadded math path. Same outputs, same gradients."""
-    model, attn = _mla()
-    B, T = 2, 33
-    x = torch.randn(B, T, model.config.hidden_size)
-    cos, sin = model.rotary(torch.arange(T)[None].expand(B, T))
-    causal = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, T, T)
-    grads = []
-    for mask in (None, causal):
-        attn.zero_grad()
-        q = torch.randn(B, T, attn.n_heads, attn.nope + attn.rope, generator=torch.Generator().manual_seed(1))
-        q_nope, q_pe = q.split([attn.nope, attn.rope], dim=-1)
-        c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, attn.rope], dim=-1)
-        out = attn._naive(q_nope, q_pe, c_kv, k_pe, mask)
-        assert out.shape == (B, T, attn.n_heads, attn.v_dim)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads.append((out.detach(), attn.kv_b_proj.weight.grad.clone(), attn.kv_a_proj_with_mqa.weight.grad.clone()))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
-
-
 @pytest.mark.parametrize("absorb", [False, True])
 def test_token_by_token_decode_matches_full_pass(absorb):
     model, attn = _mla()

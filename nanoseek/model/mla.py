@@ -108,14 +108,10 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).view(B, S, self.n_heads, -1).split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        # SDPA's flash kernel needs one head width for q, k and v: v padded with zeros up to
-        # q's width takes it (on the CPU 1.3x the math path's fwd + bwd at 256-512 tokens, which
-        # also computes the masked half), and the padding's outputs are dropped
-        pad = max(q.shape[-1] - self.v_dim, 0) if mask is None else 0
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, pad)).transpose(1, 2),
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
-        return out[..., : self.v_dim].transpose(1, 2)  # [B, T, H, v]
+        return out.transpose(1, 2)  # [B, T, H, v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         T = q_nope.shape[1]

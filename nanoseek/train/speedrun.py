@@ -164,11 +164,7 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # 900 cold-start steps (~2.2 passes over its problems) and 12 GRPO steps instead of 400 and 30:
     # chain_sum 93% against 54% (700 and 15: 87%) on 100 held-out problems, 91% on 300, in the same
     # ~27 minutes on the host it was tuned on (docs/LOG.md)
-    # a vocabulary of 1,024: chain_sum's worked solutions are digits, signs and a few words, as
-    # many tokens (242 a solution) with 512 entries as with the 3,247 BPE finds in 4,096; the
-    # output head (run twice with MTP) shrinks 3x and a training step is 1.28x faster side by
-    # side (word problems 14% longer; docs/LOG.md)
-    "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000}, vocab_size=1024,
+    "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000},
                 sft_steps=900, rl_steps=12, rl_dynamic_sampling=True, rl_lr=3.5e-6,
                 # no word problems in the cold start: their worked solutions are ~2.5x longer and take
                 # chain_sum's tokens (its cold start 29% without them, 20% with 1,000, 11% with 3,000)
