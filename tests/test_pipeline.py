@@ -41,6 +41,29 @@ def test_run_stages_skips_finished_stages_after_a_failure(tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "stage.json").read_text())["name"] == "c"
 
 
+def test_eta_follows_this_hosts_pace(tmp_path, capsys, monkeypatch):
+    """Stages that take twice their estimates double what is left; a stage estimated under a
+    minute (the tokenizer) and a resumed one (only its rest ran) do not set the pace."""
+    clock = [0.0]
+    monkeypatch.setattr("nanoseek.train.pipeline.time.perf_counter", lambda: clock[0])
+
+    def takes(seconds):
+        def run(folder):
+            clock[0] += seconds
+            return {}
+        return run
+
+    stages = [Stage("tok", takes(5), estimate_s=30), Stage("a", takes(240), estimate_s=120),
+              Stage("b", takes(60), estimate_s=60), Stage("c", takes(60), estimate_s=300)]
+    (tmp_path / "b").mkdir()  # b resumes (a kill left its folder): its 60 s are not its pace
+    run_stages(tmp_path, stages, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert "~8 min to go" in err[0]  # 510 s of estimates, no pace yet
+    assert "~8 min to go" in err[1]  # the tokenizer ran 6x fast: not counted
+    assert "~12 min to go" in err[2]  # (60 + 300) s at a's 2x
+    assert "~10 min to go" in err[3]  # 300 s, still at a's 2x
+
+
 def _r1(base, out, *extra):  # the overrides after --task's list (it must not swallow them)
     return main(["r1", str(base), "--out", str(out), "--quiet", *extra, "--task", "chain_sum", *TINY])
 
