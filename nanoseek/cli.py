@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         "budget: a minutes-long CPU check of a GPU preset's code path")
     p.add_argument("--plan", action="store_true",
                    help="a GPU preset's compute per stage and its expected hours and dollars; runs nothing")
+    p.add_argument("--seed", type=int, help="every training stage's seed (default 0, the recipe's figures)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., ...)")
@@ -318,7 +319,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "speedrun":
         from nanoseek.train.speedrun import speedrun, speedrun_config
 
-        sc = speedrun_config(args.preset, args.out, args.overrides, args.smoke)
+        seed = [] if args.seed is None else [f"seed={args.seed}"]
+        sc = speedrun_config(args.preset, args.out, [*args.overrides, *seed], args.smoke)
         if args.plan:
             from nanoseek.train.speedrun import plan
 

@@ -74,6 +74,9 @@ class SpeedrunConfig:
     eval_mix: dict[str, int] | None = None  # or a number per held-out set (e.g. {"chain_sum": 300})
     eval_k: int = 2
     price_per_hour: float | None = None
+    # every training stage's seed (initialization, data order, GRPO's samples); the tasks' own
+    # problems do not move with it. The recipe's figures are one seed's (docs/LOG.md)
+    seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # pretraining's and the cold start's matmuls (TrainConfig.precision)
     smoke: bool = False  # the preset's architecture at the tiny preset's size and budget (a CPU check)
@@ -298,15 +301,15 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
         tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(out / "tokenizer"),
                          data=list(sc.data) or ([str(corpus_file)] if sc.corpus != "default" else []),
                          max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
-                         price_per_hour=sc.price_per_hour, device=sc.device, precision=sc.precision,
-                         progress=sc.progress)
+                         price_per_hour=sc.price_per_hour, seed=sc.seed, device=sc.device,
+                         precision=sc.precision, progress=sc.progress)
         return pretrain(tc, [*shrink, *model_overrides])
 
     def sft(folder: Path, base: str = "pretrain") -> dict:
         tc = TrainConfig(stage="sft", init=ckpt(base), out=str(folder), sft_tasks=list(sc.tasks),
                          sft_examples=sc.sft_counts(), max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
                          seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=20, price_per_hour=sc.price_per_hour,
-                         device=sc.device, precision=sc.precision, progress=sc.progress)
+                         seed=sc.seed, device=sc.device, precision=sc.precision, progress=sc.progress)
         return pretrain(tc)
 
     def rl(folder: Path) -> dict:
@@ -317,7 +320,7 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
                         max_tokens=sc.max_tokens, temperature=0.7, lr=sc.rl_lr, warmup_steps=sc.rl_warmup,
                         loss_type="dr_grpo", dynamic_sampling=sc.rl_dynamic_sampling,
                         offset=sc.rl_offset(),  # problems the cold start did not write out
-                        price_per_hour=sc.price_per_hour, device=sc.device, progress=sc.progress)
+                        price_per_hour=sc.price_per_hour, seed=sc.seed, device=sc.device, progress=sc.progress)
         return grpo(gc)
 
     def ev(folder: Path) -> dict:
