@@ -164,11 +164,16 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
 
 def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_path, capsys, monkeypatch):
     from nanoseek.train import grpo as grpo_module
-    from nanoseek.train.speedrun import speedrun_stages
+    from nanoseek.train.speedrun import settings, speedrun_stages
 
     seen = {}
-    monkeypatch.setattr(pretrain_module, "pretrain", lambda tc, *a: seen.setdefault(tc.stage, tc.seed) and {})
-    monkeypatch.setattr(grpo_module, "grpo", lambda gc: seen.setdefault("rl", gc.seed) and {})
+
+    def record(stage, seed):
+        seen[stage] = seed
+        return {}
+
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda tc, *overrides: record(tc.stage, tc.seed))
+    monkeypatch.setattr(grpo_module, "grpo", lambda gc: record("rl", gc.seed))
     stages = {st.name: st for st in speedrun_stages(speedrun_config("tiny", str(tmp_path / "a"), ["seed=7"]))}
     for name in ("pretrain", "sft", "rl"):
         stages[name].run(tmp_path / "a" / name)
@@ -177,8 +182,7 @@ def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_pa
     # a folder started with one seed does not resume with another
     (tmp_path / "b" / "tokenizer").mkdir(parents=True)
     (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
-    sc = dataclasses.asdict(speedrun_config("tiny", str(tmp_path / "b")))
-    (tmp_path / "b" / "speedrun.json").write_text(json.dumps({k: v for k, v in sc.items() if k not in ("progress", "device")}))
+    (tmp_path / "b" / "speedrun.json").write_text(json.dumps(settings(speedrun_config("tiny", str(tmp_path / "b")))))
     for how in (["seed=1"], ["--seed", "1"]):
         assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "b"), "--quiet", *how]) == 2
         assert "other settings (seed)" in capsys.readouterr().err

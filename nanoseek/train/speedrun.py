@@ -410,12 +410,17 @@ EVAL_ONLY = ("eval_n", "eval_mix", "eval_k", "report_tasks")
 EVAL_STAGES = ("eval", "report", "ablate/eval")
 
 
+def settings(sc: SpeedrunConfig) -> dict[str, Any]:
+    """What OUT/speedrun.json holds: every setting but those that do not change the result."""
+    return {k: v for k, v in dataclasses.asdict(sc).items() if k not in ("progress", "device")}
+
+
 def speedrun(sc: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str, Any]]:
     out = Path(sc.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "speedrun.json"
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-    mine = {k: v for k, v in dataclasses.asdict(sc).items() if k not in ("progress", "device")}
+    mine = settings(sc)
     if saved is not None and stage_done(out / "tokenizer") is not None:
         # a setting added to SpeedrunConfig after the folder was started counts as its default
         default = dataclasses.asdict(SpeedrunConfig())
