@@ -218,9 +218,16 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             continue
         if isinstance(current, bool) and not isinstance(value, bool):
             raise ConfigError(f"override {item!r}: {key} takes true or false")
+        by_name = "dict[str, int]" in str(names[key].type)  # a number, or a number per name
+        if by_name and isinstance(value, dict):
+            if not all(isinstance(n, int) and not isinstance(n, bool) for n in value.values()):
+                raise ConfigError(f"override {item!r}: {key} takes a number or a map of names to integers")
+            changes[key] = value
+            continue
         if isinstance(current, (int, float)) and not isinstance(current, bool):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ConfigError(f"override {item!r}: {key} takes a number")
+                raise ConfigError(f"override {item!r}: {key} takes a number"
+                                  + (" or a map of names to integers" if by_name else ""))
             if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
                 raise ConfigError(f"override {item!r}: {key} takes an integer")
             value = type(current)(value)

@@ -34,7 +34,9 @@ def test_unknown_preset(tmp_path):
                                            ("hidden_size=big", "takes a number"),
                                            ("n_group=3", "multiple of n_group"),
                                            ("schedule=linear", "schedule"), ("batch_size=0", "batch_size"),
-                                           ("seq_len=4096", "max_position_embeddings")])
+                                           ("seq_len=4096", "max_position_embeddings"),
+                                           ('sft_examples={"chain_sum": 1.5}', "map of names to integers"),
+                                           ('sft_examples={"chess": 3}', "sft_examples maps tasks")])
 def test_bad_overrides(tmp_path, override, word):
     _one_line_error(run("pretrain", "--preset", "tiny", "--out", str(tmp_path), override), word)
 

@@ -113,6 +113,21 @@ def test_sft_and_eval_commands(tmp_path, tok, capsys):
     assert main(["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "x"), "num_hidden_layers=3"]) == 2
 
 
+def test_cold_start_counts_by_task_from_the_command_line():
+    from nanoseek.train.pretrain import TrainConfig, split_overrides
+
+    cfg = preset("tiny")
+    tc, _ = split_overrides(TrainConfig(stage="sft", init="x", max_steps=10, save_every=10), cfg,
+                            ['sft_examples={"chain_sum": 6, "countdown": 2}', 'sft_tasks=["chain_sum", "countdown"]'])
+    tc.validate(cfg)
+    assert tc.sft_examples == {"chain_sum": 6, "countdown": 2}
+    convs = cold_start_conversations(tc.sft_examples, tuple(tc.sft_tasks))
+    pools = {t: {p.question for p in problems(t, "train", 6)} for t in ("chain_sum", "countdown")}
+    by_task = {t: sum(c[0]["content"] in qs for c in convs) for t, qs in pools.items()}
+    assert len(convs) == sum(by_task.values())
+    assert 1 <= by_task["countdown"] <= 2 < by_task["chain_sum"] <= 6
+
+
 def test_pretraining_continues_from_a_checkpoint(tmp_path, tok):
     torch.manual_seed(0)
     model = Transformer(preset("tiny").replace(vocab_size=512))
