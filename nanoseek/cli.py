@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preset", default="cpu")
+    p.add_argument("--docs", type=int, default=3000, help="dp: documents of the embedded corpus each run reads")
 
     # key=value overrides may come after the options (argparse alone would take them only before)
     args, extra = parser.parse_known_args(argv)
@@ -472,7 +473,9 @@ def _run(args: argparse.Namespace) -> int:
         elif args.what == "dp":
             from nanoseek.bench.dp import CONFIGS, bench_dp
 
-            result = bench_dp(args.preset, steps=args.steps or 20, repeats=args.repeats)
+            if args.docs < 1:
+                raise ConfigError("--docs must be at least 1")
+            result = bench_dp(args.preset, steps=args.steps or 20, repeats=args.repeats, docs=args.docs)
             for name in CONFIGS:
                 r = result[name]
                 print(f"{name:14} {r['step_s']:.3f} s/step ({r.get('step_time_vs_single', 1):.2f}x single)  "
