@@ -113,17 +113,15 @@ class TrainConfig:
              f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
         need(self.max_epochs is None or self.max_epochs > 0, "max_epochs must be positive")
+        from nanoseek.data.tasks import TASKS
+
         n = self.sft_examples
         if isinstance(n, dict):
-            from nanoseek.data.tasks import TASKS
-
             bad = [t for t in n if t not in TASKS]
             need(not bad, f"sft_examples maps tasks from: {', '.join(TASKS)} to numbers (got {', '.join(bad)})")
             need(all(k >= 0 for k in n.values()), "sft_examples must not be negative")
         need((sum(n.values()) if isinstance(n, dict) else n) >= 1, "sft_examples must be at least 1")
         if self.sft_tasks is not None:
-            from nanoseek.data.tasks import TASKS
-
             bad = [t for t in self.sft_tasks if t not in TASKS]
             need(bool(self.sft_tasks) and not bad,
                  f"sft_tasks must name tasks from: {', '.join(TASKS)} (got {self.sft_tasks})")
