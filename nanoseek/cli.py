@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("chat", help="terminal chat: streaming, thinking shown dimmed, /reset")
     p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
     p.add_argument("--system", help="a system message")
-    _sampling_flags(p, max_tokens=512)
+    _sampling_flags(p, max_tokens=1024)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API + web chat")
     p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")

@@ -18,17 +18,25 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanoseek.train.optim import optimizer_state
 
 PARALLEL = ("ddp", "fsdp")
+
+
+def is_shard(t: torch.Tensor) -> bool:
+    """Whether `t` is an FSDP shard (a DTensor). Nothing can be one before torch.distributed.tensor
+    is imported (fully_shard imports it), so a one-process command never imports it: that import
+    was ~1.8 s of every `nanoseek pretrain`'s start."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,7 @@ def ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> n
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind an FSDP shard (a collective: every rank calls it); a plain
     tensor as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_shard(t) else t
 
 
 def full_state(model: nn.Module, opt: torch.optim.Optimizer,
@@ -145,7 +153,7 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer,
     it) an unsharded copy of the model on the CPU and the gathered optimizer tensors; otherwise
     the model and the state as they are."""
     tensors, info = optimizer_state(opt)
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    if not any(is_shard(p) for p in model.parameters()):
         return model, (tensors, info)
 
     def gather_to_main(items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -173,7 +181,9 @@ def shard_like_params(tensors: dict[str, torch.Tensor], opt: torch.optim.Optimiz
     for name, value in tensors.items():
         if name.startswith("optim."):
             p = params[int(name.split(".")[1])]
-            if isinstance(p, DTensor) and value.shape == p.shape:
+            if is_shard(p) and value.shape == p.shape:
+                from torch.distributed.tensor import distribute_tensor
+
                 value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
                                           src_data_rank=None)  # every rank holds the whole: cut locally
         out[name] = value

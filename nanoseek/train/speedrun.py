@@ -173,6 +173,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
                 # chain_sum's tokens (its cold start 29% without them, 20% with 1,000, 11% with 3,000)
                 # for no gain on gsm_symbolic at this size (0-3% either way; docs/LOG.md)
                 sft_mix={"chain_sum": 3000},
+                # answers of up to 640 tokens (GRPO's and the eval's): the longest chain_sum solutions
+                # (six 4-digit terms) run to ~540, and at 512 three of seed 1's 300 held-out answers
+                # were cut off just before a right result (87.0 -> 88.0% at 640, docs/LOG.md)
+                max_tokens=640,
                 # 300 chain_sum problems: GRPO's +2.7 points over a 88% cold start is clear on 300
                 # (+0.8 to +4.5), not on 100; 50 of each other set (0-4% at every stage)
                 # (fp32: with precision=bf16 the steps were no faster on this corpus side by side, and

@@ -183,7 +183,7 @@ function showError(text) {
 // talking to the server
 
 function settings() {
-  return { temperature: Number(store.get("temperature", 0.6)), maxTokens: Number(store.get("maxTokens", 512)) };
+  return { temperature: Number(store.get("temperature", 0.6)), maxTokens: Number(store.get("maxTokens", 1024)) };
 }
 
 async function post(body, signal) {
@@ -313,7 +313,7 @@ $("new-chat").onclick = () => { if (!controller) { newConversation(); renderAll(
 $("menu").onclick = () => { $("sidebar").classList.add("open"); $("scrim").hidden = false; };
 $("scrim").onclick = closeSidebar;
 $("forget-key").onclick = () => { localStorage.removeItem("nanoseek.apiKey"); };
-for (const [id, key, fallback] of [["temperature", "temperature", 0.6], ["max-tokens", "maxTokens", 512]]) {
+for (const [id, key, fallback] of [["temperature", "temperature", 0.6], ["max-tokens", "maxTokens", 1024]]) {
   $(id).value = store.get(key, fallback);
   $(id).onchange = () => { const v = Number($(id).value); if (!Number.isNaN(v)) store.set(key, v); };
 }
