@@ -24,7 +24,7 @@ $(CHROMIUM):
 	apt-get update && apt-get install -y chromium
 
 test: setup $(CHROMIUM)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=12
 
 # The main job: a reasoning model from nothing in ~30 minutes on 2 cores, its report card in
 # runs/speedrun/report.md, the model in runs/speedrun/final (`nanoseek serve runs/speedrun/final`).
