@@ -16,6 +16,8 @@ let conversations = store.get("conversations", []);
 let currentId = store.get("current", null);
 let controller = null; // the AbortController of the reply being streamed
 let contextLength = null; // from /v1/models: max_tokens never asks for more than the window
+// the settings panel's values until the user changes them (a long chain_sum answer runs to ~540 tokens)
+const DEFAULTS = { temperature: 0.6, maxTokens: 1024 };
 
 // ---------------------------------------------------------------------------------------
 // markdown, safely: escape everything, then add a few known tags
@@ -183,7 +185,8 @@ function showError(text) {
 // talking to the server
 
 function settings() {
-  return { temperature: Number(store.get("temperature", 0.6)), maxTokens: Number(store.get("maxTokens", 1024)) };
+  return { temperature: Number(store.get("temperature", DEFAULTS.temperature)),
+           maxTokens: Number(store.get("maxTokens", DEFAULTS.maxTokens)) };
 }
 
 async function post(body, signal) {
@@ -313,8 +316,8 @@ $("new-chat").onclick = () => { if (!controller) { newConversation(); renderAll(
 $("menu").onclick = () => { $("sidebar").classList.add("open"); $("scrim").hidden = false; };
 $("scrim").onclick = closeSidebar;
 $("forget-key").onclick = () => { localStorage.removeItem("nanoseek.apiKey"); };
-for (const [id, key, fallback] of [["temperature", "temperature", 0.6], ["max-tokens", "maxTokens", 1024]]) {
-  $(id).value = store.get(key, fallback);
+for (const [id, key] of [["temperature", "temperature"], ["max-tokens", "maxTokens"]]) {
+  $(id).value = store.get(key, DEFAULTS[key]);
   $(id).onchange = () => { const v = Number($(id).value); if (!Number.isNaN(v)) store.set(key, v); };
 }
 const online = () => { $("status").textContent = navigator.onLine ? "" : "offline"; };
