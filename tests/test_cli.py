@@ -91,7 +91,7 @@ def test_bench_train_ends_with_the_documented_json():
 
 def test_bench_dp_runs_each_configuration_to_the_same_loss():
     # 2 documents: each run tokenizes what it reads, and the corpus opens with whole plays (the first
-    # 300 documents are 9.7M characters, ~8 s of each run's ~13 s here; 2 are 264k, ~3 x 3 steps' need)
+    # 300 are 9.7M characters, ~8 s of each run's ~13 s here; 2 are 264k, ~3x what 3 steps of 8 x 256 read)
     r = run("bench", "dp", "--json", "--preset", "tiny", "--steps", "3", "--repeats", "1", "--docs", "2", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
