@@ -38,3 +38,30 @@ def test_weight_decay_only_on_matrices_and_state_round_trip():
     load_optimizer_state(twin, tensors, info)
     for a, b in zip(opt.state.values(), twin.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_weight_average_is_a_mean_then_exponential_and_swaps_back():
+    from nanoseek.train.optim import WeightAverage
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    avg = WeightAverage(model, decay=0.5)  # a plain mean of steps 1-2, then weight 1/2 on each new one
+    seen = []
+    for t, w in enumerate([4.0, 2.0, 8.0], 1):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        seen.append(w)
+        avg.update(t)
+    expected = ((4.0 + 2.0) / 2 + 8.0) / 2  # the starting weights leave no trace
+    with avg.swapped():
+        assert torch.allclose(model.weight, torch.full((1, 3), expected))
+    assert torch.equal(model.weight, torch.full((1, 3), 8.0))  # the raw weights are back
+    state = avg.raw_state()
+    assert set(state) == {"raw.weight"} and torch.equal(state["raw.weight"], model.weight)
+    other = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        other.weight.fill_(expected)  # as if loaded from the checkpoint
+    resumed = WeightAverage(other, decay=0.5)
+    resumed.resume(state)
+    assert torch.equal(other.weight, model.weight) and torch.equal(resumed.avg[0], avg.avg[0])
+    with pytest.raises(ValueError, match="no raw weights"):
+        WeightAverage(other, 0.5).resume({})

@@ -59,6 +59,38 @@ def test_resume_is_exact(tmp_path, small_data):
     assert meta["cost"]["tokens"] == 12 * 4 * 64  # the ledger carried over the resume
 
 
+def test_ema_checkpoints_hold_the_average_and_resume_exactly(tmp_path):
+    from nanoseek.config import ConfigError
+
+    docs = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog {a}." for a in range(50) for b in range(40)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    small_data = [str(tmp_path / "docs.jsonl")]  # every 50th document held out: val_loss at every 4th step
+    raw, ema, halves = tmp_path / "raw", tmp_path / "ema", tmp_path / "halves"
+    pretrain(_tc(raw, data=small_data))
+    pretrain(_tc(ema, data=small_data, ema=0.9))
+    a, b = _rows(raw), _rows(ema)
+    keys = ["loss", "grad_norm", "val_loss"]
+    assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]  # training untouched
+    assert all("val_loss_ema" in r for r in b if "val_loss" in r)
+    assert b[-1]["val_loss_ema"] != b[-1]["val_loss"]
+    m_raw, _, _ = ckpt.load_model(raw)
+    m_ema, _, _ = ckpt.load_model(ema)
+    state, _ = ckpt.load_train_state(ckpt.resolve(ema))
+    named = dict(m_raw.named_parameters())
+    for name, p in m_ema.named_parameters():
+        assert torch.equal(state["raw." + name], named[name]), name  # the raw weights ride along
+    assert any(not torch.equal(p, named[n]) for n, p in m_ema.named_parameters())  # the checkpoint is the average
+    pretrain(_tc(halves, data=small_data, ema=0.9, stop_at=6))
+    pretrain(_tc(halves, data=small_data))  # ema comes back with the run's settings
+    assert [[r.get(k) for k in keys + ["val_loss_ema"]] for r in _rows(halves)] == \
+        [[r.get(k) for k in keys + ["val_loss_ema"]] for r in b]
+    m_half, _, _ = ckpt.load_model(halves)
+    for (name, x), (_, y) in zip(m_ema.state_dict().items(), m_half.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(ConfigError, match="ema"):
+        pretrain(_tc(tmp_path / "bad", data=small_data, ema=1.0))
+
+
 def test_user_files_are_read(small_data):
     from nanoseek.data.corpus import read_files
     docs = read_files(small_data)

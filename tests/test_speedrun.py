@@ -16,7 +16,7 @@ STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
 def _speedrun(out, *extra):  # on the corpus's math documents: the branch that writes its own corpus file
     return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "corpus=math",
-                 'eval_mix={"chain_sum": 6}', "precision=bf16", *extra])
+                 'eval_mix={"chain_sum": 6}', "precision=bf16", "sft_ema=0.9", *extra])
 
 
 def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
@@ -53,6 +53,11 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert pre_state["data"] == [str(out / "corpus.jsonl")]
     sft_state = json.loads((out / "sft" / "latest" / "train_state.json").read_text())["train_config"]
     assert pre_state["precision"] == sft_state["precision"] == "bf16"  # the speedrun's, to both stages
+    assert (pre_state["ema"], sft_state["ema"]) == (0.0, 0.9)  # the cold start's checkpoint is its average
+    from safetensors import safe_open
+
+    with safe_open(str(out / "sft" / "latest" / "train_state.safetensors"), "pt") as f:
+        assert any(k.startswith("raw.") for k in f.keys())  # and its raw weights resumed the killed run
     for stage in ("pretrain", "sft", "rl"):
         assert (out / stage / "latest" / "model.safetensors").is_file(), stage
     assert (out / "final" / "model.safetensors").is_file() and not list((out / "final").glob("train_state*"))
@@ -76,6 +81,7 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
         assert heading in md, heading
     assert "| base | " in md and "| rl vs sft | chain_sum |" in md and "| total |" in md
     assert "| rl vs sft | countdown |" in md and "not trained on: basic_arithmetic, countdown" in md
+    assert rep["data"]["sft_ema"] == 0.9 and "| cold-start SFT (its weights' moving average, decay 0.9) |" in md
     assert set(rep["plots"]) == {"pretrain_loss", "expert_load", "grpo"}
     for path in rep["plots"].values():
         assert f"]({path})" in md and (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,11 +4,15 @@ state as flat safetensors (no pickle).
 DeepSeek-V3 section 4.2: AdamW with beta1 0.9, beta2 0.95, weight decay 0.1; warmup, a long
 constant phase, then decay. We offer cosine (warmup then cosine to min_lr) and WSD
 (warmup-stable-decay: constant, then a linear decay over the last `decay_frac` of steps).
+Optionally an exponential moving average of the weights (Polyak averaging; not in the paper's
+pre-training, though DeepSeek-V3 keeps an EMA for early estimates, section 3.2.3): WeightAverage.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -57,6 +61,52 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
             _, idx, key = name.split(".", 2)
             state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+class WeightAverage:
+    """An exponential moving average of the weights, updated after every optimizer step t
+    (1, 2, ... from the stage's start): avg += max(1 - decay, 1/t) * (w - avg), a plain mean of
+    the first 1 / (1 - decay) steps, then exponential, so the starting weights leave no trace.
+    The checkpoints hold the average (what the next stage and `nanoseek.load` read); the raw
+    weights travel with the training state (`raw.<name>`), so that a resumed run carries on with
+    both. A whole model per process (one process or DDP), not FSDP's shards."""
+
+    RAW = "raw."
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.avg = [p.detach().clone() for _, p in self.params]
+
+    @torch.no_grad()
+    def update(self, t: int) -> None:
+        torch._foreach_lerp_(self.avg, [p.detach() for _, p in self.params], max(1.0 - self.decay, 1.0 / t))
+
+    def raw_state(self) -> dict[str, torch.Tensor]:
+        """The raw weights, for the training state."""
+        return {self.RAW + n: p.detach().clone() for n, p in self.params}
+
+    @torch.no_grad()
+    def resume(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The model was loaded from a checkpoint, so its weights are the average: keep them as
+        such and put the raw weights of the training state back in place."""
+        missing = [n for n, _ in self.params if self.RAW + n not in tensors]
+        if missing:
+            raise ValueError(f"the training state has no raw weights for {missing[0]} (saved without ema?)")
+        for (n, p), a in zip(self.params, self.avg):
+            a.copy_(p)
+            p.copy_(tensors[self.RAW + n])
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The model holds the average inside the block (to save it), its own weights after."""
+        weights = [p.detach() for _, p in self.params]
+        raw = [w.clone() for w in weights]
+        torch._foreach_copy_(weights, self.avg)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(weights, raw)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

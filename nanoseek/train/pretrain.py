@@ -36,7 +36,8 @@ from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger, peak_flops
-from nanoseek.train.optim import load_optimizer_state, load_rng_state, lr_at, make_optimizer, rng_state
+from nanoseek.train.optim import (WeightAverage, load_optimizer_state, load_rng_state, lr_at, make_optimizer,
+                                  rng_state)
 
 
 class TrainingError(RuntimeError):
@@ -79,6 +80,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # an exponential moving average of the weights (its decay; 0: none), written to the checkpoints
+    # in place of the raw weights (optim.WeightAverage)
+    ema: float = 0.0
     save_every: int | None = None  # None: 250 for a new run, the saved value when resuming
     eval_every: int = 100
     eval_batches: int = 8
@@ -109,6 +113,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio within [0, 1]")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be within [0, 1)")
+        need(0 <= self.ema < 1, f"ema (the average's decay) must be within [0, 1), not {self.ema}")
         need(self.seq_len <= cfg.max_position_embeddings,
              f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
@@ -209,6 +214,14 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
     model.to(device)
     cfg = model.config
+    if tc.ema and ranks.parallel and tc.parallel == "fsdp":
+        raise ConfigError("ema keeps a whole copy of the weights: use it with one process or parallel=ddp, not fsdp")
+    average = WeightAverage(model, tc.ema) if tc.ema else None
+    if average and resuming:
+        try:
+            average.resume(tensors)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{folder}: {e}") from None
     try:
         loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed, train_labels)
     except ValueError as e:
@@ -297,6 +310,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         bad_in_a_row = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if average:
+            average.update(step)
         dist.sync_expert_load(model, ranks)  # the global batch's expert load
         load_stats = model.update_bias()
         dist.check_same_biases(model, ranks)
@@ -310,6 +325,9 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             row.update({k: round(v, 3) for k, v in load_stats.items()})
         if has_val and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
             row["val_loss"] = round(evaluate(model, val_tokens, tc, device, val_labels, forward), 5)  # every rank (FSDP)
+            if average:  # the weights the checkpoint holds
+                with average.swapped():
+                    row["val_loss_ema"] = round(evaluate(model, val_tokens, tc, device, val_labels, forward), 5)
         last = row
         if ranks.main:
             log_metrics(run, row)
@@ -318,7 +336,7 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         if step % tc.save_every == 0 or step == end:
             whole, opt_state = dist.full_state(model, opt, ranks)  # FSDP: every rank gathers
             if ranks.main:  # one checkpoint, in the one format: it resumes under any number of processes
-                _save(run, step, whole, tokenizer, opt_state, loader, ledger, tc, last, counts)
+                _save(run, step, whole, tokenizer, opt_state, loader, ledger, tc, last, counts, average)
             ledger.restart_clock()
     bar.close()
     dist.finish(ranks)
@@ -366,15 +384,16 @@ def evaluate(model: Transformer, val_tokens: torch.Tensor, tc: TrainConfig, devi
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def _save(run, step, model, tokenizer, opt_state, loader, ledger, tc, last, counts) -> None:
+def _save(run, step, model, tokenizer, opt_state, loader, ledger, tc, last, counts, average=None) -> None:
     tensors, opt_info = opt_state
-    tensors = {**tensors, **rng_state()}
+    tensors = {**tensors, **rng_state(), **(average.raw_state() if average else {})}
     info = {"step": step, "train_config": dataclasses.asdict(tc), "optimizer": opt_info,
             "loader": loader.state_dict(), "cost": ledger.to_dict()}
     meta = {"stage": tc.stage, "step": step, "tokens_seen": ledger.tokens, "cost": ledger.to_dict(),
             "git_commit": _git_commit(), "params": counts,
             "metrics": last}
-    ckpt.save_checkpoint(run, step, model, tokenizer, meta, {"tensors": tensors, "info": info})
+    with average.swapped() if average else contextlib.nullcontext():  # the checkpoint holds the average
+        ckpt.save_checkpoint(run, step, model, tokenizer, meta, {"tensors": tensors, "info": info})
 
 
 def log_metrics(run: Path, row: dict) -> None:

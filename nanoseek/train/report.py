@@ -140,7 +140,8 @@ def build_report(out: Path, sc) -> dict[str, Any]:
         "price_per_device_hour": price,
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
         "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"), "sft_tokens": (sft.get("cost") or {}).get("tokens"),
-                 "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "tasks": list(sc.tasks),
+                 "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "sft_ema": sc.sft_ema,
+                 "tasks": list(sc.tasks),
                  "report_tasks": [t for t in sc.eval_tasks() if t not in sc.tasks]},
         "eval": ev.get("table", {}),
         "gains": ev.get("gains", {}),
@@ -166,7 +167,8 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
              "## Data", "",
              "| stage | tokens |", "|---|---|"]
     d = rep["data"]
-    lines += [f"| pretraining | {d['pretrain_tokens']:,} |", f"| cold-start SFT | {d['sft_tokens']:,} |",
+    ema = f" (its weights' moving average, decay {d['sft_ema']})" if d.get("sft_ema") else ""
+    lines += [f"| pretraining | {d['pretrain_tokens']:,} |", f"| cold-start SFT{ema} | {d['sft_tokens']:,} |",
               f"| GRPO (generated) | {d['rl_generated_tokens']:,} |", "",
               "## Held-out evaluation", "",
               f"Tasks {', '.join(d['tasks'])}"

@@ -62,6 +62,7 @@ class SpeedrunConfig:
     sft_mix: dict[str, int] | None = None  # or a number per task (e.g. {"chain_sum": 3000, "gsm_symbolic": 1000})
     sft_batch_size: int = 4
     sft_seq_len: int = 512
+    sft_ema: float = 0.0  # the cold start's checkpoint: an average of its weights (TrainConfig.ema; 0: the last)
     rl_steps: int = 12
     rl_prompts_per_step: int = 32
     rl_group_size: int = 8
@@ -169,6 +170,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # ~27 minutes on the host it was tuned on (docs/LOG.md)
     "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000},
                 sft_steps=900, rl_steps=12, rl_dynamic_sampling=True, rl_lr=3.5e-6,
+                # the cold start's checkpoint is a moving average of its weights (decay 0.99, ~the last
+                # 100 steps): chain_sum +4.3 [+1.2, +7.4] and +4.7 [+1.6, +7.7] over its last weights at
+                # seeds 0 and 1 from one base, paired on 300 held-out problems (docs/LOG.md)
+                sft_ema=0.99,
                 # no word problems in the cold start: their worked solutions are ~2.5x longer and take
                 # chain_sum's tokens (its cold start 29% without them, 20% with 1,000, 11% with 3,000)
                 # for no gain on gsm_symbolic at this size (0-3% either way; docs/LOG.md)
@@ -312,7 +317,8 @@ def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
     def sft(folder: Path, base: str = "pretrain") -> dict:
         tc = TrainConfig(stage="sft", init=ckpt(base), out=str(folder), sft_tasks=list(sc.tasks),
                          sft_examples=sc.sft_counts(), max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
-                         seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=20, price_per_hour=sc.price_per_hour,
+                         seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=20, ema=sc.sft_ema,
+                         price_per_hour=sc.price_per_hour,
                          seed=sc.seed, device=sc.device, precision=sc.precision, progress=sc.progress)
         return pretrain(tc)
 
