@@ -170,10 +170,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # ~27 minutes on the host it was tuned on (docs/LOG.md)
     "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000},
                 sft_steps=900, rl_steps=12, rl_dynamic_sampling=True, rl_lr=3.5e-6,
-                # the cold start's checkpoint is a moving average of its weights (decay 0.99, ~the last
-                # 100 steps): chain_sum +4.3 [+1.2, +7.4] and +4.7 [+1.6, +7.7] over its last weights at
-                # seeds 0 and 1 from one base, paired on 300 held-out problems (docs/LOG.md)
-                sft_ema=0.99,
+                # the cold start's last weights, not their moving average: sft_ema=0.99 lifts the cold
+                # start +4.3 [+1.2, +7.4] and +4.7 [+1.6, +7.7] at seeds 0 and 1 (300 held-out chain_sum,
+                # paired), but GRPO then adds +0.3 [-0.8, +1.5] (lr 1e-5: -2.3) and the final model
+                # only +0.7 [-1.8, +3.1]: the average takes what GRPO gave (docs/LOG.md, 2026-12-05)
                 # no word problems in the cold start: their worked solutions are ~2.5x longer and take
                 # chain_sum's tokens (its cold start 29% without them, 20% with 1,000, 11% with 3,000)
                 # for no gain on gsm_symbolic at this size (0-3% either way; docs/LOG.md)
