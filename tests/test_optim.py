@@ -45,11 +45,9 @@ def test_weight_average_is_a_mean_then_exponential_and_swaps_back():
 
     model = torch.nn.Linear(3, 1, bias=False)
     avg = WeightAverage(model, decay=0.5)  # a plain mean of steps 1-2, then weight 1/2 on each new one
-    seen = []
     for t, w in enumerate([4.0, 2.0, 8.0], 1):
         with torch.no_grad():
             model.weight.fill_(w)
-        seen.append(w)
         avg.update(t)
     expected = ((4.0 + 2.0) / 2 + 8.0) / 2  # the starting weights leave no trace
     with avg.swapped():

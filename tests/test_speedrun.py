@@ -123,6 +123,8 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "unknown preset" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "rl_steps=0"]) == 2
     assert "rl_steps must be at least 1" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "sft_ema=1.5"]) == 2
+    assert "sft_ema (the average's decay) must be within [0, 1)" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "tasks=[\"chess\"]"]) == 2
     assert "unknown task 'chess'" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "report_tasks=[\"chess\"]"]) == 2

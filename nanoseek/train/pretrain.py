@@ -53,6 +53,12 @@ def check_precision(precision: str) -> None:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
 
 
+def check_ema(decay: float, name: str = "ema") -> None:
+    """TrainConfig.ema's check, shared with the configs that pass it on (the speedrun's sft_ema)."""
+    if not 0 <= decay < 1:
+        raise ConfigError(f"{name} (the average's decay) must be within [0, 1), not {decay}")
+
+
 SFT_LR = 3e-4  # fine-tuning (SFT, distillation): below pretraining's, so what the base learned survives
 
 
@@ -113,7 +119,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio within [0, 1]")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be within [0, 1)")
-        need(0 <= self.ema < 1, f"ema (the average's decay) must be within [0, 1), not {self.ema}")
+        check_ema(self.ema)
         need(self.seq_len <= cfg.max_position_embeddings,
              f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
@@ -191,6 +197,8 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     ranks, device = dist.setup(pick_device(tc.device))  # one process, or torchrun's group
     if tc.batch_size % ranks.world:
         raise ConfigError(f"batch_size {tc.batch_size} (the global batch) must divide among {ranks.world} processes")
+    if tc.ema and ranks.parallel and tc.parallel == "fsdp":
+        raise ConfigError("ema keeps a whole copy of the weights: use it with one process or parallel=ddp, not fsdp")
     torch.manual_seed(tc.seed)
 
     train_labels = val_labels = None
@@ -214,8 +222,6 @@ def pretrain(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
     model.to(device)
     cfg = model.config
-    if tc.ema and ranks.parallel and tc.parallel == "fsdp":
-        raise ConfigError("ema keeps a whole copy of the weights: use it with one process or parallel=ddp, not fsdp")
     average = WeightAverage(model, tc.ema) if tc.ema else None
     if average and resuming:
         try:

@@ -97,9 +97,10 @@ class SpeedrunConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
-        from nanoseek.train.pretrain import check_precision
+        from nanoseek.train.pretrain import check_ema, check_precision
 
         check_precision(self.precision)
+        check_ema(self.sft_ema, "sft_ema")
         if self.corpus not in CORPORA:
             raise ConfigError(f"corpus must be one of {', '.join(CORPORA)}, not {self.corpus!r}")
         from nanoseek.data.tasks import TRAIN_POOL
