@@ -123,6 +123,31 @@ def test_sft_under_two_processes_averages_over_the_global_batch(data, tmp_path):
             assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-4, abs=1e-5), (step, key)
 
 
+def test_weight_average_under_ddp_follows_one_process_and_fsdp_refuses_it(data, tmp_path):
+    """ema=0.9: every rank keeps the same average of its (identical) weights. Two processes stopped
+    at step 3 and resumed by one give the single process's curve, its val_loss_ema and its
+    averaged checkpoint; FSDP, whose ranks hold shards, refuses it before reading any data."""
+    folder, base, one = data
+    ema = [*base[:-4], "ema=0.9", *base[-4:]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(["--out", str(a), *ema])
+    run(["--out", str(b), "--parallel", "ddp", "--stop-at", "3", *ema], procs=2)
+    run(["--out", str(b), *ema])  # resumed by a single process: the raw weights and the average
+    ra, rb = rows(a), rows(b)
+    same_curve(ra, rb)
+    assert [rb[s]["val_loss_ema"] for s in (3, 6)] == pytest.approx([ra[s]["val_loss_ema"] for s in (3, 6)], rel=1e-4)
+    avg_a, avg_b = (load_file(r / "latest" / "model.safetensors") for r in (a, b))
+    raw = load_file(one / "latest" / "model.safetensors")  # the same run without the average
+    assert all(torch.allclose(avg_a[k], avg_b[k], atol=1e-5) for k in avg_a)
+    assert any(not torch.allclose(avg_b[k], raw[k], atol=1e-4) for k in raw)  # the average, not the raw weights
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "nanoseek", "pretrain", "--out", str(tmp_path / "f"), "--parallel", "fsdp", *ema],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "ema keeps a whole copy of the weights" in r.stderr
+    assert not (tmp_path / "f" / "latest").exists()
+
+
 def test_a_global_batch_that_does_not_divide_is_refused(data, tmp_path):
     folder, base, one = data
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
