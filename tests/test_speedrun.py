@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from nanoseek.cli import main
+from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import pretrain as pretrain_module
 from nanoseek.train.speedrun import speedrun_config
 
@@ -16,7 +17,7 @@ STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
 def _speedrun(out, *extra):  # on the corpus's math documents: the branch that writes its own corpus file
     return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "corpus=math",
-                 'eval_mix={"chain_sum": 6}', "precision=bf16", "sft_ema=0.9", *extra])
+                 'eval_mix={"chain_sum": 6}', "precision=bf16", "sft_ema=0.9", "rl_beta=0", *extra])
 
 
 def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
@@ -82,6 +83,8 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert "| base | " in md and "| rl vs sft | chain_sum |" in md and "| total |" in md
     assert "| rl vs sft | countdown |" in md and "not trained on: basic_arithmetic, countdown" in md
     assert rep["data"]["sft_ema"] == 0.9 and "| cold-start SFT (its weights' moving average, decay 0.9) |" in md
+    assert rep["data"]["rl_beta"] == 0 and "| GRPO (generated; no KL term) |" in md
+    assert ckpt.load_train_state(ckpt.resolve(out / "rl" / "latest"))[1]["grpo_config"]["beta"] == 0  # no reference
     assert set(rep["plots"]) == {"pretrain_loss", "expert_load", "grpo"}
     for path in rep["plots"].values():
         assert f"]({path})" in md and (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -125,6 +128,8 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "rl_steps must be at least 1" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "sft_ema=1.5"]) == 2
     assert "sft_ema (the average's decay) must be within [0, 1)" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "rl_beta=-0.1"]) == 2
+    assert "rl_beta (GRPO's KL coefficient) must be >= 0" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "tasks=[\"chess\"]"]) == 2
     assert "unknown task 'chess'" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "report_tasks=[\"chess\"]"]) == 2

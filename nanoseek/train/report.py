@@ -141,6 +141,7 @@ def build_report(out: Path, sc) -> dict[str, Any]:
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
         "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"), "sft_tokens": (sft.get("cost") or {}).get("tokens"),
                  "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "sft_ema": sc.sft_ema,
+                 "rl_beta": sc.rl_beta,
                  "tasks": list(sc.tasks),
                  "report_tasks": [t for t in sc.eval_tasks() if t not in sc.tasks]},
         "eval": ev.get("table", {}),
@@ -168,8 +169,9 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
              "| stage | tokens |", "|---|---|"]
     d = rep["data"]
     ema = f" (its weights' moving average, decay {d['sft_ema']})" if d.get("sft_ema") else ""
+    kl = "" if "rl_beta" not in d else "; no KL term" if not d["rl_beta"] else f"; KL coefficient {d['rl_beta']}"
     lines += [f"| pretraining | {d['pretrain_tokens']:,} |", f"| cold-start SFT{ema} | {d['sft_tokens']:,} |",
-              f"| GRPO (generated) | {d['rl_generated_tokens']:,} |", "",
+              f"| GRPO (generated{kl}) | {d['rl_generated_tokens']:,} |", "",
               "## Held-out evaluation", "",
               f"Tasks {', '.join(d['tasks'])}"
               + (f"; also measured, not trained on: {', '.join(d['report_tasks'])}" if d.get("report_tasks") else "")
