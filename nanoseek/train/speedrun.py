@@ -174,9 +174,10 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # ~27 minutes on the host it was tuned on (docs/LOG.md)
     "cpu": dict(rl_tasks=["chain_sum"], corpus_mix={"chain_sum": 16000, "gsm_symbolic": 2000},
                 sft_steps=900, rl_steps=12, rl_dynamic_sampling=True, rl_lr=3.5e-6,
-                # no KL term, so no reference model's forward (Dr. GRPO's and DAPO's choice): GRPO
-                # 6% faster; from the same cold starts, against beta 0.01, the same 278 of 300 held-out
-                # problems right at seed 0 (92.7%) and +0.7 [-0.3, +1.6] at seed 1 (88.7%; docs/LOG.md)
+                # no KL term, so no reference model's forward (Dr. GRPO's and DAPO's choice): GRPO's
+                # FLOPs -15%, its time -1 to -7%; from the same cold starts, against beta 0.01, the same
+                # 278 of 300 held-out problems right at seed 0 (92.7%) and +0.7 [-0.3, +1.6] at seed 1
+                # (88.7%; docs/LOG.md, 2026-12-05)
                 rl_beta=0.0,
                 # the cold start's last weights, not their moving average: sft_ema=0.99 lifts the cold
                 # start +4.3 [+1.2, +7.4] and +4.7 [+1.6, +7.7] at seeds 0 and 1 (300 held-out chain_sum,
