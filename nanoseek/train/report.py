@@ -168,8 +168,8 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
              "## Data", "",
              "| stage | tokens |", "|---|---|"]
     d = rep["data"]
-    ema = f" (its weights' moving average, decay {d['sft_ema']})" if d.get("sft_ema") else ""
-    kl = "" if "rl_beta" not in d else "; no KL term" if not d["rl_beta"] else f"; KL coefficient {d['rl_beta']}"
+    ema = f" (its weights' moving average, decay {d['sft_ema']})" if d["sft_ema"] else ""
+    kl = f"; KL coefficient {d['rl_beta']}" if d["rl_beta"] else "; no KL term"
     lines += [f"| pretraining | {d['pretrain_tokens']:,} |", f"| cold-start SFT{ema} | {d['sft_tokens']:,} |",
               f"| GRPO (generated{kl}) | {d['rl_generated_tokens']:,} |", "",
               "## Held-out evaluation", "",
