@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test speedrun clean
+.PHONY: setup lint test speedrun clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,11 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update && apt-get install -y chromium
 
-test: setup $(CHROMIUM)
+# ruff: pycodestyle, pyflakes, import order, bugbear, pyupgrade (pyproject.toml)
+lint: setup
+	$(BIN)/ruff check nanoseek tests
+
+test: setup $(CHROMIUM) lint
 	$(BIN)/python -m pytest tests --durations=12
 
 # The main job: a reasoning model from nothing in ~30 minutes on 2 cores, its report card in

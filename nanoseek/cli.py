@@ -1,6 +1,8 @@
 """The `nanoseek` command: one entry point, one subcommand per stage.
 
-Every subcommand turns bad input into one line on stderr and a non-zero exit, no traceback.
+Each subcommand is a pair below: `add_X` declares its flags, `run_X` does the work and prints
+what it prints. Every subcommand turns bad input into one line on stderr and a non-zero exit,
+no traceback. Config fields beyond the flags come as `key=value` overrides (config.py).
 """
 
 from __future__ import annotations
@@ -9,35 +11,207 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from nanoseek.config import PRESETS, ConfigError, apply_overrides, preset
+from nanoseek.bench.decode import bench_decode
+from nanoseek.bench.dp import CONFIGS, bench_dp
+from nanoseek.bench.fp8 import bench_fp8
+from nanoseek.bench.grpo import bench_grpo
+from nanoseek.bench.serve import bench_serve
+from nanoseek.bench.train import bench_train
+from nanoseek.config import PRESETS, ConfigError, apply_overrides, split_by_prefix
+from nanoseek.data.corpus import DataError, default_corpus, read_files
+from nanoseek.data.tasks import EVAL_SETS, TASKS, TaskError, check_tasks
+from nanoseek.data.tokenizer import TokenizerError, train_tokenizer
+from nanoseek.eval import evaluate
+from nanoseek.export import export_hf, import_hf, parse_size
+from nanoseek.infer.chat import chat_repl
+from nanoseek.infer.engine import Engine, EngineError
+from nanoseek.infer.sampling import SamplingError, SamplingParams
+from nanoseek.serve.server import api_key_from_env, build, serve_forever
+from nanoseek.train.checkpoint import CheckpointError, load_model, read_meta, resolve
+from nanoseek.train.compare import gains_table, stage_table
+from nanoseek.train.device import pick_device
+from nanoseek.train.distill import DistillConfig, distill
+from nanoseek.train.fp8 import FP8Error
+from nanoseek.train.grpo import GRPOConfig, grpo
+from nanoseek.train.r1 import R1Config, r1_stages
+from nanoseek.train.speedrun import plan, speedrun, speedrun_config
+from nanoseek.train.stages import run_stages
+from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig, TrainingError, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, EngineError, SamplingError,
+               TaskError, FP8Error)
+
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after the options (argparse alone would take them only before)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    # `--task a b key=value`: a list option swallows the overrides after it; give them back
+    if isinstance(getattr(args, "task", None), list) and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(t for t in args.task if "=" in t)]
+        args.task = [t for t in args.task if "=" not in t] or None
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("nanoseek: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"nanoseek: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3/R1 at a scale anyone can run.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train_tokenizer, add_pretrain, add_sft, add_grpo, add_speedrun, add_r1, add_distill, add_eval,
+                add_info, add_generate, add_chat, add_serve, add_export_hf, add_import_hf, add_bench):
+        add(sub)
+    return parser
 
+
+# ---------------------------------------------------------------------------------------
+# helpers shared by the commands
+
+def with_flags(cfg: Any, args: argparse.Namespace, flags: dict[str, str]) -> Any:
+    """cfg with each given flag (not None) copied onto its field; `flags` maps field -> flag. A
+    flag left out keeps the config's value (and a resumed run its saved one)."""
+    for name, flag in flags.items():
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(cfg, name, value)
+    return cfg
+
+
+RUN_FLAGS = {"max_steps": "max_steps", "save_every": "save_every", "seed": "seed", "device": "device"}
+
+
+def print_summary(summary: dict) -> int:
+    """A training command's summary as one JSON line (under torchrun, from rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def print_stages(summaries: dict) -> None:
+    """A pipeline's held-out table and its paired gains on stderr, its stage summaries as JSON on stdout."""
+    print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
+    if summaries["eval"].get("gains"):
+        print(gains_table(summaries["eval"]["gains"]), file=sys.stderr)
+    print(json.dumps({"stages": summaries}, default=str))
+
+
+def training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape parts of the model")
+    p.add_argument("--fp8", action="store_true", help="DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 block scales); "
+                                                      "emulated on the CPU, FP8 tensor cores on CUDA")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: DDP (a whole model per process) or FSDP2 (parameters, gradients and "
+                        "optimizer state sharded); a run saved under either resumes under the other, with any N")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the block in backward (less memory, ~1/3 more "
+                        "compute)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stop-at", type=int,
+                   help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
+
+
+def sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, as DeepSeek-R1)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--context", type=int, help="context window (default: the model's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+
+
+def one_engine(args: argparse.Namespace) -> tuple[Engine, SamplingParams]:
+    """A one-sequence engine on the checkpoint and the sampling flags (generate, chat)."""
+    model, tok, folder = load_model(args.ckpt, pick_device(args.device))
+    if tok is None:
+        raise CheckpointError(f"{folder} has no nanoseek tokenizer (tokenizer.json with the chat tokens)")
+    engine = Engine(model, tok, max_seqs=1, context=args.context, speculative=args.mtp)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=getattr(args, "stop", [])).validate()
+    return engine, params
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+def add_train_tokenizer(sub) -> None:
     p = sub.add_parser("train-tokenizer", help="byte-level BPE on the corpus")
     p.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     p.add_argument("--corpus", nargs="*", default=[], help=".txt/.jsonl/.parquet files (default: the embedded corpus)")
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.set_defaults(run=run_train_tokenizer)
 
+
+def run_train_tokenizer(args: argparse.Namespace) -> int:
+    docs = read_files(args.corpus) if args.corpus else default_corpus()
+    tok = train_tokenizer(docs, vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"tokenizer: {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+    return 0
+
+
+def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="next-token + MTP pretraining (resumes from --out)")
-    _training_flags(p)
+    training_flags(p)
     p.add_argument("--tokenizer", help="a tokenizer folder (default: train one on the corpus)")
     p.add_argument("--init", help="continue pretraining this checkpoint (its model and tokenizer) on --data")
-    p.add_argument("--data", nargs="*", default=[], help=".txt/.jsonl/.parquet files or folders (default: embedded corpus)")
+    p.add_argument("--data", nargs="*", default=[],
+                   help=".txt/.jsonl/.parquet files or folders (default: embedded corpus)")
     p.add_argument("--price-per-hour", type=float, help="dollars per device-hour for the cost ledger")
+    p.set_defaults(run=run_pretrain)
 
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
+                     price_per_hour=args.price_per_hour, **_training_switches(args))
+    return print_summary(train(with_flags(tc, args, RUN_FLAGS), args.overrides))
+
+
+def add_sft(sub) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data, loss on assistant tokens only")
     p.add_argument("ckpt", help="the checkpoint to start from")
-    _training_flags(p)
-    p.add_argument("--data", nargs="*", default=[], help=".jsonl files with a 'messages' list per line "
-                                                          "(default: verified worked solutions of the training problems)")
+    training_flags(p)
+    p.add_argument("--data", nargs="*", default=[],
+                   help=".jsonl files with a 'messages' list per line "
+                        "(default: verified worked solutions of the training problems)")
+    p.set_defaults(run=run_sft)
 
+
+def run_sft(args: argparse.Namespace) -> int:
+    tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, lr=SFT_LR, warmup_steps=SFT_WARMUP,
+                     **_training_switches(args))
+    return print_summary(train(with_flags(tc, args, RUN_FLAGS), args.overrides))
+
+
+def _training_switches(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(stop_at=args.stop_at, compile=args.compile, fp8=args.fp8, parallel=args.parallel,
+                activation_checkpointing=args.activation_checkpointing, progress=not args.quiet)
+
+
+def add_grpo(sub) -> None:
     p = sub.add_parser("grpo", help="GRPO with rule-based rewards on the reasoning tasks")
     p.add_argument("ckpt", help="the checkpoint to start from (an SFT checkpoint, or a base with --template r1_zero)")
     p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
@@ -58,7 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
+    p.set_defaults(run=run_grpo)
 
+
+def run_grpo(args: argparse.Namespace) -> int:
+    gc = GRPOConfig(init=args.ckpt, out=args.out, progress=not args.quiet)
+    args.activation_checkpointing = args.activation_checkpointing or None  # a resumed run keeps its own
+    args.dynamic_sampling = args.dynamic_sampling or None
+    gc = with_flags(gc, args, {**RUN_FLAGS, "tasks": "task", "template": "template", "loss_type": "loss_type",
+                               "beta": "beta", "eps_high": "clip_higher", "ref_reset_every": "ref_reset",
+                               "parallel": "parallel", "activation_checkpointing": "activation_checkpointing",
+                               "dynamic_sampling": "dynamic_sampling"})
+    return print_summary(grpo(gc, args.overrides))
+
+
+# ---------------------------------------------------------------------------------------
+# pipelines
+
+def add_speedrun(sub) -> None:
     p = sub.add_parser("speedrun", help="the whole pipeline from nothing: tokenizer -> pretraining -> SFT -> GRPO -> "
                                         "eval -> OUT/final and OUT/report.md (finished stages are skipped on restart)")
     p.add_argument("--preset", default="cpu", help="tiny, cpu (30 min on 2 cores), gpu, gpu8")
@@ -75,7 +266,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., ...)")
+    p.set_defaults(run=run_speedrun)
 
+
+def run_speedrun(args: argparse.Namespace) -> int:
+    seed = [] if args.seed is None else [f"seed={args.seed}"]
+    sc = speedrun_config(args.preset, args.out, [*args.overrides, *seed], args.smoke)
+    if args.plan:
+        print_plan(plan(sc))
+        return 0
+    sc.progress = not args.quiet
+    summaries = speedrun(sc, args.ablate)
+    if args.ablate:
+        print((Path(args.out) / "ablations.md").read_text(), file=sys.stderr)
+        print(json.dumps({"stages": summaries}, default=str))
+        return 0
+    print_stages(summaries)
+    print(f"report card: {args.out}/report.md; chat with it: nanoseek serve {args.out}/final", file=sys.stderr)
+    return 0
+
+
+def print_plan(p: dict) -> None:
+    print(f"{p['preset']}: {p['params_total'] / 1e9:.2f}B parameters, {p['params_active'] / 1e9:.2f}B active, "
+          f"on {p['gpus']} GPU(s) at {p['mfu']:.0%} MFU, ${p['price_per_gpu_hour']:.2f} per GPU-hour "
+          "(expected, not measured)", file=sys.stderr)
+    for name, r in p["stages"].items():
+        print(f"  {name:9} {r['tokens'] / 1e9:8.2f}B tokens  {r['flops']:9.2e} FLOPs  {r['hours']:6.2f} h  "
+              f"${r['dollars']:,.0f}", file=sys.stderr)
+    print(json.dumps(p))
+
+
+def add_r1(sub) -> None:
     p = sub.add_parser("r1", help="DeepSeek-R1's recipe from a base: cold-start SFT -> GRPO -> rejection "
                                   "sampling -> SFT -> GRPO -> eval (--zero: R1-Zero)")
     p.add_argument("ckpt", help="a pretrained base checkpoint")
@@ -86,7 +307,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="R1Config fields (sft_steps=300, rl_steps=40, eval_n=200, ...); rl.KEY=VALUE: GRPOConfig, "
                         "sft.KEY=VALUE: SFT training settings")
+    p.set_defaults(run=run_r1)
 
+
+def run_r1(args: argparse.Namespace) -> int:
+    resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
+    by_stage = split_by_prefix(args.overrides, ("rl", "sft"))
+    rc = apply_overrides(R1Config(), by_stage[""])
+    rc.base, rc.out, rc.zero, rc.progress = args.ckpt, args.out, args.zero, not args.quiet
+    rc.grpo_overrides, rc.sft_overrides = by_stage["rl"], by_stage["sft"]
+    rc.validate()  # a bad stage setting fails now, not minutes later when its stage starts
+    check_tasks(args.task or [], TASKS)
+    rc.tasks = args.task or rc.tasks
+    print_stages(run_stages(args.out, r1_stages(rc), progress=rc.progress))
+    return 0
+
+
+def add_distill(sub) -> None:
     p = sub.add_parser("distill", help="teacher traces (rejection-sampled) -> student SFT")
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True)
@@ -100,7 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT settings (batch_size=8, lr=3e-4, ...)")
+    p.set_defaults(run=run_distill)
 
+
+def run_distill(args: argparse.Namespace) -> int:
+    dc = DistillConfig(teacher=args.teacher, student=args.student, out=args.out, problems=args.problems, k=args.k,
+                       temperature=args.temperature, max_tokens=args.max_tokens, level=args.level,
+                       max_steps=args.max_steps, progress=not args.quiet)
+    print(json.dumps(distill(with_flags(dc, args, {"tasks": "task"}), args.overrides)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation and inference
+
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="pass@1, maj@k, format rate on held-out problems")
     p.add_argument("ckpt")
     p.add_argument("--task", nargs="*", help="held-out sets (default: the four tasks): gsm_symbolic basic_arithmetic "
@@ -110,22 +361,86 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", choices=["chat", "base"], help="default: base for a pretrained model, else chat")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.set_defaults(run=run_eval)
 
+
+def run_eval(args: argparse.Namespace) -> int:
+    check_tasks(args.task or [], EVAL_SETS)
+    if args.n < 1 or args.k < 0:
+        raise ConfigError("--n must be at least 1 and --k at least 0")
+    result = evaluate(args.ckpt, args.task, args.n, args.k, args.template, args.max_tokens)
+    for task, r in result["tasks"].items():
+        lo, hi = r["pass@1_ci95"]
+        sampled = (f", sampled {r['pass@1_sampled']:.1%} [{r['pass@1_sampled_ci95'][0]:.1%}, "
+                   f"{r['pass@1_sampled_ci95'][1]:.1%}], maj@{r['k']} {r['maj@' + str(r['k'])]:.1%}"
+                   if "k" in r else "")
+        print(f"{task:17s} pass@1 {r['pass@1']:.1%} [{lo:.1%}, {hi:.1%}]{sampled}, format {r['format_rate']:.0%}, "
+              f"length {r['mean_length']:.0f} ({r['problems']} problems, {r['template']})", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def add_info(sub) -> None:
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, cost, metrics")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
+    p.set_defaults(run=run_info)
 
+
+def run_info(args: argparse.Namespace) -> int:
+    model, tokenizer, folder = load_model(args.ckpt)
+    info = {"checkpoint": str(folder), "params": model.param_counts(),
+            "flops_per_token": model.flops_per_token(model.config.max_position_embeddings, training=False),
+            "vocab_size": model.config.vocab_size, "tokenizer": tokenizer is not None, **read_meta(folder)}
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="one completion, streamed to stdout")
     p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    _sampling_flags(p, max_tokens=256)
+    sampling_flags(p, max_tokens=256)
     p.add_argument("--stop", nargs="*", default=[], help="stop strings (the output ends before them)")
+    p.set_defaults(run=run_generate)
 
+
+def run_generate(args: argparse.Namespace) -> int:
+    engine, params = one_engine(args)
+    tok = engine.tok
+    prompt = (tok.render_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+              if args.chat else args.prompt)
+    t = time.perf_counter()
+    req = engine.submit(tok.encode(prompt), params)
+    while not req.finished:
+        for e in engine.step():
+            sys.stdout.write(e.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    out = req.outputs[0]
+    dt = time.perf_counter() - t
+    st = engine.stats
+    mtp = f", MTP acceptance {st['accepted'] / max(1, st['drafted']):.0%}" if args.mtp else ""
+    print(f"[{len(out.token_ids)} tokens in {dt:.2f} s, {len(out.token_ids) / dt:.0f} tok/s, "
+          f"finish: {out.finish_reason}{mtp}]", file=sys.stderr)
+    return 0
+
+
+def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="terminal chat: streaming, thinking shown dimmed, /reset")
     p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
     p.add_argument("--system", help="a system message")
-    _sampling_flags(p, max_tokens=1024)
+    sampling_flags(p, max_tokens=1024)
+    p.set_defaults(run=run_chat)
 
+
+def run_chat(args: argparse.Namespace) -> int:
+    engine, params = one_engine(args)
+    return chat_repl(engine, params, system=args.system)
+
+
+def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API + web chat")
     p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -136,20 +451,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", default="nanoseek", help="the model id clients ask for")
     p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.set_defaults(run=run_serve)
 
+
+def run_serve(args: argparse.Namespace) -> int:
+    app, folder = build(args.ckpt, api_key_from_env(args.api_key), args.max_seqs, args.context, args.mtp,
+                        args.model_name, pick_device(args.device))
+    return serve_forever(app, args.host, args.port, folder)
+
+
+# ---------------------------------------------------------------------------------------
+# formats and benchmarks
+
+def add_export_hf(sub) -> None:
     p = sub.add_parser("export-hf", help="a transformers DeepseekV3ForCausalLM folder (for transformers, vLLM, SGLang)")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
     p.add_argument("out", help="a new folder")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (default 5GB)")
     p.add_argument("--no-mtp", action="store_true", help="leave the MTP modules out")
+    p.set_defaults(run=run_export_hf)
 
+
+def run_export_hf(args: argparse.Namespace) -> int:
+    out = export_hf(args.ckpt, args.out, dtype=args.dtype, mtp=not args.no_mtp,
+                    max_shard_bytes=parse_size(args.max_shard_size))
+    print(f"exported {args.ckpt} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+def add_import_hf(sub) -> None:
     p = sub.add_parser("import-hf", help="a transformers DeepseekV3 folder -> a nanoseek checkpoint")
     p.add_argument("hf_dir", help="a folder with config.json and safetensors weights")
     p.add_argument("out", help="a new folder")
+    p.set_defaults(run=run_import_hf)
 
+
+def run_import_hf(args: argparse.Namespace) -> int:
+    out = import_hf(args.hf_dir, args.out)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"imported {args.hf_dir} -> {out} ({meta['params']['total']:,} parameters)")
+    return 0
+
+
+def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks")
-    p.add_argument("what", choices=["train", "decode", "grpo", "serve", "fp8", "dp"])
+    p.add_argument("what", choices=list(BENCHMARKS))
     p.add_argument("--steps", type=int, help="grpo: steps of each trainer (default 5); fp8: of each model (200); "
                                              "dp: of each run (20)")
     p.add_argument("--device", default="cpu", help="fp8: cpu (emulated) or cuda")
@@ -159,340 +506,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--docs", type=int, default=3000, help="dp: documents of the embedded corpus each run reads")
-
-    # key=value overrides may come after the options (argparse alone would take them only before)
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
-    # `--task a b key=value`: a list option swallows the overrides after it; give them back
-    if isinstance(getattr(args, "task", None), list) and hasattr(args, "overrides"):
-        args.overrides = [*args.overrides, *(t for t in args.task if "=" in t)]
-        args.task = [t for t in args.task if "=" not in t] or None
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("nanoseek: interrupted", file=sys.stderr)
-        return 130
-    except _user_errors() as e:
-        print(f"nanoseek: error: {e}", file=sys.stderr)
-        return 2
+    p.set_defaults(run=run_bench)
 
 
-def _training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help=f"model size: {', '.join(PRESETS)}")
-    p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape parts of the model")
-    p.add_argument("--fp8", action="store_true", help="DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 block scales); "
-                                                      "emulated on the CPU, FP8 tensor cores on CUDA")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
-                   help="under torchrun: DDP (a whole model per process) or FSDP2 (parameters, gradients and "
-                        "optimizer state sharded); a run saved under either resumes under the other, with any N")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="keep only each block's input and recompute the block in backward (less memory, ~1/3 more compute)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (the schedule still spans --max-steps)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields (model or training)")
-
-
-def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, as DeepSeek-R1)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
-    p.add_argument("--context", type=int, help="context window (default: the model's)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-
-
-def _engine(args):
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-    from nanoseek.train.checkpoint import CheckpointError, load_model
-    from nanoseek.train.pretrain import pick_device
-
-    model, tok, folder = load_model(args.ckpt, pick_device(args.device))
-    if tok is None:
-        raise CheckpointError(f"{folder} has no nanoseek tokenizer (tokenizer.json with the chat tokens)")
-    engine = Engine(model, tok, max_seqs=1, context=args.context, speculative=args.mtp)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=getattr(args, "stop", [])).validate()
-    return engine, params
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from nanoseek.data.corpus import DataError
-    from nanoseek.data.tokenizer import TokenizerError
-    from nanoseek.train.checkpoint import CheckpointError
-    from nanoseek.data.tasks import TaskError
-    from nanoseek.infer.engine import EngineError
-    from nanoseek.infer.sampling import SamplingError
-    from nanoseek.train.fp8 import FP8Error
-    from nanoseek.train.pretrain import TrainingError
-
-    return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, EngineError, SamplingError,
-            TaskError, FP8Error)
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 when run alone)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def _known_tasks(names: list[str], allowed) -> None:
-    from nanoseek.data.tasks import TaskError
-
-    for t in names:
-        if t not in allowed:
-            raise TaskError(f"unknown task {t!r}; choose from: {', '.join(allowed)}")
-
-
-def _print_stages(summaries: dict) -> None:
-    """A pipeline's held-out table and its paired gains on stderr, its stage summaries as JSON on stdout."""
-    from nanoseek.train.pipeline import gains_table, stage_table
-
-    print(stage_table(summaries["eval"]["table"]), file=sys.stderr)
-    if summaries["eval"].get("gains"):
-        print(gains_table(summaries["eval"]["gains"]), file=sys.stderr)
-    print(json.dumps({"stages": summaries}, default=str))
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "train-tokenizer":
-        from nanoseek.data.corpus import default_corpus, read_files
-        from nanoseek.data.tokenizer import train_tokenizer
-
-        docs = read_files(args.corpus) if args.corpus else default_corpus()
-        tok = train_tokenizer(docs, vocab_size=args.vocab_size)
-        tok.save(args.out)
-        print(f"tokenizer: {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
-        return 0
-    if args.command == "pretrain":
-        from nanoseek.train.pretrain import TrainConfig, pretrain
-
-        tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
-                         stop_at=args.stop_at, price_per_hour=args.price_per_hour, compile=args.compile, fp8=args.fp8,
-                         parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
-                         progress=not args.quiet)
-        for name in ("max_steps", "save_every", "seed", "device"):  # only where given: a resume keeps its own
-            if getattr(args, name) is not None:
-                setattr(tc, name, getattr(args, name))
-        summary = pretrain(tc, args.overrides)
-        if _rank() == 0:  # under torchrun, one summary
-            print(json.dumps(summary))
-        return 0
-    if args.command == "sft":
-        from nanoseek.train.pretrain import SFT_LR, TrainConfig, pretrain
-
-        tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, compile=args.compile, fp8=args.fp8,
-                         parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
-                         progress=not args.quiet, lr=SFT_LR, warmup_steps=20, stop_at=args.stop_at)
-        for name in ("max_steps", "save_every", "seed", "device"):
-            if getattr(args, name) is not None:
-                setattr(tc, name, getattr(args, name))
-        summary = pretrain(tc, args.overrides)
-        if _rank() == 0:
-            print(json.dumps(summary))
-        return 0
-    if args.command == "grpo":
-        from nanoseek.train.grpo import GRPOConfig, grpo
-
-        gc = GRPOConfig(init=args.ckpt, out=args.out, progress=not args.quiet)
-        for name, value in (("tasks", args.task), ("max_steps", args.max_steps), ("save_every", args.save_every),
-                            ("seed", args.seed), ("device", args.device), ("template", args.template),
-                            ("loss_type", args.loss_type), ("beta", args.beta), ("eps_high", args.clip_higher),
-                            ("ref_reset_every", args.ref_reset), ("parallel", args.parallel),
-                            ("activation_checkpointing", args.activation_checkpointing or None)):
-            if value is not None:
-                setattr(gc, name, value)
-        if args.dynamic_sampling:
-            gc.dynamic_sampling = True
-        summary = grpo(gc, args.overrides)
-        if _rank() == 0:  # under torchrun, one summary
-            print(json.dumps(summary))
-        return 0
-    if args.command == "speedrun":
-        from nanoseek.train.speedrun import speedrun, speedrun_config
-
-        seed = [] if args.seed is None else [f"seed={args.seed}"]
-        sc = speedrun_config(args.preset, args.out, [*args.overrides, *seed], args.smoke)
-        if args.plan:
-            from nanoseek.train.speedrun import plan
-
-            p = plan(sc)
-            print(f"{p['preset']}: {p['params_total'] / 1e9:.2f}B parameters, {p['params_active'] / 1e9:.2f}B active, "
-                  f"on {p['gpus']} GPU(s) at {p['mfu']:.0%} MFU, ${p['price_per_gpu_hour']:.2f} per GPU-hour "
-                  "(expected, not measured)", file=sys.stderr)
-            for name, r in p["stages"].items():
-                print(f"  {name:9} {r['tokens'] / 1e9:8.2f}B tokens  {r['flops']:9.2e} FLOPs  {r['hours']:6.2f} h  "
-                      f"${r['dollars']:,.0f}", file=sys.stderr)
-            print(json.dumps(p))
-            return 0
-        sc.progress = not args.quiet
-        summaries = speedrun(sc, args.ablate)
-        if args.ablate:
-            print((Path(args.out) / "ablations.md").read_text(), file=sys.stderr)
-            print(json.dumps({"stages": summaries}, default=str))
-            return 0
-        _print_stages(summaries)
-        print(f"report card: {args.out}/report.md; chat with it: nanoseek serve {args.out}/final", file=sys.stderr)
-        return 0
-    if args.command == "r1":
-        from nanoseek.data.tasks import TASKS
-        from nanoseek.train.checkpoint import resolve
-        from nanoseek.train.grpo import GRPOConfig
-        from nanoseek.train.pipeline import R1Config, r1_stages, run_stages
-        from nanoseek.train.pretrain import TrainConfig, split_overrides
-
-        resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
-        pick = lambda prefix: [o.removeprefix(prefix) for o in args.overrides if o.startswith(prefix)]  # noqa: E731
-        rc = apply_overrides(R1Config(), [o for o in args.overrides if not o.startswith(("rl.", "sft."))])
-        rc.base, rc.out, rc.zero, rc.progress = args.ckpt, args.out, args.zero, not args.quiet
-        rc.grpo_overrides, rc.sft_overrides = pick("rl."), pick("sft.")
-        # a bad stage setting fails now, not minutes later when its stage starts
-        apply_overrides(GRPOConfig(), rc.grpo_overrides)
-        split_overrides(TrainConfig(), preset("tiny"), rc.sft_overrides)
-        _known_tasks(args.task or [], TASKS)
-        rc.tasks = args.task or rc.tasks
-        summaries = run_stages(args.out, r1_stages(rc), progress=rc.progress)
-        _print_stages(summaries)
-        return 0
-    if args.command == "distill":
-        from nanoseek.data.tasks import TASKS
-        from nanoseek.train.distill import distill
-
-        tasks = args.task or ["chain_sum", "basic_arithmetic", "gsm_symbolic"]
-        _known_tasks(tasks, TASKS)
-        if args.problems < 1 or args.k < 1:
-            raise ConfigError("--problems and --k must be at least 1")
-        result = distill(args.teacher, args.student, args.out, tasks, args.problems, args.k, args.temperature,
-                         args.max_tokens, args.level, args.max_steps, args.overrides, progress=not args.quiet)
+def run_bench(args: argparse.Namespace) -> int:
+    result = BENCHMARKS[args.what](args)
+    if args.json:
         print(json.dumps(result))
-        return 0
-    if args.command == "eval":
-        from nanoseek.data.tasks import EVAL_SETS
-        from nanoseek.eval import evaluate
+    return 0
 
-        _known_tasks(args.task or [], EVAL_SETS)
-        if args.n < 1 or args.k < 0:
-            raise ConfigError("--n must be at least 1 and --k at least 0")
-        result = evaluate(args.ckpt, args.task, args.n, args.k, args.template, args.max_tokens)
-        for t, r in result["tasks"].items():
-            lo, hi = r["pass@1_ci95"]
-            extra = (f", sampled {r['pass@1_sampled']:.1%} [{r['pass@1_sampled_ci95'][0]:.1%}, "
-                     f"{r['pass@1_sampled_ci95'][1]:.1%}], maj@{r['k']} {r['maj@' + str(r['k'])]:.1%}"
-                     if "k" in r else "")
-            print(f"{t:17s} pass@1 {r['pass@1']:.1%} [{lo:.1%}, {hi:.1%}]{extra}, format {r['format_rate']:.0%}, "
-                  f"length {r['mean_length']:.0f} ({r['problems']} problems, {r['template']})", file=sys.stderr)
-        if args.json:
-            print(json.dumps(result))
-        return 0
-    if args.command == "info":
-        from nanoseek.train.checkpoint import load_model, read_meta
 
-        model, tokenizer, folder = load_model(args.ckpt)
-        info = {"checkpoint": str(folder), "params": model.param_counts(),
-                "flops_per_token": model.flops_per_token(model.config.max_position_embeddings, training=False),
-                "vocab_size": model.config.vocab_size, "tokenizer": tokenizer is not None, **read_meta(folder)}
-        print(json.dumps(info, indent=1))
-        return 0
-    if args.command == "generate":
-        import time
+def _train(args: argparse.Namespace) -> dict:
+    return bench_train(args.preset, repeats=args.repeats)
 
-        engine, params = _engine(args)
-        tok = engine.tok
-        prompt = (tok.render_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-                  if args.chat else args.prompt)
-        t = time.perf_counter()
-        req = engine.submit(tok.encode(prompt), params)
-        while not req.finished:
-            for e in engine.step():
-                sys.stdout.write(e.text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        out = req.outputs[0]
-        dt = time.perf_counter() - t
-        st = engine.stats
-        mtp = f", MTP acceptance {st['accepted'] / max(1, st['drafted']):.0%}" if args.mtp else ""
-        print(f"[{len(out.token_ids)} tokens in {dt:.2f} s, {len(out.token_ids) / dt:.0f} tok/s, "
-              f"finish: {out.finish_reason}{mtp}]", file=sys.stderr)
-        return 0
-    if args.command == "chat":
-        from nanoseek.infer.chat import chat_repl
 
-        engine, params = _engine(args)
-        return chat_repl(engine, params, system=args.system)
-    if args.command == "serve":
-        from nanoseek.serve.server import api_key_from_env, build, serve_forever
-        from nanoseek.train.pretrain import pick_device
+def _decode(args: argparse.Namespace) -> dict:
+    return bench_decode(args.ckpt, args.preset, repeats=args.repeats)
 
-        app, folder = build(args.ckpt, api_key_from_env(args.api_key), args.max_seqs, args.context, args.mtp,
-                            args.model_name, pick_device(args.device))
-        return serve_forever(app, args.host, args.port, folder)
-    if args.command == "export-hf":
-        from nanoseek.export import export_hf, parse_size
 
-        out = export_hf(args.ckpt, args.out, dtype=args.dtype, mtp=not args.no_mtp,
-                        max_shard_bytes=parse_size(args.max_shard_size))
-        print(f"exported {args.ckpt} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
-        return 0
-    if args.command == "import-hf":
-        from nanoseek.export import import_hf
+def _grpo(args: argparse.Namespace) -> dict:
+    if not args.ckpt:
+        raise ConfigError("bench grpo needs --ckpt (a checkpoint with its tokenizer)")
+    return bench_grpo(args.ckpt, steps=args.steps or 5)
 
-        out = import_hf(args.hf_dir, args.out)
-        meta = json.loads((out / "meta.json").read_text())
-        print(f"imported {args.hf_dir} -> {out} ({meta['params']['total']:,} parameters)")
-        return 0
-    if args.command == "bench":
-        if args.what == "grpo":
-            from nanoseek.bench.grpo import bench_grpo
 
-            if not args.ckpt:
-                raise ConfigError("bench grpo needs --ckpt (a checkpoint with its tokenizer)")
-            result = bench_grpo(args.ckpt, steps=args.steps or 5)
-        elif args.what == "serve":
-            from nanoseek.bench.serve import bench_serve
+def _serve(args: argparse.Namespace) -> dict:
+    if not args.ckpt:
+        raise ConfigError("bench serve needs --ckpt (a checkpoint with its tokenizer)")
+    return bench_serve(args.ckpt, clients=args.clients, repeats=args.repeats)
 
-            if not args.ckpt:
-                raise ConfigError("bench serve needs --ckpt (a checkpoint with its tokenizer)")
-            result = bench_serve(args.ckpt, clients=args.clients, repeats=args.repeats)
-        elif args.what == "fp8":
-            from nanoseek.bench.fp8 import bench_fp8
 
-            result = bench_fp8(args.preset, steps=args.steps or 200, device=args.device)
-            print(f"FP8 vs full precision after {result['steps']} steps: loss {result['final_loss_fp8']:.4f} vs "
-                  f"{result['final_loss_full']:.4f}, relative error {result['relative_loss_error']:.3%} "
-                  f"(largest gap along the curve {result['max_relative_gap_smoothed']:.3%}); step "
-                  f"{result['step_s_fp8']:.3f} s vs {result['step_s_full']:.3f} s", file=sys.stderr)
-        elif args.what == "dp":
-            from nanoseek.bench.dp import CONFIGS, bench_dp
+def _fp8(args: argparse.Namespace) -> dict:
+    r = bench_fp8(args.preset, steps=args.steps or 200, device=args.device)
+    print(f"FP8 vs full precision after {r['steps']} steps: loss {r['final_loss_fp8']:.4f} vs "
+          f"{r['final_loss_full']:.4f}, relative error {r['relative_loss_error']:.3%} (largest gap along the curve "
+          f"{r['max_relative_gap_smoothed']:.3%}); step {r['step_s_fp8']:.3f} s vs {r['step_s_full']:.3f} s",
+          file=sys.stderr)
+    return r
 
-            if args.docs < 1:
-                raise ConfigError("--docs must be at least 1")
-            result = bench_dp(args.preset, steps=args.steps or 20, repeats=args.repeats, docs=args.docs)
-            for name in CONFIGS:
-                r = result[name]
-                print(f"{name:14} {r['step_s']:.3f} s/step ({r.get('step_time_vs_single', 1):.2f}x single)  "
-                      f"{r['tokens_per_s']:,.0f} tok/s  peak {r['peak_rss_mb']:,.0f} MB  loss {r['final_loss']:.4f}",
-                      file=sys.stderr)
-        elif args.what == "decode":
-            from nanoseek.bench.decode import bench_decode
 
-            result = bench_decode(args.ckpt, args.preset, repeats=args.repeats)
-        else:
-            from nanoseek.bench.train import bench_train
+def _dp(args: argparse.Namespace) -> dict:
+    if args.docs < 1:
+        raise ConfigError("--docs must be at least 1")
+    result = bench_dp(args.preset, steps=args.steps or 20, repeats=args.repeats, docs=args.docs)
+    for name in CONFIGS:
+        r = result[name]
+        print(f"{name:14} {r['step_s']:.3f} s/step ({r.get('step_time_vs_single', 1):.2f}x single)  "
+              f"{r['tokens_per_s']:,.0f} tok/s  peak {r['peak_rss_mb']:,.0f} MB  loss {r['final_loss']:.4f}",
+              file=sys.stderr)
+    return result
 
-            result = bench_train(args.preset, repeats=args.repeats)
-        if args.json:
-            print(json.dumps(result))
-        return 0
-    raise AssertionError(args.command)
+
+BENCHMARKS = {"train": _train, "decode": _decode, "grpo": _grpo, "serve": _serve, "fp8": _fp8, "dp": _dp}
+
 
 
 if __name__ == "__main__":

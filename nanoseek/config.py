@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,12 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A bad preset name, override or config file: reported as one line, never a traceback."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Every config's validate() is a list of these: the first broken rule is the error."""
+    if not ok:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -86,10 +91,7 @@ class ModelConfig:
         return self.is_moe and layer_idx >= self.first_k_dense_replace
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
+        need = require
         need(self.attn_type in ("mla", "gqa"), f"attn_type must be 'mla' or 'gqa', not {self.attn_type!r}")
         need(self.hidden_size > 0 and self.num_hidden_layers > 0, "hidden_size and num_hidden_layers must be positive")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
@@ -118,7 +120,7 @@ class ModelConfig:
         return {**extra, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -128,13 +130,13 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"cannot read model config {path}: {e}") from None
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -196,16 +198,52 @@ def preset(name: str) -> ModelConfig:
     return derive(**PRESETS[name])
 
 
+# ---------------------------------------------------------------------------------------
+# key=value overrides: the one syntax every command takes for config fields.
+
+def override_key(item: str) -> str:
+    """The field an override names ("lr=1e-4" -> "lr"); a malformed one is a ConfigError."""
+    key, sep, _ = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"malformed override {item!r}: expected key=value")
+    return key.strip()
+
+
+def split_by_prefix(overrides: list[str], prefixes: tuple[str, ...]) -> dict[str, list[str]]:
+    """Overrides addressed to one stage of a pipeline ("rl.lr=1e-4" -> {"rl": ["lr=1e-4"]});
+    those without a known prefix under ""."""
+    out: dict[str, list[str]] = {p: [] for p in ("", *prefixes)}
+    for item in overrides:
+        head, dot, rest = item.partition(".")
+        out[head if dot and head in prefixes else ""].append(rest if dot and head in prefixes else item)
+    return out
+
+
+def route_overrides(configs: list[Any], overrides: list[str]) -> list[Any]:
+    """Apply each override to the first of `configs` that has the field (a training run's
+    settings, then its model's); a field none of them has is a ConfigError."""
+    routed: list[list[str]] = [[] for _ in configs]
+    for item in overrides:
+        key = override_key(item)
+        owner = next((i for i, c in enumerate(configs) if key in _field_names(c)), None)
+        if owner is None:
+            raise ConfigError(f"unknown config field {key!r} in override {item!r}")
+        routed[owner].append(item)
+    return [apply_overrides(c, o) for c, o in zip(configs, routed)]
+
+
+def _field_names(cfg: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(cfg)} - {"extra"}
+
+
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply `key=value` strings to a dataclass; values are parsed as JSON where they can be
     (numbers, true/false, null, lists), else kept as strings."""
     names = {f.name: f for f in dataclasses.fields(cfg)}
     changes: dict[str, Any] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"malformed override {item!r}: expected key=value")
+        key = override_key(item)
+        raw = item.partition("=")[2]
         if key not in names:
             raise ConfigError(f"unknown config field {key!r} in override {item!r}")
         try:
@@ -236,11 +274,3 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         return dataclasses.replace(cfg, **changes)
     except TypeError as e:
         raise ConfigError(f"invalid override: {e}") from None
-
-
-def count_note(n: float) -> str:
-    """12345678 -> '12.3M'."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.{max(0, 2 - int(math.log10(abs(n) / scale)))}f}{unit}"
-    return str(int(n))

@@ -2,9 +2,10 @@
 
 Per task: pass@1 greedy (with a 95% Wilson interval), pass@1 sampled (the mean over k samples
 per problem, with a 95% interval over problems) and maj@k (the most frequent answer among the
-k), the format rate and the mean response length in tokens. All generation goes through the engine, batched, k samples per
-problem from one prefill. Per-problem scores are kept (`correct`, `sampled_correct`) so that
-two models evaluated on the same problems can be compared pairwise (train/pipeline.stage_gains).
+k), the format rate and the mean response length in tokens. All generation goes through the
+engine, batched, k samples per problem from one prefill. Per-problem scores are kept (`correct`,
+`sampled_correct`) so that two models evaluated on the same problems can be compared pairwise
+(train/compare.stage_gains).
 
 Prompts: `chat` (the chat template, a user turn, the assistant to answer) for SFT and RL
 checkpoints; `base` for a pretrained model, in the pretraining corpus's own form
@@ -16,15 +17,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import nanoseek
 from nanoseek.data.tasks import EVAL_SETS, TASKS, Problem, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-
-TEMPLATES = ("chat", "base")
+from nanoseek.train.checkpoint import CheckpointError, read_meta, resolve
 
 # Sequences decoded together. A wide batch spreads each decode step's fixed cost over more
-# tokens: 300 chain_sum problems, greedy and 2 samples each, with the speedrun's model took 129 s
-# at 64, 60 s at 256 and 57 s at 512, with the same answers (docs/LOG.md). Capped so that the
+# tokens; past 256 it gained little on the speedrun's eval (docs/LOG.md). Capped so that the
 # latent cache (allocated for every row at the full context) stays within CACHE_BUDGET bytes.
 EVAL_SEQS = 256
 CACHE_BUDGET = 2 << 30
@@ -126,9 +126,6 @@ def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] 
              template: str | None = None, max_tokens: int = 256, max_seqs: int | None = None) -> dict:
     """Every held-out set of `tasks` (default: all four tasks) on `n` problems, or n[set];
     `max_seqs` sequences decoded together (default: eval_seqs())."""
-    import nanoseek
-    from nanoseek.train.checkpoint import CheckpointError, read_meta, resolve
-
     model, tok = nanoseek.load(ckpt)
     if tok is None:
         raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.model import Transformer
 
 
 class CheckpointError(ValueError):
@@ -224,8 +225,6 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every name and shape a checkpoint of `cfg` holds (built on the meta device: no memory)."""
-    from nanoseek.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(cfg)
     return {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}

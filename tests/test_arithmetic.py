@@ -1,14 +1,24 @@
 """Checked arithmetic: false and degenerate steps are caught, true ones pass."""
 
-import pytest
-import reasoning_gym as rg
-
 import random
 import re
 from fractions import Fraction
 
-from nanoseek.data.arithmetic import (chain_terms, check_steps, column_add, column_mul, column_steps, column_sub,
-                                      long_division, solve_steps, work_equations, worked_op)
+import pytest
+import reasoning_gym as rg
+
+from nanoseek.data.arithmetic import (
+    chain_terms,
+    check_steps,
+    column_add,
+    column_mul,
+    column_steps,
+    column_sub,
+    long_division,
+    solve_steps,
+    work_equations,
+    worked_op,
+)
 
 
 def test_false_and_degenerate_steps_are_caught():
@@ -24,7 +34,8 @@ def test_false_and_degenerate_steps_are_caught():
 
 def test_shipped_solutions_of_the_known_bad_template_are_rejected():
     ds = rg.create_dataset("gsm_symbolic", size=400, seed=1)
-    bad_82 = [bool(check_steps(item["metadata"]["answer_cot"])) for i, item in enumerate(ds) if ds.task_indices[i] == 82]
+    bad_82 = [bool(check_steps(item["metadata"]["answer_cot"]))
+              for i, item in enumerate(ds) if ds.task_indices[i] == 82]
     assert bad_82 and all(bad_82)  # template 82 always carries a degenerate "n=n" step
 
 
@@ -137,7 +148,8 @@ def test_work_equations_inserts_true_work_before_each_result():
         "The fee is $380,000 x 3/100 = [380000 * 3: 38*3: 8*3+0=24 3*3+2=11 = 114, 1140000; "
         "1140000 / 100 = 11400] $11,400.")
     # only the chain next to `=` is read ("104 minutes because 59 + 45"), operands are not invented
-    assert work_equations("a total of 104 minutes because 59 + 45 = 104").endswith("= [59 + 45: 9+5+0=14 5+4+1=10 = 104] 104")
+    worked = work_equations("a total of 104 minutes because 59 + 45 = 104")
+    assert worked.endswith("= [59 + 45: 9+5+0=14 5+4+1=10 = 104] 104")
     for plain in ["half * 38 grasshoppers = 19 wasps", "we get 2x+30=134", "2(64+26) = 180", "48=48 emails",
                   "17*0.5=8 apples", "7 / 2 = 3.5 hours"]:  # no operator, unknowns, false or unworkable: unchanged
         assert work_equations(plain) == plain

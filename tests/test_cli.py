@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from nanoseek.config import preset
 from nanoseek.model import Transformer
@@ -75,8 +74,8 @@ def test_train_tokenizer_command(tmp_path):
     from nanoseek.data.tokenizer import Tokenizer
     tok = Tokenizer.load(tmp_path / "tok")
     assert tok.vocab_size <= 300 and tok.decode(tok.encode("the cat sat 12")) == "the cat sat 12"
-    _one_line_error(run("train-tokenizer", "--out", str(tmp_path / "t2"), "--corpus", str(corpus), "--vocab-size", "10"),
-                    "vocab_size")
+    _one_line_error(run("train-tokenizer", "--out", str(tmp_path / "t2"), "--corpus", str(corpus),
+                        "--vocab-size", "10"), "vocab_size")
 
 
 def test_bench_train_ends_with_the_documented_json():

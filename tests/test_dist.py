@@ -90,7 +90,7 @@ def test_gradient_accumulation_under_two_processes(data, tmp_path, mode):
 def test_one_process_commands_leave_fsdp_unimported():
     # torch.distributed.tensor (FSDP2's DTensor) took ~2 s of every command's start; only
     # fully_shard needs it, and the FSDP tests here check that its shards are still recognized
-    code = ("import sys, nanoseek.cli, nanoseek.train.pretrain, nanoseek.train.grpo, nanoseek.train.speedrun; "
+    code = ("import sys, nanoseek.cli, nanoseek.train.trainer, nanoseek.train.grpo, nanoseek.train.speedrun; "
             "print('torch.distributed.tensor' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
@@ -194,8 +194,8 @@ def test_grpo_rollouts_split_across_two_processes_follow_one(base, tmp_path, los
     for procs, out in ((1, "one"), (2, "two")):
         launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
                   if procs > 1 else [sys.executable])
-        r = subprocess.run(launch + [str(script), str(ckpt), str(tmp_path / out), loss_type, dynamic, parallel], env=env,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(launch + [str(script), str(ckpt), str(tmp_path / out), loss_type, dynamic, parallel],
+                           env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]

@@ -9,8 +9,20 @@ from torch import nn
 
 from nanoseek.config import preset
 from nanoseek.model import Transformer
-from nanoseek.train.fp8 import (E4M3_MAX, FP8Error, FP8Linear, check_device, dequantize_blocks, dequantize_tiles,
-                                enable_fp8, fake_blocks, fake_tiles, fp8_linear, quantize_blocks, quantize_tiles)
+from nanoseek.train.fp8 import (
+    E4M3_MAX,
+    FP8Error,
+    FP8Linear,
+    check_device,
+    dequantize_blocks,
+    dequantize_tiles,
+    enable_fp8,
+    fake_blocks,
+    fake_tiles,
+    fp8_linear,
+    quantize_blocks,
+    quantize_tiles,
+)
 
 # E4M3 keeps 3 mantissa bits: a normal value rounds to within 2^-4 of itself (relative); below
 # 2^-6 (the smallest normal) values are spaced 2^-9 apart, so the absolute error is at most 2^-10,

@@ -46,7 +46,7 @@ def random_model(seed=0, **changes) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(preset("tiny").replace(**changes))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
@@ -126,7 +126,7 @@ def test_transformers_model_imports_with_the_same_logits(tmp_path, variant):
     torch.manual_seed(1)
     hf = DeepseekV3ForCausalLM(DeepseekV3Config(**kw)).eval()
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.dim() == 1:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
         for layer in hf.model.layers[1:]:

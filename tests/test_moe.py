@@ -71,7 +71,7 @@ def test_bias_update_moves_skewed_load_toward_uniform():
     moe.train()
     g = torch.Generator().manual_seed(0)
     imbalance = []
-    for step in range(400):
+    for _ in range(400):
         moe(torch.randn(4, 64, cfg.hidden_size, generator=g) + 1.0)  # a fresh batch each step
         stats = moe.update_bias(gamma=0.002)
         imbalance.append(stats["max_load"])

@@ -37,7 +37,7 @@ def test_mtp_learns_the_token_two_ahead():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     first = None
-    for step in range(150):
+    for _ in range(150):
         # tokens alternate: random r (0..31), then r + 32
         r = torch.randint(0, 32, (8, 16), generator=g)
         seq = torch.stack([r, r + 32], dim=-1).flatten(1)

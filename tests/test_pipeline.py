@@ -7,8 +7,10 @@ import pytest
 from nanoseek.cli import main
 from nanoseek.data.sft import worked_solution
 from nanoseek.data.tasks import problems
-from nanoseek.train import distill, grpo as grpo_module
-from nanoseek.train.pipeline import Stage, gains_table, rl_trend, run_stages, stage_gains
+from nanoseek.train import r1 as r1_module
+from nanoseek.train.compare import gains_table, stage_gains
+from nanoseek.train.r1 import rl_trend
+from nanoseek.train.stages import Stage, run_stages
 
 TINY = ["sft_steps=2", "sft_examples=4", "rl_steps=1", "rs_problems=2", "rs_k=2", "sft2_steps=500", "rl2_steps=1",
         "eval_n=3", "eval_k=2", "max_tokens=8", "rl.prompts_per_step=2", "rl.group_size=2", "sft.batch_size=1",
@@ -27,7 +29,8 @@ def test_run_stages_skips_finished_stages_after_a_failure(tmp_path, capsys):
             raise RuntimeError("killed")
         return {"name": "b"}
 
-    stages = [Stage("a", ok("a"), estimate_s=60), Stage("b", flaky, estimate_s=120), Stage("c", ok("c"), estimate_s=240)]
+    stages = [Stage("a", ok("a"), estimate_s=60), Stage("b", flaky, estimate_s=120),
+              Stage("c", ok("c"), estimate_s=240)]
     with pytest.raises(RuntimeError):
         run_stages(tmp_path, stages, progress=False)
     assert calls == ["a", "b"] and not (tmp_path / "b" / "stage.json").exists()
@@ -45,7 +48,7 @@ def test_eta_follows_this_hosts_pace(tmp_path, capsys, monkeypatch):
     """Stages that take twice their estimates double what is left; a stage estimated under a
     minute (the tokenizer) and a resumed one (only its rest ran) do not set the pace."""
     clock = [0.0]
-    monkeypatch.setattr("nanoseek.train.pipeline.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("nanoseek.train.stages.time.perf_counter", lambda: clock[0])
 
     def takes(seconds):
         def run(folder):
@@ -74,21 +77,21 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
     # that SFT on the kept traces runs (rejection_sample itself is tested in test_grpo.py)
     kept = [[{"role": "user", "content": p.question}, {"role": "assistant", "content": worked_solution(p)}]
             for p in problems("chain_sum", "train", 4, level=0)]
-    monkeypatch.setattr(distill, "rejection_sample", lambda *a, **k: (kept, {"chain_sum": {"kept": len(kept)}}))
-    real_grpo = grpo_module.grpo
+    monkeypatch.setattr(r1_module, "rejection_sample", lambda *a, **k: (kept, {"chain_sum": {"kept": len(kept)}}))
+    real_grpo = r1_module.grpo
 
     def killed_in_rl2(gc, overrides=()):
         if "rl2" in gc.out:
             raise KeyboardInterrupt
         return real_grpo(gc, overrides)
 
-    monkeypatch.setattr(grpo_module, "grpo", killed_in_rl2)
+    monkeypatch.setattr(r1_module, "grpo", killed_in_rl2)
     assert _r1(ckpt, tmp_path / "r1") == 130
     for name in ("sft", "rl", "rs", "sft2"):
         assert (tmp_path / "r1" / name / "stage.json").is_file(), name
     assert not (tmp_path / "r1" / "rl2" / "stage.json").exists()
     stamps = {n: (tmp_path / "r1" / n / "stage.json").stat().st_mtime_ns for n in ("sft", "rl", "rs", "sft2")}
-    monkeypatch.setattr(grpo_module, "grpo", real_grpo)
+    monkeypatch.setattr(r1_module, "grpo", real_grpo)
     capsys.readouterr()
     assert _r1(ckpt, tmp_path / "r1") == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]

@@ -7,8 +7,13 @@ import torch
 
 from nanoseek.cli import main
 from nanoseek.config import preset
-from nanoseek.data.sft import (cold_start_conversations, read_conversations, task_documents, tokenize_conversations,
-                               worked_solution)
+from nanoseek.data.sft import (
+    cold_start_conversations,
+    read_conversations,
+    task_documents,
+    tokenize_conversations,
+    worked_solution,
+)
 from nanoseek.data.tasks import TRAIN_POOL, problems, question_hash, reward
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import IGNORE_INDEX, Transformer
@@ -59,7 +64,8 @@ def test_task_documents_come_from_the_far_end_of_the_pool():
     assert 60 <= len(docs) <= 80 and {d.startswith("Question: ") for d in docs} == {True}
     mixed = task_documents(["chain_sum", "gsm_symbolic"], {"chain_sum": 30})  # a number per task
     assert 25 <= len(mixed) <= 30 and set(mixed) == set(task_documents(["chain_sum"], 30)) and set(mixed) < set(docs)
-    tails = {p.question: p for t in ("chain_sum", "gsm_symbolic") for p in problems(t, "train", 40, offset=TRAIN_POOL[t] - 40)}
+    tails = {p.question: p for t in ("chain_sum", "gsm_symbolic")
+             for p in problems(t, "train", 40, offset=TRAIN_POOL[t] - 40)}
     for d in docs:  # every document is a problem of the pool's tail with its rewarded solution
         question = d.removeprefix("Question: ").split("\n<think>")[0]
         p = tails[question]
@@ -114,10 +120,11 @@ def test_sft_and_eval_commands(tmp_path, tok, capsys):
 
 
 def test_cold_start_counts_by_task_from_the_command_line():
-    from nanoseek.train.pretrain import TrainConfig, split_overrides
+    from nanoseek.config import route_overrides
+    from nanoseek.train.trainer import TrainConfig
 
     cfg = preset("tiny")
-    tc, _ = split_overrides(TrainConfig(stage="sft", init="x", max_steps=10, save_every=10), cfg,
+    tc, _ = route_overrides([TrainConfig(stage="sft", init="x", max_steps=10, save_every=10), cfg],
                             ['sft_examples={"chain_sum": 6, "countdown": 2}', 'sft_tasks=["chain_sum", "countdown"]'])
     tc.validate(cfg)
     assert tc.sft_examples == {"chain_sum": 6, "countdown": 2}

@@ -9,7 +9,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.train import checkpoint as ckpt
-from nanoseek.train import pretrain as pretrain_module
+from nanoseek.train import speedrun as speedrun_module
 from nanoseek.train.speedrun import speedrun_config
 
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
@@ -22,7 +22,7 @@ def _speedrun(out, *extra):  # on the corpus's math documents: the branch that w
 
 def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sr"
-    real = pretrain_module.pretrain
+    real = speedrun_module.train
 
     def killed_mid_sft(tc, overrides=()):
         if tc.stage == "sft":  # train to step 4 of 10 (a checkpoint there), then the process dies
@@ -30,12 +30,12 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
             raise KeyboardInterrupt
         return real(tc, overrides)
 
-    monkeypatch.setattr(pretrain_module, "pretrain", killed_mid_sft)
+    monkeypatch.setattr(speedrun_module, "train", killed_mid_sft)
     assert _speedrun(out) == 130
     assert (out / "pretrain" / "stage.json").is_file() and not (out / "sft" / "stage.json").exists()
     assert (out / "sft" / "step-000004").is_dir()
     stamps = {n: (out / n / "stage.json").stat().st_mtime_ns for n in ("tokenizer", "pretrain")}
-    monkeypatch.setattr(pretrain_module, "pretrain", real)
+    monkeypatch.setattr(speedrun_module, "train", real)
     capsys.readouterr()
     assert _speedrun(out) == 0
     captured = capsys.readouterr()
@@ -62,10 +62,11 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert (out / "final" / "model.safetensors").is_file() and not list((out / "final").glob("train_state*"))
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["params_total"] > rep["model"]["params_active"] > 0
-    assert rep["data"]["pretrain_tokens"] > 0 and rep["data"]["sft_tokens"] > 0 and rep["data"]["rl_generated_tokens"] > 0
+    assert all(rep["data"][k] > 0 for k in ("pretrain_tokens", "sft_tokens", "rl_generated_tokens"))
     assert list(rep["eval"]) == ["base", "sft", "rl"]
     # the run's tasks, then the sets measured without training on them (report_tasks)
-    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "countdown", "gsm_symbolic_seen"]
+    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "countdown",
+                                       "gsm_symbolic_seen"]
     assert rep["data"]["report_tasks"] == ["basic_arithmetic", "countdown"]
     assert [rep["eval"]["rl"][s]["problems"] for s in ("chain_sum", "countdown")] == [6, 4]  # eval_mix, eval_n
     for stage in ("pretrain", "sft", "rl"):
@@ -133,19 +134,22 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "report_tasks=[\"chess\"]"]) == 2
     assert "unknown task" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'eval_mix={"chess": 5}']) == 2
-    assert "eval_mix maps held-out sets (chain_sum, gsm_symbolic, basic_arithmetic, countdown, " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "eval_mix maps held-out sets (chain_sum, gsm_symbolic, basic_arithmetic, countdown, " in err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "precision=fp16"]) == 2
     assert "precision must be one of auto, bf16, fp32" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=poetry"]) == 2
     assert "corpus must be" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks", "corpus_docs=19990"]) == 2
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks",
+                 "corpus_docs=19990"]) == 2
     assert "must fit in" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chess": 10}']) == 2
     assert "corpus_mix maps the run's tasks" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chain_sum": 19990}']) == 2
     assert "must fit in chain_sum's" in capsys.readouterr().err
     assert speedrun_config("cpu").corpus_counts() == {"chain_sum": 16000, "gsm_symbolic": 2000}  # the cpu mix
-    assert speedrun_config("cpu", overrides=["corpus_docs=500"]).corpus_counts() == {"chain_sum": 500, "gsm_symbolic": 500}
+    counts = speedrun_config("cpu", overrides=["corpus_docs=500"]).corpus_counts()
+    assert counts == {"chain_sum": 500, "gsm_symbolic": 500}
     assert speedrun_config("cpu", overrides=["corpus=math"]).corpus_mix is None  # asked for another corpus
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": -3}']) == 2
     assert "sft_mix maps the run's tasks" in capsys.readouterr().err
@@ -155,8 +159,10 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
                                  "gsm_symbolic_seen": 50}
     assert set(speedrun_config("cpu", overrides=["eval_n=7"]).eval_counts().values()) == {7}  # asked for another n
     assert speedrun_config("cpu", overrides=["report_tasks=[]"]).eval_tasks() == ["chain_sum", "gsm_symbolic"]
-    assert speedrun_config("cpu", overrides=["sft_examples=500"]).sft_counts() == {"chain_sum": 500, "gsm_symbolic": 500}
-    mixed = speedrun_config("cpu", overrides=['sft_mix={"chain_sum": 100, "gsm_symbolic": 900}', 'rl_tasks=["chain_sum", "gsm_symbolic"]'])
+    counts = speedrun_config("cpu", overrides=["sft_examples=500"]).sft_counts()
+    assert counts == {"chain_sum": 500, "gsm_symbolic": 500}
+    mixed = speedrun_config("cpu", overrides=['sft_mix={"chain_sum": 100, "gsm_symbolic": 900}',
+                                              'rl_tasks=["chain_sum", "gsm_symbolic"]'])
     assert mixed.rl_offset() == 900  # past the cold start's problems of every RL task
     assert main(["speedrun", "--preset", "cpu", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": 3900}']) == 2
     assert "must fit in chain_sum's" in capsys.readouterr().err  # 16,000 + 3,900 + 480 RL prompts
@@ -174,7 +180,6 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
 
 
 def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_path, capsys, monkeypatch):
-    from nanoseek.train import grpo as grpo_module
     from nanoseek.train.speedrun import settings, speedrun_stages
 
     seen = {}
@@ -183,8 +188,8 @@ def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_pa
         seen[stage] = seed
         return {}
 
-    monkeypatch.setattr(pretrain_module, "pretrain", lambda tc, *overrides: record(tc.stage, tc.seed))
-    monkeypatch.setattr(grpo_module, "grpo", lambda gc: record("rl", gc.seed))
+    monkeypatch.setattr(speedrun_module, "train", lambda tc, *overrides: record(tc.stage, tc.seed))
+    monkeypatch.setattr(speedrun_module, "grpo", lambda gc: record("rl", gc.seed))
     stages = {st.name: st for st in speedrun_stages(speedrun_config("tiny", str(tmp_path / "a"), ["seed=7"]))}
     for name in ("pretrain", "sft", "rl"):
         stages[name].run(tmp_path / "a" / name)
@@ -219,8 +224,10 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
                for n in v}
     assert configs["deepseek"].n_routed_experts and not configs["dense"].n_routed_experts
     assert abs(v["dense"]["params_active"] / v["deepseek"]["params_active"] - 1) < 0.1  # same active budget
-    assert configs["no_mtp"].num_nextn_predict_layers == 0 and v["no_mtp"]["params_total"] < v["deepseek"]["params_total"]
-    assert configs["mha"].attn_type == "gqa" and v["mha"]["cache_bytes_per_token"] > 2 * v["deepseek"]["cache_bytes_per_token"]
+    assert configs["no_mtp"].num_nextn_predict_layers == 0
+    assert v["no_mtp"]["params_total"] < v["deepseek"]["params_total"]
+    assert configs["mha"].attn_type == "gqa"
+    assert v["mha"]["cache_bytes_per_token"] > 2 * v["deepseek"]["cache_bytes_per_token"]
     for n, row in v.items():
         assert row["pretrain_wall_s"] > 0 and row["val_loss"] > 0, n
         assert set(rep["eval"][n]) == {"chain_sum", "gsm_symbolic", "gsm_symbolic_seen"}
@@ -251,7 +258,8 @@ def test_gpu_presets_run_their_architecture_shrunk_on_the_cpu(tmp_path, name):
         assert getattr(cfg, field) == getattr(full, field), field
     assert cfg.n_group > 1 and cfg.hidden_size == preset("tiny").hidden_size < full.hidden_size
     assert json.loads((out / "speedrun.json").read_text())["smoke"] is True
-    assert json.loads((out / "report.json").read_text())["model"]["architecture"]["routed_experts"] == full.n_routed_experts
+    architecture = json.loads((out / "report.json").read_text())["model"]["architecture"]
+    assert architecture["routed_experts"] == full.n_routed_experts
     pre_state = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
     assert pre_state["data"] == [str(text)]
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from nanoseek.data import tasks
-from nanoseek.data.tasks import HELD_OUT_TEMPLATES, Problem, TaskError, extract_answer, problems, reward
+from nanoseek.data import splits, tasks
+from nanoseek.data.splits import HELD_OUT_TEMPLATES
+from nanoseek.data.tasks import Problem, TaskError, extract_answer, problems, reward
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +66,10 @@ def test_answer_extraction():
 def test_no_held_out_problem_is_in_any_training_set():
     """By content hash, against the RL/SFT pools (every curriculum level) and the pretraining
     corpus's problems; and gsm_symbolic's templates never cross the split."""
-    from nanoseek.data.corpus import corpus_problem_specs
-
     for task in tasks.TASKS:
         held_out = problems(task, "eval", 200)
         train_keys = tasks._train_keys(task)
-        assert len(train_keys) >= min(tasks.TRAIN_POOL[task], 1000) * 0.9
+        assert len(train_keys) >= min(splits.TRAIN_POOL[task], 1000) * 0.9
         assert not {p.key for p in held_out} & train_keys, task
         assert len({p.key for p in held_out}) == len(held_out)
     gsm_eval = problems("gsm_symbolic", "eval", 200)
@@ -86,7 +85,7 @@ def test_no_held_out_problem_is_in_any_training_set():
     from nanoseek.data.corpus import math_documents
     docs = "\n".join(math_documents(n_gsm=600, n_expr=8))
     import reasoning_gym as rg
-    name, _, seed, _ = corpus_problem_specs()[0]
+    name, _, seed, _ = splits.corpus_specs()[0]
     ds = rg.create_dataset(name, size=600, seed=seed)
     held = [item["question"] for i, item in enumerate(ds) if ds.task_indices[i] in HELD_OUT_TEMPLATES]
     assert held and not any(q in docs for q in held)
@@ -95,7 +94,7 @@ def test_no_held_out_problem_is_in_any_training_set():
 def test_grpo_validation_problems_are_held_out_and_not_the_test_problems():
     for name in ("chain_sum", "gsm_symbolic", "gsm_symbolic_seen"):
         task, split = tasks.EVAL_SETS[name]
-        val = problems(task, split, 50, offset=tasks.VALIDATION_OFFSET)
+        val = problems(task, split, 50, offset=splits.VALIDATION_OFFSET)
         test = problems(task, split, 300)
         assert len({p.key for p in val}) == 50 and not {p.key for p in val} & {p.key for p in test}, name
         assert not {p.key for p in val} & tasks._train_keys(task), name
@@ -105,7 +104,7 @@ def test_split_arguments_are_checked():
     with pytest.raises(TaskError, match="unknown task"):
         problems("chess", "train", 1)
     with pytest.raises(TaskError, match="at most"):
-        problems("countdown", "train", 10, offset=tasks.TRAIN_POOL["countdown"])
+        problems("countdown", "train", 10, offset=splits.TRAIN_POOL["countdown"])
     with pytest.raises(TaskError, match="curriculum"):
         problems("chain_sum", "eval", 1, level=0)
     with pytest.raises(TaskError, match="gsm_symbolic's"):
@@ -118,7 +117,7 @@ def test_split_arguments_are_checked():
 
 def test_problems_never_draw_an_item_whose_gold_answer_fails_its_checker():
     # reasoning-gym's gsm_symbolic sometimes emits a broken item with the gold answer "-1"
-    raw = tasks._dataset("gsm_symbolic", size=60, seed=tasks.TRAIN_SEED + 1500)
+    raw = tasks._dataset("gsm_symbolic", size=60, seed=splits.TRAIN_SEED + 1500)
     broken = [item["question"] for item in raw if item["answer"] == "-1"]
     assert broken  # the case this test is about is really there
     drawn = problems("gsm_symbolic", "train", 40, offset=1500)

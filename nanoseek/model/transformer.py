@@ -20,8 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
-from nanoseek.model.moe import MoE
-from nanoseek.model.moe import uncounted
+from nanoseek.model.moe import MoE, uncounted
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -32,7 +31,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        # a training setting, not the model's: trade compute for memory (train/pretrain.py)
+        # a training setting, not the model's: trade compute for memory (train/trainer.py)
         self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.qk_head_dim
@@ -120,7 +119,8 @@ class Transformer(nn.Module):
                 # position t: h^{k-1}_t and token t+k predict token t+k+1 (labels[t+k])
                 h_prev, mtp_aux = module(h_prev[:, : T - k], self.embed_tokens(input_ids[:, k:]),
                                          cos[:, : T - k], sin[:, : T - k])
-                mtp_losses.append(_cross_entropy(self.lm_head(module.shared_head.norm(h_prev)), labels[:, k:], counts[k]))
+                logits = self.lm_head(module.shared_head.norm(h_prev))
+                mtp_losses.append(_cross_entropy(logits, labels[:, k:], counts[k]))
                 if mtp_aux is not None:
                     aux = mtp_aux if aux is None else aux + mtp_aux
             if mtp_losses:

@@ -17,15 +17,18 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek import __version__
@@ -170,143 +173,197 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None = None,
                limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    tok = engine.tok
-    worker = EngineWorker(engine)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        worker.start()
-        yield
-        worker.stop()
-
-    app = FastAPI(title="nanoseek", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.worker = worker
+    app = FastAPI(title="nanoseek", version=__version__, lifespan=_lifespan, docs_url=None, redoc_url=None)
+    # the handlers are module-level, shared by every app, and find what this one serves here
     app.state.engine = engine
-    created = int(time.time())
-
-    # ---- errors as OpenAI's JSON ----
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"malformed JSON body: {err.get('msg')}", code="invalid_json"), 400)
-        if not loc:
-            return JSONResponse(error_body("the request body must be a JSON object", code="invalid_json"), 400)
-        param = ".".join(loc) or None
-        msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        return JSONResponse(error_body(msg, param=param, code="invalid_value"), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code)
-
+    app.state.worker = EngineWorker(engine)
+    app.state.tokenizer = engine.tok
+    app.state.model_name = model_name
+    app.state.api_key = api_key
+    app.state.limits = limits
+    app.state.created = int(time.time())
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-
-    async def check_key(request: HTTPRequest) -> None:
-        if api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if not given:
-            raise APIError(401, "missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
-
-    # ---- routes ----
-    @app.get("/health")
-    async def health():
-        if worker.error is not None:
-            return JSONResponse({"status": "error", "error": str(worker.error)}, status_code=500)
-        return {"status": "ok", "model": model_name, "running": len(engine.running), "waiting": len(engine.waiting)}
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def models():
-        return {"object": "list", "data": [_model_card(model_name, created, engine)]}
-
-    @app.get("/v1/models/{name}", dependencies=[Depends(check_key)])
-    async def model(name: str):
-        check_model(name)
-        return _model_card(model_name, created, engine)
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat(body: ChatRequest, request: HTTPRequest):
-        check_model(body.model)
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        if len(body.messages) > limits.max_messages:
-            raise APIError(400, f"{len(body.messages)} messages; at most {limits.max_messages}", param="messages")
-        msgs = []
-        for i, m in enumerate(body.messages):
-            if m.role not in ROLES:
-                raise APIError(400, f"messages[{i}].role {m.role!r} is not one of system, developer, user, "
-                                    "assistant", param=f"messages.{i}.role")
-            text = _text(m.content)
-            if m.role == "assistant":
-                text = split_thinking(text)[1]  # the reasoning of earlier turns is not sent back
-            msgs.append({"role": ROLES[m.role], "content": text})
-        prompt = tok.encode(tok.render_chat(msgs, add_generation_prompt=True))
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = _params(body, max_tokens, len(prompt), "messages", engine, limits)
-        return await _respond(worker, body, prompt, params, request, model_name, chat=True)
-
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(body: CompletionRequest, request: HTTPRequest):
-        check_model(body.model)
-        if isinstance(body.prompt, list):
-            if len(body.prompt) != 1:
-                raise APIError(400, "one prompt per request", param="prompt")
-            body.prompt = body.prompt[0]
-        prompt = tok.encode(body.prompt)
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        params = _params(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt), "prompt",
-                         engine, limits)
-        return await _respond(worker, body, prompt, params, request, model_name, chat=False)
-
-    # ---- the web chat ----
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    @app.get("/sw.js", include_in_schema=False)
-    async def service_worker():  # served from the root so that its scope is the whole app
-        return FileResponse(STATIC / "sw.js", media_type="text/javascript",
-                            headers={"Service-Worker-Allowed": "/", "Cache-Control": "no-cache"})
-
-    @app.get("/manifest.webmanifest", include_in_schema=False)
-    async def manifest():
-        return FileResponse(STATIC / "manifest.webmanifest", media_type="application/manifest+json")
-
-    @app.get("/static/{name}", include_in_schema=False)
-    async def static(name: str):
-        path = (STATIC / name).resolve()
-        if path.parent != STATIC.resolve() or not path.is_file():
-            raise APIError(404, f"no such file: {name}", code="not_found")
-        return FileResponse(path)
-
-    @app.get("/icons/icon-{size}.png", include_in_schema=False)
-    async def icon(size: int):
-        if size not in (180, 192, 512):
-            raise APIError(404, "icons come in 180, 192 and 512", code="not_found")
-        return Response(png_icon(size), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
-
+    for path, endpoint, options in _ROUTES:
+        app.add_api_route(path, endpoint, **options)
     return app
 
 
-def _model_card(name: str, created: int, engine: Engine) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "nanoseek",
-            "context_length": engine.context}
+async def check_key(request: HTTPRequest) -> None:
+    """The API key, when the server has one: `Authorization: Bearer <key>`, else 401."""
+    api_key = request.app.state.api_key
+    if api_key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    if not given:
+        raise APIError(401, "missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+    if not secrets.compare_digest(given.encode(), api_key.encode()):
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+# ---------------------------------------------------------------------------------------
+# the routes, which create_app adds to each app with `add_api_route`. Not an APIRouter: recent
+# FastAPI's `include_router` mounts the router, resolved lazily, rather than copying its routes
+# into the app; this way each app holds its own routes, exactly as `@app.get` gave it.
+
+_Endpoint = Callable[..., Any]
+_ROUTES: list[tuple[str, _Endpoint, dict[str, Any]]] = []  # (path, endpoint, add_api_route's options)
+
+
+def _route(path: str, method: str = "GET", **options: Any) -> Callable[[_Endpoint], _Endpoint]:
+    def add(endpoint: _Endpoint) -> _Endpoint:
+        _ROUTES.append((path, endpoint, {"methods": [method], **options}))
+        return endpoint
+    return add
+
+
+# a dependency rather than a call in each handler: FastAPI runs it before it validates the
+# body, so a request without the key gets a 401, not a 400 about its fields
+_KEYED = [Depends(check_key)]
+
+
+# ---------------------------------------------------------------------------------------
+# the OpenAI API
+
+@_route("/health")
+async def health(request: HTTPRequest):
+    state = request.app.state
+    if state.worker.error is not None:
+        return JSONResponse({"status": "error", "error": str(state.worker.error)}, status_code=500)
+    return {"status": "ok", "model": state.model_name, "running": len(state.engine.running),
+            "waiting": len(state.engine.waiting)}
+
+
+@_route("/v1/models", dependencies=_KEYED)
+async def models(request: HTTPRequest):
+    return {"object": "list", "data": [_model_card(request.app.state)]}
+
+
+@_route("/v1/models/{name}", dependencies=_KEYED)
+async def model(name: str, request: HTTPRequest):
+    _check_model(request.app.state, name)
+    return _model_card(request.app.state)
+
+
+@_route("/v1/chat/completions", "POST", dependencies=_KEYED)
+async def chat(body: ChatRequest, request: HTTPRequest):
+    state = request.app.state
+    _check_model(state, body.model)
+    if not body.messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    if len(body.messages) > state.limits.max_messages:
+        raise APIError(400, f"{len(body.messages)} messages; at most {state.limits.max_messages}", param="messages")
+    msgs = []
+    for i, m in enumerate(body.messages):
+        if m.role not in ROLES:
+            raise APIError(400, f"messages[{i}].role {m.role!r} is not one of system, developer, user, "
+                                "assistant", param=f"messages.{i}.role")
+        text = _text(m.content)
+        if m.role == "assistant":
+            text = split_thinking(text)[1]  # the reasoning of earlier turns is not sent back
+        msgs.append({"role": ROLES[m.role], "content": text})
+    prompt = state.tokenizer.encode(state.tokenizer.render_chat(msgs, add_generation_prompt=True))
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _params(body, max_tokens, len(prompt), "messages", state.engine, state.limits)
+    return await _respond(state.worker, body, prompt, params, request, state.model_name, chat=True)
+
+
+@_route("/v1/completions", "POST", dependencies=_KEYED)
+async def completions(body: CompletionRequest, request: HTTPRequest):
+    state = request.app.state
+    _check_model(state, body.model)
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise APIError(400, "one prompt per request", param="prompt")
+        body.prompt = body.prompt[0]
+    prompt = state.tokenizer.encode(body.prompt)
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    params = _params(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt), "prompt",
+                     state.engine, state.limits)
+    return await _respond(state.worker, body, prompt, params, request, state.model_name, chat=False)
+
+
+# ---------------------------------------------------------------------------------------
+# the web chat
+
+@_route("/", include_in_schema=False)
+async def index():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@_route("/sw.js", include_in_schema=False)
+async def service_worker():  # served from the root so that its scope is the whole app
+    return FileResponse(STATIC / "sw.js", media_type="text/javascript",
+                        headers={"Service-Worker-Allowed": "/", "Cache-Control": "no-cache"})
+
+
+@_route("/manifest.webmanifest", include_in_schema=False)
+async def manifest():
+    return FileResponse(STATIC / "manifest.webmanifest", media_type="application/manifest+json")
+
+
+@_route("/static/{name}", include_in_schema=False)
+async def static(name: str):
+    path = (STATIC / name).resolve()
+    if path.parent != STATIC.resolve() or not path.is_file():
+        raise APIError(404, f"no such file: {name}", code="not_found")
+    return FileResponse(path)
+
+
+@_route("/icons/icon-{size}.png", include_in_schema=False)
+async def icon(size: int):
+    if size not in (180, 192, 512):
+        raise APIError(404, "icons come in 180, 192 and 512", code="not_found")
+    return Response(png_icon(size), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+# ---------------------------------------------------------------------------------------
+# the app's lifetime, and errors as OpenAI's JSON
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.worker.start()
+    yield
+    app.state.worker.stop()
+
+
+async def _api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+
+async def _validation_error(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+    err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") == "json_invalid":
+        return JSONResponse(error_body(f"malformed JSON body: {err.get('msg')}", code="invalid_json"), 400)
+    if not loc:
+        return JSONResponse(error_body("the request body must be a JSON object", code="invalid_json"), 400)
+    param = ".".join(loc) or None
+    msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+    return JSONResponse(error_body(msg, param=param, code="invalid_value"), status_code=400)
+
+
+async def _http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code)
+
+
+# ---------------------------------------------------------------------------------------
+# answering a request
+
+def _check_model(state: State, name: str | None) -> None:
+    if name is not None and name != state.model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _model_card(state: State) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nanoseek",
+            "context_length": state.engine.context}
 
 
 def _text(content) -> str:

@@ -10,12 +10,16 @@ its own teacher: cold-start SFT -> GRPO -> rejection sampling -> SFT -> GRPO.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.data.tasks import TRAIN_POOL, problems, reward
+import nanoseek
+from nanoseek.config import require
+from nanoseek.data.splits import LEVELED, TRAIN_POOL
+from nanoseek.data.tasks import TASKS, check_tasks, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.train.pretrain import SFT_LR, TrainConfig, TrainingError, pretrain
+from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig, TrainingError, train
 
 TRACES = "traces.jsonl"
 
@@ -23,15 +27,13 @@ TRACES = "traces.jsonl"
 def rejection_sample(ckpt: str, tasks: list[str], n_problems: int, k: int = 8, temperature: float = 0.7,
                      max_tokens: int = 256, offset: int = 0, level: int | None = None,
                      seed: int = 0) -> tuple[list[list[dict]], dict]:
-    import nanoseek
-
     model, tok = nanoseek.load(ckpt)
     if tok is None:
         raise TrainingError(f"{ckpt} has no nanoseek tokenizer")
     engine = Engine(model, tok, max_seqs=max(k, 32))
     convs, stats = [], {}
     for task in tasks:
-        lvl = level if task in ("basic_arithmetic", "chain_sum") else None
+        lvl = level if task in LEVELED else None
         n = min(n_problems, TRAIN_POOL[task] - offset)
         ps = problems(task, "train", n, offset=offset, level=lvl)
         prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True))
@@ -61,25 +63,43 @@ def write_traces(path: Path, convs: list[list[dict]]) -> None:
     tmp.replace(path)
 
 
-def distill(teacher: str, student: str, out: str, tasks: list[str], n_problems: int = 500, k: int = 8,
-            temperature: float = 0.7, max_tokens: int = 256, level: int | None = None, max_steps: int | None = None,
-            overrides: list[str] = (), progress: bool = True) -> dict:
-    """Teacher traces (rejection-sampled, written once to OUT/traces.jsonl), then SFT of the student."""
-    run = Path(out)
+@dataclass
+class DistillConfig:
+    teacher: str  # the checkpoint whose correct answers are kept
+    student: str  # the checkpoint fine-tuned on them
+    out: str
+    tasks: list[str] = field(default_factory=lambda: ["chain_sum", "basic_arithmetic", "gsm_symbolic"])
+    problems: int = 500  # training problems per task
+    k: int = 8  # teacher samples per problem
+    temperature: float = 0.7
+    max_tokens: int = 256
+    level: int | None = None  # curriculum level of the expression tasks (data/splits.py)
+    max_steps: int | None = None  # the student's SFT steps (None: TrainConfig's for a fine-tune)
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_tasks(self.tasks, TASKS)
+        require(self.problems >= 1 and self.k >= 1, "--problems and --k must be at least 1")
+
+
+def distill(dc: DistillConfig, overrides: list[str] = ()) -> dict:
+    """Teacher traces (rejection-sampled, written once to OUT/traces.jsonl), then SFT of the
+    student; `overrides` are the student's training settings (TrainConfig fields)."""
+    dc.validate()
+    run = Path(dc.out)
     traces = run / TRACES
     if traces.is_file():
         stats = json.loads((run / "traces_stats.json").read_text())
     else:
-        convs, stats = rejection_sample(teacher, tasks, n_problems, k, temperature, max_tokens, level=level)
+        convs, stats = rejection_sample(dc.teacher, dc.tasks, dc.problems, dc.k, dc.temperature, dc.max_tokens,
+                                        level=dc.level)
         if not convs:
             raise TrainingError(f"the teacher solved none of the {sum(s['problems'] for s in stats.values())} "
                                 "problems: nothing to distill")
         run.mkdir(parents=True, exist_ok=True)
         (run / "traces_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         write_traces(traces, convs)
-    tc = TrainConfig(stage="sft", init=student, out=out, data=[str(traces)], lr=SFT_LR, warmup_steps=20,
-                     progress=progress)
-    if max_steps is not None:
-        tc.max_steps = max_steps
-    summary = pretrain(tc, list(overrides))
+    tc = TrainConfig(stage="sft", init=dc.student, out=dc.out, data=[str(traces)], lr=SFT_LR,
+                     warmup_steps=SFT_WARMUP, max_steps=dc.max_steps, progress=dc.progress)
+    summary = train(tc, list(overrides))
     return {**summary, "traces": stats}

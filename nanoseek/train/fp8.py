@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.moe import Experts
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 TILE = 128
@@ -150,8 +152,6 @@ def enable_fp8(model: nn.Module) -> int:
     which is the same output head) to FP8Linear, and the routed experts' matmuls to
     fp8_linear. The embedding, the MoE gate (its own FP32 parameter), the norms and the
     attention scores are left as they are. Returns the number of layers switched."""
-    from nanoseek.model.moe import Experts
-
     n = 0
     for name, module in model.named_modules():
         if name == "lm_head":

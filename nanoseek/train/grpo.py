@@ -32,25 +32,29 @@ import contextlib
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from nanoseek.config import ConfigError, apply_overrides
-from nanoseek.data.tasks import TASKS, TRAIN_POOL, VALIDATION_OFFSET, Problem, R1_ZERO_TEMPLATE, problems, reward
+from nanoseek.config import ConfigError, apply_overrides, require
+from nanoseek.data.splits import LEVELED, TRAIN_POOL, VALIDATION_OFFSET
+from nanoseek.data.tasks import R1_ZERO_TEMPLATE, TASKS, Problem, eval_sets, problems, reward
+from nanoseek.eval import evaluate_tasks
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.moe import uncounted
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger
+from nanoseek.train.device import pick_device
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, informative_groups
 from nanoseek.train.optim import load_optimizer_state, load_rng_state, make_optimizer, rng_state
-from nanoseek.train.pretrain import (TrainingError, log_metrics, pick_device, progress_bar, say,
-                                     truncate_metrics)
+from nanoseek.train.runlog import log_metrics, progress_bar, say, truncate_metrics
+from nanoseek.train.trainer import TrainingError
 
 
 @dataclass
@@ -62,10 +66,8 @@ class GRPOConfig:
     level: int | None = None  # an easier curriculum level for the expression tasks (0..3)
     offset: int = 0  # where in each task's training pool the prompts start: past what SFT trained on
     max_steps: int = 100
-    # The defaults are the recipe measured on the cpu-size model (docs/LOG.md, 2026-11-29): with
-    # 8 prompts a step or lr >= 2e-5 held-out accuracy fell while the training reward rose (the
-    # step fits the batch's problems, not the task); 32 prompts at lr 1e-5 after a 5-step warmup
-    # raised held-out chain_sum by 10.3 points [+5.8, +14.9] in 40 steps.
+    # many prompts a step at a small lr with a warmup: with few prompts or a larger lr the step fits
+    # its problems and held-out accuracy falls (docs/LOG.md)
     prompts_per_step: int = 32
     group_size: int = 8
     max_tokens: int = 512  # a worked gsm_symbolic solution: ~420 tokens at its 90th percentile
@@ -94,10 +96,7 @@ class GRPOConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
+        need = require
         need(bool(self.init), "grpo starts from a checkpoint")
         need(self.offset >= 0, "offset must be at least 0")
         need(all(t in TASKS for t in self.tasks) and self.tasks, f"tasks must be among {', '.join(TASKS)}")
@@ -129,7 +128,7 @@ def task_source(gc: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
 
     def pool(task: str) -> list[Problem]:
         if task not in pools:
-            level = gc.level if task in ("basic_arithmetic", "chain_sum") else None
+            level = gc.level if task in LEVELED else None
             pools[task] = problems(task, "train", TRAIN_POOL[task], level=level)
         return pools[task]
 
@@ -164,11 +163,69 @@ def task_reward(gc: GRPOConfig) -> Callable[[Any, str, int], dict[str, float]]:
 # the loop
 
 def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> dict[str, Any]:
-    run = Path(gc.out)
-    resuming = ckpt.has_checkpoint(run)
-    if resuming:
-        model, tok, folder = ckpt.load_model(run)
-        tensors, info = ckpt.load_train_state(folder)
+    """Train until gc.max_steps; returns the run's summary. `source` (step -> Samples) and `score`
+    (key, text, length -> reward parts) replace the tasks' prompts and rewards."""
+    r = setup(gc, overrides, source, score)
+    gc, ranks = r.gc, r.ranks
+    show = gc.progress and ranks.main
+    say(show, f"nanoseek grpo: {gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.loss_type} "
+              f"loss, beta {gc.beta}, {r.start}" + (f", {ranks.world} processes" if ranks.parallel else ""))
+    bar = progress_bar("grpo", show, r.step, gc.max_steps)
+    last: dict[str, Any] = {}
+    r.ledger.restart_clock()
+    while r.step < gc.max_steps:
+        row = grpo_step(r)
+        if r.validating and (r.step % gc.eval_every == 0 or r.step == gc.max_steps):
+            if r.sampler is not r.model:
+                dist.copy_whole(r.model, r.sampler)  # (every rank gathers; rank 0 validates)
+            if ranks.main:
+                row.update(validate(r.engine, gc))
+        if ranks.main:
+            log_metrics(r.folder, row)
+            bar.update(1)
+            bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
+                                f"len {row['response_length']:.0f}")
+        last = row
+        if r.step % gc.save_every == 0 or r.step == gc.max_steps:
+            whole, opt_state = dist.full_state(r.model, r.opt, ranks)  # FSDP: every rank gathers
+            if ranks.main:
+                _save(r.folder, r.step, whole, r.tok, opt_state, r.ledger, gc, last, r.ref)
+            r.ledger.restart_clock()
+    bar.close()
+    dist.finish(ranks)
+    return {"step": r.step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
+            "checkpoint": str((r.folder / "latest").resolve()), "cost": r.ledger.to_dict()}
+
+
+@dataclass
+class GRPORun:
+    """Everything the loop works with, as setup() leaves it."""
+
+    gc: GRPOConfig
+    folder: Path
+    model: nn.Module
+    tok: Any
+    ranks: dist.Ranks
+    device: torch.device
+    sampler: nn.Module  # the model the engine samples from (under FSDP a whole copy of the policy)
+    engine: Engine
+    ref: nn.Module | None  # the frozen reference of the KL term (None when beta is 0)
+    policy: nn.Module  # the log-probs as a forward, through DDP or FSDP under torchrun
+    opt: torch.optim.Optimizer
+    ledger: CostLedger
+    source: Callable[[int], list[Sample]]
+    score: Callable[[Any, str, int], dict[str, float]]
+    validating: bool
+    step: int
+    start: str
+
+
+def setup(gc: GRPOConfig, overrides: list[str], source, score) -> GRPORun:
+    folder = Path(gc.out)
+    resume = ckpt.has_checkpoint(folder)
+    if resume:  # its own settings, but for how far to go and how to show it
+        model, tok, latest = ckpt.load_model(folder)
+        tensors, info = ckpt.load_train_state(latest)
         gc = dataclasses.replace(GRPOConfig(**info["grpo_config"]), max_steps=gc.max_steps, progress=gc.progress,
                                  device=gc.device, out=gc.out, parallel=gc.parallel,
                                  activation_checkpointing=gc.activation_checkpointing)
@@ -185,17 +242,13 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     torch.manual_seed(gc.seed)
     model.to(device)
     validating = gc.eval_every > 0 and source is None  # validation problems exist for the tasks only
-    source = source or task_source(gc, tok)
-    score = score or task_reward(gc)
-    G, P = gc.group_size, gc.prompts_per_step
     context = min(model.config.max_position_embeddings, 1024 + gc.max_tokens)
     # the engine samples from the policy; under FSDP from a whole copy, loaded from the shards
     # every step (as RL systems load the trainer's weights into their inference engine)
     sampler = copy.deepcopy(model) if ranks.parallel and gc.parallel == "fsdp" else model
-    engine = Engine(sampler, tok, max_seqs=G * P // ranks.world, context=context)  # this rank's groups
-    ref = None
-    if gc.beta > 0:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    engine = Engine(sampler, tok, max_seqs=gc.group_size * gc.prompts_per_step // ranks.world,  # this rank's
+                    context=context)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if gc.beta > 0 else None
     # the log-probs as a module's forward, through DDP or FSDP under torchrun (DDP: the MTP
     # modules take no part in GRPO, find_unused_parameters; FSDP: the reference stays a whole
     # copy on each rank)
@@ -207,98 +260,83 @@ def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> 
     opt = make_optimizer(model, gc.lr, gc.weight_decay)
     ledger = CostLedger(device, gc.price_per_hour, ranks.world)
     step = 0
-    if resuming:
+    if resume:
         load_optimizer_state(opt, dist.shard_like_params(tensors, opt), info["optimizer"])
         load_rng_state(tensors)
         ledger.load(info["cost"])
         step = int(info["step"])
         ref_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ref/")}
         if ref is not None:  # the reference as it was: the init checkpoint, or the last reset
-            if ref_state:
-                ref.load_state_dict(ref_state)
-            else:
-                ref.load_state_dict(ckpt.load_model(gc.init)[0].state_dict())
+            ref.load_state_dict(ref_state or ckpt.load_model(gc.init)[0].state_dict())
     if ranks.main:
-        truncate_metrics(run / "metrics.jsonl", step)
-        run.mkdir(parents=True, exist_ok=True)
-    show = gc.progress and ranks.main
-    say(show, f"nanoseek grpo: {P} prompts x {G} samples per step, {gc.loss_type} loss, beta {gc.beta}, "
-              f"{'resuming at step ' + str(step) if resuming else 'from ' + gc.init}"
-              + (f", {ranks.world} processes" if ranks.parallel else ""))
-    bar = progress_bar("grpo", show, step, gc.max_steps)
-    last: dict[str, Any] = {}
-    ledger.restart_clock()
-    while step < gc.max_steps:
-        t0 = time.perf_counter()
-        lr = gc.lr * min(1.0, (step + 1) / gc.warmup_steps) if gc.warmup_steps else gc.lr
-        for g in opt.param_groups:
-            g["lr"] = lr
-        samples = dist.share(source(step), ranks)  # this rank's prompts of the step
-        # (every sample owns its generator, seeded by its index in the group: the same samples
-        # whichever rank draws them)
-        params = SamplingParams(max_tokens=gc.max_tokens, temperature=gc.temperature, n=G,
-                                seed=gc.seed * 1_000_003 + step * 1009)
-        if sampler is not model:
-            dist.copy_whole(model, sampler)  # this step's policy, gathered from the shards
-        reqs = engine.generate([s.prompt for s in samples], params)
-        t_roll = time.perf_counter() - t0
-        rows, comps = [], []
-        for s, r in zip(samples, reqs):
-            for c in r.outputs:
-                rows.append(score(s.key, c.text, len(c.token_ids)))
-                comps.append((s.prompt, c.token_ids))
-        rewards = torch.tensor([x["reward"] for x in rows]).view(-1, G)
-        keep = informative_groups(rewards)
-        adv = group_advantages(rewards, scale=gc.loss_type != "dr_grpo").flatten()
-        use = keep.repeat_interleave(G) if gc.dynamic_sampling else torch.ones(len(rows), dtype=torch.bool)
-        n_used = int(dist.total(float(use.sum()), ranks))  # the step's trained samples, over the ranks
-        stats = _update(policy, ref, opt, gc, comps, adv, use, n_used, ranks, device) \
-            if n_used else {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "skipped_update": 1}
-        dist.sync_expert_load(model, ranks)
-        model.update_bias()
-        dist.check_same_biases(model, ranks)
-        step += 1
-        if ref is not None and gc.ref_reset_every and step % gc.ref_reset_every == 0:
-            dist.copy_whole(model, ref)
-        flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
-                                      ref is not None), ranks)
-        rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c) in zip(rows, comps)], ranks)  # the step's
-        n_tokens = sum(x["tokens"] for x in rows)
-        ledger.add(n_tokens, flops)
-        row = {"step": step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
-               "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
-               "response_length": n_tokens / len(rows),
-               "zero_adv_groups": 1 - dist.total(float(keep.sum()), ranks) / P,
-               **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()},
-               "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
-        if validating and (step % gc.eval_every == 0 or step == gc.max_steps):
-            if sampler is not model:
-                dist.copy_whole(model, sampler)  # (every rank gathers; rank 0 validates)
-            if ranks.main:
-                row.update(validate(engine, gc))
-        if ranks.main:
-            log_metrics(run, row)
-            bar.update(1)
-            bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f}")
-        last = row
-        if step % gc.save_every == 0 or step == gc.max_steps:
-            whole, opt_state = dist.full_state(model, opt, ranks)  # FSDP: every rank gathers
-            if ranks.main:
-                _save(run, step, whole, tok, opt_state, ledger, gc, last, ref)
-            ledger.restart_clock()
-    bar.close()
-    dist.finish(ranks)
-    return {"step": step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
-            "checkpoint": str((run / "latest").resolve()), "cost": ledger.to_dict()}
+        truncate_metrics(folder / "metrics.jsonl", step)
+        folder.mkdir(parents=True, exist_ok=True)
+    start = f"resuming at step {step}" if resume else f"from {gc.init}"
+    return GRPORun(gc, folder, model, tok, ranks, device, sampler, engine, ref, policy, opt, ledger,
+                   source or task_source(gc, tok), score or task_reward(gc), validating, step, start)
+
+
+def grpo_step(r: GRPORun) -> dict[str, Any]:
+    """One step: sample the groups, score them, update the policy and the balancing biases.
+    Returns the step's metrics row."""
+    gc, ranks, model = r.gc, r.ranks, r.model
+    group, prompts_per_step = gc.group_size, gc.prompts_per_step
+    t0 = time.perf_counter()
+    lr = gc.lr * min(1.0, (r.step + 1) / gc.warmup_steps) if gc.warmup_steps else gc.lr
+    for g in r.opt.param_groups:
+        g["lr"] = lr
+
+    # --- rollouts: this rank's prompts of the step, group_size samples each ---
+    samples = dist.share(r.source(r.step), ranks)
+    # (every sample owns its generator, seeded by its index in the group: the same samples
+    # whichever rank draws them)
+    params = SamplingParams(max_tokens=gc.max_tokens, temperature=gc.temperature, n=group,
+                            seed=gc.seed * 1_000_003 + r.step * 1009)
+    if r.sampler is not model:
+        dist.copy_whole(model, r.sampler)  # this step's policy, gathered from the shards
+    reqs = r.engine.generate([s.prompt for s in samples], params)
+    t_roll = time.perf_counter() - t0
+
+    # --- rewards and advantages ---
+    rows, comps = [], []
+    for s, req in zip(samples, reqs):
+        for c in req.outputs:
+            rows.append(r.score(s.key, c.text, len(c.token_ids)))
+            comps.append((s.prompt, c.token_ids))
+    rewards = torch.tensor([x["reward"] for x in rows]).view(-1, group)
+    keep = informative_groups(rewards)
+    adv = group_advantages(rewards, scale=gc.loss_type != "dr_grpo").flatten()
+    use = keep.repeat_interleave(group) if gc.dynamic_sampling else torch.ones(len(rows), dtype=torch.bool)
+    n_used = int(dist.total(float(use.sum()), ranks))  # the step's trained samples, over the ranks
+
+    # --- the update, then the balancing biases ---
+    stats = _update(r.policy, r.ref, r.opt, gc, comps, adv, use, n_used, ranks, r.device) \
+        if n_used else {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "skipped_update": 1}
+    dist.sync_expert_load(model, ranks)
+    model.update_bias()
+    dist.check_same_biases(model, ranks)
+    r.step += 1
+    if r.ref is not None and gc.ref_reset_every and r.step % gc.ref_reset_every == 0:
+        dist.copy_whole(model, r.ref)
+
+    # --- the step's metrics, over every rank ---
+    flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
+                                  r.ref is not None), ranks)
+    rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c) in zip(rows, comps)], ranks)
+    n_tokens = sum(x["tokens"] for x in rows)
+    r.ledger.add(n_tokens, flops)
+    return {"step": r.step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
+            "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
+            "response_length": n_tokens / len(rows),
+            "zero_adv_groups": 1 - dist.total(float(keep.sum()), ranks) / prompts_per_step,
+            **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()},
+            "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
 
 
 def validate(engine: Engine, gc: GRPOConfig) -> dict[str, float]:
     """Greedy pass@1 on `eval_n` held-out validation problems of each task's held-out sets
     (gsm_symbolic: also gsm_symbolic_seen), from tasks.VALIDATION_OFFSET: never trained on, and
     not the test problems that `nanoseek eval` reports."""
-    from nanoseek.eval import evaluate_tasks
-    from nanoseek.train.pipeline import eval_sets
-
     template = "base" if gc.template == "r1_zero" else "chat"
     sets = evaluate_tasks(engine, {t: gc.eval_n for t in eval_sets(gc.tasks)}, k=0, template=template,
                           max_tokens=gc.max_tokens, offset=VALIDATION_OFFSET)
@@ -348,14 +386,15 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
     scale = [weight] * len(batches) + [0.0] * extra
     batches += [batches[0][:1]] * extra
     tensors = [_pack([comps[j] for j in b], device) for b in batches]
-    # (their tokens are not routed for real: they do not count toward the expert load)
-    weightless = lambda bi: uncounted() if scale[bi] == 0 else contextlib.nullcontext()  # noqa: E731
+    def padding_only(bi: int):  # a weightless micro-batch's tokens do not count toward the expert load
+        return uncounted() if scale[bi] == 0 else contextlib.nullcontext()
+
     with torch.no_grad():  # the sampling policy's log-probs (and the reference's), computed once
         old = None
         if gc.inner_updates > 1:
             old = []
             for bi, (ids, mask) in enumerate(tensors):
-                with weightless(bi):
+                with padding_only(bi):
                     old.append(policy(ids, mask, gc.temperature)[0])
         refs = [_token_logp(ref, ids, mask, gc.temperature)[0] for ids, mask in tensors] if ref is not None else None
     agg: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
@@ -364,7 +403,7 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
         opt.zero_grad(set_to_none=True)
         for bi, (b, (ids, mask)) in enumerate(zip(batches, tensors)):
             # gradients synced once per update, on the last micro-batch
-            with dist.gradient_sync(policy, on=bi == len(batches) - 1), weightless(bi):
+            with dist.gradient_sync(policy, on=bi == len(batches) - 1), padding_only(bi):
                 logp, entropy = policy(ids, mask, gc.temperature, True)
                 old_lp = old[bi] if old is not None else logp.detach()
                 loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,

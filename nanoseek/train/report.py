@@ -15,8 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.pipeline import gains_table, stage_done, stage_gains, stage_table, summarize
-from nanoseek.train.pretrain import read_metrics
+import nanoseek
+from nanoseek.bench.decode import cache_sizes, mtp_figures
+from nanoseek.train.compare import gains_table, stage_gains, stage_table, summarize
+from nanoseek.train.cost import DEFAULT_PRICES
+from nanoseek.train.runlog import read_metrics
+from nanoseek.train.stages import stage_done
 
 TRAINING = ("pretrain", "sft", "rl")  # the stages with a cost ledger of their own
 STAGES = ("tokenizer", "pretrain", "sft", "rl", "eval", "final")
@@ -47,8 +51,6 @@ def cost_table(out: Path, price_per_hour: float) -> dict[str, dict[str, float]]:
 def inference_figures(model, tok, n_new: int = 48, repeats: int = 3) -> dict[str, Any]:
     """The latent cache's bytes per token against MHA of the same width (bench/decode.cache_sizes),
     batch-1 decode tokens/s with and without MTP drafting, MTP acceptance (bench/decode.mtp_figures)."""
-    from nanoseek.bench.decode import cache_sizes, mtp_figures
-
     return {**cache_sizes(model), **mtp_figures(model, tok, n_new, repeats)}
 
 
@@ -115,9 +117,6 @@ def plots(out: Path, folder: Path, first_moe_layer: int = 0, main_moe_layers: in
 
 
 def build_report(out: Path, sc) -> dict[str, Any]:
-    import nanoseek
-    from nanoseek.train.cost import DEFAULT_PRICES
-
     model, tok = nanoseek.load(out / "final")
     cfg = model.config
     counts = model.param_counts()
@@ -139,7 +138,8 @@ def build_report(out: Path, sc) -> dict[str, Any]:
         "device": (pre.get("cost") or {}).get("device"),
         "price_per_device_hour": price,
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
-        "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"), "sft_tokens": (sft.get("cost") or {}).get("tokens"),
+        "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"),
+                 "sft_tokens": (sft.get("cost") or {}).get("tokens"),
                  "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "sft_ema": sc.sft_ema,
                  "rl_beta": sc.rl_beta,
                  "tasks": list(sc.tasks),
@@ -185,7 +185,7 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
         lines.append(f"| {name} | {r['flops']:.3g} | {r['device_hours']:.4f} | {r['wall_s'] / 60:.1f} min | "
                      f"${r['dollars']:.4f} |")
     lines += ["", "Dollars per point of held-out greedy pass@1 (the final model): " + ", ".join(
-        f"{t} {('$%.5f' % v) if v is not None else 'n/a (0%)'}" for t, v in rep["dollars_per_point"].items()) + ".",
+        f"{t} {f'${v:.5f}' if v is not None else 'n/a (0%)'}" for t, v in rep["dollars_per_point"].items()) + ".",
         "", "## Inference (the final model, batch 1, this machine)", ""]
     i = rep["inference"]
     lines += [f"- latent KV cache: {i['cache_bytes_per_token']:,.0f} bytes per token (fp32), against "
@@ -233,9 +233,6 @@ def write_ablations(out: Path, sc) -> dict[str, Any]:
     """OUT/ablations.md and OUT/ablations.json from the ablation stages (speedrun --ablate): per
     variant its parameters, KV cache per token, pretraining and SFT wall time, final losses and
     held-out pass@1 after the cold start, with the paired gain against the speedrun's model."""
-    import nanoseek
-    from nanoseek.bench.decode import cache_sizes
-
     table = json.loads((out / "ablate" / "eval" / "eval.json").read_text())
     rows: dict[str, dict[str, Any]] = {}
     for name in table:
@@ -277,7 +274,8 @@ def ablation_table(rep: dict[str, Any]) -> str:
         loss = " / ".join(f"{x:.3f}" if x is not None else "n/a" for x in (r["pretrain_loss"], r["val_loss"]))
         cells = [f"{scores[name][t]['pass@1']:.1%} [{scores[name][t]['ci95'][0]:.1%}, {scores[name][t]['ci95'][1]:.1%}]"
                  for t in tasks]
-        lines.append(f"| {ABLATION_TITLES.get(name, name)} | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M"
+        lines.append(f"| {ABLATION_TITLES.get(name, name)} | "
+                     f"{r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M"
                      f" | {r['cache_bytes_per_token']:,.0f} | {(r['pretrain_wall_s'] or 0) / 60:.1f} min"
                      f" | {(r['sft_wall_s'] or 0) / 60:.1f} min | {loss} | " + " | ".join(cells) + " |")
     lines += ["", "Each variant against the speedrun's model, on the same problems:", "", gains_table(rep["gains"]), ""]

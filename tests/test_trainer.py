@@ -8,7 +8,7 @@ import torch
 
 from nanoseek.model import Transformer
 from nanoseek.train import checkpoint as ckpt
-from nanoseek.train.pretrain import TrainConfig, TrainingError, pretrain
+from nanoseek.train.trainer import TrainConfig, TrainingError, train
 
 
 def _rows(run):
@@ -18,7 +18,8 @@ def _rows(run):
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    lines = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog {a}." for a in range(60) for b in range(8)]
+    lines = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog {a}."
+             for a in range(60) for b in range(8)]
     (d / "a.txt").write_text("\n".join(lines[:240]))
     (d / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[240:420]))
     import datasets
@@ -33,7 +34,7 @@ def _tc(out, **kw):
 
 
 def test_tiny_model_learns_the_embedded_corpus(tmp_path):
-    summary = pretrain(_tc(tmp_path, max_steps=80, batch_size=8, seq_len=128, warmup_steps=10, eval_every=40))
+    summary = train(_tc(tmp_path, max_steps=80, batch_size=8, seq_len=128, warmup_steps=10, eval_every=40))
     rows = _rows(tmp_path)
     first, last = rows[0]["main_loss"], rows[-1]
     assert first > 5.5  # ~ln(vocab) at the start
@@ -44,10 +45,10 @@ def test_tiny_model_learns_the_embedded_corpus(tmp_path):
 
 def test_resume_is_exact(tmp_path, small_data):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    pretrain(_tc(straight, data=small_data))
-    pretrain(_tc(halves, data=small_data, stop_at=6))
+    train(_tc(straight, data=small_data))
+    train(_tc(halves, data=small_data, stop_at=6))
     assert ckpt.has_checkpoint(halves) and _rows(halves)[-1]["step"] == 6
-    pretrain(_tc(halves, data=small_data))
+    train(_tc(halves, data=small_data))
     a, b = _rows(straight), _rows(halves)
     keys = ["step", "loss", "main_loss", "mtp_loss", "lr", "grad_norm", "val_loss"]
     assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
@@ -62,12 +63,13 @@ def test_resume_is_exact(tmp_path, small_data):
 def test_ema_checkpoints_hold_the_average_and_resume_exactly(tmp_path):
     from nanoseek.config import ConfigError
 
-    docs = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog {a}." for a in range(50) for b in range(40)]
+    docs = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog {a}."
+            for a in range(50) for b in range(40)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     small_data = [str(tmp_path / "docs.jsonl")]  # every 50th document held out: val_loss at every 4th step
     raw, ema, halves = tmp_path / "raw", tmp_path / "ema", tmp_path / "halves"
-    pretrain(_tc(raw, data=small_data))
-    pretrain(_tc(ema, data=small_data, ema=0.9))
+    train(_tc(raw, data=small_data))
+    train(_tc(ema, data=small_data, ema=0.9))
     a, b = _rows(raw), _rows(ema)
     keys = ["loss", "grad_norm", "val_loss"]
     assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]  # training untouched
@@ -77,18 +79,18 @@ def test_ema_checkpoints_hold_the_average_and_resume_exactly(tmp_path):
     m_ema, _, _ = ckpt.load_model(ema)
     state, _ = ckpt.load_train_state(ckpt.resolve(ema))
     named = dict(m_raw.named_parameters())
-    for name, p in m_ema.named_parameters():
+    for name, _ in m_ema.named_parameters():
         assert torch.equal(state["raw." + name], named[name]), name  # the raw weights ride along
     assert any(not torch.equal(p, named[n]) for n, p in m_ema.named_parameters())  # the checkpoint is the average
-    pretrain(_tc(halves, data=small_data, ema=0.9, stop_at=6))
-    pretrain(_tc(halves, data=small_data))  # ema comes back with the run's settings
+    train(_tc(halves, data=small_data, ema=0.9, stop_at=6))
+    train(_tc(halves, data=small_data))  # ema comes back with the run's settings
     assert [[r.get(k) for k in keys + ["val_loss_ema"]] for r in _rows(halves)] == \
         [[r.get(k) for k in keys + ["val_loss_ema"]] for r in b]
     m_half, _, _ = ckpt.load_model(halves)
     for (name, x), (_, y) in zip(m_ema.state_dict().items(), m_half.state_dict().items()):
         assert torch.equal(x, y), name
     with pytest.raises(ConfigError, match="ema"):
-        pretrain(_tc(tmp_path / "bad", data=small_data, ema=1.0))
+        train(_tc(tmp_path / "bad", data=small_data, ema=1.0))
 
 
 def test_user_files_are_read(small_data):
@@ -99,27 +101,27 @@ def test_user_files_are_read(small_data):
 
 def test_model_config_cannot_change_on_resume(tmp_path, small_data):
     from nanoseek.config import ConfigError
-    pretrain(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
+    train(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
     with pytest.raises(ConfigError, match="cannot change"):
-        pretrain(_tc(tmp_path, data=small_data, max_steps=4), ["hidden_size=128"])
+        train(_tc(tmp_path, data=small_data, max_steps=4), ["hidden_size=128"])
 
 
 def test_a_run_that_died_before_its_first_checkpoint_starts_over(tmp_path, small_data):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
-    pretrain(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
+    train(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.0
 
 
 def test_resume_keeps_the_saved_run_settings(tmp_path, small_data):
-    pretrain(_tc(tmp_path, data=small_data, max_steps=4, stop_at=2, eval_every=0))
-    summary = pretrain(TrainConfig(out=str(tmp_path), progress=False))  # no --max-steps, no --data
+    train(_tc(tmp_path, data=small_data, max_steps=4, stop_at=2, eval_every=0))
+    summary = train(TrainConfig(out=str(tmp_path), progress=False))  # no --max-steps, no --data
     assert summary["step"] == 4 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_cost_ledger_counts_flops(tmp_path, small_data):
-    pretrain(_tc(tmp_path, data=small_data, max_steps=3))
+    train(_tc(tmp_path, data=small_data, max_steps=3))
     meta = json.loads((tmp_path / "latest" / "meta.json").read_text())
     model, _, _ = ckpt.load_model(tmp_path)
     tokens = 3 * 4 * 64
@@ -141,27 +143,28 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, small_data, mo
         return out
 
     monkeypatch.setattr(Transformer, "loss", sometimes_nan)
-    pretrain(_tc(tmp_path / "a", data=small_data, max_steps=6, eval_every=0))
+    train(_tc(tmp_path / "a", data=small_data, max_steps=6, eval_every=0))
     rows = _rows(tmp_path / "a")
     assert [r["step"] for r in rows if "skipped" in r] == [3]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and rows[-1]["step"] == 6
 
-    monkeypatch.setattr(Transformer, "loss", lambda self, x, y, counts=None: {"loss": torch.tensor(float("inf"), requires_grad=True)})
+    monkeypatch.setattr(Transformer, "loss",
+                        lambda self, x, y, counts=None: {"loss": torch.tensor(float("inf"), requires_grad=True)})
     with pytest.raises(TrainingError, match="3 steps in a row"):
-        pretrain(_tc(tmp_path / "b", data=small_data, max_steps=6, eval_every=0))
+        train(_tc(tmp_path / "b", data=small_data, max_steps=6, eval_every=0))
 
 
 def test_bf16_matmuls_train_fp32_weights_and_resume_exactly(tmp_path, small_data):
     from nanoseek.config import ConfigError
-    from nanoseek.train.pretrain import autocast_for, cpu_has_bf16
+    from nanoseek.train.device import autocast_for, cpu_has_bf16
 
     cpu = torch.device("cpu")
     assert not isinstance(autocast_for(cpu, "auto"), torch.autocast)  # fp32 on a CPU unless asked
     with pytest.raises(ConfigError, match="precision must be one of auto, bf16, fp32"):
-        pretrain(_tc(tmp_path / "x", data=small_data, precision="fp16"))
+        train(_tc(tmp_path / "x", data=small_data, precision="fp16"))
     fp32, bf16, halves = tmp_path / "fp32", tmp_path / "bf16", tmp_path / "halves"
-    pretrain(_tc(fp32, data=small_data))
-    pretrain(_tc(bf16, data=small_data, precision="bf16"))
+    train(_tc(fp32, data=small_data))
+    train(_tc(bf16, data=small_data, precision="bf16"))
     a, b = _rows(fp32), _rows(bf16)
     if not cpu_has_bf16():  # (an AVX2-only host): fp32 rather than bf16 emulated at ~1 GFLOP/s
         assert not isinstance(autocast_for(cpu, "bf16"), torch.autocast)
@@ -173,6 +176,6 @@ def test_bf16_matmuls_train_fp32_weights_and_resume_exactly(tmp_path, small_data
     assert [r["main_loss"] for r in a] != [r["main_loss"] for r in b]  # but its matmuls were bf16
     model, _, _ = ckpt.load_model(bf16)
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # weights and checkpoint stay fp32
-    pretrain(_tc(halves, data=small_data, precision="bf16", stop_at=6))
-    pretrain(_tc(halves, data=small_data))  # the saved precision comes back with the run
+    train(_tc(halves, data=small_data, precision="bf16", stop_at=6))
+    train(_tc(halves, data=small_data))  # the saved precision comes back with the run
     assert [r["main_loss"] for r in _rows(halves)] == [r["main_loss"] for r in b]

@@ -1,0 +1,95 @@
+"""Held-out evaluation of a pipeline's models side by side: every stage's model on the same
+problems, the summary table, and each stage's paired gain over the one before it with a 95%
+interval (tighter than comparing two separate intervals, since both models face the same
+problems)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nanoseek.data.tasks import eval_sets
+from nanoseek.eval import evaluate, mean_ci
+from nanoseek.train.runlog import say
+
+
+def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str], n: int | dict[str, int],
+                    k: int, max_tokens: int, progress: bool = True) -> dict[str, Any]:
+    """The eval stage of a pipeline: every (stage name, checkpoint) on the held-out sets of
+    `tasks` (`n` problems each, or n[set]), the full results in folder/eval.json; returns the
+    summary table and the paired gains of each stage over the one before."""
+    table = {}
+    for name, path in models:
+        say(progress, f"  eval {name}")
+        table[name] = evaluate(path, eval_sets(tasks), n, k, max_tokens=max_tokens)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
+    return {"table": summarize(table), "gains": stage_gains(table)}
+
+
+def summarize(table: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{stage: {task: {pass@1, ci, maj@k, format, length}}} from evaluate() results."""
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for stage, res in table.items():
+        rows[stage] = {}
+        for task, r in res["tasks"].items():
+            k = r.get("k")
+            rows[stage][task] = {"pass@1": r["pass@1"], "ci95": r["pass@1_ci95"], "format": r["format_rate"],
+                                 "length": r["mean_length"], "problems": r["problems"],
+                                 **({"pass@1_sampled": r["pass@1_sampled"], "sampled_ci95": r["pass@1_sampled_ci95"],
+                                     f"maj@{k}": r[f"maj@{k}"]} if k else {})}
+    return rows
+
+
+def stage_gains(table: dict[str, dict], pairs: list[tuple[str, str]] | None = None
+                ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each stage against the one before it (or each (before, after) of `pairs`), on the same
+    held-out problems: the gain in greedy and sampled pass@1 with a 95% interval on the paired
+    per-problem differences (tighter than comparing two separate intervals, since both models
+    face the same problems). A gain is `clear` when the paired interval lies above zero."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    names = list(table)
+    for before, after in pairs or list(zip(names, names[1:])):
+        key = f"{after} vs {before}"
+        out[key] = {}
+        for task, b in table[before]["tasks"].items():
+            a = table[after]["tasks"].get(task)
+            if a is None or a["problems"] != b["problems"]:
+                continue
+            row: dict[str, Any] = {}
+            for name, field_ in (("pass@1", "correct"), ("pass@1_sampled", "sampled_correct")):
+                if field_ in a and field_ in b:
+                    d = [x - y for x, y in zip(a[field_], b[field_])]
+                    lo, hi = mean_ci(d, bounds=(-1.0, 1.0))
+                    row[name] = {"gain": sum(d) / len(d), "ci95": [lo, hi], "clear": lo > 0}
+            out[key][task] = row
+    return out
+
+
+def gains_table(gains: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A markdown table of stage_gains: one row per stage pair and task."""
+    lines = ["| stages | task | greedy pass@1 gain [95% CI, paired] | sampled pass@1 gain [95% CI, paired] |",
+             "|---|---|---|---|"]
+    cell = lambda g: f"{g['gain']:+.1%} [{g['ci95'][0]:+.1%}, {g['ci95'][1]:+.1%}]" if g else ""  # noqa: E731
+    for pair, tasks in gains.items():
+        for task, row in tasks.items():
+            lines.append(f"| {pair} | {task} | {cell(row.get('pass@1'))} | {cell(row.get('pass@1_sampled'))} |")
+    return "\n".join(lines)
+
+
+def stage_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A markdown table: one row per stage, pass@1 greedy [CI], sampled [CI] and format per task."""
+    tasks = sorted({t for r in rows.values() for t in r})
+    head = "| stage | " + " | ".join(f"{t} pass@1 [95% CI] | sampled [95% CI] | format" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(tasks))]
+    for stage, r in rows.items():
+        cells = []
+        for t in tasks:
+            x = r.get(t)
+            sampled = (f"{x['pass@1_sampled']:.1%} [{x['sampled_ci95'][0]:.1%}, {x['sampled_ci95'][1]:.1%}]"
+                       if x and "sampled_ci95" in x else "")
+            cells += ([f"{x['pass@1']:.1%} [{x['ci95'][0]:.1%}, {x['ci95'][1]:.1%}]", sampled, f"{x['format']:.0%}"]
+                      if x else ["", "", ""])
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Multi-stage runs that survive being killed (`nanoseek speedrun`, `nanoseek r1`).
+
+A pipeline is a list of stages, each with its own folder under the run. A stage that finished
+wrote `stage.json` (its summary) there last, atomically; a restarted pipeline skips those and
+resumes the first unfinished one, which resumes itself from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nanoseek.train.runlog import say
+
+DONE = "stage.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Path], dict[str, Any]]  # gets its folder, returns its summary
+    what: str = ""
+    estimate_s: float = 0.0  # expected wall time, for the run's ETA (0: unknown)
+
+
+def stage_done(folder: Path) -> dict[str, Any] | None:
+    f = folder / DONE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def run_stages(out: str | Path, stages: list[Stage], progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run the unfinished stages in order; returns every stage's summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    spent = expected = 0.0  # the stages run so far: wall time and estimates (this host's pace)
+    for i, st in enumerate(stages, 1):
+        folder = out / st.name
+        done = stage_done(folder)
+        head = f"[{i}/{len(stages)}] {st.name}" + (f": {st.what}" if st.what else "")
+        if done is not None:
+            say(progress, f"{head} (done, skipped)")
+            summaries[st.name] = done
+            continue
+        left = sum(s.estimate_s for s in stages[i - 1:] if stage_done(out / s.name) is None)
+        left *= pace(spent, expected)
+        say(progress, f"{head}  [{(time.perf_counter() - start) / 60:.1f} min in"
+                      + (f", ~{left / 60:.0f} min to go]" if left else "]"))
+        fresh = not folder.exists()  # not a resumed stage, whose wall time is only its rest
+        t0 = time.perf_counter()
+        summary = st.run(folder)
+        summary = {**summary, "stage_wall_s": round(time.perf_counter() - t0, 2)}
+        if fresh and st.estimate_s >= 60:  # a shorter one (the tokenizer) says little of the matmuls
+            spent, expected = spent + summary["stage_wall_s"], expected + st.estimate_s
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (DONE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        tmp.replace(folder / DONE)
+        summaries[st.name] = summary
+    return summaries
+
+
+def pace(spent: float, expected: float) -> float:
+    """How much slower than its estimates this host ran the stages so far (1.0 before the
+    first): the remaining estimates, made on one host, scaled to this one. Hosts of the same
+    kind ran the same speedrun 1.4-2.2x apart (docs/LOG.md)."""
+    return spent / expected if expected > 0 and spent > 0 else 1.0
