@@ -185,9 +185,9 @@ def add_pretrain(sub) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    tc = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
-                     price_per_hour=args.price_per_hour, **_training_switches(args))
-    return print_summary(train(with_flags(tc, args, RUN_FLAGS), args.overrides))
+    config = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
+                         price_per_hour=args.price_per_hour, **_training_switches(args))
+    return print_summary(train(with_flags(config, args, RUN_FLAGS), args.overrides))
 
 
 def add_sft(sub) -> None:
@@ -201,9 +201,9 @@ def add_sft(sub) -> None:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    tc = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, lr=SFT_LR, warmup_steps=SFT_WARMUP,
-                     **_training_switches(args))
-    return print_summary(train(with_flags(tc, args, RUN_FLAGS), args.overrides))
+    config = TrainConfig(stage="sft", init=args.ckpt, out=args.out, data=args.data, lr=SFT_LR, warmup_steps=SFT_WARMUP,
+                         **_training_switches(args))
+    return print_summary(train(with_flags(config, args, RUN_FLAGS), args.overrides))
 
 
 def _training_switches(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,14 +236,14 @@ def add_grpo(sub) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> int:
-    gc = GRPOConfig(init=args.ckpt, out=args.out, progress=not args.quiet)
+    config = GRPOConfig(init=args.ckpt, out=args.out, progress=not args.quiet)
     args.activation_checkpointing = args.activation_checkpointing or None  # a resumed run keeps its own
     args.dynamic_sampling = args.dynamic_sampling or None
-    gc = with_flags(gc, args, {**RUN_FLAGS, "tasks": "task", "template": "template", "loss_type": "loss_type",
-                               "beta": "beta", "eps_high": "clip_higher", "ref_reset_every": "ref_reset",
-                               "parallel": "parallel", "activation_checkpointing": "activation_checkpointing",
-                               "dynamic_sampling": "dynamic_sampling"})
-    return print_summary(grpo(gc, args.overrides))
+    config = with_flags(config, args, {**RUN_FLAGS, "tasks": "task", "template": "template", "loss_type": "loss_type",
+                                       "beta": "beta", "eps_high": "clip_higher", "ref_reset_every": "ref_reset",
+                                       "parallel": "parallel", "activation_checkpointing": "activation_checkpointing",
+                                       "dynamic_sampling": "dynamic_sampling"})
+    return print_summary(grpo(config, args.overrides))
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,12 +271,12 @@ def add_speedrun(sub) -> None:
 
 def run_speedrun(args: argparse.Namespace) -> int:
     seed = [] if args.seed is None else [f"seed={args.seed}"]
-    sc = speedrun_config(args.preset, args.out, [*args.overrides, *seed], args.smoke)
+    config = speedrun_config(args.preset, args.out, [*args.overrides, *seed], args.smoke)
     if args.plan:
-        print_plan(plan(sc))
+        print_plan(plan(config))
         return 0
-    sc.progress = not args.quiet
-    summaries = speedrun(sc, args.ablate)
+    config.progress = not args.quiet
+    summaries = speedrun(config, args.ablate)
     if args.ablate:
         print((Path(args.out) / "ablations.md").read_text(), file=sys.stderr)
         print(json.dumps({"stages": summaries}, default=str))
@@ -313,13 +313,13 @@ def add_r1(sub) -> None:
 def run_r1(args: argparse.Namespace) -> int:
     resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
     by_stage = split_by_prefix(args.overrides, ("rl", "sft"))
-    rc = apply_overrides(R1Config(), by_stage[""])
-    rc.base, rc.out, rc.zero, rc.progress = args.ckpt, args.out, args.zero, not args.quiet
-    rc.grpo_overrides, rc.sft_overrides = by_stage["rl"], by_stage["sft"]
-    rc.validate()  # a bad stage setting fails now, not minutes later when its stage starts
+    config = apply_overrides(R1Config(), by_stage[""])
+    config.base, config.out, config.zero, config.progress = args.ckpt, args.out, args.zero, not args.quiet
+    config.grpo_overrides, config.sft_overrides = by_stage["rl"], by_stage["sft"]
+    config.validate()  # a bad stage setting fails now, not minutes later when its stage starts
     check_tasks(args.task or [], TASKS)
-    rc.tasks = args.task or rc.tasks
-    print_stages(run_stages(args.out, r1_stages(rc), progress=rc.progress))
+    config.tasks = args.task or config.tasks
+    print_stages(run_stages(args.out, r1_stages(config), progress=config.progress))
     return 0
 
 
@@ -341,10 +341,10 @@ def add_distill(sub) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    dc = DistillConfig(teacher=args.teacher, student=args.student, out=args.out, problems=args.problems, k=args.k,
-                       temperature=args.temperature, max_tokens=args.max_tokens, level=args.level,
-                       max_steps=args.max_steps, progress=not args.quiet)
-    print(json.dumps(distill(with_flags(dc, args, {"tasks": "task"}), args.overrides)))
+    config = DistillConfig(teacher=args.teacher, student=args.student, out=args.out, problems=args.problems, k=args.k,
+                           temperature=args.temperature, max_tokens=args.max_tokens, level=args.level,
+                           max_steps=args.max_steps, progress=not args.quiet)
+    print(json.dumps(distill(with_flags(config, args, {"tasks": "task"}), args.overrides)))
     return 0
 
 

@@ -26,6 +26,7 @@ import nanoseek
 from nanoseek.config import preset
 from nanoseek.hf import config_to_hf, to_hf_state_dict
 from nanoseek.infer.engine import Engine
+from nanoseek.infer.measure import cache_sizes, mtp_figures
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
 
@@ -155,19 +156,6 @@ def _peak_child(side: str, ckpt: str | None, preset_name: str, B: int, P: int, n
     print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
-def cache_sizes(model: Transformer) -> dict:
-    """Bytes per token of context (fp32): the engine's latent cache as allocated, the formula
-    layers x (kv_lora_rank + rope dim), MHA of the same width (K and V) and MLA with its keys
-    and values expanded per head."""
-    cfg = model.config
-    engine = Engine(model, max_seqs=4, context=256)
-    return {"cache_bytes_per_token": engine.cache.nbytes() / (4 * 256),
-            "cache_formula_bytes_per_token": cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
-            "mha_cache_bytes_per_token": cfg.num_hidden_layers * 2 * cfg.hidden_size * 4,
-            "expanded_mla_cache_bytes_per_token": cfg.num_hidden_layers * cfg.num_attention_heads * (
-                cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4}
-
-
 def cache_figures(model: Transformer, hf) -> dict:
     cfg = model.config
     sizes = cache_sizes(model)
@@ -192,25 +180,3 @@ def cache_figures(model: Transformer, hf) -> dict:
                                          "expanded_mla": int(budget // (expanded * ctx)),
                                          "mha": int(budget // (mha * ctx))},
     }
-
-
-def mtp_figures(model: Transformer, tok, n_new: int, repeats: int) -> dict:
-    """Batch-1 greedy decode tokens/s without MTP drafting and, for a model with MTP modules,
-    with them: acceptance, tokens/s and the speedup (medians over `repeats` after a warm-up)."""
-    prompt = tok.encode("Question: What is 12 + 30?\n<think>\n") if tok else torch.randint(10, 500, (32,)).tolist()
-    engines = {spec: Engine(model, None, max_seqs=1, speculative=spec) for spec in (False, True)[:1 + bool(model.mtp)]}
-    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
-    times: dict[bool, list[float]] = {spec: [] for spec in engines}
-    for r in range(repeats + 1):
-        for spec, engine in engines.items():
-            t = time.perf_counter()
-            engine.generate([prompt], params)
-            if r:  # round 0 warms up
-                times[spec].append(time.perf_counter() - t)
-    plain = {"no_mtp_tokens_per_s": n_new / statistics.median(times[False])}
-    if not model.mtp:
-        return {"mtp_acceptance": None, "mtp_speedup": None, **plain}
-    st = engines[True].stats
-    return {"mtp_acceptance": st["accepted"] / max(1, st["drafted"]),
-            "mtp_speedup": statistics.median(a / b for a, b in zip(times[False], times[True])),
-            "mtp_tokens_per_s": n_new / statistics.median(times[True]), **plain}

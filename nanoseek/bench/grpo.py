@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from nanoseek.config import ConfigError
 from nanoseek.data.splits import TRAIN_POOL
 from nanoseek.data.tasks import problems, reward
@@ -32,16 +34,16 @@ def bench_grpo(ckpt: str, task: str = "chain_sum", steps: int = 5, prompts: int 
     except ImportError:
         raise ConfigError("bench grpo compares against TRL: pip install trl") from None
     with tempfile.TemporaryDirectory() as tmp:
-        gc = GRPOConfig(init=ckpt, out=str(Path(tmp) / "ours"), tasks=[task], level=level, max_steps=steps,
-                        prompts_per_step=prompts, group_size=group, max_tokens=max_tokens, lr=lr, beta=beta,
-                        loss_type="grpo", temperature=1.0, warmup_steps=0,  # what TRL runs below
-                        save_every=10**6, progress=False, device="cpu")
+        config = GRPOConfig(init=ckpt, out=str(Path(tmp) / "ours"), tasks=[task], level=level, max_steps=steps,
+                            prompts_per_step=prompts, group_size=group, max_tokens=max_tokens, lr=lr, beta=beta,
+                            loss_type="grpo", temperature=1.0, warmup_steps=0,  # what TRL runs below
+                            save_every=10**6, progress=False, device="cpu")
         t = time.perf_counter()
-        grpo(gc)
+        grpo(config)
         ours_total = time.perf_counter() - t
-        rows = read_metrics(Path(gc.out) / "metrics.jsonl")
+        rows = read_metrics(Path(config.out) / "metrics.jsonl")
         ours = [r["step_s"] for r in rows]
-        theirs, trl_rewards = _trl(ckpt, gc, Path(tmp))
+        theirs, trl_rewards = _trl(ckpt, config, Path(tmp))
     ours_s, trl_s = statistics.median(ours[1:] or ours), statistics.median(theirs[1:] or theirs)
     return {"checkpoint": ckpt, "task": task, "steps": steps, "prompts_per_step": prompts, "group_size": group,
             "max_tokens": max_tokens, "beta": beta, "sec_per_step": ours_s, "trl_sec_per_step": trl_s,
@@ -49,8 +51,7 @@ def bench_grpo(ckpt: str, task: str = "chain_sum", steps: int = 5, prompts: int 
             "reward_curve": [r["reward"] for r in rows], "trl_reward_curve": trl_rewards}
 
 
-def _trl(ckpt: str, gc, tmp: Path) -> tuple[list[float], list[float]]:
-    import torch
+def _trl(ckpt: str, config, tmp: Path) -> tuple[list[float], list[float]]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -60,14 +61,14 @@ def _trl(ckpt: str, gc, tmp: Path) -> tuple[list[float], list[float]]:
     _, tok, _ = load_model(ckpt)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    ps = problems(gc.tasks[0], "train", min(TRAIN_POOL[gc.tasks[0]], gc.max_steps * gc.prompts_per_step),
-                  level=gc.level)
+    n = min(TRAIN_POOL[config.tasks[0]], config.max_steps * config.prompts_per_step)
+    ps = problems(config.tasks[0], "train", n, level=config.level)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}], "idx": i}
                               for i, p in enumerate(ps)])
 
     def rewards(prompts, completions, completion_ids, idx, **kw):
         return [reward(ps[i], tok.decode(ids, keep_special=True).replace("<|eos|>", ""), len(ids),
-                       gc.max_tokens).total for i, ids in zip(idx, completion_ids)]
+                       config.max_tokens).total for i, ids in zip(idx, completion_ids)]
 
     times: list[float] = []
 
@@ -78,12 +79,13 @@ def _trl(ckpt: str, gc, tmp: Path) -> tuple[list[float], list[float]]:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
-    cfg = TRLConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=gc.prompts_per_step * gc.group_size,
-                    num_generations=gc.group_size, max_completion_length=gc.max_tokens, learning_rate=gc.lr,
-                    beta=gc.beta, epsilon=gc.eps_low, epsilon_high=gc.eps_high, loss_type="grpo",
-                    scale_rewards="group", num_iterations=1, temperature=gc.temperature, max_steps=gc.max_steps,
+    cfg = TRLConfig(output_dir=str(tmp / "trl"),
+                    per_device_train_batch_size=config.prompts_per_step * config.group_size,
+                    num_generations=config.group_size, max_completion_length=config.max_tokens, learning_rate=config.lr,
+                    beta=config.beta, epsilon=config.eps_low, epsilon_high=config.eps_high, loss_type="grpo",
+                    scale_rewards="group", num_iterations=1, temperature=config.temperature, max_steps=config.max_steps,
                     logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
-                    shuffle_dataset=False, seed=gc.seed, disable_tqdm=True, lr_scheduler_type="constant",
+                    shuffle_dataset=False, seed=config.seed, disable_tqdm=True, lr_scheduler_type="constant",
                     warmup_steps=0)
     trainer = GRPOTrainer(model=model, reward_funcs=[rewards], args=cfg, train_dataset=data,
                           processing_class=hf_tok, callbacks=[Clock()])

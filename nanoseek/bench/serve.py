@@ -19,8 +19,12 @@ import subprocess
 import sys
 import time
 
+import nanoseek
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.serve.app import create_app
+from nanoseek.serve.server import ThreadedServer
+from nanoseek.train.checkpoint import CheckpointError
 
 
 def _questions(n: int) -> list[str]:
@@ -28,11 +32,6 @@ def _questions(n: int) -> list[str]:
 
 
 def bench_serve(ckpt: str, clients: int = 64, max_tokens: int = 64, repeats: int = 3) -> dict:
-    import nanoseek
-    from nanoseek.serve.app import create_app
-    from nanoseek.serve.server import ThreadedServer
-    from nanoseek.train.checkpoint import CheckpointError
-
     model, tok = nanoseek.load(ckpt)
     if tok is None:
         raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")

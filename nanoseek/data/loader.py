@@ -82,10 +82,6 @@ class PackedLoader:
     def load_state_dict(self, d: dict) -> None:
         self.state = LoaderState(int(d["epoch"]), int(d["index"]))
 
-    @property
-    def epoch_progress(self) -> float:
-        return self.state.epoch + self.state.index / self.n_chunks
-
 
 def val_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, max_batches: int,
                 labels: torch.Tensor | None = None):

@@ -52,7 +52,6 @@ class Tokenizer:
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             raise ForeignTokenizerError(f"tokenizer lacks nanoseek's special tokens: {', '.join(missing)}")
-        self.special_ids = ids
         self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
         self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
 

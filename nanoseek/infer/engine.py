@@ -64,7 +64,6 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.outputs = [Completion(i, logprobs=[] if params.logprobs else None) for i in range(params.n)]
-        self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.aborted = False
 

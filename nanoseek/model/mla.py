@@ -53,10 +53,6 @@ class LatentCache:
         """[B, T, length] mask: a new token at position p sees the cached keys at 0..p."""
         return torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
 
-    def bytes_per_token(self) -> int:
-        buf = self.layers[0]
-        return len(self.layers) * buf.shape[-1] * buf.element_size()
-
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.layers)
 

@@ -74,7 +74,6 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         inv_freq, self.attention_factor = rope_frequencies(dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.max_positions = cfg.max_position_embeddings
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [..., T] (int) -> cos, sin [..., T, dim/2] in fp32."""

@@ -10,14 +10,13 @@ import time
 
 import uvicorn
 
+from nanoseek.infer.engine import Engine
 from nanoseek.serve.app import Limits, create_app
+from nanoseek.train.checkpoint import CheckpointError, load_model
 
 
 def build(ckpt: str, api_key: str | None = None, max_seqs: int = 32, context: int | None = None,
           mtp: bool = False, model_name: str | None = None, device: str = "cpu", limits: Limits | None = None):
-    from nanoseek.infer.engine import Engine
-    from nanoseek.train.checkpoint import CheckpointError, load_model
-
     model, tok, folder = load_model(ckpt, device)
     if tok is None:
         raise CheckpointError(f"{folder} has no nanoseek tokenizer (tokenizer.json with the chat tokens)")

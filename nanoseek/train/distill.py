@@ -82,24 +82,24 @@ class DistillConfig:
         require(self.problems >= 1 and self.k >= 1, "--problems and --k must be at least 1")
 
 
-def distill(dc: DistillConfig, overrides: list[str] = ()) -> dict:
+def distill(config: DistillConfig, overrides: list[str] = ()) -> dict:
     """Teacher traces (rejection-sampled, written once to OUT/traces.jsonl), then SFT of the
     student; `overrides` are the student's training settings (TrainConfig fields)."""
-    dc.validate()
-    run = Path(dc.out)
+    config.validate()
+    run = Path(config.out)
     traces = run / TRACES
     if traces.is_file():
         stats = json.loads((run / "traces_stats.json").read_text())
     else:
-        convs, stats = rejection_sample(dc.teacher, dc.tasks, dc.problems, dc.k, dc.temperature, dc.max_tokens,
-                                        level=dc.level)
+        convs, stats = rejection_sample(config.teacher, config.tasks, config.problems, config.k, config.temperature,
+                                        config.max_tokens, level=config.level)
         if not convs:
             raise TrainingError(f"the teacher solved none of the {sum(s['problems'] for s in stats.values())} "
                                 "problems: nothing to distill")
         run.mkdir(parents=True, exist_ok=True)
         (run / "traces_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         write_traces(traces, convs)
-    tc = TrainConfig(stage="sft", init=dc.student, out=dc.out, data=[str(traces)], lr=SFT_LR,
-                     warmup_steps=SFT_WARMUP, max_steps=dc.max_steps, progress=dc.progress)
-    summary = train(tc, list(overrides))
+    train_config = TrainConfig(stage="sft", init=config.student, out=config.out, data=[str(traces)], lr=SFT_LR,
+                               warmup_steps=SFT_WARMUP, max_steps=config.max_steps, progress=config.progress)
+    summary = train(train_config, list(overrides))
     return {**summary, "traces": stats}

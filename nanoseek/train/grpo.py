@@ -122,24 +122,24 @@ class Sample:
     key: Any  # what the reward function needs (a Problem for the tasks)
 
 
-def task_source(gc: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
+def task_source(config: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
     """step -> that step's prompts, drawn in order from the training pools (deterministic)."""
     pools: dict[str, list[Problem]] = {}
 
     def pool(task: str) -> list[Problem]:
         if task not in pools:
-            level = gc.level if task in LEVELED else None
+            level = config.level if task in LEVELED else None
             pools[task] = problems(task, "train", TRAIN_POOL[task], level=level)
         return pools[task]
 
     def source(step: int) -> list[Sample]:
         out = []
-        for i in range(gc.prompts_per_step):
-            j = step * gc.prompts_per_step + i
-            task = gc.tasks[j % len(gc.tasks)]
+        for i in range(config.prompts_per_step):
+            j = step * config.prompts_per_step + i
+            task = config.tasks[j % len(config.tasks)]
             ps = pool(task)
-            p = ps[(gc.offset + j // len(gc.tasks)) % len(ps)]
-            if gc.template == "r1_zero":
+            p = ps[(config.offset + j // len(config.tasks)) % len(ps)]
+            if config.template == "r1_zero":
                 ids = tok.encode(R1_ZERO_TEMPLATE.format(question=p.question))
             else:
                 ids = tok.encode(tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True))
@@ -149,12 +149,12 @@ def task_source(gc: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
     return source
 
 
-def task_reward(gc: GRPOConfig) -> Callable[[Any, str, int], dict[str, float]]:
+def task_reward(config: GRPOConfig) -> Callable[[Any, str, int], dict[str, float]]:
     def score(problem: Problem, text: str, length: int) -> dict[str, float]:
-        if gc.template == "r1_zero":
+        if config.template == "r1_zero":
             text = "<think>" + text  # the prompt opened the think block
-        r = reward(problem, text, length, gc.max_tokens, gc.overlong_buffer)
-        return {"reward": r.total, "accuracy": r.accuracy, "format": r.format, "overlong": r.overlong}
+        parts = reward(problem, text, length, config.max_tokens, config.overlong_buffer)
+        return {"reward": parts.total, "accuracy": parts.accuracy, "format": parts.format, "overlong": parts.overlong}
 
     return score
 
@@ -162,46 +162,47 @@ def task_reward(gc: GRPOConfig) -> Callable[[Any, str, int], dict[str, float]]:
 # ---------------------------------------------------------------------------------------
 # the loop
 
-def grpo(gc: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> dict[str, Any]:
-    """Train until gc.max_steps; returns the run's summary. `source` (step -> Samples) and `score`
+def grpo(config: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> dict[str, Any]:
+    """Train until config.max_steps; returns the run's summary. `source` (step -> Samples) and `score`
     (key, text, length -> reward parts) replace the tasks' prompts and rewards."""
-    r = setup(gc, overrides, source, score)
-    gc, ranks = r.gc, r.ranks
-    show = gc.progress and ranks.main
-    say(show, f"nanoseek grpo: {gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.loss_type} "
-              f"loss, beta {gc.beta}, {r.start}" + (f", {ranks.world} processes" if ranks.parallel else ""))
-    bar = progress_bar("grpo", show, r.step, gc.max_steps)
+    run = setup(config, overrides, source, score)
+    config, ranks = run.config, run.ranks
+    show = config.progress and ranks.main
+    say(show, f"nanoseek grpo: {config.prompts_per_step} prompts x {config.group_size} samples per step, "
+              f"{config.loss_type} loss, beta {config.beta}, {run.start}"
+              + (f", {ranks.world} processes" if ranks.parallel else ""))
+    bar = progress_bar("grpo", show, run.step, config.max_steps)
     last: dict[str, Any] = {}
-    r.ledger.restart_clock()
-    while r.step < gc.max_steps:
-        row = grpo_step(r)
-        if r.validating and (r.step % gc.eval_every == 0 or r.step == gc.max_steps):
-            if r.sampler is not r.model:
-                dist.copy_whole(r.model, r.sampler)  # (every rank gathers; rank 0 validates)
+    run.ledger.restart_clock()
+    while run.step < config.max_steps:
+        row = grpo_step(run)
+        if run.validating and (run.step % config.eval_every == 0 or run.step == config.max_steps):
+            if run.sampler is not run.model:
+                dist.copy_whole(run.model, run.sampler)  # (every rank gathers; rank 0 validates)
             if ranks.main:
-                row.update(validate(r.engine, gc))
+                row.update(validate(run.engine, config))
         if ranks.main:
-            log_metrics(r.folder, row)
+            log_metrics(run.folder, row)
             bar.update(1)
             bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
                                 f"len {row['response_length']:.0f}")
         last = row
-        if r.step % gc.save_every == 0 or r.step == gc.max_steps:
-            whole, opt_state = dist.full_state(r.model, r.opt, ranks)  # FSDP: every rank gathers
+        if run.step % config.save_every == 0 or run.step == config.max_steps:
+            whole, opt_state = dist.full_state(run.model, run.opt, ranks)  # FSDP: every rank gathers
             if ranks.main:
-                _save(r.folder, r.step, whole, r.tok, opt_state, r.ledger, gc, last, r.ref)
-            r.ledger.restart_clock()
+                _save(run.folder, run.step, whole, run.tok, opt_state, run.ledger, config, last, run.ref)
+            run.ledger.restart_clock()
     bar.close()
     dist.finish(ranks)
-    return {"step": r.step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
-            "checkpoint": str((r.folder / "latest").resolve()), "cost": r.ledger.to_dict()}
+    return {"step": run.step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
+            "checkpoint": str((run.folder / "latest").resolve()), "cost": run.ledger.to_dict()}
 
 
 @dataclass
 class GRPORun:
     """Everything the loop works with, as setup() leaves it."""
 
-    gc: GRPOConfig
+    config: GRPOConfig
     folder: Path
     model: nn.Module
     tok: Any
@@ -220,45 +221,45 @@ class GRPORun:
     start: str
 
 
-def setup(gc: GRPOConfig, overrides: list[str], source, score) -> GRPORun:
-    folder = Path(gc.out)
+def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPORun:
+    folder = Path(config.out)
     resume = ckpt.has_checkpoint(folder)
     if resume:  # its own settings, but for how far to go and how to show it
         model, tok, latest = ckpt.load_model(folder)
         tensors, info = ckpt.load_train_state(latest)
-        gc = dataclasses.replace(GRPOConfig(**info["grpo_config"]), max_steps=gc.max_steps, progress=gc.progress,
-                                 device=gc.device, out=gc.out, parallel=gc.parallel,
-                                 activation_checkpointing=gc.activation_checkpointing)
+        config = dataclasses.replace(GRPOConfig(**info["grpo_config"]), max_steps=config.max_steps,
+                                     progress=config.progress, device=config.device, out=config.out,
+                                     parallel=config.parallel, activation_checkpointing=config.activation_checkpointing)
     else:
-        gc = apply_overrides(gc, list(overrides))
-        gc.validate()
-        model, tok, _ = ckpt.load_model(gc.init)
+        config = apply_overrides(config, list(overrides))
+        config.validate()
+        model, tok, _ = ckpt.load_model(config.init)
     if tok is None:
-        raise ConfigError(f"{gc.init} has no nanoseek tokenizer")
-    ranks, device = dist.setup(pick_device(gc.device))  # one process, or torchrun's group
-    if gc.prompts_per_step % ranks.world:
-        raise ConfigError(f"prompts_per_step {gc.prompts_per_step} (the global number) must divide among "
+        raise ConfigError(f"{config.init} has no nanoseek tokenizer")
+    ranks, device = dist.setup(pick_device(config.device))  # one process, or torchrun's group
+    if config.prompts_per_step % ranks.world:
+        raise ConfigError(f"prompts_per_step {config.prompts_per_step} (the global number) must divide among "
                           f"{ranks.world} processes")
-    torch.manual_seed(gc.seed)
+    torch.manual_seed(config.seed)
     model.to(device)
-    validating = gc.eval_every > 0 and source is None  # validation problems exist for the tasks only
-    context = min(model.config.max_position_embeddings, 1024 + gc.max_tokens)
+    validating = config.eval_every > 0 and source is None  # validation problems exist for the tasks only
+    context = min(model.config.max_position_embeddings, 1024 + config.max_tokens)
     # the engine samples from the policy; under FSDP from a whole copy, loaded from the shards
     # every step (as RL systems load the trainer's weights into their inference engine)
-    sampler = copy.deepcopy(model) if ranks.parallel and gc.parallel == "fsdp" else model
-    engine = Engine(sampler, tok, max_seqs=gc.group_size * gc.prompts_per_step // ranks.world,  # this rank's
+    sampler = copy.deepcopy(model) if ranks.parallel and config.parallel == "fsdp" else model
+    engine = Engine(sampler, tok, max_seqs=config.group_size * config.prompts_per_step // ranks.world,  # this rank's
                     context=context)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if gc.beta > 0 else None
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
     # the log-probs as a module's forward, through DDP or FSDP under torchrun (DDP: the MTP
     # modules take no part in GRPO, find_unused_parameters; FSDP: the reference stays a whole
     # copy on each rank)
-    model.activation_checkpointing = gc.activation_checkpointing
+    model.activation_checkpointing = config.activation_checkpointing
     dist.check_same_start(model, ranks)
     policy = _Policy(model)
     if ranks.parallel:
-        policy = dist.fsdp(model, policy) if gc.parallel == "fsdp" else dist.ddp(policy, device, find_unused=True)
-    opt = make_optimizer(model, gc.lr, gc.weight_decay)
-    ledger = CostLedger(device, gc.price_per_hour, ranks.world)
+        policy = dist.fsdp(model, policy) if config.parallel == "fsdp" else dist.ddp(policy, device, find_unused=True)
+    opt = make_optimizer(model, config.lr, config.weight_decay)
+    ledger = CostLedger(device, config.price_per_hour, ranks.world)
     step = 0
     if resume:
         load_optimizer_state(opt, dist.shard_like_params(tensors, opt), info["optimizer"])
@@ -267,65 +268,65 @@ def setup(gc: GRPOConfig, overrides: list[str], source, score) -> GRPORun:
         step = int(info["step"])
         ref_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ref/")}
         if ref is not None:  # the reference as it was: the init checkpoint, or the last reset
-            ref.load_state_dict(ref_state or ckpt.load_model(gc.init)[0].state_dict())
+            ref.load_state_dict(ref_state or ckpt.load_model(config.init)[0].state_dict())
     if ranks.main:
         truncate_metrics(folder / "metrics.jsonl", step)
         folder.mkdir(parents=True, exist_ok=True)
-    start = f"resuming at step {step}" if resume else f"from {gc.init}"
-    return GRPORun(gc, folder, model, tok, ranks, device, sampler, engine, ref, policy, opt, ledger,
-                   source or task_source(gc, tok), score or task_reward(gc), validating, step, start)
+    start = f"resuming at step {step}" if resume else f"from {config.init}"
+    return GRPORun(config, folder, model, tok, ranks, device, sampler, engine, ref, policy, opt, ledger,
+                   source or task_source(config, tok), score or task_reward(config), validating, step, start)
 
 
-def grpo_step(r: GRPORun) -> dict[str, Any]:
+def grpo_step(run: GRPORun) -> dict[str, Any]:
     """One step: sample the groups, score them, update the policy and the balancing biases.
     Returns the step's metrics row."""
-    gc, ranks, model = r.gc, r.ranks, r.model
-    group, prompts_per_step = gc.group_size, gc.prompts_per_step
+    config, ranks, model = run.config, run.ranks, run.model
+    group, prompts_per_step = config.group_size, config.prompts_per_step
     t0 = time.perf_counter()
-    lr = gc.lr * min(1.0, (r.step + 1) / gc.warmup_steps) if gc.warmup_steps else gc.lr
-    for g in r.opt.param_groups:
+    lr = config.lr * min(1.0, (run.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+    for g in run.opt.param_groups:
         g["lr"] = lr
 
     # --- rollouts: this rank's prompts of the step, group_size samples each ---
-    samples = dist.share(r.source(r.step), ranks)
+    samples = dist.share(run.source(run.step), ranks)
     # (every sample owns its generator, seeded by its index in the group: the same samples
     # whichever rank draws them)
-    params = SamplingParams(max_tokens=gc.max_tokens, temperature=gc.temperature, n=group,
-                            seed=gc.seed * 1_000_003 + r.step * 1009)
-    if r.sampler is not model:
-        dist.copy_whole(model, r.sampler)  # this step's policy, gathered from the shards
-    reqs = r.engine.generate([s.prompt for s in samples], params)
+    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, n=group,
+                            seed=config.seed * 1_000_003 + run.step * 1009)
+    if run.sampler is not model:
+        dist.copy_whole(model, run.sampler)  # this step's policy, gathered from the shards
+    reqs = run.engine.generate([s.prompt for s in samples], params)
     t_roll = time.perf_counter() - t0
 
     # --- rewards and advantages ---
     rows, comps = [], []
     for s, req in zip(samples, reqs):
         for c in req.outputs:
-            rows.append(r.score(s.key, c.text, len(c.token_ids)))
+            rows.append(run.score(s.key, c.text, len(c.token_ids)))
             comps.append((s.prompt, c.token_ids))
     rewards = torch.tensor([x["reward"] for x in rows]).view(-1, group)
     keep = informative_groups(rewards)
-    adv = group_advantages(rewards, scale=gc.loss_type != "dr_grpo").flatten()
-    use = keep.repeat_interleave(group) if gc.dynamic_sampling else torch.ones(len(rows), dtype=torch.bool)
+    adv = group_advantages(rewards, scale=config.loss_type != "dr_grpo").flatten()
+    use = keep.repeat_interleave(group) if config.dynamic_sampling else torch.ones(len(rows), dtype=torch.bool)
     n_used = int(dist.total(float(use.sum()), ranks))  # the step's trained samples, over the ranks
 
     # --- the update, then the balancing biases ---
-    stats = _update(r.policy, r.ref, r.opt, gc, comps, adv, use, n_used, ranks, r.device) \
+    stats = _update(run.policy, run.ref, run.opt, config, comps, adv, use, n_used, ranks, run.device) \
         if n_used else {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "skipped_update": 1}
     dist.sync_expert_load(model, ranks)
     model.update_bias()
     dist.check_same_biases(model, ranks)
-    r.step += 1
-    if r.ref is not None and gc.ref_reset_every and r.step % gc.ref_reset_every == 0:
-        dist.copy_whole(model, r.ref)
+    run.step += 1
+    if run.ref is not None and config.ref_reset_every and run.step % config.ref_reset_every == 0:
+        dist.copy_whole(model, run.ref)
 
     # --- the step's metrics, over every rank ---
-    flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), gc,
-                                  r.ref is not None), ranks)
+    flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), config,
+                                  run.ref is not None), ranks)
     rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c) in zip(rows, comps)], ranks)
     n_tokens = sum(x["tokens"] for x in rows)
-    r.ledger.add(n_tokens, flops)
-    return {"step": r.step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
+    run.ledger.add(n_tokens, flops)
+    return {"step": run.step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
             "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
             "response_length": n_tokens / len(rows),
             "zero_adv_groups": 1 - dist.total(float(keep.sum()), ranks) / prompts_per_step,
@@ -333,18 +334,18 @@ def grpo_step(r: GRPORun) -> dict[str, Any]:
             "rollout_s": round(t_roll, 3), "step_s": round(time.perf_counter() - t0, 3)}
 
 
-def validate(engine: Engine, gc: GRPOConfig) -> dict[str, float]:
+def validate(engine: Engine, config: GRPOConfig) -> dict[str, float]:
     """Greedy pass@1 on `eval_n` held-out validation problems of each task's held-out sets
     (gsm_symbolic: also gsm_symbolic_seen), from tasks.VALIDATION_OFFSET: never trained on, and
     not the test problems that `nanoseek eval` reports."""
-    template = "base" if gc.template == "r1_zero" else "chat"
-    sets = evaluate_tasks(engine, {t: gc.eval_n for t in eval_sets(gc.tasks)}, k=0, template=template,
-                          max_tokens=gc.max_tokens, offset=VALIDATION_OFFSET)
+    template = "base" if config.template == "r1_zero" else "chat"
+    sets = evaluate_tasks(engine, {t: config.eval_n for t in eval_sets(config.tasks)}, k=0, template=template,
+                          max_tokens=config.max_tokens, offset=VALIDATION_OFFSET)
     return {f"val/{t}": r["pass@1"] for t, r in sets.items()}
 
 
 def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], list[int]]], n_trained: int,
-               gc: GRPOConfig, with_ref: bool) -> float:
+               config: GRPOConfig, with_ref: bool) -> float:
     """Matmul FLOPs of one GRPO step, at the forward cost per token of the mean sequence length:
     the rollout (each prompt prefilled once, every completion token decoded), then over the
     trained sequences the reference's forward (when beta > 0), the sampling policy's forward
@@ -352,7 +353,7 @@ def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], lis
     lengths = [len(p) + len(c) for p, c in comps]
     fwd = model.flops_per_token(max(1, round(sum(lengths) / len(lengths))), training=False)
     rollout = sum(len(p) for p in prompts) + sum(len(c) for _, c in comps)
-    passes = 3 * gc.inner_updates + int(with_ref) + int(gc.inner_updates > 1)
+    passes = 3 * config.inner_updates + int(with_ref) + int(config.inner_updates > 1)
     trained = sum(lengths) * n_trained / len(comps)
     return fwd * (rollout + passes * trained)
 
@@ -368,7 +369,7 @@ class _Policy(nn.Module):
         return _token_logp(self.model, ids, mask, temperature, with_entropy)
 
 
-def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[int], list[int]]],
+def _update(policy: nn.Module, ref, opt, config: GRPOConfig, comps: list[tuple[list[int], list[int]]],
             adv: torch.Tensor, use: torch.Tensor, n_used: int, ranks: dist.Ranks, device) -> dict[str, float]:
     """inner_updates passes over this rank's used samples in micro-batches, each weighted by its
     share of the step's n_used samples (all ranks); returns mean KL, clip fraction, entropy."""
@@ -379,7 +380,7 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
     policy.train()
     # micro-batches of similar lengths, so that little of each is padding
     order = sorted(range(len(comps)), key=lambda j: len(comps[j][0]) + len(comps[j][1]))
-    batches = [order[i: i + gc.micro_batch] for i in range(0, len(comps), gc.micro_batch)]
+    batches = [order[i: i + config.micro_batch] for i in range(0, len(comps), config.micro_batch)]
     # every rank runs as many forwards as the busiest (FSDP gathers weights in each): the
     # others add micro-batches that weigh nothing
     extra = int(dist.total(len(batches), ranks, "max")) - len(batches)
@@ -391,23 +392,24 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
 
     with torch.no_grad():  # the sampling policy's log-probs (and the reference's), computed once
         old = None
-        if gc.inner_updates > 1:
+        if config.inner_updates > 1:
             old = []
             for bi, (ids, mask) in enumerate(tensors):
                 with padding_only(bi):
-                    old.append(policy(ids, mask, gc.temperature)[0])
-        refs = [_token_logp(ref, ids, mask, gc.temperature)[0] for ids, mask in tensors] if ref is not None else None
+                    old.append(policy(ids, mask, config.temperature)[0])
+        refs = ([_token_logp(ref, ids, mask, config.temperature)[0] for ids, mask in tensors]
+                if ref is not None else None)
     agg: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
     n = 0
-    for _ in range(gc.inner_updates):
+    for _ in range(config.inner_updates):
         opt.zero_grad(set_to_none=True)
         for bi, (b, (ids, mask)) in enumerate(zip(batches, tensors)):
             # gradients synced once per update, on the last micro-batch
             with dist.gradient_sync(policy, on=bi == len(batches) - 1), padding_only(bi):
-                logp, entropy = policy(ids, mask, gc.temperature, True)
+                logp, entropy = policy(ids, mask, config.temperature, True)
                 old_lp = old[bi] if old is not None else logp.detach()
-                loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, gc.beta,
-                                     gc.eps_low, gc.eps_high, gc.loss_type, gc.max_tokens)
+                loss, st = grpo_loss(logp, old_lp, adv[b].to(device), mask, refs[bi] if refs else None, config.beta,
+                                     config.eps_low, config.eps_high, config.loss_type, config.max_tokens)
                 if not dist.all_true(bool(torch.isfinite(loss)), ranks):  # every rank stops, not one
                     raise TrainingError("non-finite GRPO loss: lower lr")
                 (loss * len(b) * scale[bi]).backward()
@@ -416,7 +418,7 @@ def _update(policy: nn.Module, ref, opt, gc: GRPOConfig, comps: list[tuple[list[
                 agg["clip_fraction"] += st["clip_fraction"]
                 agg["entropy"] += float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
                 n += 1
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), gc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
     opt.zero_grad(set_to_none=True)
     policy.eval()
@@ -453,14 +455,14 @@ def _token_logp(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float
 
 
 def _mean(rows: list[dict], key: str) -> float:
-    return round(sum(r.get(key, 0.0) for r in rows) / max(1, len(rows)), 5)
+    return round(sum(row.get(key, 0.0) for row in rows) / max(1, len(rows)), 5)
 
 
-def _save(run: Path, step: int, model, tok, opt_state, ledger, gc: GRPOConfig, last: dict, ref) -> None:
+def _save(run: Path, step: int, model, tok, opt_state, ledger, config: GRPOConfig, last: dict, ref) -> None:
     tensors, opt_info = opt_state
     tensors = {**tensors, **rng_state()}
-    if ref is not None and gc.ref_reset_every:  # a reset reference is no longer the init checkpoint
+    if ref is not None and config.ref_reset_every:  # a reset reference is no longer the init checkpoint
         tensors.update({f"ref/{k}": v.detach().contiguous() for k, v in ref.state_dict().items()})
-    info = {"step": step, "grpo_config": dataclasses.asdict(gc), "optimizer": opt_info, "cost": ledger.to_dict()}
+    info = {"step": step, "grpo_config": dataclasses.asdict(config), "optimizer": opt_info, "cost": ledger.to_dict()}
     meta = {"stage": "grpo", "step": step, "cost": ledger.to_dict(), "params": model.param_counts(), "metrics": last}
     ckpt.save_checkpoint(run, step, model, tok, meta, {"tensors": tensors, "info": info})

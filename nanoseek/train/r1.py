@@ -58,74 +58,78 @@ class R1Config:
         route_overrides([TrainConfig(), preset("tiny")], self.sft_overrides)
 
 
-def r1_stages(rc: R1Config) -> list[Stage]:
-    out = Path(rc.out)
+def r1_stages(config: R1Config) -> list[Stage]:
+    out = Path(config.out)
     ckpt = lambda name: str(out / name / "latest")  # noqa: E731
 
     def sft(init: str, data: list[str], steps: int, epochs: float | None = None,
             lr: float = SFT_LR) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
             # epochs: a few dozen kept answers must not be seen a hundred times over
-            tc = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=lr, warmup_steps=SFT_WARMUP,
-                             max_steps=steps, max_epochs=epochs, sft_examples=rc.sft_examples,
-                             sft_tasks=list(rc.tasks), progress=rc.progress)
-            return train(tc, rc.sft_overrides)
+            train_config = TrainConfig(stage="sft", init=init, out=str(folder), data=data, lr=lr,
+                                       warmup_steps=SFT_WARMUP, max_steps=steps, max_epochs=epochs,
+                                       sft_examples=config.sft_examples, sft_tasks=list(config.tasks),
+                                       progress=config.progress)
+            return train(train_config, config.sft_overrides)
         return run
 
     # Each stage draws its own training problems, in order from the pools: the cold start takes
     # the first sft_examples, rejection sampling the next rs_problems, then the RL stages theirs.
     # RL on problems the cold start wrote out in full would reward recall, not reasoning.
-    per_step = apply_overrides(GRPOConfig(), rc.grpo_overrides).prompts_per_step
-    rl_offset = 0 if rc.zero else rc.sft_examples + rc.rs_problems
-    rl2_offset = rl_offset + rc.rl_steps * per_step
+    per_step = apply_overrides(GRPOConfig(), config.grpo_overrides).prompts_per_step
+    rl_offset = 0 if config.zero else config.sft_examples + config.rs_problems
+    rl2_offset = rl_offset + config.rl_steps * per_step
 
     def rl(init: str, steps: int, template: str = "chat", offset: int = rl_offset) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
-            gc = GRPOConfig(init=init, out=str(folder), tasks=list(rc.rl_tasks or rc.tasks), max_steps=steps,
-                            template=template, max_tokens=rc.max_tokens, offset=offset, progress=rc.progress)
-            return grpo(gc, rc.grpo_overrides)
+            grpo_config = GRPOConfig(init=init, out=str(folder), tasks=list(config.rl_tasks or config.tasks),
+                                     max_steps=steps, template=template, max_tokens=config.max_tokens, offset=offset,
+                                     progress=config.progress)
+            return grpo(grpo_config, config.grpo_overrides)
         return run
 
     def rs(folder: Path) -> dict:
         # fresh problems: past those the cold start drew (problems() takes them in order)
-        convs, stats = rejection_sample(ckpt("rl"), rc.tasks, rc.rs_problems, rc.rs_k, max_tokens=rc.max_tokens,
-                                        offset=rc.sft_examples)
+        convs, stats = rejection_sample(ckpt("rl"), config.tasks, config.rs_problems, config.rs_k,
+                                        max_tokens=config.max_tokens, offset=config.sft_examples)
         folder.mkdir(parents=True, exist_ok=True)
         write_traces(folder / TRACES, convs)
         return {"kept": len(convs), "tasks": stats}
 
     def sft2(folder: Path) -> dict:
         if stage_done(out / "rs").get("kept", 0) == 0:  # nothing to learn from: rl2 continues from rl
-            say(rc.progress, "  rejection sampling kept no answer: SFT skipped")
+            say(config.progress, "  rejection sampling kept no answer: SFT skipped")
             return {"skipped": "rejection sampling kept no answer"}
-        return sft(ckpt("rl"), [str(out / "rs" / TRACES)], rc.sft2_steps, rc.sft2_epochs, rc.sft2_lr)(folder)
+        traces = [str(out / "rs" / TRACES)]
+        return sft(ckpt("rl"), traces, config.sft2_steps, config.sft2_epochs, config.sft2_lr)(folder)
 
     def latest(*names: str) -> str:  # the newest of these stages' models that exists
         return next(ckpt(n) for n in names if (out / n / "latest").exists())
 
     def rl2(folder: Path) -> dict:
-        return rl(latest("sft2", "rl"), rc.rl2_steps, offset=rl2_offset)(folder)
+        return rl(latest("sft2", "rl"), config.rl2_steps, offset=rl2_offset)(folder)
 
     def ev(stages: list[tuple[str, str]]) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
             # a skipped stage (sft2 with no kept answers) has no model to evaluate
             models = [(n, path) for n, path in stages if n == "base" or Path(path).exists()]
-            summary = evaluate_stages(folder, models, rc.tasks, rc.eval_n, rc.eval_k, rc.max_tokens, rc.progress)
+            summary = evaluate_stages(folder, models, config.tasks, config.eval_n, config.eval_k, config.max_tokens,
+                                      config.progress)
             trends = {n: rl_trend(out / n / "metrics.jsonl") for n in ("rl", "rl2")
                       if (out / n / "metrics.jsonl").exists()}
             return {**summary, "rl_trends": trends}
         return run
 
-    if rc.zero:
-        return [Stage("rl", rl(rc.base, rc.rl_steps, "r1_zero"), "GRPO from the base, R1-Zero's prompt"),
-                Stage("eval", ev([("base", rc.base), ("rl", ckpt("rl"))]), "held-out evaluation")]
+    if config.zero:
+        return [Stage("rl", rl(config.base, config.rl_steps, "r1_zero"), "GRPO from the base, R1-Zero's prompt"),
+                Stage("eval", ev([("base", config.base), ("rl", ckpt("rl"))]), "held-out evaluation")]
     return [
-        Stage("sft", sft(rc.base, [], rc.sft_steps), "cold-start SFT on verified worked solutions"),
-        Stage("rl", rl(ckpt("sft"), rc.rl_steps), "GRPO, accuracy + format rewards"),
+        Stage("sft", sft(config.base, [], config.sft_steps), "cold-start SFT on verified worked solutions"),
+        Stage("rl", rl(ckpt("sft"), config.rl_steps), "GRPO, accuracy + format rewards"),
         Stage("rs", rs, "rejection sampling: correct, well-formed answers of the RL model"),
         Stage("sft2", sft2, "SFT on the kept answers"),
         Stage("rl2", rl2, "GRPO again"),
-        Stage("eval", ev([("base", rc.base), *((n, ckpt(n)) for n in ("sft", "rl", "sft2", "rl2"))]),
+        Stage("eval", ev([("base", config.base), *((n, ckpt(n)) for n in ("sft", "rl", "sft2", "rl2"))]),
               "held-out evaluation of every stage"),
     ]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import nanoseek
-from nanoseek.bench.decode import cache_sizes, mtp_figures
+from nanoseek.infer.measure import cache_sizes, mtp_figures
 from nanoseek.train.compare import gains_table, stage_gains, stage_table, summarize
 from nanoseek.train.cost import DEFAULT_PRICES
 from nanoseek.train.runlog import read_metrics
@@ -49,8 +49,8 @@ def cost_table(out: Path, price_per_hour: float) -> dict[str, dict[str, float]]:
 
 
 def inference_figures(model, tok, n_new: int = 48, repeats: int = 3) -> dict[str, Any]:
-    """The latent cache's bytes per token against MHA of the same width (bench/decode.cache_sizes),
-    batch-1 decode tokens/s with and without MTP drafting, MTP acceptance (bench/decode.mtp_figures)."""
+    """The latent cache's bytes per token against MHA of the same width (infer/measure.cache_sizes),
+    batch-1 decode tokens/s with and without MTP drafting, MTP acceptance (infer/measure.mtp_figures)."""
     return {**cache_sizes(model), **mtp_figures(model, tok, n_new, repeats)}
 
 
@@ -116,13 +116,13 @@ def plots(out: Path, folder: Path, first_moe_layer: int = 0, main_moe_layers: in
     return made
 
 
-def build_report(out: Path, sc) -> dict[str, Any]:
+def build_report(out: Path, config) -> dict[str, Any]:
     model, tok = nanoseek.load(out / "final")
     cfg = model.config
     counts = model.param_counts()
     pre, sft, rl, ev = (stage_done(out / n) or {} for n in ("pretrain", "sft", "rl", "eval"))
     device_type = (pre.get("cost") or {}).get("device_type", "cpu")
-    price = sc.price_per_hour if sc.price_per_hour is not None else DEFAULT_PRICES.get(device_type, 0.10)
+    price = config.price_per_hour if config.price_per_hour is not None else DEFAULT_PRICES.get(device_type, 0.10)
     costs = cost_table(out, price)
     final_scores = ev.get("table", {}).get("rl", {})
     total = costs["total"]["dollars"]
@@ -134,16 +134,16 @@ def build_report(out: Path, sc) -> dict[str, Any]:
             "dense_layers": cfg.first_k_dense_replace, "mtp_depth": cfg.num_nextn_predict_layers,
             "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings}
     return {
-        "preset": sc.preset,
+        "preset": config.preset,
         "device": (pre.get("cost") or {}).get("device"),
         "price_per_device_hour": price,
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
         "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"),
                  "sft_tokens": (sft.get("cost") or {}).get("tokens"),
-                 "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "sft_ema": sc.sft_ema,
-                 "rl_beta": sc.rl_beta,
-                 "tasks": list(sc.tasks),
-                 "report_tasks": [t for t in sc.eval_tasks() if t not in sc.tasks]},
+                 "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "sft_ema": config.sft_ema,
+                 "rl_beta": config.rl_beta,
+                 "tasks": list(config.tasks),
+                 "report_tasks": [t for t in config.eval_tasks() if t not in config.tasks]},
         "eval": ev.get("table", {}),
         "gains": ev.get("gains", {}),
         "cost": costs,
@@ -213,9 +213,9 @@ def _detail_table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, sc) -> dict[str, Any]:
+def write_report(out: Path, config) -> dict[str, Any]:
     out = Path(out)
-    rep = build_report(out, sc)
+    rep = build_report(out, config)
     arch = rep["model"]["architecture"]
     moe = arch["layers"] - arch["dense_layers"] if arch["routed_experts"] else 0
     images = plots(out, out / "plots", arch["dense_layers"], moe)
@@ -229,7 +229,7 @@ ABLATION_TITLES = {"deepseek": "MLA + MoE + MTP (the speedrun)", "dense": "dense
                    "no_mtp": "no MTP", "mha": "multi-head attention cache instead of MLA"}
 
 
-def write_ablations(out: Path, sc) -> dict[str, Any]:
+def write_ablations(out: Path, config) -> dict[str, Any]:
     """OUT/ablations.md and OUT/ablations.json from the ablation stages (speedrun --ablate): per
     variant its parameters, KV cache per token, pretraining and SFT wall time, final losses and
     held-out pass@1 after the cold start, with the paired gain against the speedrun's model."""
@@ -251,12 +251,12 @@ def write_ablations(out: Path, sc) -> dict[str, Any]:
                       "val_loss": val[-1] if val else None}
     scores = summarize(table)
     gains = stage_gains(table, [("deepseek", n) for n in table if n != "deepseek"])
-    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(sc.tasks), "corpus": sc.corpus,
-           "pretrain_steps": sc.pretrain_steps, "sft_steps": sc.sft_steps}
+    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(config.tasks), "corpus": config.corpus,
+           "pretrain_steps": config.pretrain_steps, "sft_steps": config.sft_steps}
     (out / "ablations.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     (out / "ablations.md").write_text("# nanoseek speedrun — ablations\n\n" + ablation_table(rep))
     if stage_done(out / "final") is not None:  # the speedrun's report card shows the table too
-        write_report(out, sc)
+        write_report(out, config)
     return {"ablations": str(out / "ablations.md")}
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 def say(show: bool, msg: str) -> None:
     """A note on stderr, when the run shows its progress."""
@@ -17,8 +19,6 @@ def say(show: bool, msg: str) -> None:
 
 
 def progress_bar(desc: str, show: bool, initial: int, total: int):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, disable=not show, desc=desc, unit="step",
                 dynamic_ncols=True, file=sys.stderr)
 

@@ -229,9 +229,9 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
     for mix, counts in MIXES.items():
         if (smoke or keys & set(counts)) and mix not in keys:
             settings[mix] = None
-    sc = apply_overrides(SpeedrunConfig(preset=preset, out=out, smoke=smoke, **settings), list(overrides))
-    sc.validate()
-    return sc
+    config = apply_overrides(SpeedrunConfig(preset=preset, out=out, smoke=smoke, **settings), list(overrides))
+    config.validate()
+    return config
 
 
 # Settings only the evaluation and the report read: a folder resumed with other values keeps its
@@ -240,13 +240,13 @@ EVAL_ONLY = ("eval_n", "eval_mix", "eval_k", "report_tasks")
 EVAL_STAGES = ("eval", "report", "ablate/eval")
 
 
-def speedrun(sc: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str, Any]]:
-    """Run (or resume) the speedrun in sc.out; returns every stage's summary."""
-    out = Path(sc.out)
+def speedrun(config: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str, Any]]:
+    """Run (or resume) the speedrun in config.out; returns every stage's summary."""
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "speedrun.json"
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-    mine = settings(sc)
+    mine = settings(config)
     if saved is not None and stage_done(out / "tokenizer") is not None:
         # a setting added to SpeedrunConfig after the folder was started counts as its default
         default = dataclasses.asdict(SpeedrunConfig())
@@ -260,102 +260,109 @@ def speedrun(sc: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str, An
             for name in EVAL_STAGES:
                 (out / name / DONE).unlink(missing_ok=True)
     cfg_file.write_text(json.dumps(mine, indent=1) + "\n")
-    return run_stages(out, speedrun_stages(sc, ablate), progress=sc.progress)
+    return run_stages(out, speedrun_stages(config, ablate), progress=config.progress)
 
 
-def settings(sc: SpeedrunConfig) -> dict[str, Any]:
+def settings(config: SpeedrunConfig) -> dict[str, Any]:
     """What OUT/speedrun.json holds: every setting but those that do not change the result."""
-    return {k: v for k, v in dataclasses.asdict(sc).items() if k not in ("progress", "device")}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "device")}
 
 
-def speedrun_stages(sc: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
+def speedrun_stages(config: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
     """The speedrun's stages; with `ablate`, its tokenizer, pretraining and cold start (shared,
     skipped when done), then the same two training stages for each ablation and their side-by-side
     evaluation (OUT/ablate/, OUT/ablations.md)."""
-    corpus = "your data" if sc.data else {"default": "the embedded corpus",
-                                          "math": "the embedded corpus's math documents",
-                                          "tasks": "worked solutions of the run's tasks"}[sc.corpus]
+    corpus = "your data" if config.data else {"default": "the embedded corpus",
+                                              "math": "the embedded corpus's math documents",
+                                              "tasks": "worked solutions of the run's tasks"}[config.corpus]
     stages = [
-        Stage("tokenizer", partial(tokenizer_stage, sc), "byte-level BPE on " + corpus),
-        Stage("pretrain", partial(pretrain_stage, sc),
-              f"{sc.preset} preset: MLA + MoE + MTP, {sc.pretrain_steps} steps"),
-        Stage("sft", partial(sft_stage, sc), "cold-start SFT on verified worked solutions"),
-        Stage("rl", partial(rl_stage, sc), "GRPO, accuracy + format rewards"),
-        Stage("eval", partial(eval_stage, sc), "held-out evaluation of base, SFT and RL"),
-        Stage("final", partial(final_stage, sc), "the RL model, ready to serve"),
-        Stage("report", partial(report_stage, sc), "report card: report.md, report.json, plots"),
+        Stage("tokenizer", partial(tokenizer_stage, config), "byte-level BPE on " + corpus),
+        Stage("pretrain", partial(pretrain_stage, config),
+              f"{config.preset} preset: MLA + MoE + MTP, {config.pretrain_steps} steps"),
+        Stage("sft", partial(sft_stage, config), "cold-start SFT on verified worked solutions"),
+        Stage("rl", partial(rl_stage, config), "GRPO, accuracy + format rewards"),
+        Stage("eval", partial(eval_stage, config), "held-out evaluation of base, SFT and RL"),
+        Stage("final", partial(final_stage, config), "the RL model, ready to serve"),
+        Stage("report", partial(report_stage, config), "report card: report.md, report.json, plots"),
     ]
-    eta = estimates(sc)
+    eta = estimates(config)
     for st in stages:
         st.estimate_s = eta.get(st.name, 0.0)
-    return stages[:3] + ablation_stages(sc, eta) if ablate else stages
+    return stages[:3] + ablation_stages(config, eta) if ablate else stages
 
 
 # ---------------------------------------------------------------------------------------
 # the stages: each gets its folder and returns its summary
 
-def _checkpoint(sc: SpeedrunConfig, stage: str) -> str:
-    return str(Path(sc.out) / stage / "latest")
+def _checkpoint(config: SpeedrunConfig, stage: str) -> str:
+    return str(Path(config.out) / stage / "latest")
 
 
-def _corpus_file(sc: SpeedrunConfig) -> Path:
+def _corpus_file(config: SpeedrunConfig) -> Path:
     """A non-default corpus, written once by the tokenizer stage so that a resume reads the same."""
-    return Path(sc.out) / "corpus.jsonl"
+    return Path(config.out) / "corpus.jsonl"
 
 
-def tokenizer_stage(sc: SpeedrunConfig, folder: Path) -> dict:
-    if sc.data:
-        docs = read_files(sc.data)
+def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
+    if config.data:
+        docs = read_files(config.data)
     else:
         docs = {"default": default_corpus, "math": math_documents,
-                "tasks": lambda: task_documents(sc.tasks, sc.corpus_counts())}[sc.corpus]()
-        if sc.corpus != "default":
-            tmp = _corpus_file(sc).with_suffix(".tmp")
+                "tasks": lambda: task_documents(config.tasks, config.corpus_counts())}[config.corpus]()
+        if config.corpus != "default":
+            tmp = _corpus_file(config).with_suffix(".tmp")
             tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-            tmp.replace(_corpus_file(sc))
-    tok = train_tokenizer(docs, vocab_size=sc.vocab_size)
+            tmp.replace(_corpus_file(config))
+    tok = train_tokenizer(docs, vocab_size=config.vocab_size)
     tok.save(folder)
     return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
-            **({"data": list(sc.data)} if sc.data else {})}
+            **({"data": list(config.data)} if config.data else {})}
 
 
-def pretrain_stage(sc: SpeedrunConfig, folder: Path, model_overrides: list[str] = ()) -> dict:
-    tc = TrainConfig(preset=sc.preset, out=str(folder), tokenizer=str(Path(sc.out) / "tokenizer"),
-                     data=list(sc.data) or ([str(_corpus_file(sc))] if sc.corpus != "default" else []),
-                     max_steps=sc.pretrain_steps, batch_size=sc.pretrain_batch_size, seq_len=sc.pretrain_seq_len,
-                     price_per_hour=sc.price_per_hour, seed=sc.seed, device=sc.device,
-                     precision=sc.precision, progress=sc.progress)
-    smaller = smoke_overrides(sc.preset) if sc.smoke else []
-    return train(tc, [*smaller, *model_overrides])
+def pretrain_stage(config: SpeedrunConfig, folder: Path, model_overrides: list[str] = ()) -> dict:
+    corpus = [str(_corpus_file(config))] if config.corpus != "default" else []
+    train_config = TrainConfig(preset=config.preset, out=str(folder), tokenizer=str(Path(config.out) / "tokenizer"),
+                               data=list(config.data) or corpus, max_steps=config.pretrain_steps,
+                               batch_size=config.pretrain_batch_size, seq_len=config.pretrain_seq_len,
+                               price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
+                               precision=config.precision, progress=config.progress)
+    smaller = smoke_overrides(config.preset) if config.smoke else []
+    return train(train_config, [*smaller, *model_overrides])
 
 
-def sft_stage(sc: SpeedrunConfig, folder: Path, base: str = "pretrain") -> dict:
-    tc = TrainConfig(stage="sft", init=_checkpoint(sc, base), out=str(folder), sft_tasks=list(sc.tasks),
-                     sft_examples=sc.sft_counts(), max_steps=sc.sft_steps, batch_size=sc.sft_batch_size,
-                     seq_len=sc.sft_seq_len, lr=SFT_LR, warmup_steps=SFT_WARMUP, ema=sc.sft_ema,
-                     price_per_hour=sc.price_per_hour, seed=sc.seed, device=sc.device, precision=sc.precision,
-                     progress=sc.progress)
-    return train(tc)
+def sft_stage(config: SpeedrunConfig, folder: Path, base: str = "pretrain") -> dict:
+    train_config = TrainConfig(stage="sft", init=_checkpoint(config, base), out=str(folder),
+                               sft_tasks=list(config.tasks), sft_examples=config.sft_counts(),
+                               max_steps=config.sft_steps, batch_size=config.sft_batch_size, seq_len=config.sft_seq_len,
+                               lr=SFT_LR, warmup_steps=SFT_WARMUP, ema=config.sft_ema,
+                               price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
+                               precision=config.precision, progress=config.progress)
+    return train(train_config)
 
 
-def rl_stage(sc: SpeedrunConfig, folder: Path) -> dict:
-    gc = GRPOConfig(init=_checkpoint(sc, "sft"), out=str(folder), tasks=list(sc.rl_tasks or sc.tasks),
-                    max_steps=sc.rl_steps, prompts_per_step=sc.rl_prompts_per_step, group_size=sc.rl_group_size,
-                    max_tokens=sc.max_tokens, temperature=0.7, lr=sc.rl_lr, warmup_steps=sc.rl_warmup,
-                    loss_type="dr_grpo", dynamic_sampling=sc.rl_dynamic_sampling, beta=sc.rl_beta,
-                    offset=sc.rl_offset(),  # problems the cold start did not write out
-                    price_per_hour=sc.price_per_hour, seed=sc.seed, device=sc.device, progress=sc.progress)
-    return grpo(gc)
+def rl_stage(config: SpeedrunConfig, folder: Path) -> dict:
+    grpo_config = GRPOConfig(init=_checkpoint(config, "sft"), out=str(folder),
+                             tasks=list(config.rl_tasks or config.tasks), max_steps=config.rl_steps,
+                             prompts_per_step=config.rl_prompts_per_step,
+                             group_size=config.rl_group_size, max_tokens=config.max_tokens, temperature=0.7,
+                             lr=config.rl_lr, warmup_steps=config.rl_warmup, loss_type="dr_grpo",
+                             dynamic_sampling=config.rl_dynamic_sampling, beta=config.rl_beta,
+                             offset=config.rl_offset(),  # problems the cold start did not write out
+                             price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
+                             progress=config.progress)
+    return grpo(grpo_config)
 
 
-def eval_stage(sc: SpeedrunConfig, folder: Path) -> dict:
-    models = [(name, _checkpoint(sc, stage)) for name, stage in (("base", "pretrain"), ("sft", "sft"), ("rl", "rl"))]
-    return evaluate_stages(folder, models, sc.eval_tasks(), sc.eval_counts(), sc.eval_k, sc.max_tokens, sc.progress)
+def eval_stage(config: SpeedrunConfig, folder: Path) -> dict:
+    models = [("base", _checkpoint(config, "pretrain")), ("sft", _checkpoint(config, "sft")),
+              ("rl", _checkpoint(config, "rl"))]
+    return evaluate_stages(folder, models, config.eval_tasks(), config.eval_counts(), config.eval_k, config.max_tokens,
+                           config.progress)
 
 
-def final_stage(sc: SpeedrunConfig, folder: Path) -> dict:
+def final_stage(config: SpeedrunConfig, folder: Path) -> dict:
     """The RL model, tokenizer and meta in OUT/final; not the optimizer state a resume needs."""
-    src = Path(_checkpoint(sc, "rl")).resolve()
+    src = Path(_checkpoint(config, "rl")).resolve()
     if folder.exists():
         shutil.rmtree(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -366,30 +373,32 @@ def final_stage(sc: SpeedrunConfig, folder: Path) -> dict:
     return {"from": str(src)}
 
 
-def report_stage(sc: SpeedrunConfig, folder: Path) -> dict:
-    return write_report(Path(sc.out), sc)
+def report_stage(config: SpeedrunConfig, folder: Path) -> dict:
+    return write_report(Path(config.out), config)
 
 
 # ---------------------------------------------------------------------------------------
 # the ablations: the same tokenizer, corpus, budget and cold start, one idea taken out each
 
-def ablation_stages(sc: SpeedrunConfig, eta: dict[str, float]) -> list[Stage]:
-    shrunk = smoke_overrides(sc.preset) if sc.smoke else []
-    variants = ablations(apply_overrides(preset_config(sc.preset), shrunk))
+def ablation_stages(config: SpeedrunConfig, eta: dict[str, float]) -> list[Stage]:
+    shrunk = smoke_overrides(config.preset) if config.smoke else []
+    variants = ablations(apply_overrides(preset_config(config.preset), shrunk))
     stages = []
     for name, model_overrides in variants.items():
-        stages += [Stage(f"ablate/{name}/pretrain", partial(pretrain_stage, sc, model_overrides=model_overrides),
+        stages += [Stage(f"ablate/{name}/pretrain", partial(pretrain_stage, config, model_overrides=model_overrides),
                          f"pretraining, {name}", eta.get("pretrain", 0.0)),
-                   Stage(f"ablate/{name}/sft", partial(sft_stage, sc, base=f"ablate/{name}/pretrain"),
+                   Stage(f"ablate/{name}/sft", partial(sft_stage, config, base=f"ablate/{name}/pretrain"),
                          f"cold start, {name}", eta.get("sft", 0.0))]
-    return stages + [Stage("ablate/eval", partial(ablation_eval_stage, sc, list(variants)),
+    return stages + [Stage("ablate/eval", partial(ablation_eval_stage, config, list(variants)),
                            "held-out evaluation of every variant's SFT model")]
 
 
-def ablation_eval_stage(sc: SpeedrunConfig, variants: list[str], folder: Path) -> dict:
-    models = [("deepseek", _checkpoint(sc, "sft"))] + [(n, _checkpoint(sc, f"ablate/{n}/sft")) for n in variants]
-    evaluate_stages(folder, models, sc.tasks, sc.eval_counts(), sc.eval_k, sc.max_tokens, sc.progress)
-    return write_ablations(Path(sc.out), sc)
+def ablation_eval_stage(config: SpeedrunConfig, variants: list[str], folder: Path) -> dict:
+    models = [("deepseek", _checkpoint(config, "sft"))]
+    models += [(name, _checkpoint(config, f"ablate/{name}/sft")) for name in variants]
+    evaluate_stages(folder, models, config.tasks, config.eval_counts(), config.eval_k, config.max_tokens,
+                    config.progress)
+    return write_ablations(Path(config.out), config)
 
 
 def smoke_overrides(preset: str) -> list[str]:
@@ -424,23 +433,24 @@ def ablations(cfg) -> dict[str, list[str]]:
 CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 6.0, "generation": 0.06, "report": 30.0}
 
 
-def estimates(sc: SpeedrunConfig) -> dict[str, float]:
+def estimates(config: SpeedrunConfig) -> dict[str, float]:
     """Each stage's expected seconds (the cpu preset only; CPU_SECONDS)."""
-    if sc.preset != "cpu":
+    if config.preset != "cpu":
         return {}
     c = CPU_SECONDS
     return {"tokenizer": c["tokenizer"],
-            "pretrain": sc.pretrain_steps * sc.pretrain_batch_size * sc.pretrain_seq_len * c["train_token"],
-            "sft": sc.sft_steps * sc.sft_batch_size * sc.sft_seq_len * c["train_token"],
-            "rl": sc.rl_steps * c["rl_step"] * sc.rl_prompts_per_step * sc.rl_group_size / 64
-            * (0.72 if sc.rl_dynamic_sampling else 1.0),  # updates skip the groups without signal
-            "eval": 3 * sum(sc.eval_counts().values()) * (1 + sc.eval_k) * c["generation"], "report": c["report"]}
+            "pretrain": config.pretrain_steps * config.pretrain_batch_size * config.pretrain_seq_len * c["train_token"],
+            "sft": config.sft_steps * config.sft_batch_size * config.sft_seq_len * c["train_token"],
+            "rl": config.rl_steps * c["rl_step"] * config.rl_prompts_per_step * config.rl_group_size / 64
+            * (0.72 if config.rl_dynamic_sampling else 1.0),  # updates skip the groups without signal
+            "eval": 3 * sum(config.eval_counts().values()) * (1 + config.eval_k) * c["generation"],
+            "report": c["report"]}
 
 
 GPUS = {"gpu": 1, "gpu8": 8}  # the hardware each GPU preset is sized for (H100 / H200)
 
 
-def plan(sc: SpeedrunConfig, mfu: float = 0.4) -> dict[str, Any]:
+def plan(config: SpeedrunConfig, mfu: float = 0.4) -> dict[str, Any]:
     """A GPU preset's compute per training stage, and the hours and dollars that implies on its
     GPUs at an assumed model FLOPs utilization (`mfu` of the bf16 dense peak; `DEFAULT_PRICES`
     per GPU-hour). Pretraining and SFT at their token budgets; GRPO as every completion running
@@ -449,18 +459,19 @@ def plan(sc: SpeedrunConfig, mfu: float = 0.4) -> dict[str, Any]:
     Rollouts are memory-bound on a GPU, so its real time is longer. Not a measurement: a run
     reports its own ledger."""
     peak = GPU_PEAKS["H100"]  # H100 and H200: the same bf16 dense peak
-    if sc.preset not in GPUS:
-        raise ConfigError(f"--plan is for the GPU presets ({', '.join(GPUS)}); the {sc.preset} preset prints "
+    if config.preset not in GPUS:
+        raise ConfigError(f"--plan is for the GPU presets ({', '.join(GPUS)}); the {config.preset} preset prints "
                           "its ETA as it runs")
-    gpus = GPUS[sc.preset]
+    gpus = GPUS[config.preset]
     with torch.device("meta"):  # parameter counts without allocating the weights
-        model = Transformer(preset_config(sc.preset).replace(vocab_size=sc.vocab_size))
-    rl_tokens = sc.rl_steps * sc.rl_prompts_per_step * sc.rl_group_size * sc.max_tokens
+        model = Transformer(preset_config(config.preset).replace(vocab_size=config.vocab_size))
+    rl_tokens = config.rl_steps * config.rl_prompts_per_step * config.rl_group_size * config.max_tokens
     stages = {
-        "pretrain": (sc.pretrain_steps * sc.pretrain_batch_size * sc.pretrain_seq_len,
-                     model.flops_per_token(sc.pretrain_seq_len)),
-        "sft": (sc.sft_steps * sc.sft_batch_size * sc.sft_seq_len, model.flops_per_token(sc.sft_seq_len)),
-        "rl": (rl_tokens, (5 if sc.rl_beta else 4) * model.flops_per_token(sc.max_tokens, training=False)),
+        "pretrain": (config.pretrain_steps * config.pretrain_batch_size * config.pretrain_seq_len,
+                     model.flops_per_token(config.pretrain_seq_len)),
+        "sft": (config.sft_steps * config.sft_batch_size * config.sft_seq_len,
+                model.flops_per_token(config.sft_seq_len)),
+        "rl": (rl_tokens, (5 if config.rl_beta else 4) * model.flops_per_token(config.max_tokens, training=False)),
     }
     rows = {}
     for name, (tokens, per_token) in stages.items():
@@ -469,6 +480,6 @@ def plan(sc: SpeedrunConfig, mfu: float = 0.4) -> dict[str, Any]:
                       "dollars": hours * gpus * DEFAULT_PRICES["cuda"]}
     rows["total"] = {k: sum(r[k] for r in rows.values()) for k in ("tokens", "flops", "hours", "dollars")}
     counts = model.param_counts()
-    return {"preset": sc.preset, "gpus": gpus, "mfu": mfu, "peak_flops_per_gpu": peak,
+    return {"preset": config.preset, "gpus": gpus, "mfu": mfu, "peak_flops_per_gpu": peak,
             "price_per_gpu_hour": DEFAULT_PRICES["cuda"], "params_total": counts["total"],
             "params_active": counts["active"], "stages": rows}

@@ -94,7 +94,7 @@ class TrainConfig:
     max_bad_steps: int = 3
     progress: bool = True
 
-    def validate(self, cfg: ModelConfig) -> None:
+    def validate(self, model_config: ModelConfig) -> None:
         need = require
         need(self.stage in ("pretrain", "sft"), f"stage must be 'pretrain' or 'sft', not {self.stage!r}")
         need(self.stage != "sft" or self.init, "sft starts from a checkpoint")
@@ -107,8 +107,9 @@ class TrainConfig:
         need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio within [0, 1]")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be within [0, 1)")
         check_ema(self.ema)
-        need(self.seq_len <= cfg.max_position_embeddings,
-             f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
+        need(self.seq_len <= model_config.max_position_embeddings,
+             f"seq_len {self.seq_len} exceeds the model's max_position_embeddings "
+             f"({model_config.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
         need(self.max_epochs is None or self.max_epochs > 0, "max_epochs must be positive")
         n = self.sft_examples
@@ -131,7 +132,7 @@ def check_ema(decay: float, name: str = "ema") -> None:
 class Run:
     """Everything the loop works with, as setup() leaves it."""
 
-    tc: TrainConfig
+    config: TrainConfig
     folder: Path
     model: Transformer
     tokenizer: Tokenizer
@@ -147,134 +148,136 @@ class Run:
     start: str  # "from scratch", "from CKPT" or "resuming at step N", for the first line
 
 
-def train(tc: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
-    """Train until tc.max_steps (or tc.stop_at); returns the run's summary."""
-    r = setup(tc, overrides)
-    tc, model, ranks = r.tc, r.model, r.ranks
-    show = tc.progress and ranks.main
+def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
+    """Train until config.max_steps (or config.stop_at); returns the run's summary."""
+    run = setup(config, overrides)
+    config, model, ranks = run.config, run.model, run.ranks
+    show = config.progress and ranks.main
 
     # --- what one step costs and what the bar shows ---
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    flops_per_step = model.flops_per_token(tc.seq_len) * tokens_per_step
-    autocast = autocast_for(r.device, tc.precision)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    flops_per_step = model.flops_per_token(config.seq_len) * tokens_per_step
+    autocast = autocast_for(run.device, config.precision)
     bf16 = isinstance(autocast, torch.autocast)
-    peak = peak_flops(r.device, torch.bfloat16 if bf16 else torch.float32) * ranks.world  # MFU: of the peak in use
+    peak = peak_flops(run.device, torch.bfloat16 if bf16 else torch.float32) * ranks.world  # MFU: of the peak in use
     counts = model.param_counts()
-    cfg = model.config
-    say(show, f"nanoseek {tc.stage}: {cfg.num_hidden_layers} layers, {counts['total'] / 1e6:.2f}M parameters "
-              f"({counts['active'] / 1e6:.2f}M active), {len(r.loader.tokens):,} training tokens, {r.start}, "
-              f"on {r.ledger.device}" + (f" x {ranks.world} processes" if ranks.parallel else "")
+    model_config = model.config
+    say(show, f"nanoseek {config.stage}: {model_config.num_hidden_layers} layers, "
+              f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+              f"{len(run.loader.tokens):,} training tokens, {run.start}, "
+              f"on {run.ledger.device}" + (f" x {ranks.world} processes" if ranks.parallel else "")
               + (", bf16 matmuls" if bf16 else ""))
-    r.folder.mkdir(parents=True, exist_ok=True)
-    end = min(tc.max_steps, tc.stop_at or tc.max_steps)
-    bar = progress_bar(tc.stage, show, r.step, tc.max_steps)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    end = min(config.max_steps, config.stop_at or config.max_steps)
+    bar = progress_bar(config.stage, show, run.step, config.max_steps)
     bad_in_a_row = 0
     last: dict[str, Any] = {}
-    r.ledger.restart_clock()
+    run.ledger.restart_clock()
     model.train()
 
     # --- the loop ---
-    while r.step < end:
+    while run.step < end:
         t0 = time.perf_counter()
-        lr = lr_at(r.step, tc.max_steps, tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
-        for group in r.opt.param_groups:
+        lr = lr_at(run.step, config.max_steps, config.lr, config.warmup_steps, config.schedule, config.min_lr_ratio)
+        for group in run.opt.param_groups:
             group["lr"] = lr
-        parts, grad_norm = forward_backward(r, autocast)
-        r.step += 1
+        parts, grad_norm = forward_backward(run, autocast)
+        run.step += 1
         if not math.isfinite(grad_norm):  # skip the step; stop after max_bad_steps in a row
             bad_in_a_row += 1
-            skip_step(r, bad_in_a_row)
+            skip_step(run, bad_in_a_row)
             continue
         bad_in_a_row = 0
-        load_stats = optimizer_step(r)
-        r.ledger.add(tokens_per_step, flops_per_step)
+        load_stats = optimizer_step(run)
+        run.ledger.add(tokens_per_step, flops_per_step)
         dt = time.perf_counter() - t0
-        row = {"step": r.step, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
-               "grad_norm": round(grad_norm, 4), "tokens": r.ledger.tokens,
+        row = {"step": run.step, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
+               "grad_norm": round(grad_norm, 4), "tokens": run.ledger.tokens,
                "tokens_per_s": round(tokens_per_step / dt, 1), "mfu": round(flops_per_step / dt / peak, 4)}
         if load_stats:
             row["load_max"] = round(max(load_stats.values()), 3)
             row.update({k: round(v, 3) for k, v in load_stats.items()})
-        if r.val and tc.eval_every and (r.step % tc.eval_every == 0 or r.step == tc.max_steps):
-            row.update(validation_losses(r))
+        if run.val and config.eval_every and (run.step % config.eval_every == 0 or run.step == config.max_steps):
+            row.update(validation_losses(run))
         last = row
         if ranks.main:
-            log_metrics(r.folder, row)
+            log_metrics(run.folder, row)
             bar.update(1)
             bar.set_postfix_str(_postfix(row))
 
         # --- checkpoint ---
-        if r.step % tc.save_every == 0 or r.step == end:
-            whole, opt_state = dist.full_state(model, r.opt, ranks)  # FSDP: every rank gathers
+        if run.step % config.save_every == 0 or run.step == end:
+            whole, opt_state = dist.full_state(model, run.opt, ranks)  # FSDP: every rank gathers
             if ranks.main:  # one checkpoint, in the one format: it resumes under any number of processes
-                _save(r, whole, opt_state, last, counts)
-            r.ledger.restart_clock()
+                _save(run, whole, opt_state, last, counts)
+            run.ledger.restart_clock()
 
     bar.close()
     dist.finish(ranks)
-    say(show, f"done at step {r.step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
-    say(show, r.ledger.summary())
-    return {"step": r.step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
-            "checkpoint": str((r.folder / "latest").resolve()), "cost": r.ledger.to_dict()}
+    say(show, f"done at step {run.step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
+    say(show, run.ledger.summary())
+    return {"step": run.step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
+            "checkpoint": str((run.folder / "latest").resolve()), "cost": run.ledger.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------
 # setup: the config as it will run, the model, the data, and the state to resume
 
-def setup(tc: TrainConfig, overrides: list[str] = ()) -> Run:
-    folder = Path(tc.out)
+def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
+    folder = Path(config.out)
     resume = ckpt.has_checkpoint(folder)
-    tc, model, tokenizer, cfg, saved = _settle_config(tc, list(overrides), folder, resume)
-    tc.validate(cfg)
-    ranks, device = dist.setup(pick_device(tc.device))  # one process, or torchrun's group
-    require(tc.batch_size % ranks.world == 0,
-            f"batch_size {tc.batch_size} (the global batch) must divide among {ranks.world} processes")
-    require(not (tc.ema and ranks.parallel and tc.parallel == "fsdp"),
+    config, model, tokenizer, model_config, saved = _settle_config(config, list(overrides), folder, resume)
+    config.validate(model_config)
+    ranks, device = dist.setup(pick_device(config.device))  # one process, or torchrun's group
+    require(config.batch_size % ranks.world == 0,
+            f"batch_size {config.batch_size} (the global batch) must divide among {ranks.world} processes")
+    require(not (config.ema and ranks.parallel and config.parallel == "fsdp"),
             "ema keeps a whole copy of the weights: use it with one process or parallel=ddp, not fsdp")
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(config.seed)
 
     # --- the data (a new run from scratch also gets its tokenizer and model here) ---
-    if tc.stage == "sft":
-        convs = (read_conversations(tc.data) if tc.data else
-                 cold_start_conversations(tc.sft_examples, tuple(tc.sft_tasks) if tc.sft_tasks else TASKS))
+    if config.stage == "sft":
+        convs = (read_conversations(config.data) if config.data else
+                 cold_start_conversations(config.sft_examples, tuple(config.sft_tasks) if config.sft_tasks else TASKS))
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
-        docs = read_files(tc.data) if tc.data else default_corpus()
+        docs = read_files(config.data) if config.data else default_corpus()
         if model is None:
-            tokenizer = (Tokenizer.load(tc.tokenizer) if tc.tokenizer
-                         else train_tokenizer(docs, vocab_size=cfg.vocab_size))
-            cfg = cfg.replace(vocab_size=round_up(tokenizer.vocab_size, 64), bos_token_id=tokenizer.bos_id,
-                              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-            model = Transformer(cfg)
+            tokenizer = (Tokenizer.load(config.tokenizer) if config.tokenizer
+                         else train_tokenizer(docs, vocab_size=model_config.vocab_size))
+            model_config = model_config.replace(vocab_size=round_up(tokenizer.vocab_size, 64),
+                                                bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                                pad_token_id=tokenizer.pad_id)
+            model = Transformer(model_config)
         train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
         train_labels = val_labels = None
     model.to(device)
-    average = WeightAverage(model, tc.ema) if tc.ema else None
+    average = WeightAverage(model, config.ema) if config.ema else None
     if average and saved:
         try:
             average.resume(saved[0])
         except ValueError as e:
             raise ckpt.CheckpointError(f"{folder}: {e}") from None
     try:
-        loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, tc.seed, train_labels)
+        loader = PackedLoader(train_tokens, config.seq_len, config.batch_size, config.seed, train_labels)
     except ValueError as e:
         raise TrainingError(f"{e}: give more data or lower batch_size / seq_len") from None
-    val = (val_tokens, val_labels) if len(val_tokens) > tc.seq_len * tc.batch_size else None
+    val = (val_tokens, val_labels) if len(val_tokens) > config.seq_len * config.batch_size else None
     if val is None:
-        say(tc.progress and ranks.main,
+        say(config.progress and ranks.main,
             "note: too little validation text for one batch (every 50th document is held out): no val_loss")
 
     # --- the model as it trains: FP8 GEMMs, compiled blocks, DDP / FSDP ---
-    if tc.fp8:  # the parameters (and checkpoints) stay as they are; the GEMMs see E4M3
+    if config.fp8:  # the parameters (and checkpoints) stay as they are; the GEMMs see E4M3
         check_device(device)
         enable_fp8(model)
-    if tc.compile:
+    if config.compile:
         model.compile_blocks()
-    model.activation_checkpointing = tc.activation_checkpointing
+    model.activation_checkpointing = config.activation_checkpointing
     dist.check_same_start(model, ranks)
-    forward = dist.loss_fn(model, ranks, device, tc.parallel)  # model.loss; DDP or FSDP under torchrun
-    opt = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))  # (FSDP: over the shards)
-    ledger = CostLedger(device, tc.price_per_hour, ranks.world)
+    forward = dist.loss_fn(model, ranks, device, config.parallel)  # model.loss; DDP or FSDP under torchrun
+    opt = make_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))  # (FSDP: over the shards)
+    ledger = CostLedger(device, config.price_per_hour, ranks.world)
 
     # --- the state to resume ---
     step = 0
@@ -287,112 +290,113 @@ def setup(tc: TrainConfig, overrides: list[str] = ()) -> Run:
         step = int(info["step"])
     if ranks.main:
         truncate_metrics(folder / "metrics.jsonl", step)  # a fresh run starts a fresh log
-    if tc.max_epochs and not saved:  # (a resumed run keeps the max_steps it saved)
-        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-        tc.max_steps = max(1, min(tc.max_steps, math.ceil(tc.max_epochs * len(train_tokens) / tokens_per_step)))
-    start = f"resuming at step {step}" if saved else f"from {tc.init}" if tc.init else "from scratch"
-    return Run(tc, folder, model, tokenizer, ranks, device, forward, opt, loader, val, ledger, average, step, start)
+    if config.max_epochs and not saved:  # (a resumed run keeps the max_steps it saved)
+        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+        epochs_steps = math.ceil(config.max_epochs * len(train_tokens) / tokens_per_step)
+        config.max_steps = max(1, min(config.max_steps, epochs_steps))
+    start = f"resuming at step {step}" if saved else f"from {config.init}" if config.init else "from scratch"
+    return Run(config, folder, model, tokenizer, ranks, device, forward, opt, loader, val, ledger, average, step, start)
 
 
-def _settle_config(tc: TrainConfig, overrides: list[str], folder: Path, resume: bool):
+def _settle_config(config: TrainConfig, overrides: list[str], folder: Path, resume: bool):
     """The settings the run will have, for each of the three ways to start: resuming the
     checkpoint in `folder` (its own settings, but for how far to go and how to show it),
-    fine-tuning `init`, or from scratch. Returns (tc, model or None, tokenizer or None, model
+    fine-tuning `init`, or from scratch. Returns (config, model or None, tokenizer or None, model
     config, (tensors, info) to resume or None)."""
     if resume:
         model, tokenizer, latest = ckpt.load_model(folder)
         saved = ckpt.load_train_state(latest)
         kept = TrainConfig(**saved[1]["train_config"])
-        tc = dataclasses.replace(kept, max_steps=tc.max_steps or kept.max_steps, stop_at=tc.stop_at,
-                                 save_every=tc.save_every or kept.save_every, progress=tc.progress,
-                                 device=tc.device, out=tc.out, parallel=tc.parallel,
-                                 activation_checkpointing=tc.activation_checkpointing)
-        tc, cfg = route_overrides([tc, model.config], overrides)
-        require(cfg == model.config, f"{folder} holds a checkpoint: its model config cannot change on resume "
+        config = dataclasses.replace(kept, max_steps=config.max_steps or kept.max_steps, stop_at=config.stop_at,
+                                     save_every=config.save_every or kept.save_every, progress=config.progress,
+                                     device=config.device, out=config.out, parallel=config.parallel,
+                                     activation_checkpointing=config.activation_checkpointing)
+        config, model_config = route_overrides([config, model.config], overrides)
+        require(model_config == model.config, f"{folder} holds a checkpoint: its model config cannot change on resume "
                                      "(start a new --out to train another model)")
-        return tc, model, tokenizer, cfg, saved
-    if tc.init:  # the model and tokenizer come from the checkpoint
-        model, tokenizer, _ = ckpt.load_model(tc.init)
-        require(tokenizer is not None, f"{tc.init} has no nanoseek tokenizer to fine-tune with")
+        return config, model, tokenizer, model_config, saved
+    if config.init:  # the model and tokenizer come from the checkpoint
+        model, tokenizer, _ = ckpt.load_model(config.init)
+        require(tokenizer is not None, f"{config.init} has no nanoseek tokenizer to fine-tune with")
         steps, every = NEW_RUN_STEPS["init"]
-        tc = dataclasses.replace(tc, max_steps=tc.max_steps or steps, save_every=tc.save_every or every)
-        tc, cfg = route_overrides([tc, model.config], overrides)
-        require(cfg == model.config, "fine-tuning keeps the model's config: model fields cannot be overridden")
-        return tc, model, tokenizer, cfg, None
+        config = dataclasses.replace(config, max_steps=config.max_steps or steps, save_every=config.save_every or every)
+        config, model_config = route_overrides([config, model.config], overrides)
+        require(model_config == model.config, "fine-tuning keeps the model's config: model fields cannot be overridden")
+        return config, model, tokenizer, model_config, None
     steps, every = NEW_RUN_STEPS["scratch"]
-    tc = dataclasses.replace(tc, max_steps=tc.max_steps or steps, save_every=tc.save_every or every)
-    tc, cfg = route_overrides([tc, preset(tc.preset)], overrides)
-    return tc, None, None, cfg, None
+    config = dataclasses.replace(config, max_steps=config.max_steps or steps, save_every=config.save_every or every)
+    config, model_config = route_overrides([config, preset(config.preset)], overrides)
+    return config, None, None, model_config, None
 
 
 # ---------------------------------------------------------------------------------------
 # one step
 
-def forward_backward(r: Run, autocast) -> tuple[dict[str, float], float]:
+def forward_backward(run: Run, autocast) -> tuple[dict[str, float], float]:
     """grad_accum micro-batches of the global batch (this process's share of each), their
     gradients accumulated and clipped. Returns the loss parts (means over the micro-batches and
     processes) and the gradient norm (nan when a loss or gradient was not finite)."""
-    tc, ranks = r.tc, r.ranks
+    config, ranks = run.config, run.ranks
     parts: dict[str, float] = {}
     finite = True
-    for micro in range(tc.grad_accum):
-        x, y = r.loader.next_batch()
-        targets = dist.target_counts(y, len(r.model.mtp), IGNORE_INDEX, ranks)  # the global batch's
-        with dist.gradient_sync(r.forward, on=micro == tc.grad_accum - 1):  # one sync per step
+    for micro in range(config.grad_accum):
+        x, y = run.loader.next_batch()
+        targets = dist.target_counts(y, len(run.model.mtp), IGNORE_INDEX, ranks)  # the global batch's
+        with dist.gradient_sync(run.forward, on=micro == config.grad_accum - 1):  # one sync per step
             with autocast:
-                out = r.forward(dist.shard(x, ranks).to(r.device), dist.shard(y, ranks).to(r.device), targets)
+                out = run.forward(dist.shard(x, ranks).to(run.device), dist.shard(y, ranks).to(run.device), targets)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 finite = False
                 if not ranks.parallel:  # (every rank must run each backward: theirs wait on it)
                     break
-            (loss / tc.grad_accum).backward()
+            (loss / config.grad_accum).backward()
         for k, v in out.items():
-            parts[k] = parts.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+            parts[k] = parts.get(k, 0.0) + float(v.detach()) / config.grad_accum
     finite = dist.all_true(finite, ranks)
     parts = dist.mean(parts, ranks)
     if not finite:
         return parts, math.nan
-    return parts, float(dist.full(torch.nn.utils.clip_grad_norm_(r.model.parameters(), tc.grad_clip)))
+    return parts, float(dist.full(torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)))
 
 
-def optimizer_step(r: Run) -> dict[str, float]:
+def optimizer_step(run: Run) -> dict[str, float]:
     """AdamW, the weight average, then the balancing biases from the global batch's expert load
     (DeepSeek-V3 2.1.2). Returns the load statistics of the MoE layers."""
-    r.opt.step()
-    r.opt.zero_grad(set_to_none=True)
-    if r.average:
-        r.average.update(r.step)
-    dist.sync_expert_load(r.model, r.ranks)
-    load_stats = r.model.update_bias()
-    dist.check_same_biases(r.model, r.ranks)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    if run.average:
+        run.average.update(run.step)
+    dist.sync_expert_load(run.model, run.ranks)
+    load_stats = run.model.update_bias()
+    dist.check_same_biases(run.model, run.ranks)
     return load_stats
 
 
-def skip_step(r: Run, bad_in_a_row: int) -> None:
+def skip_step(run: Run, bad_in_a_row: int) -> None:
     """A step with a non-finite loss or gradient changes nothing but the step count."""
-    r.opt.zero_grad(set_to_none=True)
-    for m in r.model.moe_layers():
+    run.opt.zero_grad(set_to_none=True)
+    for m in run.model.moe_layers():
         m.expert_load.zero_()
-    if r.ranks.main:
-        log_metrics(r.folder, {"step": r.step, "skipped": "non-finite loss or gradient"})
-    if bad_in_a_row >= r.tc.max_bad_steps:
+    if run.ranks.main:
+        log_metrics(run.folder, {"step": run.step, "skipped": "non-finite loss or gradient"})
+    if bad_in_a_row >= run.config.max_bad_steps:
         raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                            f"(last at step {r.step}); lower lr or check the data")
+                            f"(last at step {run.step}); lower lr or check the data")
 
 
-def validation_losses(r: Run) -> dict[str, float]:
+def validation_losses(run: Run) -> dict[str, float]:
     """val_loss, and val_loss_ema of the averaged weights the checkpoint holds (every rank: FSDP)."""
-    tokens, labels = r.val
-    row = {"val_loss": round(evaluate(r.model, tokens, r.tc, r.device, labels, r.forward), 5)}
-    if r.average:
-        with r.average.swapped():
-            row["val_loss_ema"] = round(evaluate(r.model, tokens, r.tc, r.device, labels, r.forward), 5)
+    tokens, labels = run.val
+    row = {"val_loss": round(evaluate(run.model, tokens, run.config, run.device, labels, run.forward), 5)}
+    if run.average:
+        with run.average.swapped():
+            row["val_loss_ema"] = round(evaluate(run.model, tokens, run.config, run.device, labels, run.forward), 5)
     return row
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val_tokens: torch.Tensor, tc: TrainConfig, device: torch.device,
+def evaluate(model: Transformer, val_tokens: torch.Tensor, config: TrainConfig, device: torch.device,
              val_labels: torch.Tensor | None = None, forward=None) -> float:
     """Next-token loss on the fixed validation batches (the main head only). forward: the
     training loop's loss function (under FSDP the model's own weights are shards)."""
@@ -400,20 +404,20 @@ def evaluate(model: Transformer, val_tokens: torch.Tensor, tc: TrainConfig, devi
     model.eval()
     forward = forward or model.loss
     losses = [float(forward(x.to(device), y.to(device))["main_loss"])
-              for x, y in val_batches(val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, val_labels)]
+              for x, y in val_batches(val_tokens, config.seq_len, config.batch_size, config.eval_batches, val_labels)]
     model.train(was_training)
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def _save(r: Run, model, opt_state, last: dict, counts: dict) -> None:
+def _save(run: Run, model, opt_state, last: dict, counts: dict) -> None:
     tensors, opt_info = opt_state
-    tensors = {**tensors, **rng_state(), **(r.average.raw_state() if r.average else {})}
-    info = {"step": r.step, "train_config": dataclasses.asdict(r.tc), "optimizer": opt_info,
-            "loader": r.loader.state_dict(), "cost": r.ledger.to_dict()}
-    meta = {"stage": r.tc.stage, "step": r.step, "tokens_seen": r.ledger.tokens, "cost": r.ledger.to_dict(),
+    tensors = {**tensors, **rng_state(), **(run.average.raw_state() if run.average else {})}
+    info = {"step": run.step, "train_config": dataclasses.asdict(run.config), "optimizer": opt_info,
+            "loader": run.loader.state_dict(), "cost": run.ledger.to_dict()}
+    meta = {"stage": run.config.stage, "step": run.step, "tokens_seen": run.ledger.tokens, "cost": run.ledger.to_dict(),
             "git_commit": git_commit(), "params": counts, "metrics": last}
-    with r.average.swapped() if r.average else contextlib.nullcontext():  # the checkpoint holds the average
-        ckpt.save_checkpoint(r.folder, r.step, model, r.tokenizer, meta, {"tensors": tensors, "info": info})
+    with run.average.swapped() if run.average else contextlib.nullcontext():  # the checkpoint holds the average
+        ckpt.save_checkpoint(run.folder, run.step, model, run.tokenizer, meta, {"tensors": tensors, "info": info})
 
 
 def _postfix(row: dict) -> str:
