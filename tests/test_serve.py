@@ -10,7 +10,8 @@ from conftest import REPLY
 
 from nanoseek.infer.chat import split_thinking
 from nanoseek.infer.engine import Engine
-from nanoseek.serve.app import Limits, ReasoningSplitter, create_app, split_reasoning
+from nanoseek.serve.app import Limits, create_app
+from nanoseek.serve.protocol import ReasoningSplitter, split_reasoning
 from nanoseek.serve.server import ThreadedServer
 
 KEY = "sekret-key"

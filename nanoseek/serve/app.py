@@ -27,7 +27,6 @@ from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +35,15 @@ from nanoseek.infer.chat import split_thinking
 from nanoseek.infer.engine import Engine, EngineBusy, EngineError, Event, Request
 from nanoseek.infer.sampling import SamplingError, SamplingParams
 from nanoseek.serve.icons import png_icon
+from nanoseek.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    ReasoningSplitter,
+    SamplingRequest,
+    error_body,
+    split_reasoning,
+)
 from nanoseek.serve.worker import EngineWorker
 
 STATIC = Path(__file__).parent / "static"
@@ -48,123 +56,6 @@ class Limits:
     max_messages: int = 256
     max_n: int = 8
     max_tokens: int | None = None  # default: the context window
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# ---------------------------------------------------------------------------------------
-# request bodies (unknown fields are ignored)
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class ContentPart(_Body):
-    type: str
-    text: str | None = None
-
-
-class Message(_Body):
-    role: str
-    content: str | list[ContentPart] | None = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    n: int = Field(default=1, ge=1)
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message]
-    max_completion_tokens: int | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-
-# ---------------------------------------------------------------------------------------
-# the reasoning / answer split
-
-class ReasoningSplitter:
-    """Feeds streamed text; returns (reasoning delta, content delta). Text inside a leading
-    <think>...</think> is reasoning; the newlines right after </think> are dropped."""
-
-    def __init__(self):
-        self.state = "start"
-        self.pending = ""
-        self.saw_think = False
-
-    def feed(self, chunk: str) -> tuple[str, str]:
-        reasoning = content = ""
-        chunk = self.pending + chunk
-        self.pending = ""
-        while chunk:
-            if self.state == "start":
-                stripped = chunk.lstrip()
-                if not stripped:
-                    self.pending = chunk
-                    break
-                if stripped.startswith("<think>"):
-                    self.state, chunk = "reasoning", stripped[len("<think>"):]
-                    self.saw_think = True
-                elif "<think>".startswith(stripped):
-                    self.pending = chunk
-                    break
-                else:
-                    self.state = "content"
-            elif self.state == "reasoning":
-                at = chunk.find("</think>")
-                if at < 0:  # keep back what may be the start of a split </think>
-                    keep = next((k for k in range(min(len(chunk), 7), 0, -1) if "</think>".startswith(chunk[-k:])), 0)
-                    reasoning += chunk[: len(chunk) - keep]
-                    self.pending = chunk[len(chunk) - keep:]
-                    break
-                reasoning += chunk[:at]
-                self.state, chunk = "after", chunk[at + len("</think>"):]
-            elif self.state == "after":
-                chunk = chunk.lstrip("\n")
-                if chunk:
-                    self.state = "content"
-            else:
-                content += chunk
-                break
-        return reasoning, content
-
-    def flush(self) -> tuple[str, str]:
-        rest, self.pending = self.pending, ""
-        if self.state == "reasoning":
-            return rest, ""
-        return ("", rest) if self.state in ("start", "content") else ("", "")
-
-
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning or None if the text has no <think> block, answer)."""
-    s = ReasoningSplitter()
-    r, c = s.feed(text)
-    r2, c2 = s.flush()
-    return (r + r2 if s.saw_think else None), c + c2
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,7 +265,7 @@ def _text(content) -> str:
     return "".join(p.text or "" for p in content if p.type == "text")
 
 
-def _params(body: _Sampling, max_tokens: int | None, prompt_len: int, what: str, engine: Engine,
+def _params(body: SamplingRequest, max_tokens: int | None, prompt_len: int, what: str, engine: Engine,
             limits: Limits) -> SamplingParams:
     ctx = engine.context
     if prompt_len >= ctx:
@@ -400,7 +291,7 @@ def _params(body: _Sampling, max_tokens: int | None, prompt_len: int, what: str,
         raise APIError(400, str(e)) from None
 
 
-async def _respond(worker: EngineWorker, body: _Sampling, prompt: list[int], params: SamplingParams,
+async def _respond(worker: EngineWorker, body: SamplingRequest, prompt: list[int], params: SamplingParams,
                    request: HTTPRequest, model_name: str, chat: bool):
     try:
         req, queue = worker.submit(prompt, params)

@@ -1,0 +1,124 @@
+"""OpenAI's wire format as nanoseek serves it: the request bodies (unknown fields ignored, as
+OpenAI does), the error JSON, and the split of a completion into DeepSeek's
+`reasoning_content` (the leading `<think>...</think>`) and `content`."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------
+# request bodies (unknown fields are ignored)
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class Message(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Body):
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+
+
+# ---------------------------------------------------------------------------------------
+# the reasoning / answer split
+
+class ReasoningSplitter:
+    """Feeds streamed text; returns (reasoning delta, content delta). Text inside a leading
+    <think>...</think> is reasoning; the newlines right after </think> are dropped."""
+
+    def __init__(self):
+        self.state = "start"
+        self.pending = ""
+        self.saw_think = False
+
+    def feed(self, chunk: str) -> tuple[str, str]:
+        reasoning = content = ""
+        chunk = self.pending + chunk
+        self.pending = ""
+        while chunk:
+            if self.state == "start":
+                stripped = chunk.lstrip()
+                if not stripped:
+                    self.pending = chunk
+                    break
+                if stripped.startswith("<think>"):
+                    self.state, chunk = "reasoning", stripped[len("<think>"):]
+                    self.saw_think = True
+                elif "<think>".startswith(stripped):
+                    self.pending = chunk
+                    break
+                else:
+                    self.state = "content"
+            elif self.state == "reasoning":
+                at = chunk.find("</think>")
+                if at < 0:  # keep back what may be the start of a split </think>
+                    keep = next((k for k in range(min(len(chunk), 7), 0, -1) if "</think>".startswith(chunk[-k:])), 0)
+                    reasoning += chunk[: len(chunk) - keep]
+                    self.pending = chunk[len(chunk) - keep:]
+                    break
+                reasoning += chunk[:at]
+                self.state, chunk = "after", chunk[at + len("</think>"):]
+            elif self.state == "after":
+                chunk = chunk.lstrip("\n")
+                if chunk:
+                    self.state = "content"
+            else:
+                content += chunk
+                break
+        return reasoning, content
+
+    def flush(self) -> tuple[str, str]:
+        rest, self.pending = self.pending, ""
+        if self.state == "reasoning":
+            return rest, ""
+        return ("", rest) if self.state in ("start", "content") else ("", "")
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning or None if the text has no <think> block, answer)."""
+    s = ReasoningSplitter()
+    r, c = s.feed(text)
+    r2, c2 = s.flush()
+    return (r + r2 if s.saw_think else None), c + c2
