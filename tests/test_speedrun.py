@@ -10,7 +10,7 @@ import pytest
 from nanoseek.cli import main
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import speedrun as speedrun_module
-from nanoseek.train.speedrun import speedrun_config
+from nanoseek.train.speedrun import settings, speedrun_config
 
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
@@ -171,6 +171,15 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert main(["speedrun", "--preset", "cpu", "--plan"]) == 2
     assert "for the GPU presets" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing was started
+    # a setting missing from an older folder's speedrun.json counts as what it meant then: a cpu
+    # run started before rl_beta existed trained GRPO with the KL term (0.01), not the recipe's 0
+    (tmp_path / "old" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "old" / "tokenizer" / "stage.json").write_text("{}")
+    old = settings(speedrun_config("cpu", str(tmp_path / "old")))
+    del old["rl_beta"]
+    (tmp_path / "old" / "speedrun.json").write_text(json.dumps(old))
+    assert main(["speedrun", "--preset", "cpu", "--out", str(tmp_path / "old"), "--quiet"]) == 2
+    assert "other settings (rl_beta)" in capsys.readouterr().err
     # a folder holding a speedrun with other settings is not silently mixed with this one
     (tmp_path / "b" / "tokenizer").mkdir(parents=True)
     (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
@@ -180,7 +189,7 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
 
 
 def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_path, capsys, monkeypatch):
-    from nanoseek.train.speedrun import settings, speedrun_stages
+    from nanoseek.train.speedrun import speedrun_stages
 
     seen = {}
 

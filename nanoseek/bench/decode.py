@@ -7,6 +7,12 @@ the prefill of the prompt is left out of both sides; both give token ids (the en
 without a tokenizer here, so no incremental detokenizing is counted; `bench serve` counts it).
 Greedy, no early stop, MTP off for the head-to-head; MTP speculation is measured separately on
 the same engine, on/off alternating.
+
+The evaluation's own workload is measured too (`tokens_per_s_b64`, `_b256`): twice as many
+answers as rows, rows refilled as answers end, prefills included, and the share of the compute
+bound it reaches (`compute_bound_fraction_b64`, `_b256`: the matmul FLOPs of the prefills and
+of every decoded token, attention over its context included, per second, over the matmul peak
+measured in the same run).
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from safetensors.torch import save_file
 
 import nanoseek
 from nanoseek.config import preset
+from nanoseek.data.tasks import problems
 from nanoseek.hf import config_to_hf, to_hf_state_dict
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.measure import cache_sizes, mtp_figures
+from nanoseek.infer.measure import cache_sizes, eval_workload, mtp_figures
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
+from nanoseek.train.cost import measure_matmul_peak
 
 
 def hf_twin(model: Transformer):
@@ -81,7 +89,7 @@ def hf_cache_bytes_per_token(hf, prompt_len: int = 16) -> float:
 
 def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int = 3, new_b1: int = 64,
                  new_b32: int = 32, prompt_lens: tuple[int, ...] = (256, 1024), batches: tuple[int, ...] = (1, 32),
-                 mtp_tokens: int = 128) -> dict:
+                 mtp_tokens: int = 128, eval_batches: tuple[int, ...] = (64, 256)) -> dict:
     torch.manual_seed(0)
     if ckpt:
         model, tok = nanoseek.load(ckpt)
@@ -123,7 +131,39 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
     out["peak_rss_mb"] = {side: _peak_rss(side, ckpt, preset_name, B, P, new_b32) for side in ("nanoseek", "hf")}
     out["peak_rss_workload"] = f"batch {B}, prompt {P}, {new_b32} new tokens, in a fresh process each"
     out.update(mtp_figures(model, tok, mtp_tokens, repeats))
+    out.update(eval_figures(model, tok, eval_batches, repeats))
     return out
+
+
+def eval_figures(model: Transformer, tok, batches: tuple[int, ...], repeats: int) -> dict:
+    """The evaluation's decoding at `max_seqs` of each of `batches`, over twice as many answers:
+    held-out chain_sum questions in the chat format, greedy, up to the speedrun's 640 tokens,
+    with a tokenizer; without one, random prompts of those lengths and answers of 100-500
+    tokens. Medians over `repeats`, against the matmul peak measured here."""
+    peak = measure_matmul_peak()
+    out: dict = {"matmul_peak_flops": peak}
+    for B in batches:
+        prompts, lengths = eval_prompts(tok, 2 * B, model.config.vocab_size)
+        runs = [eval_workload(model, prompts, lengths, B, peak, ignore_eos=tok is None) for _ in range(repeats)]
+        for key in ("tokens_per_s", "compute_bound_fraction"):
+            out[f"{key}_b{B}"] = statistics.median(r[key] for r in runs)
+        out[f"eval_workload_b{B}"] = (f"{len(prompts)} answers, {runs[0]['generated_tokens']:,} tokens, "
+                                      f"{B} rows at a time")
+        print(f"eval-like batch {B}: {out[f'tokens_per_s_b{B}']:,.0f} tok/s, "
+              f"{out[f'compute_bound_fraction_b{B}']:.0%} of the compute bound", file=sys.stderr)
+    return out
+
+
+def eval_prompts(tok, n: int, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    """n prompts and their token budgets, like the speedrun's evaluation."""
+    if tok is not None:
+        qs = problems("chain_sum", "eval", n)
+        chat = [tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True) for p in qs]
+        return [tok.encode(c) for c in chat], [640] * n
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(70, 110, (n,), generator=g).tolist()
+    prompts = [torch.randint(10, vocab_size, (m,), generator=g).tolist() for m in lengths]
+    return prompts, torch.randint(100, 500, (n,), generator=g).tolist()
 
 
 def _peak_rss(side: str, ckpt: str | None, preset_name: str, B: int, P: int, n_new: int) -> float:

@@ -47,3 +47,33 @@ def mtp_figures(model: Transformer, tok, n_new: int, repeats: int) -> dict:
     return {"mtp_acceptance": st["accepted"] / max(1, st["drafted"]),
             "mtp_speedup": statistics.median(a / b for a, b in zip(times[False], times[True])),
             "mtp_tokens_per_s": n_new / statistics.median(times[True]), **plain}
+
+
+def decode_flops(model: Transformer, position: int) -> float:
+    """Matmul FLOPs of one token decoded at `position` (0-based): 2 per active weight, plus
+    attention's scores and weighted sum over the position + 1 keys it sees."""
+    cfg = model.config
+    per_key = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers
+    return model.flops_per_token(1, training=False) + per_key * position
+
+
+def eval_workload(model: Transformer, prompts: list[list[int]], max_tokens: list[int], max_seqs: int,
+                  peak_flops: float, ignore_eos: bool) -> dict:
+    """Greedy decoding of `prompts` the way the evaluation runs them: every prompt queued at once,
+    `max_seqs` rows decoded together, rows refilled as answers end (prefills included). Returns
+    the generated tokens per second and the fraction of the compute bound it reaches: the
+    matmul FLOPs of every prefill and decoded token (attention over its context included) per
+    second, over the measured matmul peak."""
+    engine = Engine(model, None, max_seqs=max_seqs, context=model.config.max_position_embeddings)
+    engine.max_waiting = len(prompts)
+    t = time.perf_counter()
+    reqs = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=ignore_eos))
+            for p, n in zip(prompts, max_tokens)]
+    engine.run()
+    seconds = time.perf_counter() - t
+    generated = sum(len(r.outputs[0].token_ids) for r in reqs)
+    flops = sum(len(p) * model.flops_per_token(len(p), training=False) for p in prompts)
+    flops += sum(decode_flops(model, len(p) + i) for p, r in zip(prompts, reqs)
+                 for i in range(len(r.outputs[0].token_ids) - 1))
+    return {"tokens_per_s": generated / seconds, "compute_bound_fraction": flops / seconds / peak_flops,
+            "generated_tokens": generated, "seconds": seconds}

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import PRESETS, ConfigError, apply_overrides, derive, override_key, require, round_up
+from nanoseek.config import PRESETS, ConfigError, apply_overrides, derive, require, round_up
 from nanoseek.config import preset as preset_config
 from nanoseek.data.corpus import default_corpus, math_documents, read_files
 from nanoseek.data.sft import task_documents
 from nanoseek.data.splits import TRAIN_POOL
-from nanoseek.data.tasks import TASKS, check_tasks, eval_sets
+from nanoseek.data.tasks import TASKS, eval_sets
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.compare import evaluate_stages
@@ -130,9 +130,9 @@ class SpeedrunConfig:
     def validate(self) -> None:
         need = require
         need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        check_tasks([*self.tasks, *(self.rl_tasks or []), *self.report_tasks], TASKS)
-        for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples",
-                     "corpus_docs"):
+        for t in [*self.tasks, *(self.rl_tasks or []), *self.report_tasks]:
+            need(t in TASKS, f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(bool(self.tasks), "tasks must name at least one task")
         check_precision(self.precision)
@@ -141,6 +141,7 @@ class SpeedrunConfig:
         need(self.corpus in CORPORA, f"corpus must be one of {', '.join(CORPORA)}, not {self.corpus!r}")
         for path in self.data:
             need(Path(path).exists(), f"no such data file or folder: {path}")
+        need(self.corpus_docs >= 1, "corpus_docs must be at least 1")
         for name, what in (("corpus_mix", "documents"), ("sft_mix", "cold-start problems")):
             mix = getattr(self, name)
             need(mix is None or (isinstance(mix, dict) and set(mix) <= set(self.tasks)
@@ -205,8 +206,8 @@ UNTUNED = dict(rl_tasks=None, corpus_mix=None, sft_mix=None, eval_mix=None, rl_l
 
 # Each preset: what it changes from SpeedrunConfig's defaults (the cpu recipe).
 SPEEDRUNS: dict[str, dict[str, Any]] = {
-    "cpu": {},
     "tiny": {**UNTUNED, **TINY_BUDGET},
+    "cpu": {},
     # GPU presets: pretraining budgets far beyond the embedded corpus (pass data=[...]); the cold
     # start a few passes over its ~4M tokens of worked solutions
     "gpu": {**UNTUNED, "corpus": "default", "vocab_size": 32768, "pretrain_steps": 20000, "pretrain_batch_size": 64,
@@ -225,7 +226,7 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
     """A preset's settings with `key=value` overrides, validated."""
     require(preset in SPEEDRUNS, f"unknown preset {preset!r}; choose one of: {', '.join(SPEEDRUNS)}")
     settings = {**SPEEDRUNS[preset], **(TINY_BUDGET if smoke else {})}
-    keys = {override_key(o) for o in overrides}
+    keys = {o.partition("=")[0].strip() for o in overrides}  # (a malformed one fails below)
     for mix, counts in MIXES.items():
         if (smoke or keys & set(counts)) and mix not in keys:
             settings[mix] = None
@@ -233,6 +234,10 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
     config.validate()
     return config
 
+
+# What speedrun.json settings missing from a folder's file meant when it was written: the
+# defaults before the cpu recipe became SpeedrunConfig's (UNTUNED and these)
+BEFORE_SETTINGS = {**UNTUNED, "sft_steps": 400, "max_tokens": 512, "eval_n": 100}
 
 # Settings only the evaluation and the report read: a folder resumed with other values keeps its
 # trained stages and redoes these ones.
@@ -248,8 +253,9 @@ def speedrun(config: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
     mine = settings(config)
     if saved is not None and stage_done(out / "tokenizer") is not None:
-        # a setting added to SpeedrunConfig after the folder was started counts as its default
-        default = dataclasses.asdict(SpeedrunConfig())
+        # a setting added to SpeedrunConfig after the folder was started counts as the value it
+        # had before: its default then (the untuned recipe's, for the settings the cpu recipe sets)
+        default = {**dataclasses.asdict(SpeedrunConfig()), **BEFORE_SETTINGS}
         changed = sorted(k for k in mine if saved.get(k, default[k]) != mine[k])
         trained = [k for k in changed if k not in EVAL_ONLY]
         require(not trained, f"{out} holds a speedrun with other settings ({', '.join(trained)}): "
