@@ -284,3 +284,15 @@ def test_gpu_presets_plan_their_compute_and_cost(capsys):
         hours = st["total"]["flops"] / (gpus * p["peak_flops_per_gpu"] * p["mfu"]) / 3600
         assert st["total"]["hours"] == pytest.approx(hours)
         assert st["total"]["dollars"] == pytest.approx(hours * gpus * p["price_per_gpu_hour"])
+
+
+def test_compile_reaches_pretraining_and_the_cold_start(tmp_path, monkeypatch):
+    from nanoseek.train.speedrun import speedrun_stages
+
+    seen = {}
+    monkeypatch.setattr(speedrun_module, "train", lambda tc, *overrides: seen.update({tc.stage: tc.compile}) or {})
+    stages = {st.name: st for st in speedrun_stages(speedrun_config("tiny", str(tmp_path), ["compile=true"]))}
+    for name in ("pretrain", "sft"):
+        stages[name].run(tmp_path / name)
+    assert seen == {"pretrain": True, "sft": True}
+    assert speedrun_config("tiny").compile is False and speedrun_config("cpu").compile is False

@@ -98,3 +98,28 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_nothing_else():
     with torch.no_grad():  # without gradients (evaluation, generation) nothing is recomputed
         model.loss(x, y)
     assert len(counted) == n
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """compile_blocks (the speedrun's `compile=true`): the same loss and gradients as eager, to
+    fp32 tolerance, and the same parameter names."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = Transformer(preset("tiny").replace(num_nextn_predict_layers=1))
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    x = torch.randint(0, 500, (2, 32))
+    y = torch.randint(0, 500, (2, 32))
+    losses = []
+    for model in (eager, compiled):
+        out = model.loss(x, y)
+        out["loss"].backward()
+        losses.append({k: v.detach() for k, v in out.items()})
+    assert losses[0].keys() == losses[1].keys() >= {"loss", "main_loss", "mtp_loss"}
+    for k, v in losses[0].items():
+        torch.testing.assert_close(losses[1][k], v, rtol=1e-5, atol=1e-5)
+    grads = dict(compiled.named_parameters())
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -124,6 +124,7 @@ class SpeedrunConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # pretraining's and the cold start's matmuls (TrainConfig.precision)
+    compile: bool = False  # torch.compile the fixed-shape parts in pretraining and the cold start
     smoke: bool = False  # the preset's architecture at the tiny preset's size and budget (a CPU check)
     progress: bool = True
 
@@ -331,7 +332,7 @@ def pretrain_stage(config: SpeedrunConfig, folder: Path, model_overrides: list[s
                                data=list(config.data) or corpus, max_steps=config.pretrain_steps,
                                batch_size=config.pretrain_batch_size, seq_len=config.pretrain_seq_len,
                                price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
-                               precision=config.precision, progress=config.progress)
+                               precision=config.precision, compile=config.compile, progress=config.progress)
     smaller = smoke_overrides(config.preset) if config.smoke else []
     return train(train_config, [*smaller, *model_overrides])
 
@@ -342,7 +343,7 @@ def sft_stage(config: SpeedrunConfig, folder: Path, base: str = "pretrain") -> d
                                max_steps=config.sft_steps, batch_size=config.sft_batch_size, seq_len=config.sft_seq_len,
                                lr=SFT_LR, warmup_steps=SFT_WARMUP, ema=config.sft_ema,
                                price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
-                               precision=config.precision, progress=config.progress)
+                               precision=config.precision, compile=config.compile, progress=config.progress)
     return train(train_config)
 
 
