@@ -225,11 +225,14 @@ def add_grpo(sub) -> None:
                    help="grpo (DeepSeekMath), dapo (token-level, Yu et al. 2025), dr_grpo (Liu et al. 2025)")
     p.add_argument("--beta", type=float, help="KL coefficient to the reference (k3 estimator); 0: no reference")
     p.add_argument("--clip-higher", type=float, metavar="EPS_HIGH", help="DAPO's clip-higher, e.g. 0.28")
-    p.add_argument("--dynamic-sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal")
+    # (default None, not False: a flag left out keeps what a resumed run saved)
+    p.add_argument("--dynamic-sampling", action="store_true", default=None,
+                   help="DAPO: drop groups whose rewards are all equal")
     p.add_argument("--ref-reset", type=int, metavar="N", help="reset the reference to the policy every N steps")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (prompts_per_step is "
                    "the global number, split across the processes)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each block in backward")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
     p.set_defaults(run=run_grpo)
@@ -237,8 +240,6 @@ def add_grpo(sub) -> None:
 
 def run_grpo(args: argparse.Namespace) -> int:
     config = GRPOConfig(init=args.ckpt, out=args.out, progress=not args.quiet)
-    args.activation_checkpointing = args.activation_checkpointing or None  # a resumed run keeps its own
-    args.dynamic_sampling = args.dynamic_sampling or None
     config = with_flags(config, args, {**RUN_FLAGS, "tasks": "task", "template": "template", "loss_type": "loss_type",
                                        "beta": "beta", "eps_high": "clip_higher", "ref_reset_every": "ref_reset",
                                        "parallel": "parallel", "activation_checkpointing": "activation_checkpointing",

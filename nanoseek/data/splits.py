@@ -5,7 +5,7 @@ reasoning-gym generates item i of a dataset from seed + i, so two datasets overl
 seeds are closer than their sizes: the pretraining corpus, the training pools and the held-out
 sets draw from seeds millions apart. gsm_symbolic is also split by template
 (`dataset.task_indices[i]`): HELD_OUT_TEMPLATES never appear in training. data/tasks.py checks
-every held-out question against the training pools and the corpus's problems (CORPUS_SPECS).
+every held-out question against the training pools and the corpus's problems (corpus_specs).
 """
 
 from __future__ import annotations

@@ -82,11 +82,12 @@ def eval_sets(tasks: list[str]) -> list[str]:
     return [*tasks, *(["gsm_symbolic_seen"] if "gsm_symbolic" in tasks else [])]
 
 
-def check_tasks(names, allowed=TASKS, what: str = "task") -> None:
-    """Every name must be one of `allowed` (TASKS, or EVAL_SETS for the held-out sets)."""
+def check_tasks(names, allowed=TASKS, error: type[Exception] = TaskError) -> None:
+    """Every name must be one of `allowed` (TASKS, or EVAL_SETS for the held-out sets); the
+    first that is not raises `error` (a config's validation passes ConfigError)."""
     for name in names:
         if name not in allowed:
-            raise TaskError(f"unknown {what} {name!r}; choose from: {', '.join(allowed)}")
+            raise error(f"unknown task {name!r}; choose from: {', '.join(allowed)}")
 
 
 def _dataset(task: str, size: int, seed: int, **config):

@@ -1,6 +1,7 @@
 """What the engine costs, measured on a model: the latent cache's bytes per token beside the
-caches it replaces, and MTP speculation's acceptance and speedup at batch 1. The speedrun's
-report card and `nanoseek bench decode` both read these."""
+caches it replaces, MTP speculation's acceptance and speedup at batch 1, and the evaluation's
+decoding workload against the compute bound. The speedrun's report card and `nanoseek bench
+decode` read these."""
 
 from __future__ import annotations
 

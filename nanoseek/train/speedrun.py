@@ -36,7 +36,7 @@ from nanoseek.config import preset as preset_config
 from nanoseek.data.corpus import default_corpus, math_documents, read_files
 from nanoseek.data.sft import task_documents
 from nanoseek.data.splits import TRAIN_POOL
-from nanoseek.data.tasks import TASKS, eval_sets
+from nanoseek.data.tasks import TASKS, check_tasks, eval_sets
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.compare import evaluate_stages
@@ -131,8 +131,7 @@ class SpeedrunConfig:
     def validate(self) -> None:
         need = require
         need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        for t in [*self.tasks, *(self.rl_tasks or []), *self.report_tasks]:
-            need(t in TASKS, f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        check_tasks([*self.tasks, *(self.rl_tasks or []), *self.report_tasks], TASKS, ConfigError)
         for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(bool(self.tasks), "tasks must name at least one task")
@@ -164,9 +163,10 @@ class SpeedrunConfig:
         none may run into another's (RL on problems the cold start wrote out rewards recall)."""
         rl_tasks = self.rl_tasks or self.tasks
         rl = -(-self.rl_steps * self.rl_prompts_per_step // len(rl_tasks))
+        corpus_counts, sft_counts, rl_offset = self.corpus_counts(), self.sft_counts(), self.rl_offset()
         for t in self.tasks:
-            corpus = self.corpus_counts()[t] if self.corpus == "tasks" and not self.data else 0  # data replaces it
-            used = corpus + (self.rl_offset() + rl if t in rl_tasks else self.sft_counts()[t])
+            corpus = corpus_counts[t] if self.corpus == "tasks" and not self.data else 0  # data replaces it
+            used = corpus + (rl_offset + rl if t in rl_tasks else sft_counts[t])
             require(used <= TRAIN_POOL[t], ("the corpus's documents + " if corpus else "") + "sft_examples + the "
                     f"RL prompts ({used:,}) must fit in {t}'s {TRAIN_POOL[t]:,} training problems")
 

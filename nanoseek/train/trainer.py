@@ -161,8 +161,7 @@ def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     bf16 = isinstance(autocast, torch.autocast)
     peak = peak_flops(run.device, torch.bfloat16 if bf16 else torch.float32) * ranks.world  # MFU: of the peak in use
     counts = model.param_counts()
-    model_config = model.config
-    say(show, f"nanoseek {config.stage}: {model_config.num_hidden_layers} layers, "
+    say(show, f"nanoseek {config.stage}: {model.config.num_hidden_layers} layers, "
               f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
               f"{len(run.loader.tokens):,} training tokens, {run.start}, "
               f"on {run.ledger.device}" + (f" x {ranks.world} processes" if ranks.parallel else "")
