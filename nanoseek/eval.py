@@ -92,9 +92,13 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
         sets[task] = (probs, [prompt_for(tok, p, template) for p in probs])
     prompts = [q for _, qs in sets.values() for q in qs]
     stop = ["\nQuestion:"] if template == "base" else []
-    greedy = iter(engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop)))
-    sampled = iter(engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k,
-                                                           seed=seed, stop=stop)) if k > 0 else [])
+    # the greedy and the sampled requests in one queue: one tail of long answers, not two
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop)] * len(prompts)
+    if k > 0:
+        sampled = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k, seed=seed, stop=stop)
+        params += [sampled] * len(prompts)
+    done = engine.generate(prompts * (1 + (k > 0)), params)
+    greedy, sampled = iter(done[: len(prompts)]), iter(done[len(prompts):])
     results = {}
     for task, (probs, _) in sets.items():
         reqs = [next(greedy) for _ in probs]

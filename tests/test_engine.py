@@ -8,8 +8,8 @@ import torch
 from nanoseek.config import preset
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer import greedy
-from nanoseek.infer.engine import Engine, EngineBusy, EngineError
-from nanoseek.infer.runner import DecodeRunner, ModuleRunner
+from nanoseek.infer.engine import ADMIT_SHARE, Engine, EngineBusy, EngineError
+from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner
 from nanoseek.infer.sampling import SamplingError, SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
@@ -63,6 +63,53 @@ def test_cached_decoding_matches_a_full_forward(changes):
                 assert (got[row] - full).abs().max().item() <= 1e-4
 
 
+def test_rows_read_in_groups_see_their_whole_context():
+    """More rows than one attention group, in no order of length: each group reads up to its own
+    longest row, and every row's logits still equal the full forward's."""
+    model = model_for()
+    runner = DecodeRunner(model)
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 60, (ROWS_PER_GROUP + 9,), generator=gen).tolist()
+    seqs = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in lengths]
+    cache = model.new_cache(len(seqs), 128, mtp=False)
+    with torch.no_grad():
+        for row, s in enumerate(seqs):
+            cache.start = row
+            model(torch.tensor([s]), torch.arange(len(s))[None], cache)
+        cache.start = 0
+        for step_tokens in (1, 2):
+            new = torch.randint(0, 400, (len(seqs), step_tokens), generator=gen)
+            pos = torch.tensor([[len(s) + i for i in range(step_tokens)] for s in seqs])
+            got = model.lm_head(runner.hidden(new, pos, cache))
+            for row, s in enumerate(seqs):
+                s += new[row].tolist()
+                assert (got[row] - model(torch.tensor([s]))[0, -step_tokens:]).abs().max().item() <= 1e-4
+
+
+def test_rows_kept_in_order_of_length_change_nothing(tok, monkeypatch):
+    """Enough rows for several attention groups, answers of many lengths ending at different
+    steps: the engine reorders its rows (and their cache) and the greedy outputs stay those
+    of each prompt decoded alone."""
+    model = model_for()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 400, (n,), generator=gen).tolist()
+               for n in torch.randint(2, 30, (3 * ROWS_PER_GROUP,), generator=gen).tolist()]
+    budgets = torch.randint(2, 40, (len(prompts),), generator=gen).tolist()
+    engine = Engine(model, tok, max_seqs=2 * ROWS_PER_GROUP)
+    reorders, sort = [], engine._sort_rows
+
+    def watched_sort():
+        before = engine.running
+        sort()
+        reorders.append(engine.running is not before)
+    monkeypatch.setattr(engine, "_sort_rows", watched_sort)
+    reqs = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for p, n in zip(prompts, budgets)]
+    engine.run()
+    assert any(reorders)
+    assert [r.outputs[0].token_ids for r in reqs] == [greedy(model, p, n) for p, n in zip(prompts, budgets)]
+
+
 def test_continuous_batching_changes_nothing(tok):
     """Greedy outputs alone == among others joining and leaving (2 rows for 5 requests)."""
     model = model_for()
@@ -76,6 +123,41 @@ def test_continuous_batching_changes_nothing(tok):
     engine.run()
     assert [r.outputs[0].token_ids for r in reqs] == alone
     assert not engine.running and engine.cache.start == 0
+
+
+def test_greedy_and_sampled_requests_share_a_batch(tok):
+    """One generate() with parameters per prompt: each request's outputs are those it gets alone."""
+    model = model_for()
+    prompts = [tok.encode(t) for t in ["To be", "Question: 12", "Café"]]
+    greedy_p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    sampled_p = SamplingParams(max_tokens=8, temperature=0.8, n=2, seed=3, ignore_eos=True)
+    together = Engine(model, tok, max_seqs=8).generate(prompts * 2, [greedy_p] * 3 + [sampled_p] * 3)
+    alone = [Engine(model, tok, max_seqs=2).generate([p], params)[0]
+             for params, p in [(greedy_p, p) for p in prompts] + [(sampled_p, p) for p in prompts]]
+    assert [[c.token_ids for c in r.outputs] for r in together] == [[c.token_ids for c in r.outputs] for r in alone]
+    with pytest.raises(EngineError, match="2 sampling parameters for 3 prompts"):
+        Engine(model, tok).generate(prompts, [greedy_p] * 2)
+
+
+def test_a_busy_engine_prefills_waiting_prompts_together(tok):
+    """With a queue, rows are refilled a few prompts at a time (ADMIT_SHARE of the rows), each
+    batch in one forward; the outputs stay those of each prompt alone."""
+    model = model_for()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 400, (n,), generator=gen).tolist()
+               for n in torch.randint(2, 20, (150,), generator=gen).tolist()]
+    budgets = torch.randint(2, 30, (len(prompts),), generator=gen).tolist()
+    engine = Engine(model, tok, max_seqs=64)
+    batches = []
+    forward = model.hidden_states
+    model.hidden_states = lambda ids, *a, **k: (batches.append(ids.shape[0]), forward(ids, *a, **k))[1]
+    try:
+        reqs = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in budgets])
+    finally:
+        del model.hidden_states
+    least = int(64 * ADMIT_SHARE)
+    assert batches[0] == 64 and sum(batches) == len(prompts) and min(batches[1:-1]) >= least >= 2
+    assert [r.outputs[0].token_ids for r in reqs] == [greedy(model, p, n) for p, n in zip(prompts, budgets)]
 
 
 def test_n_samples_share_one_prefill(tok):

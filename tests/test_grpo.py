@@ -167,11 +167,11 @@ def test_sets_evaluated_together_are_scored_problem_by_problem(base):
     class Scripted:
         tok = base[1]
 
-        def generate(self, prompts, params):
+        def generate(self, prompts, params):  # one queue: each prompt greedy, then each sampled
             def out(text):
                 return SimpleNamespace(text=f"<think>\nwork\n</think>\n{text}", token_ids=[0] * len(text))
-            return [SimpleNamespace(outputs=[out(gold[tuple(q)] if i == 0 else "-1") for i in range(params.n)])
-                    for q in prompts]
+            return [SimpleNamespace(outputs=[out(gold[tuple(q)] if i == 0 else "-1") for i in range(p.n)])
+                    for q, p in zip(prompts, params)]
 
     together = evaluate_tasks(Scripted(), counts, k=2)
     assert list(together) == list(counts)

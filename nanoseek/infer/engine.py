@@ -23,10 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.infer.runner import DecodeRunner, ModuleRunner
+from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner
 from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
+
+# Rows are put back in order of length when the groups' attention would read this much more
+# than in that order (one copy of the cache's rows against a little more read every step).
+SORT_SLACK = 1.1
+# A busy engine admits waiting prompts once this share of its rows is free, to prefill them together.
+ADMIT_SHARE = 1 / 32
 
 
 class EngineError(ValueError):
@@ -164,13 +170,11 @@ class Engine:
         events: list[Event] = []
         self._drop_aborted()
         self.runner.sync()
-        while True:
-            with self.lock:
-                if not self.waiting or len(self.running) + self.waiting[0].params.n > self.max_seqs:
-                    break
-                req = self.waiting.popleft()
-            events += self._prefill(req)
+        admitted = self._admit()
+        if admitted:
+            events += self._prefill(admitted)
         if self.running:
+            self._sort_rows()
             events += self._decode_speculative() if self.speculative else self._decode()
         self.stats["steps"] += 1
         return events
@@ -182,15 +186,20 @@ class Engine:
                 if on_event:
                     on_event(e)
 
-    def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None) -> list[Request]:
+    def generate(self, prompts: list[list[int] | str],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Request]:
         """Run `prompts` to completion, batched; returns their requests (`.outputs`), in order.
-        Any number of prompts: they join the queue as it drains (max_waiting is the server's
-        back-pressure, not a limit on an offline batch)."""
+        `params`: one for all prompts, or one per prompt (greedy and sampled requests can share
+        the batch). Any number of prompts: they join the queue as it drains (max_waiting is the
+        server's back-pressure, not a limit on an offline batch)."""
         prompts = list(prompts)
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise EngineError(f"{len(each)} sampling parameters for {len(prompts)} prompts")
         reqs: list[Request] = []
         while len(reqs) < len(prompts) or self.has_work():
             while len(reqs) < len(prompts) and len(self.waiting) < self.max_waiting:
-                reqs.append(self.submit(prompts[len(reqs)], params))
+                reqs.append(self.submit(prompts[len(reqs)], each[len(reqs)]))
             self.step()
         return reqs
 
@@ -207,51 +216,87 @@ class Engine:
                 self.abort(req)
                 self.step()
 
-    # ---- prefill: one forward over the prompt, shared by the request's n samples ----
-    def _prefill(self, req: Request) -> list[Event]:
-        p, n, P = req.params, req.params.n, len(req.prompt_ids)
-        row0 = len(self.running)
-        ids = torch.tensor([req.prompt_ids], device=self._device)
-        pos = torch.arange(P, device=self._device)[None]
+    # ---- prefill: one forward over the admitted prompts, shared by each request's n samples ----
+    def _admit(self) -> list[Request]:
+        """The waiting requests that join now: as many as fit, once enough rows are free for a
+        batch of prompts (ADMIT_SHARE of the rows, or all that is waiting), since one forward
+        over several prompts costs far less than one each (docs/LOG.md, 2026-12-06)."""
+        with self.lock:
+            free = self.max_seqs - len(self.running)
+            wanted = sum(r.params.n for r in self.waiting)
+            if not wanted or free < min(wanted, max(1, int(self.max_seqs * ADMIT_SHARE))):
+                return []
+            admitted = []
+            while self.waiting and self.waiting[0].params.n <= free:
+                free -= self.waiting[0].params.n
+                admitted.append(self.waiting.popleft())
+            return admitted
+
+    def _prefill(self, reqs: list[Request]) -> list[Event]:
+        """One forward over the prompts (right-padded: a padded position's cache entry is written
+        again by its own token before anything reads it). Request i's prompt fills row row0 + i;
+        its other samples get copies of that row, in the rows after all the prompts'."""
+        row0, R = len(self.running), len(reqs)
+        lengths = [len(r.prompt_ids) for r in reqs]
+        P = max(lengths)
+        ids = torch.tensor([r.prompt_ids + [0] * (P - len(r.prompt_ids)) for r in reqs], device=self._device)
+        pos = torch.arange(P, device=self._device)[None].expand(R, P)
         self.cache.start = row0
         h, _ = self.model.hidden_states(ids, pos, self.cache)
-        logits = self.model.lm_head(h[:, -1]).expand(n, -1)
-        for i in range(1, n):
-            self.cache.copy_row(row0, row0 + i, P)
-        seqs = []
-        for i in range(n):
-            seed = p.seed + i if p.seed is not None else random.getrandbits(63)
-            g = torch.Generator().manual_seed(seed)
-            stream = TextStream(self.tok, p.stop) if self.tok is not None else None
-            seqs.append(_Seq(req, i, list(req.prompt_ids), g, stream))
-        tokens, chosen_probs = self._sample(logits, seqs)
-        self.running.extend(seqs)
+        last = h[torch.arange(R, device=self._device), torch.tensor(lengths, device=self._device) - 1]
+        rows, free = [], row0 + R  # request i: its prompt's row, then its other samples' rows
+        for i, r in enumerate(reqs):
+            rows.append([row0 + i, *range(free, free + r.params.n - 1)])
+            free += r.params.n - 1
+            for dst in rows[i][1:]:
+                self.cache.copy_row(row0 + i, dst, lengths[i])
+        seqs = [self._new_seq(r, j) for r in reqs for j in range(r.params.n)]
+        logits = self.model.lm_head(last)[torch.tensor([i for i, r in enumerate(reqs) for _ in range(r.params.n)],
+                                                       device=self._device)]
+        tokens, _ = self._sample(logits, seqs)
+        at = [row for rs in rows for row in rs]  # seqs[k] lives in row at[k]
+        self.running.extend(s for _, s in sorted(zip(at, seqs), key=lambda pair: pair[0]))
         if self.speculative:
-            self._mtp_prefill(seqs, h, row0, tokens)
-        req.first_token_at = time.perf_counter()
+            k = 0
+            for i, r in enumerate(reqs):
+                n = r.params.n
+                self._mtp_prefill(seqs[k: k + n], h[i: i + 1, : lengths[i]], rows[i], tokens[k: k + n])
+                k += n
+        now = time.perf_counter()
         events = []
         for s, t, lp in zip(seqs, tokens.tolist(), self._logprobs(logits, tokens, seqs)):
+            s.request.first_token_at = now
             events += self._emit(s, [t], [lp])
         self._release_finished()
         return events
 
-    def _mtp_prefill(self, seqs: list[_Seq], h: torch.Tensor, row0: int, first: torch.Tensor) -> None:
-        """Fill the MTP layer's cache over the prompt and draft each sample's second token."""
+    def _new_seq(self, req: Request, i: int) -> _Seq:
+        p = req.params
+        seed = p.seed + i if p.seed is not None else random.getrandbits(63)
+        stream = TextStream(self.tok, p.stop) if self.tok is not None else None
+        return _Seq(req, i, list(req.prompt_ids), torch.Generator().manual_seed(seed), stream)
+
+    def _mtp_prefill(self, seqs: list[_Seq], h: torch.Tensor, rows: list[int], first: torch.Tensor) -> None:
+        """Fill the MTP layer's cache over one prompt (row rows[0], copied to the request's other
+        rows) and draft each sample's second token."""
         prompt = seqs[0].request.prompt_ids
-        P, n = len(prompt), len(seqs)
+        P = len(prompt)
         mtp = self.model.mtp[0]
         if P > 1:
             pos = torch.arange(P - 1, device=self._device)[None]
             emb = self.model.embed_tokens(torch.tensor([prompt[1:]], device=self._device))
             cos, sin = self.model.rotary(pos)
-            self.cache.start = row0
+            self.cache.start = rows[0]
             mtp(h[:, : P - 1], emb, cos, sin, pos, self.cache)
-            for i in range(1, n):
-                self.cache.copy_row(row0, row0 + i, P)  # the MTP layer's rows too
-        pos = torch.full((n, 1), P - 1, device=self._device)
-        self.cache.start = row0
-        out = self.runner.mtp_hidden(h[:, -1:].expand(n, -1, -1), first[:, None], pos, self.cache)
-        self._set_drafts(seqs, self._mtp_logits(out[:, -1]))
+            for dst in rows[1:]:
+                self.cache.copy_row(rows[0], dst, P)  # the MTP layer's rows too
+        drafts = []
+        pos = torch.full((1, 1), P - 1, device=self._device)
+        for row, t in zip(rows, first.tolist()):
+            self.cache.start = row
+            drafts.append(self.runner.mtp_hidden(h[:, -1:], torch.tensor([[t]], device=self._device), pos,
+                                                 self.cache)[:, -1])
+        self._set_drafts(seqs, self._mtp_logits(torch.cat(drafts)))
 
     # ---- decode: every running sequence advances ----
     def _decode(self) -> list[Event]:
@@ -390,6 +435,23 @@ class Engine:
                 self.cache.copy_row(len(self.running), i, len(last.tokens))
                 self.running[i] = last
 
+    def _sort_rows(self) -> None:
+        """Keep the running rows roughly longest first, so that each group of rows the decode
+        step's attention reads together (runner.ROWS_PER_GROUP) reads little beyond its rows'
+        own contexts. Rows stay put until their order reads SORT_SLACK times what the sorted
+        order would; then the cache's rows are permuted once."""
+        lengths = [len(s.tokens) for s in self.running]
+        if len(lengths) <= ROWS_PER_GROUP:
+            return
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        if _group_reads(lengths) <= SORT_SLACK * _group_reads([lengths[i] for i in order]):
+            return
+        index = torch.tensor(order, device=self._device)
+        S = max(lengths)
+        for buf in self.cache.layers:
+            buf[: len(order), :S] = buf[index, :S]
+        self.running = [self.running[i] for i in order]
+
     def _drop_aborted(self) -> None:
         for s in self.running:
             if s.request.aborted and s.out.finish_reason is None:
@@ -400,3 +462,9 @@ class Engine:
         for c in req.outputs:
             if c.finish_reason is None:
                 c.finish_reason = reason
+
+
+def _group_reads(lengths: list[int]) -> int:
+    """Positions the decode step's attention reads for rows of these lengths, in this order."""
+    return sum(min(ROWS_PER_GROUP, len(lengths) - r) * max(lengths[r: r + ROWS_PER_GROUP])
+               for r in range(0, len(lengths), ROWS_PER_GROUP))

@@ -29,14 +29,23 @@ from nanoseek.model import Transformer
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE
 
+# Rows a decode step's attention reads the cache for together: each group reads only up to its
+# own longest row, so rows kept in order of length do not all read the batch's longest context
+# (see docs/LOG.md, 2026-12-06, attention over padded context).
+ROWS_PER_GROUP = 32
+
 
 class _Step:
-    """What every layer of one decode step shares: rotations, the write index, the mask."""
+    """What every layer of one decode step shares: rotations, the write index, the mask, and
+    the groups of rows whose attention runs together ((first row, end row, length read))."""
 
     def __init__(self, rot: torch.Tensor, positions: torch.Tensor, cache: LatentCache):
         self.rot, self.positions, self.cache = rot, positions, cache
-        self.S = int(positions.max()) + 1
+        last = positions.max(dim=1).values.tolist()
+        self.S = max(last) + 1
         self.B = positions.shape[0]
+        self.groups = [(r, min(r + ROWS_PER_GROUP, self.B), max(last[r: r + ROWS_PER_GROUP]) + 1)
+                       for r in range(0, self.B, ROWS_PER_GROUP)]
         self.bias = torch.zeros(positions.shape + (1, self.S), device=positions.device)
         self.bias.masked_fill_(~LatentCache.visible(positions, self.S)[:, :, None], float("-inf"))
         self.index = positions[..., None]
@@ -92,10 +101,15 @@ class _Attn:
         pe = torch.view_as_real(torch.view_as_complex(pe.unflatten(-1, (-1, 2))) * step.rot).flatten(-2).to(x.dtype)
         q = torch.cat([q[..., :c], pe[:, :, :H]], dim=-1)
         latent = step.write(layer, torch.cat([c_kv, pe[:, :, H]], dim=-1))  # [B, S, c + r]
-        S = latent.shape[1]
-        scores = torch.bmm(q.view(B, T * H, c + r), latent.transpose(1, 2)).view(B, T, H, S)
-        probs = (scores.float() + step.bias).softmax(-1).to(x.dtype)
-        out = torch.bmm(probs.view(B, T * H, S), latent[..., :c]).view(B, T, H * c)
+        outs = []
+        for r0, r1, S in step.groups:
+            rows = latent[r0:r1, :S]
+            # [S, c + r] @ [c + r, T * H]: the long side as the matmul's rows runs ~1.7x faster on a
+            # CPU than the short one (docs/LOG.md, 2026-12-06)
+            scores = torch.bmm(rows, q[r0:r1].reshape(r1 - r0, T * H, c + r).transpose(1, 2)).transpose(1, 2)
+            probs = (scores.view(r1 - r0, T, H, S).float() + step.bias[r0:r1, ..., :S]).softmax(-1).to(x.dtype)
+            outs.append(torch.bmm(probs.view(r1 - r0, T * H, S), rows[..., :c]))
+        out = (torch.cat(outs) if len(outs) > 1 else outs[0]).view(B, T, H * c)
         return F.linear(out, self.w_o, self.b_o)
 
 
