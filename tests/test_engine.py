@@ -8,7 +8,7 @@ import torch
 from nanoseek.config import preset
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer import greedy
-from nanoseek.infer.engine import ADMIT_SHARE, Engine, EngineBusy, EngineError
+from nanoseek.infer.engine import ADMIT_SHARE, PREFILL_TOKENS, Engine, EngineBusy, EngineError
 from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner
 from nanoseek.infer.sampling import SamplingError, SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
@@ -156,8 +156,25 @@ def test_a_busy_engine_prefills_waiting_prompts_together(tok):
     finally:
         del model.hidden_states
     least = int(64 * ADMIT_SHARE)
-    assert batches[0] == 64 and sum(batches) == len(prompts) and min(batches[1:-1]) >= least >= 2
+    assert sum(batches) == len(prompts) and min(batches[1:-1]) >= least >= 2
+    assert batches[0] == 64  # the first rows' prompts: 64 x at most 20 positions, within PREFILL_TOKENS
     assert [r.outputs[0].token_ids for r in reqs] == [greedy(model, p, n) for p, n in zip(prompts, budgets)]
+
+
+def test_long_prompts_are_prefilled_a_few_at_a_time(tok):
+    """Prompts admitted together are prefilled in runs of at most PREFILL_TOKENS padded positions,
+    so a wide engine's prefill memory does not grow with its rows."""
+    P = PREFILL_TOKENS // 3 + 1  # two fit in a run, three do not
+    model = model_for(max_position_embeddings=P + 8)
+    prompts = [[5 + i] * P for i in range(5)]
+    batches = []
+    forward = model.hidden_states
+    model.hidden_states = lambda ids, *a, **k: (batches.append(tuple(ids.shape)), forward(ids, *a, **k))[1]
+    try:
+        Engine(model, tok, max_seqs=8, context=P + 4).generate(prompts, SamplingParams(max_tokens=1, temperature=0))
+    finally:
+        del model.hidden_states
+    assert batches == [(2, P), (2, P), (1, P)]
 
 
 def test_n_samples_share_one_prefill(tok):

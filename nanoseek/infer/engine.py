@@ -3,12 +3,15 @@
 One cache row per running sequence ([rows, context, kv_lora_rank + qk_rope_head_dim] per
 layer, allocated once). Running sequences sit in rows 0..R-1, so a decode step attends over
 a plain slice of the cache, never a gathered copy; when a sequence finishes, the last row
-moves into its place. A request of `n` samples is prefilled once (naive MLA, SDPA) and its
+moves into its place. The rows are kept roughly longest first (one permutation of the cache
+now and then), because the decode step's attention reads them in groups, each only as far as
+its own longest row. A request of `n` samples is prefilled once (naive MLA, SDPA) and its
 prompt's cache rows are copied to its other samples; decoding uses the absorbed form.
 
-Each `step()` admits waiting requests while there are free rows (prefill), then advances
-every running sequence by one forward pass: one token, or with MTP speculation the pending
-token plus the MTP module's draft, verified together (1 or 2 tokens out).
+Each `step()` admits waiting requests when enough rows are free and prefills them together
+(one padded forward), then advances every running sequence by one forward pass: one token,
+or with MTP speculation the pending token plus the MTP module's draft, verified together (1
+or 2 tokens out).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from nanoseek.model import Transformer
 # Rows are put back in order of length when the groups' attention would read this much more
 # than in that order (one copy of the cache's rows against a little more read every step).
 SORT_SLACK = 1.1
-# A busy engine admits waiting prompts once this share of its rows is free, to prefill them together.
+# A busy engine admits waiting prompts once this share of its rows is free, to prefill them together,
+# up to this many padded positions a forward (the naive attention holds a score per position pair).
 ADMIT_SHARE = 1 / 32
+PREFILL_TOKENS = 2048
 
 
 class EngineError(ValueError):
@@ -170,9 +175,8 @@ class Engine:
         events: list[Event] = []
         self._drop_aborted()
         self.runner.sync()
-        admitted = self._admit()
-        if admitted:
-            events += self._prefill(admitted)
+        for batch in _prefill_batches(self._admit()):
+            events += self._prefill(batch)
         if self.running:
             self._sort_rows()
             events += self._decode_speculative() if self.speculative else self._decode()
@@ -468,3 +472,19 @@ def _group_reads(lengths: list[int]) -> int:
     """Positions the decode step's attention reads for rows of these lengths, in this order."""
     return sum(min(ROWS_PER_GROUP, len(lengths) - r) * max(lengths[r: r + ROWS_PER_GROUP])
                for r in range(0, len(lengths), ROWS_PER_GROUP))
+
+
+def _prefill_batches(reqs: list[Request]) -> list[list[Request]]:
+    """The admitted requests in runs whose prompts, padded to the run's longest, take at most
+    PREFILL_TOKENS positions (a longer prompt alone)."""
+    batches: list[list[Request]] = []
+    longest = 0
+    for r in reqs:
+        P = max(longest, len(r.prompt_ids))
+        if batches and P * (len(batches[-1]) + 1) <= PREFILL_TOKENS:
+            batches[-1].append(r)
+            longest = P
+        else:
+            batches.append([r])
+            longest = len(r.prompt_ids)
+    return batches

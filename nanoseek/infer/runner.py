@@ -8,7 +8,8 @@ decode through the training modules but through weights prepared once from them:
   W_UV into the output projection, so attention runs directly on the cached latent. The
   softmax scale is folded into the query. q_a and kv_a are one matmul (both read x); the
   query comes out as [latent part | RoPE part] per head, so the scores over the cache
-  ([latent | RoPE key] per token) are a single batched matmul.
+  ([latent | RoPE key] per token) are a single batched matmul per group of rows; a group
+  reads the cache only up to its longest row (the engine keeps rows in order of length).
 - DeepSeekMoE: at batch 1 a step is bound by reading weights from memory (the whole model
   does not fit the CPU's cache), so only the chosen experts' weights are read: gathered,
   two batched matmuls. With more tokens, the sorted dispatch of training.
