@@ -244,6 +244,16 @@ def test_mtp_speculation_is_exact_for_greedy(tok, trained, which):
         assert st["steps"] < 0.8 * plain_engine.stats["steps"]
 
 
+def test_mtp_speculation_with_samples_admitted_together(tok, trained):
+    """Several requests of n samples each, prefilled together (each sample's main and MTP cache
+    rows copied from its prompt's): speculation still gives plain decoding's greedy tokens."""
+    prompts = [tok.encode(t) for t in ["To be", "Question: 12 + 30", "Café"]]
+    params = SamplingParams(max_tokens=24, temperature=0, n=2, ignore_eos=True)
+    plain = Engine(trained, tok, max_seqs=6).generate(prompts, params)
+    fast = Engine(trained, tok, max_seqs=6, speculative=True).generate(prompts, params)
+    assert [[c.token_ids for c in r.outputs] for r in fast] == [[c.token_ids for c in r.outputs] for r in plain]
+
+
 def test_speculative_sampling_keeps_the_target_distribution():
     torch.manual_seed(0)
     V, N = 6, 40000
