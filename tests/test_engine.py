@@ -234,14 +234,15 @@ def test_mtp_speculation_is_exact_for_greedy(tok, trained, which):
     prompts = [tok.encode(t) for t in ["To be", "Question: 12 + 30", "Café"]]
     plain_engine = Engine(model, tok, max_seqs=2)
     plain = plain_engine.generate(prompts, GREEDY)
-    spec = Engine(model, tok, max_seqs=2, speculative=True)
-    fast = spec.generate(prompts, GREEDY)
-    assert [r.outputs[0].token_ids for r in fast] == [r.outputs[0].token_ids for r in plain]
-    st = spec.stats
-    assert 0 < st["drafted"] and 0 <= st["accepted"] <= st["drafted"]
-    if which == "trained":  # kept drafts are exercised, and save steps
-        assert st["accepted"] / st["drafted"] > 0.5
-        assert st["steps"] < 0.8 * plain_engine.stats["steps"]
+    for drafts in (1, 3):  # one draft a step, and the MTP module applied to its own output
+        spec = Engine(model, tok, max_seqs=2, speculative=True, drafts=drafts)
+        fast = spec.generate(prompts, GREEDY)
+        assert [r.outputs[0].token_ids for r in fast] == [r.outputs[0].token_ids for r in plain]
+        st = spec.stats
+        assert 0 < st["drafted"] and 0 <= st["accepted"] <= st["drafted"]
+        if which == "trained":  # kept drafts are exercised, and save steps
+            assert st["accepted"] / st["drafted"] > 0.5
+            assert st["steps"] < (0.8 if drafts == 1 else 0.6) * plain_engine.stats["steps"]
 
 
 def test_mtp_speculation_with_samples_admitted_together(tok, trained):
@@ -267,6 +268,30 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert freq[5] == 0  # never a token the target gives probability 0
     expected_accept = torch.minimum(p[0], q[0]).sum()  # sum_x min(p, q)
     assert abs(accepted.float().mean() - expected_accept) < 0.01
+
+
+def test_a_chain_of_drafts_keeps_the_target_distribution():
+    """Drafts d1, d2 drawn from q1, q2 and verified against p1, p2 (then p3 for the bonus):
+    the first token out is distributed as p1, and, once d1 is kept, the second as p2."""
+    from nanoseek.infer.engine import Request as Req
+    from nanoseek.infer.engine import _Seq
+
+    torch.manual_seed(0)
+    V, B, k = 5, 40_000, 2
+    p_logits = torch.randn(k + 1, V) * 1.5
+    q = torch.randn(k, V).mul(1.5).softmax(-1)
+    engine = Engine(model_for(), max_seqs=1)
+    params = SamplingParams(temperature=1.0)
+    gen = torch.Generator().manual_seed(1)
+    drafts = torch.stack([torch.multinomial(q[j], B, replacement=True, generator=gen) for j in range(k)], 1)
+    seqs = [_Seq(Req([1], params), 0, [1], torch.Generator().manual_seed(i), None,
+                 drafts[i].tolist(), [q[0], q[1]]) for i in range(B)]
+    kept, last = engine._verify_sampled(p_logits[None].expand(B, -1, -1), drafts, seqs)
+    first = torch.where(kept > 0, drafts[:, 0], last)
+    second = torch.where(kept > 1, drafts[:, 1], last)[kept > 0]
+    p = p_logits.softmax(-1)
+    assert (torch.bincount(first, minlength=V) / B - p[0]).abs().max() < 0.015
+    assert (torch.bincount(second, minlength=V) / len(second) - p[1]).abs().max() < 0.02
 
 
 def test_top_k_and_top_p_never_leave_the_allowed_set():

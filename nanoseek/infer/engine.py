@@ -10,8 +10,8 @@ prompt's cache rows are copied to its other samples; decoding uses the absorbed 
 
 Each `step()` admits waiting requests when enough rows are free and prefills them together
 (one padded forward), then advances every running sequence by one forward pass: one token,
-or with MTP speculation the pending token plus the MTP module's draft, verified together (1
-or 2 tokens out).
+or with MTP speculation the pending token plus the MTP module's `drafts` drafts, verified
+together (1 to drafts + 1 tokens out).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner
 from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
@@ -34,6 +35,11 @@ from nanoseek.model import Transformer
 # Rows are put back in order of length when the groups' attention would read this much more
 # than in that order (one copy of the cache's rows against a little more read every step).
 SORT_SLACK = 1.1
+# Tokens the MTP module drafts a step when speculating (`drafts`; after the first, the module is
+# applied to its own output, as SGLang's MTP does). One: the speedrun's depth-1 module, trained on
+# the main model's hidden states only, drafts the later tokens too poorly to pay (docs/LOG.md,
+# 2026-12-06, multi-draft MTP).
+DRAFTS = 1
 # A busy engine admits waiting prompts once this share of its rows is free, to prefill them together,
 # up to this many padded positions a forward (the naive attention holds a score per position pair).
 ADMIT_SHARE = 1 / 32
@@ -90,8 +96,8 @@ class _Seq:
     tokens: list[int]  # prompt + generated; the last one is pending (not yet in the cache)
     generator: torch.Generator
     stream: TextStream | None
-    draft: int | None = None
-    draft_probs: torch.Tensor | None = None
+    drafts: list[int] = field(default_factory=list)  # the MTP module's next tokens, in order
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # what each was drawn from
 
     @property
     def out(self) -> Completion:
@@ -100,7 +106,7 @@ class _Seq:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_seqs: int = 32, context: int | None = None,
-                 speculative: bool = False, max_waiting: int = 256):
+                 speculative: bool = False, max_waiting: int = 256, drafts: int = DRAFTS):
         self.model = model
         self.tok = tokenizer
         cfg = model.config
@@ -108,6 +114,9 @@ class Engine:
         if speculative and not model.mtp:
             raise EngineError("MTP speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.speculative = speculative
+        if drafts < 1:
+            raise EngineError("drafts must be at least 1")
+        self.drafts = drafts
         self.max_seqs = max_seqs
         self.max_waiting = max_waiting
         self.cache = model.new_cache(max_seqs, self.context, mtp=speculative)
@@ -294,13 +303,11 @@ class Engine:
             mtp(h[:, : P - 1], emb, cos, sin, pos, self.cache)
             for dst in rows[1:]:
                 self.cache.copy_row(rows[0], dst, P)  # the MTP layer's rows too
-        drafts = []
         pos = torch.full((1, 1), P - 1, device=self._device)
-        for row, t in zip(rows, first.tolist()):
+        for row, seq, t in zip(rows, seqs, first.tolist()):
             self.cache.start = row
-            drafts.append(self.runner.mtp_hidden(h[:, -1:], torch.tensor([[t]], device=self._device), pos,
-                                                 self.cache)[:, -1])
-        self._set_drafts(seqs, self._mtp_logits(torch.cat(drafts)))
+            out = self.runner.mtp_hidden(h[:, -1:], torch.tensor([[t]], device=self._device), pos, self.cache)
+            self._draft([seq], out[:, -1], pos[:, 0])
 
     # ---- decode: every running sequence advances ----
     def _decode(self) -> list[Event]:
@@ -318,49 +325,86 @@ class Engine:
         return events
 
     def _decode_speculative(self) -> list[Event]:
-        """Feed [pending, draft] at positions [n, n + 1]; keep the draft if the main model agrees
-        (greedy: same argmax; sampled: the speculative acceptance rule), then a bonus token from
-        the draft's position. The MTP module then drafts the next token from the last kept one."""
+        """Feed [pending, draft 1..k] at positions n..n + k; keep the longest run of drafts the
+        main model agrees with (greedy: its argmax; sampled: the speculative acceptance rule, one
+        draft after another), then one token of the main model's own: the correction where a
+        draft was refused, or the bonus after the last. The MTP module then drafts anew from
+        the last kept token."""
         seqs = self.running
         B = len(seqs)
         n = torch.tensor([len(s.tokens) - 1 for s in seqs], device=self._device)
-        ids = torch.tensor([[s.tokens[-1], s.draft] for s in seqs], device=self._device)
-        pos = torch.stack([n, n + 1], dim=1)
+        k = min(min(len(s.drafts) for s in seqs), self.context - 1 - int(n.max()))
+        ids = torch.tensor([[s.tokens[-1], *s.drafts[:k]] for s in seqs], device=self._device)
+        pos = n[:, None] + torch.arange(k + 1, device=self._device)
         self.cache.start = 0
         rot = self.runner.rot(pos)
         h = self.runner.hidden(ids, pos, self.cache, rot)
-        logits = self.model.lm_head(h)
-        draft = ids[:, 1]
+        logits = self.model.lm_head(h)  # [B, k + 1, V]
+        drafts = ids[:, 1:]
         if all(s.request.params.greedy for s in seqs):
-            first = logits[:, 0].argmax(-1)
-            accepted = first == draft
-            bonus = logits[:, 1].argmax(-1)
+            target = logits.argmax(-1)
+            kept = (target[:, :k] == drafts).long().cumprod(1).sum(1)
+            last = target.gather(1, kept[:, None]).squeeze(1)
         else:
-            p0 = self._probs(logits[:, 0], seqs)
-            V = logits.shape[-1]
-            q = torch.stack([s.draft_probs if s.draft_probs is not None
-                             else torch.nn.functional.one_hot(torch.tensor(s.draft, device=self._device), V).float()
-                             for s in seqs])
-            gens = [s.generator for s in seqs]
-            accepted, first = accept_draft(p0, q, draft, gens)
-            bonus = draw(self._probs(logits[:, 1], seqs), gens)
-        self.stats["drafted"] += B
-        self.stats["accepted"] += int(accepted.sum())
-        lp0 = self._logprobs(logits[:, 0], first, seqs)
-        lp1 = self._logprobs(logits[:, 1], bonus, seqs)
-        # the MTP module: positions n, n+1 see (h_n, token n+1) and (h_n+1, token n+2)
-        nxt = torch.stack([first, torch.where(accepted, bonus, first)], dim=1)
+            kept, last = self._verify_sampled(logits, drafts, seqs)
+        self.stats["drafted"] += B * k
+        self.stats["accepted"] += int(kept.sum())
+        # the tokens after positions n..n + k: the kept drafts, then the main model's own
+        steps = torch.arange(k + 1, device=self._device)[None]
+        nxt = torch.where(steps < kept[:, None], torch.cat([drafts, drafts[:, :1]], 1), last[:, None])
+        lps = [self._logprobs(logits[:, j], nxt[:, j], seqs) for j in range(k + 1)]
         out = self.runner.mtp_hidden(h, nxt, pos, self.cache, rot)
         rows = torch.arange(B, device=self._device)
-        self._set_drafts(seqs, self._mtp_logits(out[rows, accepted.long()]))
+        self._draft(seqs, out[rows, kept], n + kept)
         events = []
-        for i, s in enumerate(seqs):
-            if accepted[i]:
-                events += self._emit(s, [int(first[i]), int(bonus[i])], [lp0[i], lp1[i]])
-            else:
-                events += self._emit(s, [int(first[i])], [lp0[i]])
+        for i, (s, a) in enumerate(zip(seqs, kept.tolist())):
+            events += self._emit(s, nxt[i, : a + 1].tolist(), [lp[i] for lp in lps[: a + 1]])
         self._release_finished()
         return events
+
+    def _verify_sampled(self, logits: torch.Tensor, drafts: torch.Tensor, seqs: list[_Seq]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative sampling over a chain of drafts: draft j is kept with probability
+        min(1, p_j / q_j) while every draft before it was; at the first refusal a token is drawn
+        from norm(max(0, p_j - q_j)), after the last draft from p_k. Each token out is
+        distributed as the main model's own. Returns (drafts kept [B], the token after them [B])."""
+        B, k = drafts.shape
+        V = logits.shape[-1]
+        kept = torch.zeros(B, dtype=torch.long, device=logits.device)
+        last = torch.zeros(B, dtype=torch.long, device=logits.device)
+        open_rows = list(range(B))
+        for j in range(k):
+            if not open_rows:
+                break
+            sub = [seqs[i] for i in open_rows]
+            rows = torch.tensor(open_rows, device=logits.device)
+            p = self._probs(logits[rows, j], sub)
+            q = torch.stack([s.draft_probs[j] if s.draft_probs[j] is not None
+                             else F.one_hot(torch.tensor(s.drafts[j], device=logits.device), V).float() for s in sub])
+            ok, token = accept_draft(p, q, drafts[rows, j], [s.generator for s in sub])
+            kept[rows[ok]] += 1
+            last[rows[~ok]] = token[~ok]
+            open_rows = [i for i, good in zip(open_rows, ok.tolist()) if good]
+        if open_rows:
+            rows = torch.tensor(open_rows, device=logits.device)
+            last[rows] = draw(self._probs(logits[rows, k], [seqs[i] for i in open_rows]),
+                              [seqs[i].generator for i in open_rows])
+        return kept, last
+
+    def _draft(self, seqs: list[_Seq], out: torch.Tensor, pos: torch.Tensor) -> None:
+        """Each row's next drafts: the first from the MTP module's output `out` [B, d] at positions
+        `pos` [B]; each further one from the module applied to its own last output and the token
+        just drafted, one position on (as many as the context leaves room for)."""
+        tokens, probs = [], []
+        for j in range(min(self.drafts, self.context - int(pos.max()))):
+            if j:
+                out = self.runner.mtp_hidden(out[:, None], tokens[-1][:, None], (pos + j)[:, None], self.cache)[:, -1]
+            t, pr = self._sample(self._mtp_logits(out), seqs)
+            tokens.append(t)
+            probs.append(pr)
+        for i, s in enumerate(seqs):
+            s.drafts = [int(t[i]) for t in tokens]
+            s.draft_probs = [None if pr is None else pr[i] for pr in probs]
 
     # ---- sampling ----
     @property
@@ -379,12 +423,6 @@ class Engine:
             return logits.argmax(-1), None
         probs = self._probs(logits, seqs)
         return draw(probs, [s.generator for s in seqs]), probs
-
-    def _set_drafts(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        tokens, probs = self._sample(logits, seqs)
-        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
-            s.draft = t
-            s.draft_probs = probs[i] if probs is not None else None
 
     def _mtp_logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.mtp[0].shared_head.norm(out))
