@@ -95,8 +95,8 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
     # the greedy and the sampled requests in one queue: one tail of long answers, not two
     params = [SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop)] * len(prompts)
     if k > 0:
-        sampled = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k, seed=seed, stop=stop)
-        params += [sampled] * len(prompts)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k, seed=seed, stop=stop)
+        params += [sampling] * len(prompts)
     done = engine.generate(prompts * (1 + (k > 0)), params)
     greedy, sampled = iter(done[: len(prompts)]), iter(done[len(prompts):])
     results = {}

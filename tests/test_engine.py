@@ -44,17 +44,22 @@ def test_cached_decoding_matches_a_full_forward(changes):
     """Rows of different lengths, prefilled one by one, then decoded together (1 and 2 tokens
     a step, as speculation does): every logit equals the full forward over the whole sequence."""
     model = model_for(**changes)
+    seqs = [torch.randint(0, 400, (n,)).tolist() for n in [5, 17, 11]]
+    assert_decoding_matches_full_forward(model, seqs, 64, (1, 2, 1, 2), torch.Generator().manual_seed(0))
+
+
+def assert_decoding_matches_full_forward(model, seqs, context, steps, gen):
+    """Prefill each of `seqs` into its own cache row, then decode all rows together, `steps`
+    tokens at a time: every logit equals the model's full forward over the whole sequence."""
     runner = DecodeRunner(model)
-    lengths = [5, 17, 11]
-    seqs = [torch.randint(0, 400, (n,)).tolist() for n in lengths]
-    cache = model.new_cache(len(seqs), 64, mtp=False)
+    cache = model.new_cache(len(seqs), context, mtp=False)
     with torch.no_grad():
         for row, s in enumerate(seqs):
             cache.start = row
             model(torch.tensor([s]), torch.arange(len(s))[None], cache)
         cache.start = 0
-        for step_tokens in (1, 2, 1, 2):
-            new = torch.randint(0, 400, (len(seqs), step_tokens))
+        for step_tokens in steps:
+            new = torch.randint(0, 400, (len(seqs), step_tokens), generator=gen)
             pos = torch.tensor([[len(s) + i for i in range(step_tokens)] for s in seqs])
             got = model.lm_head(runner.hidden(new, pos, cache))
             for row, s in enumerate(seqs):
@@ -66,24 +71,10 @@ def test_cached_decoding_matches_a_full_forward(changes):
 def test_rows_read_in_groups_see_their_whole_context():
     """More rows than one attention group, in no order of length: each group reads up to its own
     longest row, and every row's logits still equal the full forward's."""
-    model = model_for()
-    runner = DecodeRunner(model)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(2, 60, (ROWS_PER_GROUP + 9,), generator=gen).tolist()
     seqs = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in lengths]
-    cache = model.new_cache(len(seqs), 128, mtp=False)
-    with torch.no_grad():
-        for row, s in enumerate(seqs):
-            cache.start = row
-            model(torch.tensor([s]), torch.arange(len(s))[None], cache)
-        cache.start = 0
-        for step_tokens in (1, 2):
-            new = torch.randint(0, 400, (len(seqs), step_tokens), generator=gen)
-            pos = torch.tensor([[len(s) + i for i in range(step_tokens)] for s in seqs])
-            got = model.lm_head(runner.hidden(new, pos, cache))
-            for row, s in enumerate(seqs):
-                s += new[row].tolist()
-                assert (got[row] - model(torch.tensor([s]))[0, -step_tokens:]).abs().max().item() <= 1e-4
+    assert_decoding_matches_full_forward(model_for(), seqs, 128, (1, 2), gen)
 
 
 def test_rows_kept_in_order_of_length_change_nothing(tok, monkeypatch):
@@ -394,6 +385,8 @@ def test_limits_are_clear_refusals(tok):
         engine.submit(list(range(40)))
     with pytest.raises(EngineError, match="n=3 exceeds"):
         engine.submit([1, 2], SamplingParams(n=3))
+    with pytest.raises(EngineError, match="drafts must be at least 1"):
+        Engine(model, tok, speculative=True, drafts=0)
     with pytest.raises(SamplingError, match="top_p"):
         engine.submit([1, 2], SamplingParams(top_p=0))
     with pytest.raises(EngineError, match="outside the vocabulary"):

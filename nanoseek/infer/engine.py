@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner
+from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner, row_groups
 from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
@@ -351,7 +351,7 @@ class Engine:
         self.stats["accepted"] += int(kept.sum())
         # the tokens after positions n..n + k: the kept drafts, then the main model's own
         steps = torch.arange(k + 1, device=self._device)[None]
-        nxt = torch.where(steps < kept[:, None], torch.cat([drafts, drafts[:, :1]], 1), last[:, None])
+        nxt = torch.where(steps < kept[:, None], torch.cat([drafts, last[:, None]], 1), last[:, None])
         lps = [self._logprobs(logits[:, j], nxt[:, j], seqs) for j in range(k + 1)]
         out = self.runner.mtp_hidden(h, nxt, pos, self.cache, rot)
         rows = torch.arange(B, device=self._device)
@@ -508,8 +508,7 @@ class Engine:
 
 def _group_reads(lengths: list[int]) -> int:
     """Positions the decode step's attention reads for rows of these lengths, in this order."""
-    return sum(min(ROWS_PER_GROUP, len(lengths) - r) * max(lengths[r: r + ROWS_PER_GROUP])
-               for r in range(0, len(lengths), ROWS_PER_GROUP))
+    return sum((r1 - r0) * S for r0, r1, S in row_groups([n - 1 for n in lengths]))
 
 
 def _prefill_batches(reqs: list[Request]) -> list[list[Request]]:

@@ -36,6 +36,13 @@ from nanoseek.model.moe import MoE
 ROWS_PER_GROUP = 32
 
 
+def row_groups(last: list[int]) -> list[tuple[int, int, int]]:
+    """Rows whose last positions are `last`, in consecutive groups of ROWS_PER_GROUP: (first row,
+    end row, the positions the group's attention reads: its longest row's)."""
+    return [(r, min(r + ROWS_PER_GROUP, len(last)), max(last[r: r + ROWS_PER_GROUP]) + 1)
+            for r in range(0, len(last), ROWS_PER_GROUP)]
+
+
 class _Step:
     """What every layer of one decode step shares: rotations, the write index, the mask, and
     the groups of rows whose attention runs together ((first row, end row, length read))."""
@@ -45,8 +52,7 @@ class _Step:
         last = positions.max(dim=1).values.tolist()
         self.S = max(last) + 1
         self.B = positions.shape[0]
-        self.groups = [(r, min(r + ROWS_PER_GROUP, self.B), max(last[r: r + ROWS_PER_GROUP]) + 1)
-                       for r in range(0, self.B, ROWS_PER_GROUP)]
+        self.groups = row_groups(last)
         self.bias = torch.zeros(positions.shape + (1, self.S), device=positions.device)
         self.bias.masked_fill_(~LatentCache.visible(positions, self.S)[:, :, None], float("-inf"))
         self.index = positions[..., None]
