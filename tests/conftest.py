@@ -58,3 +58,56 @@ def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     save_checkpoint(folder, 1, model, tok, {"stage": "pretrain"})
     return folder / "latest", tok
+
+
+def calc_reply(terms: list[int]) -> str:
+    """A worked sum that calls the calculator for each step, as the cold start teaches."""
+    from nanoseek.tools import render_call, render_output
+
+    lines, total = [], terms[0]
+    for t in terms[1:]:
+        lines.append(f"{total} + {t} = {render_call('calculator', f'{total}+{t}')}{render_output(str(total + t))}")
+        total += t
+    return "<think>" + "\n".join(lines) + f"\nso {total}.</think>Answer: {total}"
+
+
+@pytest.fixture(scope="session")
+def calc_model():
+    """A real tiny model (with MTP) that answers "What is a + b (+ c)?" by calling the calculator,
+    trained here in seconds with the tools' outputs masked from the loss, as SFT does."""
+    import random
+
+    from nanoseek.config import preset
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.model import Transformer
+
+    rng = random.Random(0)
+    convs = []
+    for i in range(48):
+        terms = [rng.randint(10, 99) for _ in range(2 + i % 2)]
+        convs.append((f"What is {' + '.join(map(str, terms))}?", calc_reply(terms)))
+    tok = train_tokenizer([q + r for q, r in convs] * 8, vocab_size=400)
+    out_begin, out_end = tok.hf.token_to_id("<｜tool▁output▁begin｜>"), tok.hf.token_to_id("<｜tool▁output▁end｜>")
+    seqs, masks = [], []
+    for q, r in convs:
+        prompt = tok.encode(tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True))
+        reply = tok.encode(r) + [tok.eos_id]
+        forced, inside = [], False
+        for t in reply:
+            inside = inside or t == out_begin
+            forced.append(inside)
+            inside = inside and t != out_end
+        seqs.append(prompt + reply)
+        masks.append([True] * len(prompt) + forced)
+    width = max(len(s) for s in seqs)
+    batch = torch.tensor([s + [tok.pad_id] * (width - len(s)) for s in seqs])
+    ignore = torch.tensor([m + [True] * (width - len(m)) for m in masks])
+    labels = batch.masked_fill(ignore, -100)[:, 1:]
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        model.loss(batch[:, :-1], labels)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), tok

@@ -1,6 +1,7 @@
 """The inference engine: cached decoding, continuous batching, sampling, MTP speculation, text."""
 
 import collections
+from dataclasses import replace
 
 import pytest
 import torch
@@ -503,3 +504,116 @@ def test_training_forwards_do_not_rebuild_the_runner_but_steps_do(tok):
     assert engine.runner.blocks is not blocks and model.training
     model.eval()
     assert out == greedy(model, [1, 2, 3], GREEDY.max_tokens)
+
+
+# ---- tools: the calculator's output forced into the stream ----
+
+CALC_QUESTIONS = ["What is 12 + 30?", "What is 55 + 23 + 41?", "What is 7 + 8?", "What is 81 + 19 + 60?",
+                  "What is 40 + 45?"]
+
+
+def calc_prompts(tok):
+    return [tok.encode(tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True))
+            for q in CALC_QUESTIONS]
+
+
+def client_loop(engine, prompt, params):
+    """What a client does over a plain completion endpoint: no tools run by the server; at each
+    call, run it, append the output to the prompt and continue. Returns (tokens, forced flags)."""
+    from nanoseek.tools import MALFORMED_CALL, render_output, run_builtin
+
+    tokens, forced = [], []
+    while True:
+        room = params.max_tokens - len(tokens)
+        c = engine.generate([prompt + tokens], replace(params, max_tokens=room, builtin_tools=()))[0].outputs[0]
+        tokens += c.token_ids
+        forced += [False] * len(c.token_ids)
+        if c.finish_reason != "tool_calls":
+            return tokens, forced
+        outputs = [run_builtin(call["name"], call["arguments"]) for call in c.calls] or [MALFORMED_CALL]
+        out = engine.tok.encode("".join(map(render_output, outputs)))
+        if len(out) >= params.max_tokens - len(tokens):
+            return tokens, forced
+        tokens += out
+        forced += [True] * len(out)
+
+
+def test_the_engine_runs_the_calculator_inside_the_stream(calc_model):
+    from nanoseek.tools import calculator, render_output
+
+    model, tok = calc_model
+    reqs = Engine(model, tok, max_seqs=4).generate(calc_prompts(tok), SamplingParams(max_tokens=100, temperature=0))
+    calls = 0
+    for r in reqs:
+        c = r.outputs[0]
+        assert len(c.forced) == len(c.token_ids)
+        for call in c.calls:
+            assert call["name"] == "calculator" and call["output"] == calculator(call["arguments"])
+        forced_text = tok.decode([t for t, f in zip(c.token_ids, c.forced) if f], keep_special=True)
+        assert forced_text == "".join(render_output(call["output"]) for call in c.calls)
+        for call in c.calls:  # each output right after its call, in the text streamed out
+            closed = f"{call['arguments']}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            assert closed + render_output(call["output"]) in c.text
+        calls += len(c.calls)
+    assert calls >= len(CALC_QUESTIONS)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_tool_outputs_give_a_client_loops_tokens(calc_model, speculative):
+    """Five requests on three rows (continuous batching), with and without MTP speculation: the
+    engine running the calculator gives, token for token, what a client loop gives."""
+    model, tok = calc_model
+    params = SamplingParams(max_tokens=90, temperature=0)
+    engine = Engine(model, tok, max_seqs=3, speculative=speculative)
+    reqs = engine.generate(calc_prompts(tok), params)
+    alone = Engine(model, tok, max_seqs=1)
+    for prompt, r in zip(calc_prompts(tok), reqs):
+        tokens, forced = client_loop(alone, prompt, params)
+        assert r.outputs[0].token_ids == tokens and r.outputs[0].forced == forced
+    assert sum(len(r.outputs[0].calls) for r in reqs) >= len(CALC_QUESTIONS)
+    if speculative:
+        assert engine.stats["accepted"] > 0
+
+
+def test_seeded_samples_with_tools_do_not_depend_on_the_batch(calc_model):
+    model, tok = calc_model
+    prompts = calc_prompts(tok)
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=3, n=2)
+    alone = [Engine(model, tok, max_seqs=2).generate([p], params)[0] for p in prompts[:2]]
+    together = Engine(model, tok, max_seqs=8).generate(prompts, params)[:2]
+    for a, b in zip(alone, together):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert [c.forced for c in a.outputs] == [c.forced for c in b.outputs]
+    assert any(c.calls for r in together for c in r.outputs)
+
+
+def test_a_call_to_a_client_tool_ends_the_output(calc_model):
+    """A tool the engine does not run (builtin_tools empty: every call is the client's) ends the
+    output at the call, with finish_reason "tool_calls" and the call's name and arguments."""
+    model, tok = calc_model
+    params = SamplingParams(max_tokens=100, temperature=0, builtin_tools=())
+    reqs = Engine(model, tok, max_seqs=4).generate(calc_prompts(tok), params)
+    ended = [r.outputs[0] for r in reqs if r.outputs[0].finish_reason == "tool_calls"]
+    assert len(ended) >= 3
+    for c in ended:
+        assert c.token_ids[-1] == tok.calls_end_id and not any(c.forced)
+        assert c.text.endswith("<｜tool▁calls▁end｜>") and c.calls[-1]["output"] is None
+
+
+def test_a_call_block_with_no_call_in_it_gets_an_error_output(calc_model):
+    from nanoseek.infer.engine import _Seq
+    from nanoseek.tools import MALFORMED_CALL, render_output
+
+    model, tok = calc_model
+    engine = Engine(model, tok, max_seqs=1)
+    req = engine.submit([tok.bos_id], SamplingParams())
+    for generated in ([tok.calls_begin_id, *tok.encode("calculator 2+2"), tok.calls_end_id], [tok.calls_end_id]):
+        seq = _Seq(req, 0, [tok.bos_id, *generated], torch.Generator(), None)
+        assert tok.decode(engine._tool_output(seq), keep_special=True) == render_output(MALFORMED_CALL)
+
+
+def test_the_streamed_text_shows_the_call_and_its_output(calc_model):
+    model, tok = calc_model
+    engine = Engine(model, tok, max_seqs=2)
+    text = "".join(engine.stream(calc_prompts(tok)[0], SamplingParams(max_tokens=60, temperature=0)))
+    assert "<｜tool▁calls▁end｜><｜tool▁output▁begin｜>" in text and "<｜tool▁output▁end｜>" in text

@@ -187,7 +187,8 @@ def test_grpo_step_flops_count_rollout_reference_and_updates():
 
     model = Transformer(preset("tiny"))
     fwd = model.flops_per_token(5, training=False)
-    comps = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6, 7])]  # one prompt, two samples: 5 tokens each
+    # one prompt, two samples: 5 tokens each
+    comps = [([1, 2, 3], [4, 5], [False] * 2), ([1, 2, 3], [6, 7], [False] * 2)]
     gc = GRPOConfig(inner_updates=1)
     # rollout: 3 prompt + 4 completion tokens; then reference + forward/backward (1 + 3) over 10 tokens
     assert step_flops(model, [[1, 2, 3]], comps, 2, gc, with_ref=True) == pytest.approx(fwd * (7 + 4 * 10))
@@ -204,3 +205,24 @@ def test_grpo_prompts_start_at_the_offset_in_the_pool(base):
     source = task_source(GRPOConfig(init="x", tasks=["chain_sum"], prompts_per_step=3, offset=10), tok)
     assert [s.key.question for s in source(0)] == [p.question for p in pool[10:13]]
     assert [s.key.question for s in source(2)] == [p.question for p in pool[16:19]]
+
+
+def test_tool_outputs_are_masked_from_the_policy_loss(calc_model):
+    """Rollouts that call the calculator: the packed mask covers exactly the sampled completion
+    tokens, never the prompt, a tool's forced output or the padding."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.train.grpo import _pack
+
+    model, tok = calc_model
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}], True))
+               for q in ["What is 12 + 30?", "What is 55 + 23 + 41?"]]
+    params = SamplingParams(max_tokens=80, temperature=0.7, n=2, seed=0)
+    reqs = Engine(model, tok, max_seqs=4).generate(prompts, params)
+    comps = [(p, c.token_ids, c.forced) for p, r in zip(prompts, reqs) for c in r.outputs]
+    assert any(any(f) for _, _, f in comps)
+    ids, mask = _pack(comps, "cpu")
+    for i, (_, c, forced) in enumerate(comps):
+        learned = [int(ids[i, j + 1]) for j in range(mask.shape[1]) if mask[i, j]]
+        assert learned == [t for t, f in zip(c, forced) if not f]
+        assert mask[i].sum() == len(c) - sum(forced)

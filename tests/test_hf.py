@@ -326,3 +326,40 @@ def test_mtp_concatenates_embedding_then_hidden_as_vllm_does():
         out, _ = mtp(h, e, cos, sin)
         assert torch.equal(out, mtp(torch.randn(1, T, d), e, cos, sin)[0])
         assert not torch.allclose(out, mtp(h, torch.randn(1, T, d), cos, sin)[0])
+
+
+def test_a_client_loop_over_transformers_gives_the_engines_tool_stream(tmp_path, calc_model):
+    """The exported model in transformers, driven as a client drives any completion endpoint:
+    generate until the call closes, run the calculator, append its output, go on. The engine,
+    running the calculator itself with four requests batched on three rows and MTP
+    speculation on, gives the same tokens."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.tools import MALFORMED_CALL, parse_calls, render_output, run_builtin
+
+    model, tok = calc_model
+    save_checkpoint(tmp_path / "calc", 1, model, tok, {"stage": "test"})
+    hf = AutoModelForCausalLM.from_pretrained(str(export_hf(tmp_path / "calc" / "latest", tmp_path / "hf"))).eval()
+    questions = ["What is 12 + 30?", "What is 55 + 23 + 41?", "What is 81 + 19 + 60?", "What is 40 + 45?"]
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}], True)) for q in questions]
+    budget = 90
+    reqs = Engine(model, tok, max_seqs=3, speculative=True).generate(prompts, SamplingParams(max_tokens=budget,
+                                                                                            temperature=0))
+    calls = 0
+    for prompt, r in zip(prompts, reqs):
+        out: list[int] = []
+        while len(out) < budget:
+            ids = torch.tensor([prompt + out])
+            new = hf.generate(ids, max_new_tokens=budget - len(out), do_sample=False, pad_token_id=tok.pad_id,
+                              eos_token_id=[tok.eos_id, tok.calls_end_id])[0, ids.shape[1]:].tolist()
+            out += new
+            if not new or new[-1] != tok.calls_end_id:
+                break
+            block = parse_calls(tok.decode(out, keep_special=True))
+            calls += len(block)
+            result = tok.encode("".join(map(render_output, [run_builtin(*c) for c in block] or [MALFORMED_CALL])))
+            if len(result) >= budget - len(out):
+                break
+            out += result
+        assert r.outputs[0].token_ids == out
+    assert calls >= len(questions)

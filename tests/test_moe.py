@@ -122,3 +122,25 @@ def test_routing_stays_fp32_under_autocast():
     assert scores.dtype == torch.float32 and w.dtype == torch.float32
     w32, idx32, _ = moe.gate(x)
     assert torch.equal(idx, idx32)
+
+
+def test_only_real_tokens_count_toward_the_load_of_a_padded_batch():
+    """Two rows right-padded to one length: under counted_only the expert load is what the rows'
+    own tokens route, as if each ran alone; the padding routes but is not counted."""
+    from nanoseek.model.moe import counted_only
+
+    cfg, moe = _moe()
+    moe.train()
+    x = torch.randn(2, 10, cfg.hidden_size)
+    lengths = [10, 4]
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            moe(x[i: i + 1, :n])
+        alone = moe.expert_load.clone()
+        moe.expert_load.zero_()
+        with counted_only(torch.arange(10)[None] < torch.tensor(lengths)[:, None]):
+            moe(x)
+        assert torch.equal(moe.expert_load, alone) and alone.sum() == 2 * sum(lengths)
+        moe.expert_load.zero_()
+        moe(x)  # without it, the padding counts
+        assert moe.expert_load.sum() == 2 * 20

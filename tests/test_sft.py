@@ -147,3 +147,37 @@ def test_pretraining_continues_from_a_checkpoint(tmp_path, tok):
     again, tok2, _ = load_model(tmp_path / "more")
     assert again.config.to_dict() == model.config.to_dict() and tok2.vocab_size == tok.vocab_size
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+TOOL_CONV = [
+    {"role": "user", "content": "What is 46 x 25, and the weather?"},
+    {"role": "assistant", "content": "<think>46 x 25 = <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>calculator"
+     "<｜tool▁sep｜>46*25<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜tool▁output▁begin｜>1150<｜tool▁output▁end｜>"
+     " so 1150.</think>",
+     "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+    {"role": "assistant", "content": "1150, and sunny."},
+]
+
+
+def test_sft_learns_the_calls_but_never_a_tools_output(tok, tmp_path):
+    """A calculator call inside the thinking (its output forced), then a client function called
+    through tool_calls, its tool message, and the answer after it: the tokens are the chat
+    template's, and the targets are the assistant's own tokens without any tool output."""
+    tokens, labels, _, _ = tokenize_conversations([TOOL_CONV], tok)
+    assert tokens.tolist() == tok.encode(tok.render_chat(TOOL_CONV))
+    learned = tok.decode([t for t, lab in zip(tokens.tolist(), labels.tolist()) if lab != IGNORE_INDEX],
+                         keep_special=True)
+    assert learned == ("<think>46 x 25 = <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>calculator<｜tool▁sep｜>46*25"
+                       "<｜tool▁call▁end｜><｜tool▁calls▁end｜> so 1150.</think><｜tool▁calls▁begin｜>"
+                       "<｜tool▁call▁begin｜>weather<｜tool▁sep｜>{\"city\": \"Paris\"}<｜tool▁call▁end｜>"
+                       "<｜tool▁calls▁end｜>1150, and sunny.<|eos|>")
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps({"messages": TOOL_CONV}) + "\n")
+    assert read_conversations([data]) == [TOOL_CONV]
+    bad = tmp_path / "bad.jsonl"
+    broken = [TOOL_CONV[0], {**TOOL_CONV[1], "tool_calls": [{"function": {"name": "weather"}}]}]
+    bad.write_text(json.dumps({"messages": broken}) + "\n")
+    from nanoseek.data.corpus import DataError
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        read_conversations([bad])

@@ -27,8 +27,9 @@ from nanoseek.data.arithmetic import check_steps, expression_steps, work_equatio
 from nanoseek.data.corpus import DataError
 from nanoseek.data.loader import VAL_EVERY
 from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, problems, reward
-from nanoseek.data.tokenizer import ROLE_TOKENS, Tokenizer
+from nanoseek.data.tokenizer import END_THINK, ROLE_TOKENS, ROLES, THINK, Tokenizer, render_calls
 from nanoseek.model import IGNORE_INDEX
+from nanoseek.tools import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, render_output
 
 
 def worked_solution(p: Problem, work_arithmetic: bool = True) -> str | None:
@@ -105,36 +106,72 @@ def read_conversations(paths: list[str | Path]) -> list[list[dict]]:
                 continue
             try:
                 msgs = json.loads(line)["messages"]
-                ok = isinstance(msgs, list) and all(
-                    isinstance(m, dict) and m.get("role") in ROLE_TOKENS and isinstance(m.get("content"), str)
-                    for m in msgs)
-            except (ValueError, KeyError, TypeError):
+                ok = isinstance(msgs, list) and all(map(_valid_message, msgs))
+            except (ValueError, KeyError, TypeError):  # (TokenizerError is a ValueError)
                 ok = False
             if not ok or not any(m["role"] == "assistant" for m in msgs):
-                raise DataError(f"{f}:{n}: expected {{\"messages\": [{{\"role\": system|user|assistant, "
-                                f"\"content\": str}}, ...]}} with at least one assistant turn")
+                raise DataError(f"{f}:{n}: expected {{\"messages\": [{{\"role\": system|user|assistant|tool, "
+                                f"\"content\": str}}, ...]}} with at least one assistant turn (which may "
+                                f"carry OpenAI's tool_calls)")
             convs.append(msgs)
     return convs
 
 
+def _valid_message(m: dict) -> bool:
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        return False
+    if m["role"] == "assistant" and m.get("tool_calls"):
+        render_calls(m["tool_calls"])  # raises on a malformed call
+        return m.get("content") is None or isinstance(m["content"], str)
+    return isinstance(m.get("content"), str)
+
+
+def tool_output_mask(ids: list[int], tok: Tokenizer) -> list[bool]:
+    """Per token: part of a tool's output (`<｜tool▁output▁begin｜>` ... `<｜tool▁output▁end｜>`,
+    both included), which the engine forces and the model never samples."""
+    begin, end = tok.hf.token_to_id(TOOL_OUTPUT_BEGIN), tok.hf.token_to_id(TOOL_OUTPUT_END)
+    out, inside = [], False
+    for t in ids:
+        inside = inside or t == begin
+        out.append(inside)
+        inside = inside and t != end
+    return out
+
+
 def tokenize_conversations(convs: list[list[dict]], tok: Tokenizer
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (train tokens, train labels, val tokens, val labels); every 50th conversation is validation."""
+    """-> (train tokens, train labels, val tokens, val labels); every 50th conversation is validation.
+    Laid out as the chat template renders each conversation; the labels are the assistant's
+    tokens (and the EOS that ends its turn), less any tool output in them, which was not sampled."""
     streams = {"train": ([], []), "val": ([], [])}
     role_ids = {r: tok.hf.token_to_id(t) for r, t in ROLE_TOKENS.items()}
-    contents = tok.encode_batch([m["content"] for c in convs for m in c])
+    bodies = tok.encode_batch([_body(m) for c in convs for m in c])
     k = 0
     for j, conv in enumerate(convs):
-        ids, labels = [tok.bos_id], [IGNORE_INDEX]
+        ids, labels, prev = [tok.bos_id], [IGNORE_INDEX], ""
         for m in conv:
-            body = contents[k]
+            body = bodies[k]
             k += 1
-            learn = m["role"] == "assistant"
-            ids += [role_ids[m["role"]], *body, tok.eos_id]
-            labels += [IGNORE_INDEX, *(body if learn else [IGNORE_INDEX] * len(body)),
-                       tok.eos_id if learn else IGNORE_INDEX]
+            role = m["role"]
+            head = [] if role == "tool" or (role == "assistant" and prev == "tool") else [role_ids[role]]
+            tail = [] if role == "tool" or m.get("tool_calls") else [tok.eos_id]
+            ids += head + body + tail
+            if role == "assistant":
+                learned = [IGNORE_INDEX if f else t for t, f in zip(body, tool_output_mask(body, tok))]
+                labels += [IGNORE_INDEX] * len(head) + learned + tail
+            else:
+                labels += [IGNORE_INDEX] * (len(head) + len(body) + len(tail))
+            prev = role
         t, lab = streams["val" if j % VAL_EVERY == VAL_EVERY - 1 else "train"]
         t += ids
         lab += labels
     out = [torch.tensor(x, dtype=torch.long) for s in ("train", "val") for x in streams[s]]
     return out[0], out[1], out[2], out[3]
+
+
+def _body(m: dict) -> str:
+    """A message's text between its role token and its end, as the chat template writes it."""
+    if m["role"] == "tool":
+        return render_output(m["content"])
+    text = (THINK + m["reasoning_content"] + END_THINK if m.get("reasoning_content") else "") + (m["content"] or "")
+    return text + (render_calls(m["tool_calls"]) if m.get("tool_calls") else "")

@@ -2,12 +2,19 @@
 
 Byte-level, so any UTF-8 text round-trips exactly; every digit is its own pre-token, so
 numbers are spelled digit by digit (arithmetic generalizes better, as in LLaMA and
-DeepSeek's own tokenizer). The special tokens are fixed ids 0..7, so that configs and
-chat templates never depend on a trained vocabulary.
+DeepSeek's own tokenizer). The special tokens are fixed ids: the chat and think tokens 0..7,
+DeepSeek's tool-call tokens 8..16 (the tool parsers of vLLM and SGLang refuse a vocabulary
+where they are not single tokens), so that configs and chat templates never depend on a
+trained vocabulary. A tokenizer trained before the tool tokens existed still loads; its model
+cannot call tools (`Tokenizer.tools` is False).
 
-The chat format is one line of Jinja in `tokenizer_config.json`, so that transformers'
-`apply_chat_template` renders exactly what `render_chat` renders:
+The chat format is Jinja in `tokenizer_config.json`, so that transformers' `apply_chat_template`
+renders exactly what `render_chat` renders:
     <|bos|><|system|>...<|eos|><|user|>...<|eos|><|assistant|><think>...</think>answer<|eos|>
+An assistant turn that calls a client's functions ends at `<｜tool▁calls▁end｜>` (no EOS); each
+`tool` message follows as `<｜tool▁output▁begin｜>...<｜tool▁output▁end｜>`, and the assistant
+goes on after it without a new role token (as DeepSeek-V3.1's template does). The client's
+`tools` are listed at the end of the system turn (nanoseek/tools.py has the call format).
 """
 
 from __future__ import annotations
@@ -19,16 +26,69 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek.tools import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+    TOOL_SEP,
+    TOOL_TOKENS,
+)
+
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 THINK, END_THINK = "<think>", "</think>"
-SPECIAL_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, THINK, END_THINK]
+CHAT_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, THINK, END_THINK]
+SPECIAL_TOKENS = CHAT_TOKENS + TOOL_TOKENS
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+ROLES = (*ROLE_TOKENS, "tool")
 
+TOOLS_HEADER = ("## Tools\nTo call one, write " + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "name" + TOOL_SEP
+                + "JSON arguments" + TOOL_CALL_END + TOOL_CALLS_END + " and wait for its output.\n")
+
+
+def _q(text: str) -> str:
+    """A Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_TOOLS_BLOCK = (
+    "{{ " + _q(TOOLS_HEADER) + " }}"
+    "{%- for t in tools -%}"
+    "{{ '### ' + t['function']['name'] + '\n' + (t['function'].get('description') or '') + '\nParameters: '"
+    " + (t['function'].get('parameters', {}) | tojson) + '\n' }}"
+    "{%- endfor -%}"
+)
+# Python's twin is Tokenizer.render_chat; a test renders both on the same conversations.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    "{{ bos_token }}"
+    "{%- set ns = namespace(prev='') -%}"
+    "{%- if tools and not (messages and messages[0]['role'] == 'system') -%}"
+    "{{ '<|system|>' }}" + _TOOLS_BLOCK + "{{ eos_token }}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'tool' -%}"
+    "{{ " + _q(TOOL_OUTPUT_BEGIN) + " + m['content'] + " + _q(TOOL_OUTPUT_END) + " }}"
+    "{%- else -%}"
+    "{%- if not (m['role'] == 'assistant' and ns.prev == 'tool') -%}{{ '<|' + m['role'] + '|>' }}{%- endif -%}"
+    "{%- if m.get('reasoning_content') -%}{{ '<think>' + m['reasoning_content'] + '</think>' }}{%- endif -%}"
+    "{{ m['content'] or '' }}"
+    "{%- if m['role'] == 'system' and tools -%}{{ '\n\n' }}" + _TOOLS_BLOCK + "{%- endif -%}"
+    "{%- if m.get('tool_calls') -%}"
+    "{{ " + _q(TOOL_CALLS_BEGIN) + " }}"
+    "{%- for c in m['tool_calls'] -%}"
+    "{{ " + _q(TOOL_CALL_BEGIN) + " + c['function']['name'] + " + _q(TOOL_SEP) + " }}"
+    "{%- if c['function']['arguments'] is string -%}{{ c['function']['arguments'] }}"
+    "{%- else -%}{{ c['function']['arguments'] | tojson }}{%- endif -%}"
+    "{{ " + _q(TOOL_CALL_END) + " }}"
+    "{%- endfor -%}"
+    "{{ " + _q(TOOL_CALLS_END) + " }}"
+    "{%- else -%}{{ eos_token }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- set ns.prev = m['role'] -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt and ns.prev != 'tool' -%}{{ '<|assistant|>' }}{%- endif -%}"
 )
 
 # GPT-2's split, but with digits excluded from the letter/number runs (they are split one by one)
@@ -49,11 +109,14 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
         ids = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None]
+        missing = [t for t in CHAT_TOKENS if ids[t] is None]
         if missing:
             raise ForeignTokenizerError(f"tokenizer lacks nanoseek's special tokens: {', '.join(missing)}")
         self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
         self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
+        # False for a tokenizer trained before the tool-call tokens existed: its model calls no tools
+        self.tools = all(ids[t] is not None for t in TOOL_TOKENS)
+        self.calls_begin_id, self.calls_end_id = ids[TOOL_CALLS_BEGIN], ids[TOOL_CALLS_END]
 
     @property
     def vocab_size(self) -> int:
@@ -69,14 +132,33 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=not keep_special)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The chat template in Python; identical to CHAT_TEMPLATE rendered by Jinja."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: list[dict] | None = None) -> str:
+        """The chat template in Python; identical to CHAT_TEMPLATE rendered by Jinja. `tools`:
+        OpenAI's function definitions, listed in the system turn."""
         parts = [BOS]
+        block = _tools_block(tools) if tools else ""
+        if block and not (messages and messages[0].get("role") == "system"):
+            parts.append(SYSTEM + block + EOS)
+        prev = ""
         for m in messages:
-            if m["role"] not in ROLE_TOKENS:
-                raise TokenizerError(f"unknown chat role {m['role']!r}")
-            parts.append(ROLE_TOKENS[m["role"]] + m["content"] + EOS)
-        if add_generation_prompt:
+            role = m.get("role")
+            if role not in ROLES:
+                raise TokenizerError(f"unknown chat role {role!r}")
+            if role == "tool":
+                parts.append(TOOL_OUTPUT_BEGIN + _text(m, "content") + TOOL_OUTPUT_END)
+            else:
+                if not (role == "assistant" and prev == "tool"):
+                    parts.append(ROLE_TOKENS[role])
+                if m.get("reasoning_content"):
+                    parts.append(THINK + _text(m, "reasoning_content") + END_THINK)
+                parts.append(_text(m, "content", optional=bool(m.get("tool_calls"))))
+                if role == "system" and block:
+                    parts.append("\n\n" + block)
+                calls = m.get("tool_calls")
+                parts.append(render_calls(calls) if calls else EOS)
+            prev = role
+        if add_generation_prompt and prev != "tool":
             parts.append(ASSISTANT)
         return "".join(parts)
 
@@ -84,7 +166,7 @@ class Tokenizer:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(self.tools), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -97,12 +179,44 @@ class Tokenizer:
         return cls(hf)
 
 
-def tokenizer_config() -> dict:
+def _text(m: dict, key: str, optional: bool = False) -> str:
+    value = m.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise TokenizerError(f"a {m.get('role')} message's {key} must be a string")
+    return value
+
+
+def _tools_block(tools: list[dict]) -> str:
+    lines = [TOOLS_HEADER]
+    for t in tools:
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise TokenizerError("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        params = json.dumps(f.get("parameters", {}), ensure_ascii=False)
+        lines.append(f"### {f['name']}\n{f.get('description') or ''}\nParameters: {params}\n")
+    return "".join(lines)
+
+
+def render_calls(calls: list[dict]) -> str:
+    """An assistant message's `tool_calls` (OpenAI's form) as DeepSeek's tokens write them."""
+    parts = [TOOL_CALLS_BEGIN]
+    for c in calls:
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or "arguments" not in f:
+            raise TokenizerError("each tool call must be {\"function\": {\"name\": ..., \"arguments\": ...}}")
+        args = f["arguments"] if isinstance(f["arguments"], str) else json.dumps(f["arguments"], ensure_ascii=False)
+        parts.append(TOOL_CALL_BEGIN + f["name"] + TOOL_SEP + args + TOOL_CALL_END)
+    return "".join(parts) + TOOL_CALLS_END
+
+
+def tokenizer_config(tools: bool = True) -> dict:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
         "add_bos_token": False, "add_eos_token": False,
-        "additional_special_tokens": [SYSTEM, USER, ASSISTANT, THINK, END_THINK],
+        "additional_special_tokens": [SYSTEM, USER, ASSISTANT, THINK, END_THINK, *(TOOL_TOKENS if tools else [])],
         "chat_template": CHAT_TEMPLATE,
         "model_max_length": 1 << 20,
         "clean_up_tokenization_spaces": False,

@@ -12,6 +12,12 @@ Each `step()` admits waiting requests when enough rows are free and prefills the
 (one padded forward), then advances every running sequence by one forward pass: one token,
 or with MTP speculation the pending token plus the MTP module's `drafts` drafts, verified
 together (1 to drafts + 1 tokens out).
+
+Tools (nanoseek/tools.py): when a sequence closes a call (`<｜tool▁calls▁end｜>`) to a built-in
+tool, the engine runs it and feeds its output to that row as forced tokens, in one forward over
+the chunk, then samples on; a call to any other tool ends the output with finish_reason
+"tool_calls". The token stream is what a client loop would make: stop at the call, append the
+output, continue.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner, ro
 from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
+from nanoseek.tools import MALFORMED_CALL, parse_calls, render_output, run_builtin
 
 # Rows are put back in order of length when the groups' attention would read this much more
 # than in that order (one copy of the cache's rows against a little more read every step).
@@ -60,7 +67,9 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] | None = None
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length", "tool_calls" or "abort"
+    forced: list[bool] = field(default_factory=list)  # per token: a tool's output, not sampled
+    calls: list[dict] = field(default_factory=list)  # each tool call: name, arguments, output (None: the client's)
 
 
 @dataclass
@@ -98,6 +107,7 @@ class _Seq:
     stream: TextStream | None
     drafts: list[int] = field(default_factory=list)  # the MTP module's next tokens, in order
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # what each was drawn from
+    calling: bool = False  # the pending token closes a tool call
 
     @property
     def out(self) -> Completion:
@@ -122,6 +132,7 @@ class Engine:
         self.cache = model.new_cache(max_seqs, self.context, mtp=speculative)
         self.runner = DecodeRunner(model) if model.config.attn_type == "mla" else ModuleRunner(model)
         self.eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.calls_end = tokenizer.calls_end_id if tokenizer is not None and tokenizer.tools else None
         self.running: list[_Seq] = []  # row i of the cache holds running[i]
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
@@ -189,6 +200,7 @@ class Engine:
         if self.running:
             self._sort_rows()
             events += self._decode_speculative() if self.speculative else self._decode()
+        events += self._run_tools()
         self.stats["steps"] += 1
         return events
 
@@ -406,6 +418,62 @@ class Engine:
             s.drafts = [int(t[i]) for t in tokens]
             s.draft_probs = [None if pr is None else pr[i] for pr in probs]
 
+    # ---- tools: a closed call's output fed to its row as forced tokens ----
+    def _run_tools(self) -> list[Event]:
+        """For each row whose pending token closes a tool call: run the call, then one forward
+        over [pending, output tokens] in that row, and sample the token after them. A call to a
+        tool the request does not run here ends the output with finish_reason "tool_calls"."""
+        events = []
+        for row, s in enumerate(self.running):
+            if not s.calling or s.out.finish_reason is not None:
+                continue
+            s.calling = False
+            forced = self._tool_output(s)
+            if forced is None:
+                s.out.finish_reason = "tool_calls"
+                events.append(Event(s.request, s.index, s.stream.flush() if s.stream else "", [], "tool_calls"))
+                s.out.text += events[-1].text
+                continue
+            n = len(s.tokens) - 1  # the pending token's position
+            room = min(self.context - 1 - n, s.request.params.max_tokens - len(s.out.token_ids))
+            if len(forced) >= room:  # no room for the output and a token after it
+                s.out.finish_reason = "length"
+                events.append(Event(s.request, s.index, s.stream.flush() if s.stream else "", [], "length"))
+                s.out.text += events[-1].text
+                continue
+            chunk = [s.tokens[-1], *forced]
+            ids = torch.tensor([chunk], device=self._device)
+            pos = n + torch.arange(len(chunk), device=self._device)[None]
+            self.cache.start = row
+            rot = self.runner.rot(pos)
+            h = self.runner.hidden(ids, pos, self.cache, rot)
+            logits = self.model.lm_head(h[:, -1])
+            token, _ = self._sample(logits, [s])
+            if self.speculative:  # the MTP layer's cache over the chunk, and fresh drafts
+                nxt = torch.tensor([[*forced, int(token)]], device=self._device)
+                out = self.runner.mtp_hidden(h, nxt, pos, self.cache, rot)
+                self._draft([s], out[:, -1], pos[:, -1])
+            lps = [None] * len(forced) + self._logprobs(logits, token, [s])
+            events += self._emit(s, [*forced, int(token)], lps, forced=len(forced))
+        self._release_finished()
+        return events
+
+    def _tool_output(self, s: _Seq) -> list[int] | None:
+        """The output tokens of the call block `s` just closed (each call's output, in order), or
+        None if a call names a tool this request does not run here (the client's). A block with
+        no call in DeepSeek's form gets an error output, as a tool's error would."""
+        generated = s.tokens[len(s.request.prompt_ids):]
+        begin = self.tok.calls_begin_id
+        start = len(generated) - 1 - generated[::-1].index(begin) if begin in generated else len(generated) - 1
+        calls = parse_calls(self.tok.decode(generated[start:], keep_special=True))
+        builtin = s.request.params.builtin_tools
+        if any(name not in builtin for name, _ in calls) or not (calls or builtin):
+            s.out.calls += [{"name": name, "arguments": args, "output": None} for name, args in calls]
+            return None
+        outputs = [run_builtin(name, args) for name, args in calls] or [MALFORMED_CALL]
+        s.out.calls += [{"name": name, "arguments": args, "output": o} for (name, args), o in zip(calls, outputs)]
+        return self.tok.encode("".join(render_output(o) for o in outputs))
+
     # ---- sampling ----
     @property
     def _device(self) -> torch.device:
@@ -435,20 +503,24 @@ class Engine:
         return lp.tolist()
 
     # ---- bookkeeping ----
-    def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float | None]) -> list[Event]:
-        """Append produced tokens one by one until the sequence ends; one event per sequence."""
+    def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float | None], forced: int = 0) -> list[Event]:
+        """Append produced tokens one by one until the sequence ends or closes a tool call (the
+        first `forced` are a tool's output); one event per sequence."""
         p, out = s.request.params, s.out
         text, new = "", []
-        for t, lp in zip(tokens, logprobs):
+        for j, (t, lp) in enumerate(zip(tokens, logprobs)):
             s.tokens.append(t)
             new.append(t)
             out.token_ids.append(t)
+            out.forced.append(j < forced)
             if out.logprobs is not None:
                 out.logprobs.append(lp)
             self.stats["tokens"] += 1
             if (t == self.eos and not p.ignore_eos) or t in p.stop_token_ids:
                 out.finish_reason = "stop"
                 break
+            if t == self.calls_end and j >= forced:
+                s.calling = True  # the rest of a speculative run is dropped: a tool's output comes next
             if s.stream is not None:
                 text += s.stream.push(t)
                 if s.stream.stopped:
@@ -456,6 +528,8 @@ class Engine:
                     break
             if len(out.token_ids) >= p.max_tokens or len(s.tokens) >= self.context:
                 out.finish_reason = "length"
+                break
+            if s.calling:
                 break
         if out.finish_reason is not None and s.stream is not None:
             text += s.stream.flush()

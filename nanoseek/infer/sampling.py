@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.tools import BUILTIN
+
 
 class SamplingError(ValueError):
     """Bad sampling parameters: one line, naming the parameter."""
@@ -29,6 +31,9 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: bool = False
+    # the built-in tools (nanoseek/tools.py) the engine runs when the model calls them; a call to
+    # any other tool ends the output with finish_reason "tool_calls", for the client to run
+    builtin_tools: tuple[str, ...] = ("calculator",)
 
     def validate(self) -> SamplingParams:
         def need(ok: bool, msg: str) -> None:
@@ -41,7 +46,10 @@ class SamplingParams:
         need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         need(isinstance(self.n, int) and self.n >= 1, "n must be a positive integer")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(all(t in BUILTIN for t in self.builtin_tools),
+             f"builtin_tools: the built-in tools are {', '.join(BUILTIN)}")
         self.stop = list(self.stop)
+        self.builtin_tools = tuple(self.builtin_tools)
         self.stop_token_ids = list(self.stop_token_ids)
         return self
 

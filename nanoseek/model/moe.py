@@ -99,6 +99,7 @@ class Experts(nn.Module):
 
 
 _uncounted = False  # set while a forward routes no tokens for real (see `uncounted`)
+_real: torch.Tensor | None = None  # [B, T] bool: the tokens of a padded forward that count (see `counted_only`)
 
 
 @contextlib.contextmanager
@@ -112,6 +113,19 @@ def uncounted():
         yield
     finally:
         _uncounted = before
+
+
+@contextlib.contextmanager
+def counted_only(real: torch.Tensor):
+    """Forwards over right-padded rows: only the tokens where `real` [B, T] is True count toward
+    the expert load (padding is routed too, but it is no real traffic, and how much of it a
+    micro-batch holds depends on how the samples were split among processes)."""
+    global _real
+    before, _real = _real, real
+    try:
+        yield
+    finally:
+        _real = before
 
 
 class MoE(nn.Module):
@@ -131,7 +145,8 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(flat)
         if self.training and not _uncounted:
             with torch.no_grad():
-                self.expert_load += torch.bincount(indices.flatten(), minlength=self.expert_load.numel())
+                routed = indices if _real is None else indices[_real.reshape(-1)]
+                self.expert_load += torch.bincount(routed.flatten(), minlength=self.expert_load.numel())
         out = self.experts(flat, weights, indices).view(B, T, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -28,7 +28,6 @@ saved under N processes resumes under M).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
@@ -46,7 +45,7 @@ from nanoseek.data.tasks import R1_ZERO_TEMPLATE, TASKS, Problem, eval_sets, pro
 from nanoseek.eval import evaluate_tasks
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.model.moe import uncounted
+from nanoseek.model.moe import counted_only, uncounted
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger
@@ -303,7 +302,7 @@ def grpo_step(run: GRPORun) -> dict[str, Any]:
     for s, req in zip(samples, reqs):
         for c in req.outputs:
             rows.append(run.score(s.key, c.text, len(c.token_ids)))
-            comps.append((s.prompt, c.token_ids))
+            comps.append((s.prompt, c.token_ids, c.forced))
     rewards = torch.tensor([x["reward"] for x in rows]).view(-1, group)
     keep = informative_groups(rewards)
     adv = group_advantages(rewards, scale=config.loss_type != "dr_grpo").flatten()
@@ -323,7 +322,7 @@ def grpo_step(run: GRPORun) -> dict[str, Any]:
     # --- the step's metrics, over every rank ---
     flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), config,
                                   run.ref is not None), ranks)
-    rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c) in zip(rows, comps)], ranks)
+    rows = dist.gather([{**x, "tokens": len(c[1])} for x, c in zip(rows, comps)], ranks)
     n_tokens = sum(x["tokens"] for x in rows)
     run.ledger.add(n_tokens, flops)
     return {"step": run.step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
@@ -344,15 +343,15 @@ def validate(engine: Engine, config: GRPOConfig) -> dict[str, float]:
     return {f"val/{t}": r["pass@1"] for t, r in sets.items()}
 
 
-def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], list[int]]], n_trained: int,
+def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], list[int], list[bool]]], n_trained: int,
                config: GRPOConfig, with_ref: bool) -> float:
     """Matmul FLOPs of one GRPO step, at the forward cost per token of the mean sequence length:
     the rollout (each prompt prefilled once, every completion token decoded), then over the
     trained sequences the reference's forward (when beta > 0), the sampling policy's forward
     (when inner_updates > 1) and each inner update's forward + backward (3x a forward)."""
-    lengths = [len(p) + len(c) for p, c in comps]
+    lengths = [len(c[0]) + len(c[1]) for c in comps]
     fwd = model.flops_per_token(max(1, round(sum(lengths) / len(lengths))), training=False)
-    rollout = sum(len(p) for p in prompts) + sum(len(c) for _, c in comps)
+    rollout = sum(len(p) for p in prompts) + sum(len(c[1]) for c in comps)
     passes = 3 * config.inner_updates + int(with_ref) + int(config.inner_updates > 1)
     trained = sum(lengths) * n_trained / len(comps)
     return fwd * (rollout + passes * trained)
@@ -369,7 +368,7 @@ class _Policy(nn.Module):
         return _token_logp(self.model, ids, mask, temperature, with_entropy)
 
 
-def _update(policy: nn.Module, ref, opt, config: GRPOConfig, comps: list[tuple[list[int], list[int]]],
+def _update(policy: nn.Module, ref, opt, config: GRPOConfig, comps: list[tuple[list[int], list[int], list[bool]]],
             adv: torch.Tensor, use: torch.Tensor, n_used: int, ranks: dist.Ranks, device) -> dict[str, float]:
     """inner_updates passes over this rank's used samples in micro-batches, each weighted by its
     share of the step's n_used samples (all ranks); returns mean KL, clip fraction, entropy."""
@@ -387,8 +386,11 @@ def _update(policy: nn.Module, ref, opt, config: GRPOConfig, comps: list[tuple[l
     scale = [weight] * len(batches) + [0.0] * extra
     batches += [batches[0][:1]] * extra
     tensors = [_pack([comps[j] for j in b], device) for b in batches]
-    def padding_only(bi: int):  # a weightless micro-batch's tokens do not count toward the expert load
-        return uncounted() if scale[bi] == 0 else contextlib.nullcontext()
+    lengths = [torch.tensor([len(comps[j][0]) + len(comps[j][1]) for j in b]) for b in batches]
+    real = [torch.arange(ids.shape[1] - 1)[None] < n[:, None] for n, (ids, _) in zip(lengths, tensors)]
+
+    def padding_only(bi: int):  # only real tokens count toward the expert load; a weightless micro-batch's, none
+        return uncounted() if scale[bi] == 0 else counted_only(real[bi].to(device))
 
     with torch.no_grad():  # the sampling policy's log-probs (and the reference's), computed once
         old = None
@@ -426,15 +428,15 @@ def _update(policy: nn.Module, ref, opt, config: GRPOConfig, comps: list[tuple[l
     return {k: dist.total(v, ranks) / max(1, n) for k, v in agg.items()}
 
 
-def _pack(comps: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack(comps: list[tuple[list[int], list[int], list[bool]]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """[prompt + completion] rows right-padded; mask [B, T-1] on the positions that predict a
-    completion token."""
-    width = max(len(p) + len(c) for p, c in comps)
+    sampled completion token (not a tool's output, which the policy did not choose)."""
+    width = max(len(p) + len(c) for p, c, _ in comps)
     ids = torch.zeros(len(comps), width, dtype=torch.long)
     mask = torch.zeros(len(comps), width - 1)
-    for i, (p, c) in enumerate(comps):
+    for i, (p, c, forced) in enumerate(comps):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, len(p) - 1: len(p) + len(c) - 1] = 1
+        mask[i, len(p) - 1: len(p) + len(c) - 1] = 1 - torch.tensor(forced, dtype=mask.dtype)
     return ids.to(device), mask.to(device)
 
 
