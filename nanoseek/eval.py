@@ -2,7 +2,8 @@
 
 Per task: pass@1 greedy (with a 95% Wilson interval), pass@1 sampled (the mean over k samples
 per problem, with a 95% interval over problems) and maj@k (the most frequent answer among the
-k), the format rate and the mean response length in tokens. All generation goes through the
+k), the format rate, the mean response length in tokens, and the greedy answers' tool use
+(calls per answer, answers with a call, calls that returned an error). All generation goes through the
 engine, batched, k samples per problem from one prefill. Per-problem scores are kept (`correct`,
 `sampled_correct`) so that two models evaluated on the same problems can be compared pairwise
 (train/compare.stage_gains).
@@ -70,6 +71,16 @@ def mean_ci(values: list[float], z: float = 1.96, bounds: tuple[float, float] = 
     return max(bounds[0], m - half), min(bounds[1], m + half)
 
 
+def tool_use(outputs: list) -> dict[str, float]:
+    """How the answers used tools: calls per answer, the share of answers with a call, and the
+    share of calls whose output was an error (a bad expression, a malformed call)."""
+    calls = [call for c in outputs for call in c.calls]
+    errors = sum(1 for call in calls if (call["output"] or "").startswith("error"))
+    return {"tool_calls": len(calls) / max(1, len(outputs)),
+            "tool_call_rate": sum(1 for c in outputs if c.calls) / max(1, len(outputs)),
+            "tool_error_rate": errors / len(calls) if calls else 0.0}
+
+
 def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template: str = "chat",
                   max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, offset: int = 0) -> dict:
     """`task` names a held-out set (data/tasks.EVAL_SETS): a task, or gsm_symbolic_seen. `offset`
@@ -108,7 +119,8 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
                "pass@1": correct / len(probs), "pass@1_ci95": wilson(int(correct), len(probs)),
                "correct": [int(r.accuracy) for r in rewards],  # per problem, for paired comparisons
                "format_rate": sum(r.format for r in rewards) / len(probs),
-               "mean_length": sum(len(r.outputs[0].token_ids) for r in reqs) / len(probs)}
+               "mean_length": sum(len(r.outputs[0].token_ids) for r in reqs) / len(probs),
+               **tool_use([r.outputs[0] for r in reqs])}
         if k > 0:
             votes_right = 0
             per_problem = []

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nanoseek.data.tokenizer import SPECIAL_TOKENS
 from nanoseek.hf import ARCHITECTURE, FP32_ALWAYS, INDEX, MTP_FILE, CheckpointError, config_to_hf, to_hf_state_dict
+from nanoseek.tools import TOOL_CALLS_END
 from nanoseek.train.checkpoint import load_model, read_meta, write_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -240,8 +242,36 @@ def model_card(model, cfg, meta: dict, dtype: str, name: str) -> str:
         "train further.", "",
         "The chat template wraps turns in `<|system|>`, `<|user|>`, `<|assistant|>`; the assistant thinks "
         "inside `<think>...</think>` before answering.", "",
+        *_tools_section(),
     ]
     return "\n".join(lines)
+
+
+def _tools_section() -> list[str]:
+    """The model card's word on tool calls: the format, vLLM's and SGLang's parsers, the calculator."""
+    return [
+        "## Tools", "",
+        "Calls use DeepSeek-V3.1's format and special tokens: "
+        "`<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS"
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>`, "
+        "and a result comes back as `<｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>`. The chat template lists "
+        "OpenAI `tools` in the system turn and renders `tool_calls` and `tool` messages. With vLLM: "
+        "`--enable-auto-tool-choice --tool-call-parser deepseek_v31 --reasoning-parser deepseek_r1`; with SGLang: "
+        "`--tool-call-parser deepseekv31 --reasoning-parser deepseek-r1` (the flags of their DeepSeek-V3.1 "
+        "support; not tested from here).", "",
+        "The model calls a **calculator** while it thinks, with the bare expression as its arguments "
+        "(`46*25`; + - * / ^ %, parentheses, decimals). nanoseek's server runs it inside the response; "
+        "elsewhere a client runs it: generate with the completions endpoint and "
+        f"`stop_token_ids=[{TOOL_CALLS_END_ID}]` (`<｜tool▁calls▁end｜>`) and `skip_special_tokens=false`, "
+        "evaluate the expression exactly, append `<｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>` (the number "
+        "as `1150`, `-7`, `2.5`; a bad expression as `error: ...`) to the prompt and continue. Through the chat "
+        "API, list a `calculator` function in `tools`: its calls come back as `tool_calls`, and its result "
+        "goes back as a `tool` message.", "",
+    ]
+
+
+# `<｜tool▁calls▁end｜>`: the fixed id a client loop stops at
+TOOL_CALLS_END_ID = SPECIAL_TOKENS.index(TOOL_CALLS_END)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:

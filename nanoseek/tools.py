@@ -63,9 +63,14 @@ MALFORMED_CALL = "error: no call in the block (a call is its name, the separator
 
 
 def parse_calls(text: str) -> list[tuple[str, str]]:
-    """The (name, arguments) of every call in the last `<｜tool▁calls▁begin｜>` block of `text`."""
-    block = text[text.rfind(TOOL_CALLS_BEGIN):] if TOOL_CALLS_BEGIN in text else ""
-    return [(name.strip(), args.strip()) for name, args in _CALL.findall(block)]
+    """The (name, arguments) of every call in the block that the text's last
+    `<｜tool▁calls▁end｜>` closes; none when no `<｜tool▁calls▁begin｜>` opened that block (the
+    last one was closed before)."""
+    head = text[: text.rfind(TOOL_CALLS_END)] if TOOL_CALLS_END in text else text
+    start = head.rfind(TOOL_CALLS_BEGIN)
+    if start < 0 or TOOL_CALLS_END in head[start:]:
+        return []
+    return [(name.strip(), args.strip()) for name, args in _CALL.findall(head[start:])]
 
 
 def calculator(arguments: str) -> str:

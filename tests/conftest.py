@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -71,10 +72,17 @@ def calc_reply(terms: list[int]) -> str:
     return "<think>" + "\n".join(lines) + f"\nso {total}.</think>Answer: {total}"
 
 
+# the calculator offered as a client's own function (OpenAI's `tools`)
+CALC_TOOL = {"type": "function", "function": {"name": "calculator", "description": "Exact arithmetic",
+                                              "parameters": {"type": "object",
+                                                             "properties": {"expression": {"type": "string"}}}}}
+
+
 @pytest.fixture(scope="session")
 def calc_model():
     """A real tiny model (with MTP) that answers "What is a + b (+ c)?" by calling the calculator,
-    trained here in seconds with the tools' outputs masked from the loss, as SFT does."""
+    trained here in seconds with the tools' outputs masked from the loss, as SFT does; a third of
+    its conversations list the calculator as a client's tool in the system turn."""
     import random
 
     from nanoseek.config import preset
@@ -86,28 +94,31 @@ def calc_model():
     for i in range(48):
         terms = [rng.randint(10, 99) for _ in range(2 + i % 2)]
         convs.append((f"What is {' + '.join(map(str, terms))}?", calc_reply(terms)))
-    tok = train_tokenizer([q + r for q, r in convs] * 8, vocab_size=400)
+    tok = train_tokenizer([q + r for q, r in convs] * 8 + [json.dumps(CALC_TOOL)] * 8, vocab_size=400)
     out_begin, out_end = tok.hf.token_to_id("<｜tool▁output▁begin｜>"), tok.hf.token_to_id("<｜tool▁output▁end｜>")
-    seqs, masks = [], []
-    for q, r in convs:
-        prompt = tok.encode(tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True))
+    groups: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}  # without / with tools listed
+    for i, (q, r) in enumerate(convs):
+        tools = [CALC_TOOL] if i % 4 == 0 else None
+        prompt = tok.encode(tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True, tools=tools))
         reply = tok.encode(r) + [tok.eos_id]
         forced, inside = [], False
         for t in reply:
             inside = inside or t == out_begin
             forced.append(inside)
             inside = inside and t != out_end
-        seqs.append(prompt + reply)
-        masks.append([True] * len(prompt) + forced)
-    width = max(len(s) for s in seqs)
-    batch = torch.tensor([s + [tok.pad_id] * (width - len(s)) for s in seqs])
-    ignore = torch.tensor([m + [True] * (width - len(m)) for m in masks])
-    labels = batch.masked_fill(ignore, -100)[:, 1:]
+        groups[tools is not None][0].append(prompt + reply)
+        groups[tools is not None][1].append([True] * len(prompt) + forced)
+    batches = []
+    for seqs, masks in groups.values():  # one padded batch per group: the tools' prompts are long
+        width = max(len(s) for s in seqs)
+        batch = torch.tensor([s + [tok.pad_id] * (width - len(s)) for s in seqs])
+        ignore = torch.tensor([m + [True] * (width - len(m)) for m in masks])
+        batches.append((batch[:, :-1], batch.masked_fill(ignore, -100)[:, 1:]))
     torch.manual_seed(0)
     model = Transformer(preset("tiny").replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        model.loss(batch[:, :-1], labels)["loss"].backward()
+    for step in range(200):
+        model.loss(*batches[step % 4 == 3])["loss"].backward()  # a quarter of the steps on the tools' prompts
         opt.step()
         opt.zero_grad()
     return model.eval(), tok

@@ -169,7 +169,7 @@ def test_sets_evaluated_together_are_scored_problem_by_problem(base):
 
         def generate(self, prompts, params):  # one queue: each prompt greedy, then each sampled
             def out(text):
-                return SimpleNamespace(text=f"<think>\nwork\n</think>\n{text}", token_ids=[0] * len(text))
+                return SimpleNamespace(text=f"<think>\nwork\n</think>\n{text}", token_ids=[0] * len(text), calls=[])
             return [SimpleNamespace(outputs=[out(gold[tuple(q)] if i == 0 else "-1") for i in range(p.n)])
                     for q, p in zip(prompts, params)]
 

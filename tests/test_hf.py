@@ -362,4 +362,23 @@ def test_a_client_loop_over_transformers_gives_the_engines_tool_stream(tmp_path,
                 break
             out += result
         assert r.outputs[0].token_ids == out
-    assert calls >= len(questions)
+    assert calls >= 2
+
+
+def test_the_exported_template_renders_tools_as_nanoseek_does(tmp_path, tok):
+    """transformers' apply_chat_template on the export, with the client's tools, an assistant's
+    tool_calls and the tool's message, gives nanoseek's ids; the model card says how vLLM and
+    SGLang parse the calls and what a client loop does for the calculator."""
+    from test_tokenizer import TOOL_CONVERSATIONS, WEATHER
+
+    _, run = make_checkpoint(tmp_path, tok)
+    out = export_hf(run, tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    for messages in TOOL_CONVERSATIONS:
+        for tools in (None, [WEATHER]):
+            theirs = hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+            theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+            assert list(theirs) == tok.encode(tok.render_chat(messages, add_generation_prompt=True, tools=tools))
+    assert hf_tok.convert_tokens_to_ids("<｜tool▁calls▁end｜>") == tok.calls_end_id == 9
+    card = (out / "README.md").read_text()
+    assert "--tool-call-parser deepseek_v31" in card and "stop_token_ids=[9]" in card

@@ -6,13 +6,14 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import REPLY
+from conftest import CALC_TOOL, REPLY
 
 from nanoseek.infer.chat import split_thinking
 from nanoseek.infer.engine import Engine
 from nanoseek.serve.app import Limits, create_app
 from nanoseek.serve.protocol import ReasoningSplitter, split_reasoning
 from nanoseek.serve.server import ThreadedServer
+from nanoseek.tools import calculator
 
 KEY = "sekret-key"
 THINK, ANSWER = split_thinking(REPLY)
@@ -275,3 +276,124 @@ def test_a_full_queue_answers_429(chat_model):
             assert json.loads(lines[-1][6:])["choices"][0]["finish_reason"] == "stop"
         waiting.join(timeout=60)
         assert httpx.get(s.url + "/health").json()["status"] == "ok"
+
+
+# ---- tools: the built-in calculator inside a response, the client's functions through `tools` ----
+
+QUESTIONS = ["What is 12 + 30?", "What is 55 + 23 + 41?", "What is 40 + 45?"]
+
+
+@pytest.fixture(scope="module")
+def calc_server(calc_model):
+    model, tok = calc_model
+    engine = Engine(model, tok, max_seqs=8, context=512, speculative=True)
+    with ThreadedServer(create_app(engine, "nanoseek-calc", api_key=KEY)) as s:
+        yield s
+
+
+@pytest.fixture
+def calc_client(calc_server):
+    return openai.OpenAI(base_url=calc_server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_the_calculator_runs_inside_a_chat_response(calc_client):
+    """No tools in the request: the model's calculator calls run on the server, and each call
+    and its output appear in reasoning_content; the response is not a tool call."""
+    shown = 0
+    for q in QUESTIONS:
+        r = calc_client.chat.completions.create(model="nanoseek-calc", messages=[{"role": "user", "content": q}],
+                                                temperature=0, max_tokens=120)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason in ("stop", "length") and not msg.tool_calls
+        for block in msg.reasoning_content.split("<｜tool▁calls▁begin｜>")[1:]:
+            args = block.split("<｜tool▁sep｜>")[1].split("<｜tool▁call▁end｜>")[0]
+            assert f"<｜tool▁calls▁end｜><｜tool▁output▁begin｜>{calculator(args)}<｜tool▁output▁end｜>" in block
+            shown += 1
+    assert shown >= 2
+
+
+def collect(stream):
+    """(reasoning, content, tool_calls as (name, arguments), finish_reason) of a streamed reply."""
+    reasoning, content, calls, finish = "", "", {}, None
+    for chunk in stream:
+        for ch in chunk.choices:
+            reasoning += getattr(ch.delta, "reasoning_content", None) or ""
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                name, args = calls.get(tc.index, ("", ""))
+                calls[tc.index] = (name + (tc.function.name or ""), args + (tc.function.arguments or ""))
+            finish = ch.finish_reason or finish
+    return reasoning, content, [calls[k] for k in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("choice", ["auto", "named"])
+def test_a_clients_function_round_trips_streaming_and_not(calc_client, choice):
+    """The calculator offered as the client's own function: the call ends the response with
+    message.tool_calls and finish_reason "tool_calls" (no call markup left in the text), the
+    stream carries the same call in OpenAI's delta form, and a request carrying the tool's
+    output goes on from it."""
+    tool_choice = {"type": "function", "function": {"name": "calculator"}} if choice == "named" else "auto"
+    ended = 0
+    for q in QUESTIONS:
+        kw = dict(model="nanoseek-calc", temperature=0, max_tokens=120, tools=[CALC_TOOL], tool_choice=tool_choice)
+        messages = [{"role": "user", "content": q}]
+        r = calc_client.chat.completions.create(messages=messages, **kw)
+        c = r.choices[0]
+        streamed = collect(calc_client.chat.completions.create(messages=messages, stream=True, **kw))
+        calls = [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []]
+        assert streamed == (c.message.reasoning_content or "", c.message.content or "", calls, c.finish_reason)
+        if c.finish_reason != "tool_calls":
+            continue
+        ended += 1
+        assert calls and calls[0][0] == "calculator" and c.message.tool_calls[0].id.startswith("call_")
+        for text in (c.message.reasoning_content or "", c.message.content or ""):
+            assert "<｜tool▁call" not in text and "<｜tool▁output" not in text
+        messages += [{"role": "assistant", "content": c.message.content, "tool_calls": c.message.tool_calls,
+                      "reasoning_content": c.message.reasoning_content},
+                     *[{"role": "tool", "tool_call_id": t.id, "content": calculator(t.function.arguments)}
+                       for t in c.message.tool_calls]]
+        after = calc_client.chat.completions.create(messages=messages, **{**kw, "tool_choice": "auto"})
+        assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        assert after.usage.prompt_tokens > r.usage.prompt_tokens
+    assert ended >= (len(QUESTIONS) if choice == "named" else 1)
+
+
+@pytest.mark.parametrize("tools,tool_choice,param", [
+    ([{"type": "function", "function": {}}], None, "tools.0.function.name"),
+    ([{"type": "function", "function": {"name": "bad name!"}}], None, "tools.0.function.name"),
+    ([{"type": "retrieval", "function": {"name": "f"}}], None, "tools.0.type"),
+    ([{"type": "function", "function": {"name": "f", "parameters": "not an object"}}], None,
+     "tools.0.function.parameters"),
+    ("not a list", None, "tools"),
+    ([CALC_TOOL, CALC_TOOL], None, "tools"),
+    (None, "required", "tool_choice"),
+    ([CALC_TOOL], {"type": "function", "function": {"name": "weather"}}, "tool_choice"),
+    ([CALC_TOOL], "sometimes", "tool_choice"),
+])
+def test_malformed_tools_get_a_400(calc_server, tools, tool_choice, param):
+    body = {"model": "nanoseek-calc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    if tools is not None:
+        body["tools"] = tools
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    r = raw(calc_server, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"].startswith(param), err
+
+
+def test_a_tool_message_continues_the_turn_that_called(calc_server, calc_model):
+    """The prompt the server builds from an assistant's tool_calls and the tool's message is the
+    chat template's: the call, then the output, and no new assistant turn."""
+    _, tok = calc_model
+    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": "12+30"}}
+    messages = [{"role": "user", "content": "What is 12 + 30?"},
+                {"role": "assistant", "content": None, "reasoning_content": "12 + 30 = ", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    r = raw(calc_server, json={"model": "nanoseek-calc", "messages": messages, "max_tokens": 8, "temperature": 0,
+                               "tools": [CALC_TOOL]})
+    assert r.status_code == 200, r.text
+    expected = tok.encode(tok.render_chat(messages, add_generation_prompt=True, tools=[CALC_TOOL]))
+    assert r.json()["usage"]["prompt_tokens"] == len(expected)
+    assert tok.decode(expected[-12:], keep_special=True).endswith(
+        "12+30<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜tool▁output▁begin｜>42<｜tool▁output▁end｜>")

@@ -65,9 +65,10 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert all(rep["data"][k] > 0 for k in ("pretrain_tokens", "sft_tokens", "rl_generated_tokens"))
     assert list(rep["eval"]) == ["base", "sft", "rl"]
     # the run's tasks, then the sets measured without training on them (report_tasks)
-    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "countdown",
-                                       "gsm_symbolic_seen"]
-    assert rep["data"]["report_tasks"] == ["basic_arithmetic", "countdown"]
+    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
+                                       "countdown", "gsm_symbolic_seen"]
+    assert rep["data"]["report_tasks"] == ["countdown"]
+    assert all("tool_calls" in r and "tool_error_rate" in r for r in rep["eval"]["rl"].values())
     assert [rep["eval"]["rl"][s]["problems"] for s in ("chain_sum", "countdown")] == [6, 4]  # eval_mix, eval_n
     for stage in ("pretrain", "sft", "rl"):
         assert rep["cost"][stage]["flops"] > 0 and rep["cost"][stage]["dollars"] > 0, stage
@@ -79,8 +80,9 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     md = (out / "report.md").read_text()
     for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots"):
         assert heading in md, heading
-    assert "| base | " in md and "| rl vs sft | chain_sum |" in md and "| total |" in md
-    assert "| rl vs sft | countdown |" in md and "not trained on: basic_arithmetic, countdown" in md
+    assert "| task | base | sft | rl | rl: calls per answer | rl: tool errors |" in md  # a row per task
+    assert "| plain_arithmetic | " in md and "| rl vs sft | chain_sum |" in md and "| total |" in md
+    assert "| rl vs sft | countdown |" in md and "not trained on: countdown" in md
     assert rep["data"]["sft_ema"] == 0.9 and "| cold-start SFT (its weights' moving average, decay 0.9) |" in md
     assert rep["data"]["rl_beta"] == 0 and "| GRPO (generated; no KL term) |" in md
     assert ckpt.load_train_state(ckpt.resolve(out / "rl" / "latest"))[1]["grpo_config"]["beta"] == 0  # no reference
@@ -107,13 +109,14 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     del saved["rl_warmup"]
     (out / "speedrun.json").write_text(json.dumps(saved))
     stamps = {n: (out / n / "stage.json").stat().st_mtime_ns for n in STAGES}
-    assert _speedrun(out, "eval_n=3", 'report_tasks=["countdown"]') == 0
+    assert _speedrun(out, "eval_n=3", "report_tasks=[]") == 0
     assert "its trained stages are kept" in capsys.readouterr().err
     redone = {n for n in STAGES if (out / n / "stage.json").stat().st_mtime_ns != stamps[n]}
     assert redone == {"eval", "report"}
     rep = json.loads((out / "report.json").read_text())
-    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "countdown", "gsm_symbolic_seen"]
-    assert [r["problems"] for r in rep["eval"]["rl"].values()] == [6, 3, 3, 3]  # eval_mix, then eval_n
+    assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
+                                       "gsm_symbolic_seen"]
+    assert [r["problems"] for r in rep["eval"]["rl"].values()] == [6, 3, 3, 3, 3]  # eval_mix, then eval_n
     # a trained stage's setting is not: the run is refused and nothing is touched
     assert _speedrun(out, "rl_steps=3") == 2
     assert "other settings (rl_steps)" in capsys.readouterr().err
@@ -135,7 +138,7 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "unknown task" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'eval_mix={"chess": 5}']) == 2
     err = capsys.readouterr().err
-    assert "eval_mix maps held-out sets (chain_sum, gsm_symbolic, basic_arithmetic, countdown, " in err
+    assert "eval_mix maps held-out sets (chain_sum, gsm_symbolic, basic_arithmetic, plain_arithmetic, " in err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "precision=fp16"]) == 2
     assert "precision must be one of auto, bf16, fp32" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=poetry"]) == 2
@@ -147,25 +150,27 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert "corpus_mix maps the run's tasks" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chain_sum": 19990}']) == 2
     assert "must fit in chain_sum's" in capsys.readouterr().err
-    assert speedrun_config("cpu").corpus_counts() == {"chain_sum": 16000, "gsm_symbolic": 2000}  # the cpu mix
+    four = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic"]
+    assert speedrun_config("cpu").corpus_counts() == dict(zip(four, [4000, 8000, 4000, 8000]))  # the cpu mix
     counts = speedrun_config("cpu", overrides=["corpus_docs=500"]).corpus_counts()
-    assert counts == {"chain_sum": 500, "gsm_symbolic": 500}
+    assert counts == dict.fromkeys(four, 500)
     assert speedrun_config("cpu", overrides=["corpus=math"]).corpus_mix is None  # asked for another corpus
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": -3}']) == 2
     assert "sft_mix maps the run's tasks" in capsys.readouterr().err
-    cpu = speedrun_config("cpu")  # the cpu cold start: chain_sum only; GRPO starts past it
-    assert cpu.sft_counts() == {"chain_sum": 3000, "gsm_symbolic": 0} and cpu.rl_offset() == 3000
-    assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 50, "basic_arithmetic": 50, "countdown": 50,
-                                 "gsm_symbolic_seen": 50}
+    cpu = speedrun_config("cpu")  # the cpu cold start: word problems and plain questions most; GRPO past them
+    assert cpu.sft_counts() == dict(zip(four, [1000, 3000, 1000, 3000])) and cpu.rl_offset() == 3000
+    assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 50, "basic_arithmetic": 300,
+                                 "plain_arithmetic": 300, "countdown": 50, "gsm_symbolic_seen": 300}
+    assert cpu.calculator and cpu.rl_tasks == ["gsm_symbolic", "plain_arithmetic"]
     assert set(speedrun_config("cpu", overrides=["eval_n=7"]).eval_counts().values()) == {7}  # asked for another n
-    assert speedrun_config("cpu", overrides=["report_tasks=[]"]).eval_tasks() == ["chain_sum", "gsm_symbolic"]
+    assert speedrun_config("cpu", overrides=["report_tasks=[]"]).eval_tasks() == four
     counts = speedrun_config("cpu", overrides=["sft_examples=500"]).sft_counts()
-    assert counts == {"chain_sum": 500, "gsm_symbolic": 500}
+    assert counts == dict.fromkeys(four, 500)
     mixed = speedrun_config("cpu", overrides=['sft_mix={"chain_sum": 100, "gsm_symbolic": 900}',
                                               'rl_tasks=["chain_sum", "gsm_symbolic"]'])
     assert mixed.rl_offset() == 900  # past the cold start's problems of every RL task
-    assert main(["speedrun", "--preset", "cpu", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": 3900}']) == 2
-    assert "must fit in chain_sum's" in capsys.readouterr().err  # 16,000 + 3,900 + 480 RL prompts
+    assert main(["speedrun", "--preset", "cpu", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": 16500}']) == 2
+    assert "must fit in chain_sum's" in capsys.readouterr().err  # 4,000 in the corpus + 16,500
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), f"data=[\"{tmp_path}/none.txt\"]"]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "cpu", "--plan"]) == 2
@@ -239,7 +244,8 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     assert v["mha"]["cache_bytes_per_token"] > 2 * v["deepseek"]["cache_bytes_per_token"]
     for n, row in v.items():
         assert row["pretrain_wall_s"] > 0 and row["val_loss"] > 0, n
-        assert set(rep["eval"][n]) == {"chain_sum", "gsm_symbolic", "gsm_symbolic_seen"}
+        assert set(rep["eval"][n]) == {"chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
+                                       "gsm_symbolic_seen"}
     assert set(rep["gains"]) == {"dense vs deepseek", "no_mtp vs deepseek", "mha vs deepseek"}
     # the pretraining corpus: worked solutions of the run's tasks, none a cold-start problem
     from nanoseek.data.tasks import problems

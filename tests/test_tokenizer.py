@@ -68,3 +68,63 @@ def test_save_load_and_bad_file(tok, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError):
         Tokenizer.load(tmp_path)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+     {"role": "assistant", "content": "", "reasoning_content": "I need the weather.", "tool_calls": [CALL]},
+     {"role": "tool", "tool_call_id": "c1", "content": "20 C"}, {"role": "assistant", "content": "It is 20 C."},
+     {"role": "user", "content": "thanks"}],
+    [{"role": "user", "content": "x"},
+     {"role": "assistant", "content": "Let me check.", "reasoning_content": "r", "tool_calls": [CALL, CALL]},
+     {"role": "tool", "content": "a"}, {"role": "tool", "content": "b"}],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                        "tool_calls": [{"type": "function", "function": {"name": "f",
+                                                                                          "arguments": {"a": 1}}}]}],
+]
+
+
+@pytest.mark.parametrize("messages", TOOL_CONVERSATIONS)
+def test_tool_calls_and_tool_messages_render_as_in_transformers(tok, tmp_path, messages):
+    """The client's tools in the system turn, an assistant's tool_calls (JSON string or object
+    arguments; its reasoning left open when it is calls alone), tool messages, and the assistant
+    going on after them: transformers' apply_chat_template gives the same text and ids."""
+    import transformers
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for tools in (None, [WEATHER]):
+        for gen in (False, True):
+            ours = tok.render_chat(messages, add_generation_prompt=gen, tools=tools)
+            assert ours == hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+            assert hf(ours, add_special_tokens=False)["input_ids"] == tok.encode(ours)
+    text = tok.render_chat(messages, tools=[WEATHER])
+    assert "### get_weather\nThe weather in a city\nParameters: {" in text
+    if len(messages) > 1 and messages[1].get("tool_calls"):
+        assert "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>" in text and "<|eos|><｜tool▁output▁begin｜>" not in text
+    ids = tok.encode(text)
+    for t in ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁sep｜>", "<｜tool▁output▁begin｜>"):
+        assert text.count(t) == ids.count(tok.hf.token_to_id(t))  # each one token
+
+
+def test_reasoning_stays_open_around_calls_made_while_thinking(tok):
+    m = TOOL_CONVERSATIONS[1]
+    assert "<think>I need the weather.<｜tool▁calls▁begin｜>" in tok.render_chat(m)
+    assert "<think>r</think>Let me check.<｜tool▁calls▁begin｜>" in tok.render_chat(TOOL_CONVERSATIONS[2])
+
+
+def test_an_old_tokenizer_without_tool_tokens_still_loads(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from nanoseek.data.tokenizer import CHAT_TOKENS
+    hf = HFTokenizer(models.BPE())
+    hf.add_special_tokens(CHAT_TOKENS)
+    old = Tokenizer(hf)
+    assert not old.tools and old.calls_end_id is None and old.eos_id == 2
+    with pytest.raises(TokenizerError, match="must be a string"):
+        old.render_chat([{"role": "tool", "content": None}])

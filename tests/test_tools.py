@@ -103,5 +103,7 @@ def test_calls_render_and_parse_in_deepseeks_format():
     earlier = "earlier " + render_call("old", "1") + render_output("1")
     assert parse_calls(earlier + two) == [("f", '{"a": 1}'), ("g", "{}")]
     assert parse_calls("no call here") == []
+    closed_before = render_call("a", "1") + render_output("1") + "x<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    assert parse_calls(closed_before) == []  # a block's end with no begin of its own: no call
     assert render_output("1150") == "<｜tool▁output▁begin｜>1150<｜tool▁output▁end｜>"
     assert run_builtin("calculator", "2+2") == "4" and run_builtin("weather", "x").startswith("error: unknown tool")

@@ -154,3 +154,27 @@ def test_server_errors_are_shown(browser, chat_model):
         expect(page.locator("#error")).to_contain_text("context window is 256 tokens", timeout=15_000)
         expect(page.locator(".msg.assistant")).to_have_count(0)
         page.close()
+
+
+def test_the_thinking_panel_shows_each_calculator_call_and_its_result(browser, calc_model):
+    """A model that calls the calculator while it thinks: the Thinking panel shows each call as
+    one chip, "expression = result", with the calculator's own result, and no tool tokens."""
+    from nanoseek.tools import calculator
+
+    with start(calc_model) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(server.url + "/")
+        set_greedy(page)
+        send(page, "What is 55 + 23 + 41?")
+        expect(page.locator(".msg.assistant .answer").last).not_to_be_empty(timeout=30_000)
+        expect(page.locator("#send")).to_be_visible(timeout=30_000)
+        panel = page.locator("details.thinking").last
+        panel.locator("summary").click()
+        chips = panel.locator(".tool-call")
+        assert chips.count() >= 1
+        for text in chips.all_inner_texts():
+            expression, _, result = text.rpartition(" = ")
+            assert result == calculator(expression), text
+        assert "tool" not in panel.locator(".reasoning").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "chat-calculator.png"), full_page=True)
+        page.close()

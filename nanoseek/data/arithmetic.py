@@ -16,6 +16,8 @@ import ast
 import re
 from fractions import Fraction
 
+from nanoseek.tools import CALCULATOR, format_number, render_call, render_output
+
 _NUM = r"\d[\d,]*(?:\.\d+)?"
 _OP = r"[+\-−×xX*/÷]"
 _ASCII_OPS = str.maketrans({"×": "*", "x": "*", "X": "*", "÷": "/", "−": "-"})
@@ -391,6 +393,22 @@ def _left_operand_chain(lhs: str) -> str | None:
 def work_equations(text: str) -> str:
     """`text` with a worked computation inserted after every `=` whose left side is an
     arithmetic chain whose value is the number written after it (see above)."""
+    return _rewrite_equations(text, lambda steps, result: f" [{'; '.join(steps)}]" + result, worked=True)
+
+
+def call_equations(text: str) -> str:
+    """`text` with the calculator called after every `=` that work_equations would work out: the
+    result written after it becomes the call and the calculator's output (nanoseek/tools.py).
+    '26 girls x 3 boys/girl = 78 boys' -> '26 girls x 3 boys/girl = <call: 26*3><output: 78> boys'."""
+    def call(expr: str, value: Fraction) -> str:
+        return " " + render_call(CALCULATOR, expr) + render_output(format_number(value))
+    return _rewrite_equations(text, call, worked=False)
+
+
+def _rewrite_equations(text: str, rewrite, worked: bool) -> str:
+    """Each `=` whose left side is an arithmetic chain (read back to the line's start or the
+    previous `=`) equal to the number written after it: worked, `rewrite(steps, result)` replaces
+    the result (its text after the `=`); else `rewrite(expression, value)` does."""
     out, pos = [], 0
     for m in re.finditer(r"=", text):
         if text.rfind("[", 0, m.start()) > text.rfind("]", 0, m.start()):
@@ -403,11 +421,11 @@ def work_equations(text: str) -> str:
             continue
         steps: list[str] = []
         try:
-            if _eval_exact(expr, steps, work=worked_op) != Fraction(res.group(1).replace(",", "")):
-                continue
+            value = _eval_exact(expr, steps, work=worked_op if worked else None)
         except (ValueError, ZeroDivisionError, SyntaxError):
             continue
-        out.append(text[pos: m.end()] + " [" + "; ".join(steps) + "]")
-        pos = m.end()
+        if value != Fraction(res.group(1).replace(",", "")):
+            continue
+        out.append(text[pos: m.end()] + (rewrite(steps, text[m.end(): res.end()]) if worked else rewrite(expr, value)))
+        pos = res.end()
     return "".join(out) + text[pos:]
-

@@ -23,31 +23,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.data.arithmetic import check_steps, expression_steps, work_equations
+from nanoseek.data.arithmetic import call_equations, check_steps, expression_steps, work_equations
 from nanoseek.data.corpus import DataError
 from nanoseek.data.loader import VAL_EVERY
 from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, problems, reward
-from nanoseek.data.tokenizer import END_THINK, ROLE_TOKENS, ROLES, THINK, Tokenizer, render_calls
+from nanoseek.data.tokenizer import ROLE_TOKENS, ROLES, Tokenizer, reasoning_block, render_calls
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.tools import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, render_output
+from nanoseek.tools import CALCULATOR, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, render_call, render_output
+from nanoseek.tools import calculator as calculate
 
 
-def worked_solution(p: Problem, work_arithmetic: bool = True) -> str | None:
+def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool = False) -> str | None:
     """The assistant turn for a training problem, or None if no verified solution exists.
     work_arithmetic: gsm_symbolic's results worked out before they are written (False: the
-    shipped chain of thought as it is)."""
+    shipped chain of thought as it is). calculator: every result comes from a calculator call
+    instead (nanoseek/tools.py): gsm_symbolic's equations each call it, an expression task calls
+    it once on the whole expression; countdown keeps its worked steps."""
     if p.task == "gsm_symbolic":
         body, _, final = p.entry["metadata"]["answer_cot"].rpartition("####")
         if check_steps(body) or final.strip() != p.answer.strip():
             return None
         steps, answer = body.strip(), p.answer.strip()
-        if work_arithmetic:
+        if calculator:
+            steps = call_equations(steps)
+        elif work_arithmetic:
             steps = work_equations(steps)
+    elif calculator and p.task != "countdown":
+        expr = p.entry["metadata"]["expression"]
+        value = calculate(expr)
+        steps, answer = render_call(CALCULATOR, expr) + render_output(value), value
     else:
         expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
         try:
             lines, value = expression_steps(p.task, expr)
-        except (ZeroDivisionError, ValueError):
+        except (ZeroDivisionError, ValueError, SyntaxError):
             return None
         if p.task != "countdown" and str(value) != p.answer.strip():
             return None
@@ -61,7 +70,8 @@ def _count(n_per_task: int | dict[str, int], task: str) -> int:
     return min(n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task, TRAIN_POOL[task])
 
 
-def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int]) -> list[str]:
+def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int],
+                   calculator: bool = False) -> list[str]:
     """Pretraining documents made of worked solutions (`Question: ...` then the same assistant
     text SFT trains on), from the far end of each task's training pool: the cold start and GRPO
     draw from its start, so their problems stay new to the base. Shuffled together."""
@@ -69,19 +79,19 @@ def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[st
     for task in tasks:
         n = _count(n_per_task, task)
         for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n):
-            sol = worked_solution(p)
+            sol = worked_solution(p, calculator=calculator)
             if sol is not None:
                 docs.append(f"Question: {p.question}\n{sol}\n")
     rng = np.random.default_rng(1)
     return [docs[i] for i in rng.permutation(len(docs))]
 
 
-def cold_start_conversations(n_per_task: int | dict[str, int] = 1500, tasks: tuple[str, ...] = TASKS
-                             ) -> list[list[dict]]:
+def cold_start_conversations(n_per_task: int | dict[str, int] = 1500, tasks: tuple[str, ...] = TASKS,
+                             calculator: bool = False) -> list[list[dict]]:
     convs = []
     for task in tasks:
         for p in problems(task, "train", _count(n_per_task, task)):
-            sol = worked_solution(p)
+            sol = worked_solution(p, calculator=calculator)
             if sol is not None:
                 convs.append([{"role": "user", "content": p.question}, {"role": "assistant", "content": sol}])
     # interleave tasks so that every stretch of the packed stream holds all of them
@@ -173,5 +183,5 @@ def _body(m: dict) -> str:
     """A message's text between its role token and its end, as the chat template writes it."""
     if m["role"] == "tool":
         return render_output(m["content"])
-    text = (THINK + m["reasoning_content"] + END_THINK if m.get("reasoning_content") else "") + (m["content"] or "")
+    text = (reasoning_block(m) if m.get("reasoning_content") else "") + (m["content"] or "")
     return text + (render_calls(m["tool_calls"]) if m.get("tool_calls") else "")

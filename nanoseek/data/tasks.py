@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 
+from nanoseek.data import plain
 from nanoseek.data.splits import (
     CORPUS_SEED,
     EVAL_SEED,
@@ -48,11 +49,12 @@ from nanoseek.data.splits import (
     level_settings,
 )
 
-TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown")
+PLAIN = "plain_arithmetic"  # the project's own: arithmetic as people type it (data/plain.py)
+TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown", PLAIN)
 # every held-out set: name -> (task, split); the task names are the unseen-template / seed sets
 EVAL_SETS = {**{t: (t, "eval") for t in TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
 FORMAT_WEIGHT = 0.1
-NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
+NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum", PLAIN)
 
 
 class TaskError(ValueError):
@@ -104,6 +106,8 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
     check_tasks([task])
     if split not in ("train", "eval", "eval_seen"):
         raise TaskError(f"split must be 'train', 'eval' or 'eval_seen', not {split!r}")
+    if task == PLAIN:
+        return _plain_problems(split, n, offset, level)
     if split == "eval_seen" and task != "gsm_symbolic":
         raise TaskError("eval_seen (training templates, unseen numbers) is gsm_symbolic's")
     config: dict = {}
@@ -140,6 +144,25 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
     return out
 
 
+def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[Problem]:
+    """plain_arithmetic: the training phrasings, or the held-out ones with numbers from seeds far
+    away, any question also in the training pool dropped."""
+    if split == "eval_seen" or level is not None:
+        raise TaskError(f"{PLAIN} has a train and an eval split, no curriculum levels")
+    if split == "train" and offset + n > TRAIN_POOL[PLAIN]:
+        raise TaskError(f"{PLAIN}: at most {TRAIN_POOL[PLAIN]} training problems")
+    seed = (TRAIN_SEED if split == "train" else EVAL_SEED) + offset
+    seen = _train_keys(PLAIN) if split == "eval" else frozenset()
+    out: list[Problem] = []
+    size = n
+    while len(out) < n:
+        out = [Problem(PLAIN, q.question, q.answer, {"question": q.question, "answer": q.answer,
+                                                     "metadata": {"expression": q.expression}}, q.template)
+               for q in plain.generate(split, int(size * 1.1) + 8, seed) if question_hash(q.question) not in seen][:n]
+        size *= 2
+    return out
+
+
 @cache
 def _train_keys(task: str) -> frozenset[str]:
     """Question hashes of every training problem a held-out problem must differ from: the
@@ -148,6 +171,8 @@ def _train_keys(task: str) -> frozenset[str]:
     if cache_file.is_file():
         return frozenset(json.loads(cache_file.read_text()))
     keys = {p.key for p in problems(task, "train", TRAIN_POOL[task])}
+    if task == PLAIN:
+        return frozenset(keys)
     if task in LEVELED:
         for level in range(len(LEVELS)):
             keys.update(p.key for p in problems(task, "train", TRAIN_POOL[task], level=level))
@@ -211,6 +236,8 @@ def reward(problem: Problem, completion: str, length: int | None = None, max_len
 
 
 def _score(problem: Problem, answer: str) -> float:
+    if problem.task == PLAIN:
+        return plain.score(answer, problem.answer)
     ds = _checker(problem.task)
     try:
         return float(ds.score_answer(answer, problem.entry))

@@ -11,7 +11,9 @@ cannot call tools (`Tokenizer.tools` is False).
 The chat format is Jinja in `tokenizer_config.json`, so that transformers' `apply_chat_template`
 renders exactly what `render_chat` renders:
     <|bos|><|system|>...<|eos|><|user|>...<|eos|><|assistant|><think>...</think>answer<|eos|>
-An assistant turn that calls a client's functions ends at `<｜tool▁calls▁end｜>` (no EOS); each
+An assistant message's `reasoning_content`, when given, is its think block (left open when the
+message is calls alone: they were made while thinking). A turn that calls a client's functions
+ends at `<｜tool▁calls▁end｜>` (no EOS); each
 `tool` message follows as `<｜tool▁output▁begin｜>...<｜tool▁output▁end｜>`, and the assistant
 goes on after it without a new role token (as DeepSeek-V3.1's template does). The client's
 `tools` are listed at the end of the system turn (nanoseek/tools.py has the call format).
@@ -72,7 +74,8 @@ CHAT_TEMPLATE = (
     "{{ " + _q(TOOL_OUTPUT_BEGIN) + " + m['content'] + " + _q(TOOL_OUTPUT_END) + " }}"
     "{%- else -%}"
     "{%- if not (m['role'] == 'assistant' and ns.prev == 'tool') -%}{{ '<|' + m['role'] + '|>' }}{%- endif -%}"
-    "{%- if m.get('reasoning_content') -%}{{ '<think>' + m['reasoning_content'] + '</think>' }}{%- endif -%}"
+    "{%- if m.get('reasoning_content') -%}{{ '<think>' + m['reasoning_content'] }}"
+    "{%- if m['content'] or not m.get('tool_calls') -%}{{ '</think>' }}{%- endif -%}{%- endif -%}"
     "{{ m['content'] or '' }}"
     "{%- if m['role'] == 'system' and tools -%}{{ '\n\n' }}" + _TOOLS_BLOCK + "{%- endif -%}"
     "{%- if m.get('tool_calls') -%}"
@@ -151,7 +154,7 @@ class Tokenizer:
                 if not (role == "assistant" and prev == "tool"):
                     parts.append(ROLE_TOKENS[role])
                 if m.get("reasoning_content"):
-                    parts.append(THINK + _text(m, "reasoning_content") + END_THINK)
+                    parts.append(reasoning_block(m))
                 parts.append(_text(m, "content", optional=bool(m.get("tool_calls"))))
                 if role == "system" and block:
                     parts.append("\n\n" + block)
@@ -177,6 +180,13 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise TokenizerError(f"cannot load tokenizer from {file}: {str(e).splitlines()[0]}") from None
         return cls(hf)
+
+
+def reasoning_block(m: dict) -> str:
+    """An assistant message's reasoning_content in its think block, left open when the message
+    is only calls (they were made while thinking: the thinking goes on after their outputs)."""
+    closed = m.get("content") or not m.get("tool_calls")
+    return THINK + _text(m, "reasoning_content") + (END_THINK if closed else "")
 
 
 def _text(m: dict, key: str, optional: bool = False) -> str:

@@ -462,10 +462,9 @@ class Engine:
         """The output tokens of the call block `s` just closed (each call's output, in order), or
         None if a call names a tool this request does not run here (the client's). A block with
         no call in DeepSeek's form gets an error output, as a tool's error would."""
-        generated = s.tokens[len(s.request.prompt_ids):]
-        begin = self.tok.calls_begin_id
-        start = len(generated) - 1 - generated[::-1].index(begin) if begin in generated else len(generated) - 1
-        calls = parse_calls(self.tok.decode(generated[start:], keep_special=True))
+        head, begin = s.tokens[:-1], self.tok.calls_begin_id  # (the prompt may open the block)
+        start = len(head) - 1 - head[::-1].index(begin) if begin in head else len(head)
+        calls = parse_calls(self.tok.decode(s.tokens[start:], keep_special=True))
         builtin = s.request.params.builtin_tools
         if any(name not in builtin for name, _ in calls) or not (calls or builtin):
             s.out.calls += [{"name": name, "arguments": args, "output": None} for name, args in calls]

@@ -31,8 +31,9 @@ from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek import __version__
+from nanoseek.data.tokenizer import TokenizerError
 from nanoseek.infer.chat import split_thinking
-from nanoseek.infer.engine import Engine, EngineBusy, EngineError, Event, Request
+from nanoseek.infer.engine import Completion, Engine, EngineBusy, EngineError, Event, Request
 from nanoseek.infer.sampling import SamplingError, SamplingParams
 from nanoseek.serve.icons import png_icon
 from nanoseek.serve.protocol import (
@@ -41,13 +42,17 @@ from nanoseek.serve.protocol import (
     CompletionRequest,
     ReasoningSplitter,
     SamplingRequest,
+    ToolCallSplitter,
+    ToolChoice,
     error_body,
     split_reasoning,
+    split_tool_calls,
 )
 from nanoseek.serve.worker import EngineWorker
+from nanoseek.tools import CALCULATOR, TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN, TOOL_SEP
 
 STATIC = Path(__file__).parent / "static"
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -147,19 +152,59 @@ async def chat(body: ChatRequest, request: HTTPRequest):
         raise APIError(400, "messages must not be empty", param="messages")
     if len(body.messages) > state.limits.max_messages:
         raise APIError(400, f"{len(body.messages)} messages; at most {state.limits.max_messages}", param="messages")
+    tools, prefix = _tools(body, state.tokenizer)
+    try:
+        text = state.tokenizer.render_chat(_messages(body), add_generation_prompt=True, tools=tools)
+    except TokenizerError as e:
+        raise APIError(400, str(e), param="messages") from None
+    prompt = state.tokenizer.encode(text + prefix)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _params(body, max_tokens, len(prompt), "messages", state.engine, state.limits)
+    # the built-in calculator runs inside the response, unless the client brings its own
+    params.builtin_tools = () if any(t["function"]["name"] == CALCULATOR for t in tools or []) else (CALCULATOR,)
+    return await _respond(state.worker, body, prompt, params, request, state.model_name, chat=True, prefix=prefix)
+
+
+def _messages(body: ChatRequest) -> list[dict]:
+    """The request's messages as the chat template takes them."""
     msgs = []
     for i, m in enumerate(body.messages):
         if m.role not in ROLES:
             raise APIError(400, f"messages[{i}].role {m.role!r} is not one of system, developer, user, "
-                                "assistant", param=f"messages.{i}.role")
+                                "assistant, tool", param=f"messages.{i}.role")
         text = _text(m.content)
+        msg: dict[str, Any] = {"role": ROLES[m.role], "content": text}
         if m.role == "assistant":
-            text = split_thinking(text)[1]  # the reasoning of earlier turns is not sent back
-        msgs.append({"role": ROLES[m.role], "content": text})
-    prompt = state.tokenizer.encode(state.tokenizer.render_chat(msgs, add_generation_prompt=True))
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _params(body, max_tokens, len(prompt), "messages", state.engine, state.limits)
-    return await _respond(state.worker, body, prompt, params, request, state.model_name, chat=True)
+            msg["content"] = split_thinking(text)[1]  # the reasoning of earlier turns is not sent back...
+            if m.tool_calls:  # ...but a turn that called the client's tools goes on after their outputs
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+                if m.reasoning_content:
+                    msg["reasoning_content"] = m.reasoning_content
+        msgs.append(msg)
+    return msgs
+
+
+def _tools(body: ChatRequest, tok) -> tuple[list[dict] | None, str]:
+    """(the client's tools to list in the prompt, text that opens the call `tool_choice` demands)."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    choice = body.tool_choice
+    if choice not in (None, "none", "auto") and not tools:
+        raise APIError(400, "tool_choice names a tool call, but the request has no tools", param="tool_choice")
+    if tools and not tok.tools:
+        raise APIError(400, "this model's tokenizer has no tool-call tokens: it cannot call tools", param="tools")
+    names = [t["function"]["name"] for t in tools or []]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: each function needs its own name", param="tools")
+    if choice == "none":
+        return None, ""
+    if choice == "required":
+        return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN
+    if isinstance(choice, ToolChoice):
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                           param="tool_choice")
+        return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + choice.function.name + TOOL_SEP
+    return tools, ""
 
 
 @_route("/v1/completions", "POST", dependencies=_KEYED)
@@ -292,7 +337,7 @@ def _params(body: SamplingRequest, max_tokens: int | None, prompt_len: int, what
 
 
 async def _respond(worker: EngineWorker, body: SamplingRequest, prompt: list[int], params: SamplingParams,
-                   request: HTTPRequest, model_name: str, chat: bool):
+                   request: HTTPRequest, model_name: str, chat: bool, prefix: str = ""):
     try:
         req, queue = worker.submit(prompt, params)
     except EngineBusy as e:
@@ -302,7 +347,7 @@ async def _respond(worker: EngineWorker, body: SamplingRequest, prompt: list[int
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(worker, req, queue, request, rid, model_name, chat, include_usage)
+        gen = _stream(worker, req, queue, request, rid, model_name, chat, include_usage, prefix)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
@@ -314,7 +359,7 @@ async def _respond(worker: EngineWorker, body: SamplingRequest, prompt: list[int
     except asyncio.CancelledError:
         worker.abort(req)
         raise
-    return _final(req, rid, model_name, chat)
+    return _final(req, rid, model_name, chat, prefix)
 
 
 async def _next(queue: asyncio.Queue, request: HTTPRequest | None) -> Event | None:
@@ -343,14 +388,24 @@ def _usage(req: Request) -> dict:
             "total_tokens": len(req.prompt_ids) + completion}
 
 
-def _final(req: Request, rid: str, model_name: str, chat: bool) -> dict:
+def _tool_calls(c: Completion) -> list[dict]:
+    """OpenAI's tool_calls for the client's calls that ended `c`."""
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+             "function": {"name": call["name"], "arguments": call["arguments"]}}
+            for call in c.calls if call["output"] is None] if c.finish_reason == "tool_calls" else []
+
+
+def _final(req: Request, rid: str, model_name: str, chat: bool, prefix: str = "") -> dict:
     choices = []
     for c in req.outputs:
         if chat:
-            reasoning, content = split_reasoning(c.text)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": content,
-                                                          "reasoning_content": reasoning},
-                            "logprobs": None, "finish_reason": c.finish_reason})
+            calls = _tool_calls(c)
+            reasoning, content = split_reasoning(split_tool_calls(prefix + c.text, c.finish_reason))
+            message = {"role": "assistant", "content": content or (None if calls else ""),
+                       "reasoning_content": reasoning}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason})
         else:
             choices.append({"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -359,10 +414,13 @@ def _final(req: Request, rid: str, model_name: str, chat: bool) -> dict:
 
 
 async def _stream(worker: EngineWorker, req: Request, queue: asyncio.Queue, request: HTTPRequest, rid: str,
-                  model_name: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+                  model_name: str, chat: bool, include_usage: bool, prefix: str = "") -> AsyncIterator[str]:
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     splitters = [ReasoningSplitter() for _ in req.outputs]
+    calls = [ToolCallSplitter() for _ in req.outputs]
+    for c in calls:
+        c.feed(prefix)  # (the opening of a call that tool_choice demanded: held back like the model's own)
 
     head = json.dumps({"id": rid, "object": kind, "created": created, "model": model_name,
                        "system_fingerprint": f"nanoseek-{__version__}"})[:-1]  # without its closing brace
@@ -392,12 +450,20 @@ async def _stream(worker: EngineWorker, req: Request, queue: asyncio.Queue, requ
             out = []
             for e in events:
                 s = splitters[e.index]
-                reasoning, content = s.feed(e.text) if chat else ("", e.text)
+                text = calls[e.index].feed(e.text) if chat else e.text
+                if e.finish_reason is not None and chat:
+                    text += calls[e.index].finish(e.finish_reason)
+                reasoning, content = s.feed(text) if chat else ("", text)
                 if e.finish_reason is not None and chat:
                     r2, c2 = s.flush()
                     reasoning, content = reasoning + r2, content + c2
                 if reasoning or content:
                     out.append(chunk([choice(e.index, reasoning, content)]))
+                tool_calls = _tool_calls(req.outputs[e.index]) if chat and e.finish_reason else []
+                if tool_calls:
+                    deltas = [{"index": k, **call} for k, call in enumerate(tool_calls)]
+                    out.append(chunk([{"index": e.index, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                       "finish_reason": None}]))
                 if e.finish_reason is not None:
                     out.append(chunk([choice(e.index, finish=e.finish_reason)]))
             if out:

@@ -4,7 +4,11 @@ OpenAI does), the error JSON, and the split of a completion into DeepSeek's
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from nanoseek.tools import TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN
 
 
 class APIError(Exception):
@@ -30,9 +34,43 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: str
     content: str | list[ContentPart] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class Function(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class ToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Body):
@@ -55,6 +93,8 @@ class SamplingRequest(_Body):
 class ChatRequest(SamplingRequest):
     messages: list[Message]
     max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -122,3 +162,42 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     r, c = s.feed(text)
     r2, c2 = s.flush()
     return (r + r2 if s.saw_think else None), c + c2
+
+
+# ---------------------------------------------------------------------------------------
+# tool calls: a built-in call stays in the text, a call to the client's functions ends it
+
+class ToolCallSplitter:
+    """Feeds streamed text; returns the text that is safe to show. A call block
+    (`<｜tool▁calls▁begin｜>` ... `<｜tool▁calls▁end｜>`) is held back until it is known whose it
+    is: followed by a tool's output it was a built-in call and goes out as text; at the end of a
+    response whose finish_reason is "tool_calls" it was the client's, and `finish` drops it
+    (the calls go out as `tool_calls`)."""
+
+    def __init__(self):
+        self.held = ""
+
+    def feed(self, chunk: str) -> str:
+        text = self.held + chunk
+        start = text.rfind(TOOL_CALLS_BEGIN)
+        if start < 0:
+            self.held = ""
+            return text
+        closed = text.find(TOOL_CALLS_END, start)
+        if closed >= 0 and TOOL_OUTPUT_BEGIN in text[closed:]:
+            self.held = ""
+            return text
+        self.held = text[start:]
+        return text[:start]
+
+    def finish(self, reason: str | None) -> str:
+        """The held text at the end: none if the response ended in a client's call."""
+        held, self.held = self.held, ""
+        return "" if reason == "tool_calls" else held
+
+
+def split_tool_calls(text: str, finish_reason: str | None) -> str:
+    """The text of a finished response without the client's call block that ended it."""
+    if finish_reason == "tool_calls" and TOOL_CALLS_BEGIN in text:
+        return text[: text.rfind(TOOL_CALLS_BEGIN)]
+    return text

@@ -68,13 +68,13 @@ class EngineWorker:
         """One wake-up of each event loop per step, however many requests it serves."""
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self.lock:
-            for e in events:
+            for e in events:  # (a request may have several events in a step: a tool call, then its end)
                 target = self.queues.get(e.request.id)
-                if target is None:
-                    continue
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], e))
+            for e in events:
                 if e.request.finished:
-                    del self.queues[e.request.id]
-                batches.setdefault(target[0], []).append((target[1], e))
+                    self.queues.pop(e.request.id, None)
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
 

@@ -205,11 +205,15 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
 
 
 def _detail_table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
-    lines = ["| stage | task | maj@k | format | mean length |", "|---|---|---|---|---|"]
+    lines = ["| stage | task | sampled pass@1 [95% CI] | maj@k | format | mean length | answers with a call |",
+             "|---|---|---|---|---|---|---|"]
     for stage, tasks in rows.items():
         for task, r in tasks.items():
             maj = next((f"{v:.1%} ({k})" for k, v in r.items() if k.startswith("maj@")), "")
-            lines.append(f"| {stage} | {task} | {maj} | {r['format']:.0%} | {r['length']:.0f} |")
+            sampled = (f"{r['pass@1_sampled']:.1%} [{r['sampled_ci95'][0]:.1%}, {r['sampled_ci95'][1]:.1%}]"
+                       if "sampled_ci95" in r else "")
+            calls = f"{r['tool_call_rate']:.0%}" if "tool_call_rate" in r else ""
+            lines.append(f"| {stage} | {task} | {sampled} | {maj} | {r['format']:.0%} | {r['length']:.0f} | {calls} |")
     return "\n".join(lines)
 
 

@@ -58,12 +58,16 @@ class SpeedrunConfig:
 
     preset: str = "cpu"  # the model preset (config.PRESETS)
     out: str = "runs/speedrun"
-    tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic"])
-    # GRPO's tasks (None: tasks). chain_sum only: at this size gsm_symbolic's groups are nearly all
-    # wrong, so they carry no signal
-    rl_tasks: list[str] | None = field(default_factory=lambda: ["chain_sum"])
+    tasks: list[str] = field(default_factory=lambda: ["chain_sum", "gsm_symbolic", "basic_arithmetic",
+                                                      "plain_arithmetic"])
+    # the model calls the calculator while it thinks (nanoseek/tools.py): every worked solution of
+    # the corpus and the cold start gets its results from calls, and the engine runs them
+    calculator: bool = True
+    # GRPO's tasks (None: tasks): the word problems and plain questions, where the model must set
+    # up the call itself
+    rl_tasks: list[str] | None = field(default_factory=lambda: ["gsm_symbolic", "plain_arithmetic"])
     # held-out sets measured at every stage beside the run's tasks, not trained on
-    report_tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic", "countdown"])
+    report_tasks: list[str] = field(default_factory=lambda: ["countdown"])
 
     # --- the tokenizer's and pretraining's corpus ---
     # "default": the embedded corpus; "math": its math documents only; "tasks": worked solutions
@@ -72,7 +76,9 @@ class SpeedrunConfig:
     corpus_docs: int = 10000  # corpus=tasks: worked solutions per task...
     # ...or a number per task, which replaces corpus_docs. Mostly chain_sum: it beat an even mix
     # after GRPO (docs/LOG.md)
-    corpus_mix: dict[str, int] | None = field(default_factory=lambda: {"chain_sum": 16000, "gsm_symbolic": 2000})
+    corpus_mix: dict[str, int] | None = field(default_factory=lambda: {"chain_sum": 4000, "gsm_symbolic": 8000,
+                                                                       "basic_arithmetic": 4000,
+                                                                       "plain_arithmetic": 8000})
     # your own .txt / .jsonl / .parquet files or folders: the tokenizer and pretraining read them
     # instead of the corpus (what the GPU presets' token budgets need: the embedded corpus is ~4M tokens)
     data: list[str] = field(default_factory=list)
@@ -88,7 +94,8 @@ class SpeedrunConfig:
     sft_examples: int = 3000  # cold-start problems per task...
     # ...or a number per task, which replaces sft_examples. No word problems: their long solutions
     # take chain_sum's tokens for no gain on gsm_symbolic at this size
-    sft_mix: dict[str, int] | None = field(default_factory=lambda: {"chain_sum": 3000})
+    sft_mix: dict[str, int] | None = field(default_factory=lambda: {"gsm_symbolic": 3000, "plain_arithmetic": 3000,
+                                                                    "chain_sum": 1000, "basic_arithmetic": 1000})
     sft_batch_size: int = 4
     sft_seq_len: int = 512
     # the cold start's checkpoint as an average of its weights (TrainConfig.ema; 0: the last
@@ -115,7 +122,8 @@ class SpeedrunConfig:
     eval_n: int = 50  # problems per held-out set...
     # ...or a number per set, which replaces eval_n there: GRPO's gain over the cold start needs
     # a few hundred chain_sum problems to be clear
-    eval_mix: dict[str, int] | None = field(default_factory=lambda: {"chain_sum": 300})
+    eval_mix: dict[str, int] | None = field(default_factory=lambda: {"chain_sum": 300, "gsm_symbolic_seen": 300,
+                                                                     "basic_arithmetic": 300, "plain_arithmetic": 300})
     eval_k: int = 2  # samples per problem for sampled pass@1 and maj@k
 
     price_per_hour: float | None = None
@@ -238,7 +246,7 @@ def speedrun_config(preset: str = "cpu", out: str = "runs/speedrun", overrides: 
 
 # What speedrun.json settings missing from a folder's file meant when it was written: the
 # defaults before the cpu recipe became SpeedrunConfig's (UNTUNED and these)
-BEFORE_SETTINGS = {**UNTUNED, "sft_steps": 400, "max_tokens": 512, "eval_n": 100}
+BEFORE_SETTINGS = {**UNTUNED, "sft_steps": 400, "max_tokens": 512, "eval_n": 100, "calculator": False}
 
 # Settings only the evaluation and the report read: a folder resumed with other values keeps its
 # trained stages and redoes these ones.
@@ -314,8 +322,8 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
     if config.data:
         docs = read_files(config.data)
     else:
-        docs = {"default": default_corpus, "math": math_documents,
-                "tasks": lambda: task_documents(config.tasks, config.corpus_counts())}[config.corpus]()
+        tasks = partial(task_documents, config.tasks, config.corpus_counts(), config.calculator)
+        docs = {"default": default_corpus, "math": math_documents, "tasks": tasks}[config.corpus]()
         if config.corpus != "default":
             tmp = _corpus_file(config).with_suffix(".tmp")
             tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -340,6 +348,7 @@ def pretrain_stage(config: SpeedrunConfig, folder: Path, model_overrides: list[s
 def sft_stage(config: SpeedrunConfig, folder: Path, base: str = "pretrain") -> dict:
     train_config = TrainConfig(stage="sft", init=_checkpoint(config, base), out=str(folder),
                                sft_tasks=list(config.tasks), sft_examples=config.sft_counts(),
+                               sft_calculator=config.calculator,
                                max_steps=config.sft_steps, batch_size=config.sft_batch_size, seq_len=config.sft_seq_len,
                                lr=SFT_LR, warmup_steps=SFT_WARMUP, ema=config.sft_ema,
                                price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,

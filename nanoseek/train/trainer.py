@@ -57,6 +57,7 @@ class TrainConfig:
     init: str | None = None  # the checkpoint to start from (sft; or pretraining further)
     sft_examples: int | dict[str, int] = 1500  # sft without data: cold-start problems per task (or by task)
     sft_tasks: list[str] | None = None  # sft without data: the cold start's tasks (None: every task)
+    sft_calculator: bool = False  # sft without data: solutions that call the calculator (nanoseek/tools.py)
     preset: str = "cpu"  # the model (config.PRESETS) of a run from scratch
     out: str = "runs/pretrain"
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
@@ -237,7 +238,8 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
     # --- the data (a new run from scratch also gets its tokenizer and model here) ---
     if config.stage == "sft":
         convs = (read_conversations(config.data) if config.data else
-                 cold_start_conversations(config.sft_examples, tuple(config.sft_tasks) if config.sft_tasks else TASKS))
+                 cold_start_conversations(config.sft_examples, tuple(config.sft_tasks) if config.sft_tasks else TASKS,
+                                          calculator=config.sft_calculator))
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
         docs = read_files(config.data) if config.data else default_corpus()

@@ -114,6 +114,27 @@ function renderList() {
   }
 }
 
+// A calculator call and its output in the reasoning, as DeepSeek's tool tokens write them:
+// shown as one chip ("46*25 = 1150"); a call still waiting for its output as "46*25 = ...".
+const CALL = /<\uff5ctool\u2581calls\u2581begin\uff5c>(?:<\uff5ctool\u2581call\u2581begin\uff5c>([^<]*)<\uff5ctool\u2581sep\uff5c>([^<]*)(?:<\uff5ctool\u2581call\u2581end\uff5c>)?)?(?:<\uff5ctool\u2581calls\u2581end\uff5c>)?(?:<\uff5ctool\u2581output\u2581begin\uff5c>([^<]*)(<\uff5ctool\u2581output\u2581end\uff5c>)?)?/g;
+
+function reasoningNodes(text) {
+  const nodes = [];
+  let at = 0;
+  for (const m of text.matchAll(CALL)) {
+    nodes.push(document.createTextNode(text.slice(at, m.index)));
+    const chip = document.createElement("span");
+    chip.className = "tool-call";
+    chip.title = m[1] || "tool";
+    const done = m[4] !== undefined;
+    chip.textContent = `${m[2] || ""} = ${done ? m[3] : "\u2026"}`;
+    nodes.push(chip);
+    at = m.index + m[0].length;
+  }
+  nodes.push(document.createTextNode(text.slice(at)));
+  return nodes;
+}
+
 function messageNode(m, isLast) {
   const div = document.createElement("div");
   div.className = "msg " + m.role;
@@ -135,7 +156,7 @@ function messageNode(m, isLast) {
     s.textContent = m.content || !m.streaming ? "Thinking" : "Thinking\u2026";
     const r = document.createElement("div");
     r.className = "reasoning";
-    r.textContent = m.reasoning;
+    r.append(...reasoningNodes(m.reasoning));
     d.append(s, r);
     div.append(d);
   }
