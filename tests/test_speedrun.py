@@ -252,7 +252,8 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
 
     docs = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
     cold = {p.question for p in problems("chain_sum", "train", 20)}
-    assert 300 <= len(docs) <= 400 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
+    # (200 a task, four tasks, less the few without a verified solution)
+    assert 700 <= len(docs) <= 800 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
 
 
 @pytest.mark.parametrize("name", ["gpu", "gpu8"])

@@ -156,9 +156,15 @@ def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[
     out: list[Problem] = []
     size = n
     while len(out) < n:
-        out = [Problem(PLAIN, q.question, q.answer, {"question": q.question, "answer": q.answer,
-                                                     "metadata": {"expression": q.expression}}, q.template)
-               for q in plain.generate(split, int(size * 1.1) + 8, seed) if question_hash(q.question) not in seen][:n]
+        out, keys = [], set(seen)
+        for q in plain.generate(split, int(size * 1.1) + 8, seed):
+            key = question_hash(q.question)
+            if split == "eval" and key in keys:
+                continue  # a held-out question once, and never a training one
+            keys.add(key)
+            out.append(Problem(PLAIN, q.question, q.answer, {"question": q.question, "answer": q.answer,
+                                                             "metadata": {"expression": q.expression}}, q.template))
+        out = out[:n]
         size *= 2
     return out
 
@@ -167,12 +173,12 @@ def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[
 def _train_keys(task: str) -> frozenset[str]:
     """Question hashes of every training problem a held-out problem must differ from: the
     RL/SFT pool and the pretraining corpus's problems of this task."""
+    if task == PLAIN:  # generated in a second, and never stale: no cache
+        return frozenset(p.key for p in problems(task, "train", TRAIN_POOL[task]))
     cache_file = cache_dir() / f"train-keys-{task}-{TRAIN_SEED}-{TRAIN_POOL[task]}-v2.json"
     if cache_file.is_file():
         return frozenset(json.loads(cache_file.read_text()))
     keys = {p.key for p in problems(task, "train", TRAIN_POOL[task])}
-    if task == PLAIN:
-        return frozenset(keys)
     if task in LEVELED:
         for level in range(len(LEVELS)):
             keys.update(p.key for p in problems(task, "train", TRAIN_POOL[task], level=level))
