@@ -46,9 +46,16 @@ class CalcError(ValueError):
 
 # ---- the token stream ----
 
+def render_calls(calls: list[tuple[str, str]]) -> str:
+    """A block of calls (name, arguments), as the model writes it (up to and including
+    `<｜tool▁calls▁end｜>`)."""
+    body = "".join(f"{TOOL_CALL_BEGIN}{name}{TOOL_SEP}{arguments}{TOOL_CALL_END}" for name, arguments in calls)
+    return f"{TOOL_CALLS_BEGIN}{body}{TOOL_CALLS_END}"
+
+
 def render_call(name: str, arguments: str) -> str:
-    """One call, as the model writes it (up to and including `<｜tool▁calls▁end｜>`)."""
-    return f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}{name}{TOOL_SEP}{arguments}{TOOL_CALL_END}{TOOL_CALLS_END}"
+    """A block of one call."""
+    return render_calls([(name, arguments)])
 
 
 def render_output(result: str) -> str:

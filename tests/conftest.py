@@ -86,6 +86,7 @@ def calc_model():
     import random
 
     from nanoseek.config import preset
+    from nanoseek.data.sft import tool_output_mask
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model import Transformer
 
@@ -95,17 +96,12 @@ def calc_model():
         terms = [rng.randint(10, 99) for _ in range(2 + i % 2)]
         convs.append((f"What is {' + '.join(map(str, terms))}?", calc_reply(terms)))
     tok = train_tokenizer([q + r for q, r in convs] * 8 + [json.dumps(CALC_TOOL)] * 8, vocab_size=400)
-    out_begin, out_end = tok.hf.token_to_id("<｜tool▁output▁begin｜>"), tok.hf.token_to_id("<｜tool▁output▁end｜>")
     groups: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}  # without / with tools listed
     for i, (q, r) in enumerate(convs):
         tools = [CALC_TOOL] if i % 4 == 0 else None
         prompt = tok.encode(tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True, tools=tools))
         reply = tok.encode(r) + [tok.eos_id]
-        forced, inside = [], False
-        for t in reply:
-            inside = inside or t == out_begin
-            forced.append(inside)
-            inside = inside and t != out_end
+        forced = tool_output_mask(reply, tok)
         groups[tools is not None][0].append(prompt + reply)
         groups[tools is not None][1].append([True] * len(prompt) + forced)
     batches = []

@@ -37,7 +37,9 @@ from nanoseek.tools import (
     TOOL_OUTPUT_END,
     TOOL_SEP,
     TOOL_TOKENS,
+    render_output,
 )
+from nanoseek.tools import render_calls as call_block
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -47,8 +49,7 @@ SPECIAL_TOKENS = CHAT_TOKENS + TOOL_TOKENS
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 ROLES = (*ROLE_TOKENS, "tool")
 
-TOOLS_HEADER = ("## Tools\nTo call one, write " + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "name" + TOOL_SEP
-                + "JSON arguments" + TOOL_CALL_END + TOOL_CALLS_END + " and wait for its output.\n")
+TOOLS_HEADER = f"## Tools\nTo call one, write {call_block([('name', 'JSON arguments')])} and wait for its output.\n"
 
 
 def _q(text: str) -> str:
@@ -149,7 +150,7 @@ class Tokenizer:
             if role not in ROLES:
                 raise TokenizerError(f"unknown chat role {role!r}")
             if role == "tool":
-                parts.append(TOOL_OUTPUT_BEGIN + _text(m, "content") + TOOL_OUTPUT_END)
+                parts.append(render_output(_text(m, "content")))
             else:
                 if not (role == "assistant" and prev == "tool"):
                     parts.append(ROLE_TOKENS[role])
@@ -211,14 +212,14 @@ def _tools_block(tools: list[dict]) -> str:
 
 def render_calls(calls: list[dict]) -> str:
     """An assistant message's `tool_calls` (OpenAI's form) as DeepSeek's tokens write them."""
-    parts = [TOOL_CALLS_BEGIN]
+    pairs = []
     for c in calls:
         f = c.get("function") if isinstance(c, dict) else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or "arguments" not in f:
             raise TokenizerError("each tool call must be {\"function\": {\"name\": ..., \"arguments\": ...}}")
         args = f["arguments"] if isinstance(f["arguments"], str) else json.dumps(f["arguments"], ensure_ascii=False)
-        parts.append(TOOL_CALL_BEGIN + f["name"] + TOOL_SEP + args + TOOL_CALL_END)
-    return "".join(parts) + TOOL_CALLS_END
+        pairs.append((f["name"], args))
+    return call_block(pairs)
 
 
 def tokenizer_config(tools: bool = True) -> dict:

@@ -429,17 +429,10 @@ class Engine:
                 continue
             s.calling = False
             forced = self._tool_output(s)
-            if forced is None:
-                s.out.finish_reason = "tool_calls"
-                events.append(Event(s.request, s.index, s.stream.flush() if s.stream else "", [], "tool_calls"))
-                s.out.text += events[-1].text
-                continue
             n = len(s.tokens) - 1  # the pending token's position
             room = min(self.context - 1 - n, s.request.params.max_tokens - len(s.out.token_ids))
-            if len(forced) >= room:  # no room for the output and a token after it
-                s.out.finish_reason = "length"
-                events.append(Event(s.request, s.index, s.stream.flush() if s.stream else "", [], "length"))
-                s.out.text += events[-1].text
+            if forced is None or len(forced) >= room:  # the client's call, or no room for the output and a token
+                events.append(self._finish(s, "tool_calls" if forced is None else "length"))
                 continue
             chunk = [s.tokens[-1], *forced]
             ids = torch.tensor([chunk], device=self._device)
@@ -457,6 +450,14 @@ class Engine:
             events += self._emit(s, [*forced, int(token)], lps, forced=len(forced))
         self._release_finished()
         return events
+
+    @staticmethod
+    def _finish(s: _Seq, reason: str) -> Event:
+        """End `s` between steps, with no new token: the text it held back goes out."""
+        s.out.finish_reason = reason
+        text = s.stream.flush() if s.stream is not None else ""
+        s.out.text += text
+        return Event(s.request, s.index, text, [], reason)
 
     def _tool_output(self, s: _Seq) -> list[int] | None:
         """The output tokens of the call block `s` just closed (each call's output, in order), or

@@ -322,7 +322,7 @@ def grpo_step(run: GRPORun) -> dict[str, Any]:
     # --- the step's metrics, over every rank ---
     flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), config,
                                   run.ref is not None), ranks)
-    rows = dist.gather([{**x, "tokens": len(c[1])} for x, c in zip(rows, comps)], ranks)
+    rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c, _) in zip(rows, comps)], ranks)
     n_tokens = sum(x["tokens"] for x in rows)
     run.ledger.add(n_tokens, flops)
     return {"step": run.step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
@@ -349,9 +349,9 @@ def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], lis
     the rollout (each prompt prefilled once, every completion token decoded), then over the
     trained sequences the reference's forward (when beta > 0), the sampling policy's forward
     (when inner_updates > 1) and each inner update's forward + backward (3x a forward)."""
-    lengths = [len(c[0]) + len(c[1]) for c in comps]
+    lengths = [len(p) + len(c) for p, c, _ in comps]
     fwd = model.flops_per_token(max(1, round(sum(lengths) / len(lengths))), training=False)
-    rollout = sum(len(p) for p in prompts) + sum(len(c[1]) for c in comps)
+    rollout = sum(len(p) for p in prompts) + sum(len(c) for _, c, _ in comps)
     passes = 3 * config.inner_updates + int(with_ref) + int(config.inner_updates > 1)
     trained = sum(lengths) * n_trained / len(comps)
     return fwd * (rollout + passes * trained)

@@ -74,8 +74,8 @@ class SpeedrunConfig:
     # of the run's tasks only (data/sft.task_documents)
     corpus: str = "tasks"
     corpus_docs: int = 10000  # corpus=tasks: worked solutions per task...
-    # ...or a number per task, which replaces corpus_docs. Mostly chain_sum: it beat an even mix
-    # after GRPO (docs/LOG.md)
+    # ...or a number per task, which replaces corpus_docs. Word problems and plain questions most:
+    # with the calculator an expression task's solution is one call (docs/LOG.md, 2026-12-06)
     corpus_mix: dict[str, int] | None = field(default_factory=lambda: {"chain_sum": 4000, "gsm_symbolic": 8000,
                                                                        "basic_arithmetic": 4000,
                                                                        "plain_arithmetic": 8000})
@@ -92,8 +92,8 @@ class SpeedrunConfig:
     # --- the cold start (SFT on verified worked solutions) ---
     sft_steps: int = 900  # ~2.2 passes over its problems: a long cold start beats more GRPO steps in the same time
     sft_examples: int = 3000  # cold-start problems per task...
-    # ...or a number per task, which replaces sft_examples. No word problems: their long solutions
-    # take chain_sum's tokens for no gain on gsm_symbolic at this size
+    # ...or a number per task, which replaces sft_examples. Word problems and plain questions most:
+    # there the model must set up each call itself
     sft_mix: dict[str, int] | None = field(default_factory=lambda: {"gsm_symbolic": 3000, "plain_arithmetic": 3000,
                                                                     "chain_sum": 1000, "basic_arithmetic": 1000})
     sft_batch_size: int = 4
