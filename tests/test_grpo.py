@@ -226,3 +226,37 @@ def test_tool_outputs_are_masked_from_the_policy_loss(calc_model):
         learned = [int(ids[i, j + 1]) for j in range(mask.shape[1]) if mask[i, j]]
         assert learned == [t for t, f in zip(c, forced) if not f]
         assert mask[i].sum() == len(c) - sum(forced)
+
+
+def test_rejection_sampling_runs_the_calculator_and_sft_masks_its_outputs(calc_model, tmp_path, monkeypatch):
+    """The traces rejection sampling keeps (and distillation trains on) carry the calls the model
+    made and the outputs the engine forced; SFT on them learns the calls, never the outputs."""
+    from nanoseek.data.sft import tokenize_conversations
+    from nanoseek.data.tasks import PLAIN, Problem, Reward
+    from nanoseek.tools import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, calculator, parse_calls
+    from nanoseek.train import distill
+    from nanoseek.train.checkpoint import write_model_folder
+
+    model, tok = calc_model
+    write_model_folder(tmp_path / "calc", model, tok, {})
+    sums = [(12, 30), (55, 23), (40, 41), (71, 18)]
+    monkeypatch.setattr(distill, "problems", lambda task, split, n, **kw: [
+        Problem(PLAIN, f"What is {a} + {b}?", str(a + b), {}) for a, b in sums][:n])
+    # this model gets the format right and the sums wrong: here every answer counts (the checker's
+    # filter has its own test above); what is tested is what the kept traces hold
+    monkeypatch.setattr(distill, "reward", lambda p, text: Reward(1.0, 1.0, 1.0))
+    convs, stats = distill.rejection_sample(str(tmp_path / "calc"), [PLAIN], 4, k=1, temperature=0.0, max_tokens=80)
+    assert stats[PLAIN]["kept"] == len(convs) == 4
+    for conv in convs:
+        text = conv[1]["content"]
+        call, output = text.split(TOOL_OUTPUT_BEGIN)[0], text.split(TOOL_OUTPUT_BEGIN)[1].split(TOOL_OUTPUT_END)[0]
+        assert output == calculator(parse_calls(call)[-1][1])  # the engine ran it
+    ids, labels, _, _ = tokenize_conversations(convs, tok)
+    begin, end = tok.hf.token_to_id(TOOL_OUTPUT_BEGIN), tok.hf.token_to_id(TOOL_OUTPUT_END)
+    inside, outputs = False, 0
+    for t, lab in zip(ids.tolist(), labels.tolist()):
+        inside = inside or t == begin
+        outputs += inside
+        assert not inside or lab == -100  # an output token is never a label
+        inside = inside and t != end
+    assert outputs > 0 and (labels != -100).sum() > outputs

@@ -158,7 +158,7 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": -3}']) == 2
     assert "sft_mix maps the run's tasks" in capsys.readouterr().err
     cpu = speedrun_config("cpu")  # the cpu cold start: word problems and plain questions most; GRPO past them
-    assert cpu.sft_counts() == dict(zip(four, [1000, 3000, 1000, 3000])) and cpu.rl_offset() == 3000
+    assert cpu.sft_counts() == dict(zip(four, [1000, 3000, 2000, 4000])) and cpu.rl_offset() == 4000
     assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 50, "basic_arithmetic": 300,
                                  "plain_arithmetic": 300, "countdown": 50, "gsm_symbolic_seen": 300}
     assert cpu.calculator and cpu.rl_tasks == ["gsm_symbolic", "plain_arithmetic"]
@@ -220,8 +220,9 @@ def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_pa
 
 def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     """`speedrun --ablate`: the speedrun's own tokenizer, pretraining and cold start, then the same
-    two stages for a dense model with the same active parameters, one without MTP and one with
-    multi-head attention's cache, all evaluated on the same held-out problems."""
+    two stages for a dense model with the same active parameters, one without MTP, one with
+    multi-head attention's cache, and the whole recipe without the calculator, all evaluated on
+    the same held-out problems."""
     out = tmp_path / "ab"
     assert main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0  # the speedrun first
     assert "## Ablations" not in (out / "report.md").read_text()
@@ -231,7 +232,7 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["ablations"]["variants"].keys() >= {"dense", "mha"}
     rep = json.loads((out / "ablations.json").read_text())
     v = rep["variants"]
-    assert list(v) == ["deepseek", "dense", "no_mtp", "mha"]
+    assert list(v) == ["deepseek", "dense", "no_mtp", "mha", "no_calculator"]
     import nanoseek
 
     configs = {n: nanoseek.load(out / ("pretrain" if n == "deepseek" else f"ablate/{n}/pretrain") / "latest")[0].config
@@ -246,7 +247,15 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
         assert row["pretrain_wall_s"] > 0 and row["val_loss"] > 0, n
         assert set(rep["eval"][n]) == {"chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
                                        "gsm_symbolic_seen"}
-    assert set(rep["gains"]) == {"dense vs deepseek", "no_mtp vs deepseek", "mha vs deepseek"}
+    assert set(rep["gains"]) == {"dense vs deepseek", "no_mtp vs deepseek", "mha vs deepseek",
+                                 "no_calculator vs deepseek"}
+    # without the calculator: the same model, its own corpus of the same problems, no calls in it
+    plain = [json.loads(line)["text"] for line in (out / "ablate/no_calculator/corpus.jsonl").read_text().splitlines()]
+    calls = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
+    assert not any("<｜tool▁calls▁begin｜>" in d for d in plain) and any("<｜tool▁calls▁begin｜>" in d for d in calls)
+    questions = {d.split("\n<think>")[0] for d in calls}
+    assert sum(d.split("\n<think>")[0] in questions for d in plain) >= 0.9 * len(calls)
+    assert configs["no_calculator"] == configs["deepseek"]
     # the pretraining corpus: worked solutions of the run's tasks, none a cold-start problem
     from nanoseek.data.tasks import problems
 

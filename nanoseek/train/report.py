@@ -230,7 +230,8 @@ def write_report(out: Path, config) -> dict[str, Any]:
 
 
 ABLATION_TITLES = {"deepseek": "MLA + MoE + MTP (the speedrun)", "dense": "dense FFN, same active parameters",
-                   "no_mtp": "no MTP", "mha": "multi-head attention cache instead of MLA"}
+                   "no_mtp": "no MTP", "mha": "multi-head attention cache instead of MLA",
+                   "no_calculator": "no calculator: results worked out in the text"}
 
 
 def write_ablations(out: Path, config) -> dict[str, Any]:
@@ -269,8 +270,9 @@ def ablation_table(rep: dict[str, Any]) -> str:
     rows, scores = rep["variants"], rep["eval"]
     tasks = list(next(iter(scores.values())))
     lines = [f"The same tokenizer, corpus ({rep['corpus']}), {rep['pretrain_steps']} pretraining steps and "
-             f"{rep['sft_steps']}-step cold start for each variant, one DeepSeek-V3 idea taken out at a time; "
-             "held-out greedy pass@1 after the cold start (GRPO is not part of the comparison).", "",
+             f"{rep['sft_steps']}-step cold start for each variant, one idea taken out at a time (without the "
+             "calculator, the same problems' solutions work each result out in the text, with their own "
+             "tokenizer); held-out greedy pass@1 after the cold start (GRPO is not part of the comparison).", "",
              "| variant | params total / active | KV cache bytes/token | pretraining | SFT | final loss / val loss | "
              + " | ".join(f"{t} pass@1 [95% CI]" for t in tasks) + " |",
              "|" + "---|" * (6 + len(tasks))]
