@@ -15,10 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import nanoseek
 from nanoseek.infer.measure import cache_sizes, mtp_figures
 from nanoseek.train.compare import gains_table, stage_gains, stage_table, summarize
-from nanoseek.train.cost import DEFAULT_PRICES
+from nanoseek.train.cost import DEFAULT_PRICES, peak_flops
 from nanoseek.train.runlog import read_metrics
 from nanoseek.train.stages import stage_done
 
@@ -136,6 +138,8 @@ def build_report(out: Path, config) -> dict[str, Any]:
     return {
         "preset": config.preset,
         "device": (pre.get("cost") or {}).get("device"),
+        # the pretraining's measured matmul peak (FLOP/s), or this host's now for a run without one
+        "peak_flops": pre.get("peak_flops") or (peak_flops(torch.device("cpu")) if device_type == "cpu" else None),
         "price_per_device_hour": price,
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
         "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"),
@@ -156,8 +160,10 @@ def build_report(out: Path, config) -> dict[str, Any]:
 
 def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
     m, a, c = rep["model"], rep["model"]["architecture"], rep["cost"]
+    sampled = any("sampled_ci95" in r for tasks in rep["eval"].values() for r in tasks.values())
     lines = [f"# nanoseek speedrun — report card ({rep['preset']} preset)", "",
-             f"Device: {rep['device']} at ${rep['price_per_device_hour']:.2f} per device-hour. "
+             f"Device: {rep['device']}{_peak(rep.get('peak_flops'))} at ${rep['price_per_device_hour']:.2f} "
+             "per device-hour. "
              f"Total: **{c['total']['wall_s'] / 60:.1f} min, ${c['total']['dollars']:.4f}**.", "",
              "## Model", "",
              f"{m['params_total'] / 1e6:.2f}M parameters, {m['params_active'] / 1e6:.2f}M active per token. "
@@ -176,9 +182,9 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
               f"Tasks {', '.join(d['tasks'])}"
               + (f"; also measured, not trained on: {', '.join(d['report_tasks'])}" if d.get("report_tasks") else "")
               + "; gsm_symbolic on unseen templates, gsm_symbolic_seen on the "
-              "training templates with unseen numbers. Greedy pass@1 with a 95% Wilson interval, sampled pass@1 "
-              "(temperature 0.6) with a 95% interval over problems.", ""]
-    lines += [stage_table(rep["eval"]), "", _detail_table(rep["eval"]), "",
+              "training templates with unseen numbers. Greedy pass@1 with a 95% Wilson interval"
+              + (", sampled pass@1 (temperature 0.6) with a 95% interval over problems." if sampled else "."), ""]
+    lines += [stage_table(rep["eval"]), "", _detail_table(rep["eval"], sampled), "",
               "Each stage against the one before, on the same problems:", "", gains_table(rep["gains"]), "",
               "## Cost", "", "| stage | FLOPs | device-hours | wall | dollars |", "|---|---|---|---|---|"]
     for name, r in c.items():
@@ -204,16 +210,26 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _detail_table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
-    lines = ["| stage | task | sampled pass@1 [95% CI] | maj@k | format | mean length | answers with a call |",
-             "|---|---|---|---|---|---|---|"]
+def _peak(flops: float | None) -> str:
+    return f" (matmul peak {flops / 1e9:,.0f} GFLOP/s)" if flops else ""
+
+
+def _detail_table(rows: dict[str, dict[str, dict[str, Any]]], sampled: bool = True) -> str:
+    """Per stage and task: format, mean length, answers with a call; sampled pass@1 and maj@k
+    when the eval drew samples."""
+    head = ["stage", "task", *(["sampled pass@1 [95% CI]", "maj@k"] if sampled else []), "format", "mean length",
+            "answers with a call"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage, tasks in rows.items():
         for task, r in tasks.items():
-            maj = next((f"{v:.1%} ({k})" for k, v in r.items() if k.startswith("maj@")), "")
-            sampled = (f"{r['pass@1_sampled']:.1%} [{r['sampled_ci95'][0]:.1%}, {r['sampled_ci95'][1]:.1%}]"
-                       if "sampled_ci95" in r else "")
-            calls = f"{r['tool_call_rate']:.0%}" if "tool_call_rate" in r else ""
-            lines.append(f"| {stage} | {task} | {sampled} | {maj} | {r['format']:.0%} | {r['length']:.0f} | {calls} |")
+            cells = [stage, task]
+            if sampled:
+                cells.append(f"{r['pass@1_sampled']:.1%} [{r['sampled_ci95'][0]:.1%}, {r['sampled_ci95'][1]:.1%}]"
+                             if "sampled_ci95" in r else "")
+                cells.append(next((f"{v:.1%} ({k})" for k, v in r.items() if k.startswith("maj@")), ""))
+            cells += [f"{r['format']:.0%}", f"{r['length']:.0f}",
+                      f"{r['tool_call_rate']:.0%}" if "tool_call_rate" in r else ""]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -217,7 +217,8 @@ def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     say(show, f"done at step {run.step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
     say(show, run.ledger.summary())
     return {"step": run.step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
-            "checkpoint": str((run.folder / "latest").resolve()), "cost": run.ledger.to_dict()}
+            "checkpoint": str((run.folder / "latest").resolve()), "cost": run.ledger.to_dict(),
+            "peak_flops": peak / ranks.world}  # the matmul peak its MFU is of, per device
 
 
 # ---------------------------------------------------------------------------------------
