@@ -51,7 +51,9 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
     elif calculator and p.task != "countdown":
         expr = p.entry["metadata"]["expression"]
         value = calculate(expr)
-        steps, answer = render_call(CALCULATOR, expr) + render_output(value), value
+        # a space before the expression, as in the question: BPE joins it to the sign or bracket
+        # after it, so the call copies the question's tokens (docs/LOG.md, 2026-12-06)
+        steps, answer = render_call(CALCULATOR, " " + expr) + render_output(value), value
     else:
         expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
         try:
