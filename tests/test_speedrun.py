@@ -161,7 +161,7 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": -3}']) == 2
     assert "sft_mix maps the run's tasks" in capsys.readouterr().err
     cpu = speedrun_config("cpu")  # the cpu cold start: word problems and plain questions most; GRPO past them
-    assert cpu.sft_counts() == dict(zip(four, [1000, 3000, 2000, 4000])) and cpu.rl_offset() == 4000
+    assert cpu.sft_counts() == dict(zip(four, [1000, 3000, 1000, 3000])) and cpu.rl_offset() == 3000
     assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 50, "basic_arithmetic": 300,
                                  "plain_arithmetic": 300, "countdown": 50, "gsm_symbolic_seen": 300}
     assert cpu.calculator and cpu.rl_tasks == ["gsm_symbolic", "plain_arithmetic"]

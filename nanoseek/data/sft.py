@@ -51,9 +51,7 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
     elif calculator and p.task != "countdown":
         expr = p.entry["metadata"]["expression"]
         value = calculate(expr)
-        # a space before the expression, as in the question: BPE joins it to the sign or bracket
-        # after it, so the call copies the question's tokens (docs/LOG.md, 2026-12-06)
-        steps, answer = render_call(CALCULATOR, " " + expr) + render_output(value), value
+        steps, answer = render_call(CALCULATOR, expr) + render_output(value), value
     else:
         expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
         try:

@@ -94,8 +94,8 @@ class SpeedrunConfig:
     sft_examples: int = 3000  # cold-start problems per task...
     # ...or a number per task, which replaces sft_examples. Word problems and plain questions most:
     # there the model must set up each call itself
-    sft_mix: dict[str, int] | None = field(default_factory=lambda: {"gsm_symbolic": 3000, "plain_arithmetic": 4000,
-                                                                    "chain_sum": 1000, "basic_arithmetic": 2000})
+    sft_mix: dict[str, int] | None = field(default_factory=lambda: {"gsm_symbolic": 3000, "plain_arithmetic": 3000,
+                                                                    "chain_sum": 1000, "basic_arithmetic": 1000})
     sft_batch_size: int = 4
     sft_seq_len: int = 512
     # the cold start's checkpoint as an average of its weights (TrainConfig.ema; 0: the last
