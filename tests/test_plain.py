@@ -1,7 +1,7 @@
 """plain_arithmetic (arithmetic as people type it) and the calculator's worked solutions."""
 
 from nanoseek.data.arithmetic import call_equations
-from nanoseek.data.plain import ASK, ASK_ORDER, BARE, HELD_OUT, TEMPLATES, generate, score
+from nanoseek.data.plain import HELD_OUT, TEMPLATES, generate, score
 from nanoseek.data.sft import worked_solution
 from nanoseek.data.tasks import problems, reward
 from nanoseek.tools import CalcError, calculator, evaluate, parse_calls
@@ -9,22 +9,11 @@ from nanoseek.tools import CalcError, calculator, evaluate, parse_calls
 
 def test_held_out_phrasings_never_appear_in_training():
     train, held = problems("plain_arithmetic", "train", 2000), problems("plain_arithmetic", "eval", 300)
-    assert {p.template for p in train} <= set(range(len(TEMPLATES))) - HELD_OUT
-    assert {p.template for p in held} <= set(HELD_OUT) and len({p.template for p in held}) > 100
-    assert {p.template for p in generate("train", 20000, 0)} == set(range(len(TEMPLATES))) - HELD_OUT
+    assert {p.template for p in train} == set(range(len(TEMPLATES))) - HELD_OUT
+    assert {p.template for p in held} == set(HELD_OUT)
     assert not {p.key for p in train} & {p.key for p in held}
     kinds = {(TEMPLATES[i].kind, TEMPLATES[i].op) for i in HELD_OUT}
-    assert {k for k, _ in kinds} == {"bare", "words", "story"} and {op for _, op in kinds} == set("+-*/%")
-
-
-def test_every_part_of_a_held_out_phrasing_is_in_some_training_phrasing():
-    """A held-out template is a new combination of a frame and a way of naming the operation (or
-    of a story and its verb), never a part that no training question has."""
-    parts = [{t.parts[k] for i, t in enumerate(TEMPLATES) if (i in HELD_OUT) == held} for k in (0, 1)
-             for held in (False, True)]
-    assert parts[1] <= parts[0] and parts[3] <= parts[2]
-    assert parts[0] >= {*BARE, *ASK, *ASK_ORDER} and len(parts[1]) > 30
-    assert len({t.parts for t in TEMPLATES}) == len(TEMPLATES)  # no phrasing twice
+    assert {k for k, _ in kinds} == {"bare", "words", "story"} and {op for _, op in kinds} == set("+-*/")
 
 
 def test_every_problem_has_an_exact_answer_the_checker_accepts():
