@@ -18,6 +18,7 @@ from typing import Any
 from nanoseek.bench.decode import bench_decode
 from nanoseek.bench.dp import CONFIGS, bench_dp
 from nanoseek.bench.fp8 import bench_fp8
+from nanoseek.bench.gguf import bench_gguf
 from nanoseek.bench.grpo import bench_grpo
 from nanoseek.bench.serve import bench_serve
 from nanoseek.bench.train import bench_train
@@ -27,6 +28,7 @@ from nanoseek.data.tasks import EVAL_SETS, TASKS, TaskError, check_tasks
 from nanoseek.data.tokenizer import TokenizerError, train_tokenizer
 from nanoseek.eval import evaluate
 from nanoseek.export import export_hf, import_hf, parse_size
+from nanoseek.gguf import TYPES, export_gguf
 from nanoseek.infer.chat import chat_repl
 from nanoseek.infer.engine import Engine, EngineError
 from nanoseek.infer.sampling import SamplingError, SamplingParams
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3/R1 at a scale anyone can run.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_tokenizer, add_pretrain, add_sft, add_grpo, add_speedrun, add_r1, add_distill, add_eval,
-                add_info, add_generate, add_chat, add_serve, add_export_hf, add_import_hf, add_bench):
+                add_info, add_generate, add_chat, add_serve, add_export_hf, add_import_hf, add_export_gguf,
+                add_bench):
         add(sub)
     return parser
 
@@ -495,6 +498,23 @@ def run_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_gguf(sub) -> None:
+    p = sub.add_parser("export-gguf", help="a GGUF through llama.cpp's own converter (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("ckpt", help="a checkpoint folder or a run folder")
+    p.add_argument("out", help="a new .gguf file; an Ollama Modelfile is written beside it")
+    p.add_argument("--type", default="f16", choices=TYPES, help="the weights' type (default f16)")
+    p.add_argument("--converter", default=None,
+                   help="llama.cpp's convert_hf_to_gguf.py or its folder (default: the one `make gguf` installs)")
+    p.set_defaults(run=run_export_gguf)
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    out = export_gguf(args.ckpt, args.out, type=args.type, converter=args.converter)
+    print(f"exported {args.ckpt} -> {out} ({out.stat().st_size / 1e6:.1f} MB, {args.type}) "
+          f"and {out.with_suffix('.Modelfile').name}")
+    return 0
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     p.add_argument("what", choices=list(BENCHMARKS))
@@ -502,7 +522,8 @@ def add_bench(sub) -> None:
                                              "dp: of each run (20)")
     p.add_argument("--device", default="cpu", help="fp8: cpu (emulated) or cuda")
     p.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
-    p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset)")
+    p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset); "
+                                       "grpo, serve, gguf: the checkpoint to measure")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preset", default="cpu")
@@ -558,7 +579,14 @@ def _dp(args: argparse.Namespace) -> dict:
     return result
 
 
-BENCHMARKS = {"train": _train, "decode": _decode, "grpo": _grpo, "serve": _serve, "fp8": _fp8, "dp": _dp}
+def _gguf(args: argparse.Namespace) -> dict:
+    if not args.ckpt:
+        raise ConfigError("bench gguf needs --ckpt (a checkpoint with its tokenizer)")
+    return bench_gguf(args.ckpt, repeats=args.repeats)
+
+
+BENCHMARKS = {"train": _train, "decode": _decode, "grpo": _grpo, "serve": _serve, "fp8": _fp8, "dp": _dp,
+              "gguf": _gguf}
 
 
 

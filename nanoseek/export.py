@@ -155,10 +155,12 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended sampling
+
+
 def generation_config(cfg) -> dict:
-    """DeepSeek-R1's recommended sampling (temperature 0.6, top-p 0.95)."""
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-            "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+            "do_sample": True, **R1_SAMPLING}
 
 
 def parse_size(text: str) -> int:

@@ -98,7 +98,7 @@ CHAT_TEMPLATE = (
 
 # Qwen2's split, character for character: GPT-2's with every digit its own pre-token. llama.cpp
 # implements it by name ("qwen2"), so a GGUF tokenizes as nanoseek does (docs/LOG.md, GGUF).
-SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 
 class TokenizerError(ValueError):
