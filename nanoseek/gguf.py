@@ -7,8 +7,8 @@ converter leaves DeepseekV3's MTP layers out, since llama.cpp does not run them.
 
 One thing the converter cannot know: it names a BPE pre-tokenizer by hashing the ids a
 vocabulary gives a fixed text, so a freshly trained vocabulary is never in its table (the
-hash is of the ids, not of the split). nanoseek's split is Qwen2's, character for character,
-so the conversion is told "qwen2" for it, which is what llama.cpp's
+hash is of the ids, not of the split). nanoseek's split is SmolLM's (GPT-2's, every digit on
+its own), so the conversion is told "smollm" for it, which is what llama.cpp's
 `convert_hf_to_gguf_update.py` would add to the table; the tests check that llama.cpp then
 tokenizes id for id as nanoseek does. A tokenizer with any other split is refused.
 
@@ -35,22 +35,23 @@ CONVERTER_ENV = "NANOSEEK_LLAMA_CPP"
 
 
 def pre_tokenizer_name(tokenizer_json: Path) -> str | None:
-    """llama.cpp's name for this tokenizer's pre-tokenizer: "qwen2" for nanoseek's split with
-    byte-level BPE and no normalizer (which llama.cpp does not apply), else None."""
+    """llama.cpp's name for this tokenizer's pre-tokenizer: "smollm" (GPT-2's split after every
+    digit is split off) for nanoseek's, byte-level BPE without a normalizer; else None."""
     try:
         d = json.loads(Path(tokenizer_json).read_text())
     except (OSError, ValueError):
         return None
     pre = d.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    if d.get("normalizer") or len(steps) != 2:
+    if d.get("normalizer") or len(steps) != 3:
         return None
-    split, byte_level = steps
-    ok = (split.get("type") == "Split" and split.get("pattern") == {"Regex": SPLIT}
-          and split.get("behavior") == "Isolated" and not split.get("invert")
+    digits, split, byte_level = steps
+    ok = (all(s.get("type") == "Split" and s.get("behavior") == "Isolated" and not s.get("invert")
+              for s in (digits, split))
+          and digits.get("pattern") == {"Regex": r"\p{N}"} and split.get("pattern") == {"Regex": SPLIT}
           and byte_level.get("type") == "ByteLevel" and not byte_level.get("add_prefix_space")
           and not byte_level.get("use_regex"))
-    return "qwen2" if ok else None
+    return "smollm" if ok else None
 
 
 def find_converter(path: str | Path | None = None) -> Path:
@@ -94,8 +95,8 @@ def representable(ckpt: str | Path, hf: Path) -> None:
         raise CheckpointError(f"{ckpt}: llama.cpp's deepseek2 needs a compressed query (q_lora_rank); "
                               "this model has none")
     if pre_tokenizer_name(hf / "tokenizer.json") is None:
-        raise CheckpointError(f"{ckpt}: its tokenizer's pre-tokenizer is not one llama.cpp implements "
-                              "(a tokenizer trained before 2026-12-06); train a new one to export a GGUF")
+        raise CheckpointError(f"{ckpt}: its tokenizer's pre-tokenizer is not nanoseek's, and llama.cpp "
+                              "would tokenize it differently; export it with export-hf instead")
 
 
 def _convert(script: Path, hf: Path, out: Path, type: str) -> None:

@@ -24,6 +24,8 @@ from nanoseek.model import Transformer
 from nanoseek.tools import render_call, render_output
 from nanoseek.train.checkpoint import save_checkpoint
 
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 # the text llama.cpp's converter hashes to name a pre-tokenizer: every split rule at once
 CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
           "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
@@ -118,7 +120,7 @@ def test_llama_cpp_tokenizes_as_nanoseek_does(tok, corpus, ggufs):
         assert llm.tokenize(special.encode(), add_bos=False, special=True) == [i]
         assert llm.detokenize([i], special=True).decode() == special
     assert (llm.token_bos(), llm.token_eos()) == (tok.bos_id, tok.eos_id)
-    assert llm.metadata["tokenizer.ggml.pre"] == "qwen2"
+    assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
     llm.close()
 
 
@@ -203,19 +205,19 @@ def test_what_llama_cpp_cannot_represent_is_refused_in_one_line(tmp_path, tok, c
     for i, (changes, needle) in enumerate(refusals):
         save_checkpoint(tmp_path / f"m{i}", 1, random_model(vocab_size=tok.vocab_size, **changes), tok, {})
         assert needle in one_line_error(capsys, ["export-gguf", str(tmp_path / f"m{i}"), str(tmp_path / "x.gguf")])
-    # a tokenizer whose split llama.cpp does not implement (nanoseek's before Qwen2's)
-    old = train_tokenizer(["the cat sat on the mat 0123456789"] * 50, vocab_size=300)
-    spec = json.loads(old.hf.to_str())
-    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{N}"
+    # a tokenizer with another split (Qwen2's, which joins a newline to the punctuation before it)
+    other = train_tokenizer(["the cat sat on the mat 0123456789"] * 50, vocab_size=300)
+    spec = json.loads(other.hf.to_str())
+    spec["pre_tokenizer"]["pretokenizers"][1]["pattern"]["Regex"] = QWEN2_SPLIT
     from tokenizers import Tokenizer as HFTokenizer
 
     from nanoseek.data.tokenizer import Tokenizer
-    old = Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
-    old.save(tmp_path / "oldtok")
-    assert pre_tokenizer_name(tmp_path / "oldtok" / "tokenizer.json") is None
+    other = Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
+    other.save(tmp_path / "othertok")
+    assert pre_tokenizer_name(tmp_path / "othertok" / "tokenizer.json") is None
     assert pre_tokenizer_name(tmp_path / "nope.json") is None
-    save_checkpoint(tmp_path / "old", 1, random_model(vocab_size=old.vocab_size), old, {})
-    assert "pre-tokenizer" in one_line_error(capsys, ["export-gguf", str(tmp_path / "old"), str(tmp_path / "x.gguf")])
+    save_checkpoint(tmp_path / "other", 1, random_model(vocab_size=other.vocab_size), other, {})
+    assert "pre-tokenizer" in one_line_error(capsys, ["export-gguf", str(tmp_path / "other"), str(tmp_path / "x.gguf")])
 
     save_checkpoint(tmp_path / "ok", 1, random_model(vocab_size=tok.vocab_size), tok, {})
     monkeypatch.setenv("NANOSEEK_LLAMA_CPP", str(tmp_path / "no-llama"))

@@ -245,7 +245,7 @@ def test_rejection_sampling_runs_the_calculator_and_sft_masks_its_outputs(calc_m
     # this model gets the format right and the sums wrong: here every answer counts (the checker's
     # filter has its own test above); what is tested is what the kept traces hold
     monkeypatch.setattr(distill, "reward", lambda p, text: Reward(1.0, 1.0, 1.0))
-    convs, stats = distill.rejection_sample(str(tmp_path / "calc"), [PLAIN], 4, k=1, temperature=0.0, max_tokens=160)
+    convs, stats = distill.rejection_sample(str(tmp_path / "calc"), [PLAIN], 4, k=1, temperature=0.0, max_tokens=80)
     assert stats[PLAIN]["kept"] == len(convs) == 4
     for conv in convs:
         text = conv[1]["content"]

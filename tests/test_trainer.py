@@ -39,7 +39,7 @@ def test_tiny_model_learns_the_embedded_corpus(tmp_path):
     first, last = rows[0]["main_loss"], rows[-1]
     assert first > 5.5  # ~ln(vocab) at the start
     assert last["main_loss"] < first - 1.5, (first, last)
-    assert last["val_loss"] < first - 1.4, last  # held-out text: a little above the training loss
+    assert last["val_loss"] < first - 1.5, last
     assert summary["step"] == 80 and {"tokens_per_s", "mfu", "grad_norm", "lr", "load_max"} <= set(last)
 
 

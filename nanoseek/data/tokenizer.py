@@ -1,13 +1,13 @@
 """Byte-level BPE tokenizer (HF `tokenizers`), digits split one by one, chat and think tokens.
 
-Byte-level, so any UTF-8 text round-trips exactly; every digit is its own pre-token, so
-numbers are spelled digit by digit (arithmetic generalizes better, as in LLaMA and
-DeepSeek's own tokenizer). The pre-tokenizer is Qwen2's, one that llama.cpp implements, so a
-GGUF of the model tokenizes exactly as nanoseek does. The special tokens are fixed ids: the chat and think tokens 0..7,
-DeepSeek's tool-call tokens 8..16 (the tool parsers of vLLM and SGLang refuse a vocabulary
-where they are not single tokens), so that configs and chat templates never depend on a
-trained vocabulary. A tokenizer trained before the tool tokens existed still loads; its model
-cannot call tools (`Tokenizer.tools` is False).
+Byte-level, so any UTF-8 text round-trips exactly; every digit is its own pre-token, so numbers
+are spelled digit by digit (arithmetic generalizes better, as in LLaMA and DeepSeek's own
+tokenizer). The split is one that llama.cpp implements (SmolLM's: GPT-2's, digits one by one),
+so a GGUF of the model tokenizes exactly as nanoseek does. The special tokens are fixed ids: the
+chat and think tokens 0..7, DeepSeek's tool-call tokens 8..16 (the tool parsers of vLLM and
+SGLang refuse a vocabulary where they are not single tokens), so that configs and chat templates
+never depend on a trained vocabulary. A tokenizer trained before the tool tokens existed still
+loads; its model cannot call tools (`Tokenizer.tools` is False).
 
 The chat format is Jinja in `tokenizer_config.json`, so that transformers' `apply_chat_template`
 renders exactly what `render_chat` renders:
@@ -96,9 +96,10 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt and ns.prev != 'tool' -%}{{ '<|assistant|>' }}{%- endif -%}"
 )
 
-# Qwen2's split, character for character: GPT-2's with every digit its own pre-token. llama.cpp
-# implements it by name ("qwen2"), so a GGUF tokenizes as nanoseek does (docs/LOG.md, GGUF).
-SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+# GPT-2's split, with every digit its own pre-token first: SmolLM's, which llama.cpp implements by
+# name ("smollm"), so a GGUF tokenizes as nanoseek does. Qwen2's split lost the speedrun its
+# copying (docs/LOG.md, 2026-12-06, GGUF).
+SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 class TokenizerError(ValueError):
@@ -241,8 +242,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
         raise TokenizerError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials + 256 bytes)")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
         pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
