@@ -20,8 +20,10 @@ from nanoseek.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
 from nanoseek.gguf import export_gguf, find_converter, pre_tokenizer_name
 from nanoseek.hf import CheckpointError
 from nanoseek.infer import greedy
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
-from nanoseek.tools import render_call, render_output
+from nanoseek.tools import MALFORMED_CALL, parse_calls, render_call, render_output, run_builtin
 from nanoseek.train.checkpoint import save_checkpoint
 
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -56,11 +58,11 @@ def llama_logits(llm: Llama, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[:len(ids)])
 
 
-def llama_greedy(llm: Llama, prompt: list[int], n: int) -> list[int]:
-    """llama.cpp's argmax continuation, one token a decode step."""
+def llama_greedy(llm: Llama, prompt: list[int], n: int, stop: tuple[int, ...] = ()) -> list[int]:
+    """llama.cpp's argmax continuation, one token a decode step, up to n tokens or a stop token."""
     out = []
     logits = llama_logits(llm, prompt)[-1]
-    for _ in range(n):
+    while len(out) < n and not (out and out[-1] in stop):
         out.append(int(np.argmax(logits)))
         llm.eval(out[-1:])
         logits = llm.scores[llm.n_tokens - 1]
@@ -181,6 +183,34 @@ def test_tool_calls_survive_in_the_ggufs_chat_template(models, ggufs, tok):
     built_in = render_call("calculator", "1234+4321") + render_output("5555")
     assert llm.tokenize(built_in.encode(), add_bos=False, special=True) == tok.encode(built_in)
     llm.close()
+
+
+def test_a_client_loop_over_llama_cpp_gives_the_engines_tool_stream(tmp_path, calc_model):
+    """llama.cpp runs no calculator: a client generates until the call closes, runs it, appends
+    its output and goes on. The engine, running the calculator itself, gives the same tokens."""
+    model, tok = calc_model
+    save_checkpoint(tmp_path / "calc", 1, model, tok, {"stage": "test"})
+    llm = llama(export_gguf(tmp_path / "calc", tmp_path / "calc.gguf", type="f32"))
+    questions = ["What is 12 + 30?", "What is 55 + 23 + 41?", "What is 81 + 19 + 60?", "What is 40 + 45?"]
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}], True)) for q in questions]
+    budget = 90
+    reqs = Engine(model, tok, max_seqs=3).generate(prompts, SamplingParams(max_tokens=budget, temperature=0))
+    calls = 0
+    for prompt, r in zip(prompts, reqs):
+        out: list[int] = []
+        while len(out) < budget:
+            out += llama_greedy(llm, prompt + out, budget - len(out), stop=(tok.eos_id, tok.calls_end_id))
+            if out[-1] != tok.calls_end_id:
+                break
+            block = parse_calls(tok.decode(out, keep_special=True))
+            calls += len(block)
+            result = tok.encode("".join(map(render_output, [run_builtin(*c) for c in block] or [MALFORMED_CALL])))
+            if len(result) >= budget - len(out):
+                break
+            out += result
+        assert r.outputs[0].token_ids == out
+    llm.close()
+    assert calls >= 2
 
 
 def test_export_gguf_writes_the_types_and_a_modelfile(models, ggufs, tmp_path, capsys):

@@ -43,7 +43,8 @@ def llama(path: Path, **kw):
     except ImportError:
         raise CheckpointError("llama-cpp-python is not installed: run `make gguf`") from None
 
-    return Llama(model_path=str(path), n_ctx=kw.pop("n_ctx", 1024), verbose=False,
+    # logits_all: llama-cpp-python keeps no logits without it (its sampler reads them in C)
+    return Llama(model_path=str(path), n_ctx=kw.pop("n_ctx", 1024), logits_all=True, verbose=False,
                  n_threads=torch.get_num_threads(), **kw)
 
 
@@ -84,14 +85,15 @@ def logit_figures(model, tok, files: dict, docs: list[str], positions: int = 512
     ids = ids[:min(positions, model.config.max_position_embeddings)]
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
-    out = {"logit_positions": len(ids)}
+    out = {"logit_positions": len(ids), "logit_abs_max": float(np.abs(ours).max()), "logit_std": float(ours.std())}
     for t, path in files.items():
-        llm = llama(path, logits_all=True, type_k=0, type_v=0)
+        llm = llama(path, type_k=0, type_v=0)
         llm.eval(ids)
-        out[f"max_logit_diff_{t}"] = float(np.abs(np.array(llm.scores[:len(ids)]) - ours).max())
+        diff = np.abs(np.array(llm.scores[:len(ids)]) - ours)
+        out[f"max_logit_diff_{t}"], out[f"mean_logit_diff_{t}"] = float(diff.max()), float(diff.mean())
         llm.close()
-        print(f"{t}: max |logit difference| {out[f'max_logit_diff_{t}']:.2e} over {len(ids)} positions",
-              file=sys.stderr)
+        print(f"{t}: |logit difference| max {diff.max():.2e}, mean {diff.mean():.2e} over {len(ids)} positions "
+              f"(logits' std {out['logit_std']:.2f})", file=sys.stderr)
     return out
 
 
