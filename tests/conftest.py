@@ -72,6 +72,28 @@ def calc_reply(terms: list[int]) -> str:
     return "<think>" + "\n".join(lines) + f"\nso {total}.</think>Answer: {total}"
 
 
+def client_tool_loop(generate, prompt: list[int], budget: int, tok) -> tuple[list[int], int]:
+    """What a client does over a completion endpoint that runs no tools: generate (greedy, up to
+    the end or a closed call block), run the block's calls, append their outputs, go on.
+    `generate(ids, n)` gives at most n new tokens. Returns (tokens, calls run)."""
+    from nanoseek.tools import MALFORMED_CALL, parse_calls, render_output, run_builtin
+
+    out: list[int] = []
+    calls = 0
+    while len(out) < budget:
+        new = generate(prompt + out, budget - len(out))
+        out += new
+        if not new or new[-1] != tok.calls_end_id:
+            break
+        block = parse_calls(tok.decode(out, keep_special=True))
+        calls += len(block)
+        result = tok.encode("".join(map(render_output, [run_builtin(*c) for c in block] or [MALFORMED_CALL])))
+        if len(result) >= budget - len(out):
+            break
+        out += result
+    return out, calls
+
+
 # the calculator offered as a client's own function (OpenAI's `tools`)
 CALC_TOOL = {"type": "function", "function": {"name": "calculator", "description": "Exact arithmetic",
                                               "parameters": {"type": "object",

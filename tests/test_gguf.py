@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import CALC_TOOL, calc_reply
+from conftest import CALC_TOOL, calc_reply, client_tool_loop
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from test_hf import one_line_error, random_model
@@ -23,11 +23,15 @@ from nanoseek.infer import greedy
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
-from nanoseek.tools import MALFORMED_CALL, parse_calls, render_call, render_output, run_builtin
+from nanoseek.tools import render_call, render_output
 from nanoseek.train.checkpoint import save_checkpoint
 
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+ROUTING = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=0,
+               tie_word_embeddings=True, max_position_embeddings=1024,
+               rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
 # the text llama.cpp's converter hashes to name a pre-tokenizer: every split rule at once
 CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
           "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
@@ -87,9 +91,11 @@ def trained_speedrun_model(tok, docs, steps=25) -> Transformer:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tok, corpus):
-    """{name: (nanoseek model, checkpoint)}: a tiny random one with MTP, the speedrun's size trained."""
+    """{name: (nanoseek model, checkpoint)}: tiny random ones (with MTP; with grouped routing, a MoE
+    first layer, tied embeddings and YaRN), the speedrun's size trained."""
     root = tmp_path_factory.mktemp("gguf")
     out = {"tiny_mtp": random_model(vocab_size=tok.vocab_size, num_nextn_predict_layers=1),
+           "tiny_routing": random_model(vocab_size=tok.vocab_size, **ROUTING),
            "speedrun": trained_speedrun_model(tok, corpus[0])}
     for name, model in out.items():
         save_checkpoint(root / name, 1, model, tok, {"stage": "test"})
@@ -102,7 +108,7 @@ def ggufs(models, tmp_path_factory):
     """{(model, type): GGUF path}, through `nanoseek export-gguf`."""
     root = tmp_path_factory.mktemp("out")
     files = {}
-    for name, types in [("tiny_mtp", ["f32"]), ("speedrun", ["f32", "f16", "q8_0"])]:
+    for name, types in [("tiny_mtp", ["f32"]), ("tiny_routing", ["f32"]), ("speedrun", ["f32", "f16", "q8_0"])]:
         for t in types:
             path = root / f"{name}-{t}.gguf"
             assert main(["export-gguf", str(models[name][1]), str(path), "--type", t]) == 0
@@ -126,7 +132,7 @@ def test_llama_cpp_tokenizes_as_nanoseek_does(tok, corpus, ggufs):
     llm.close()
 
 
-@pytest.mark.parametrize("name", ["tiny_mtp", "speedrun"])
+@pytest.mark.parametrize("name", ["tiny_mtp", "tiny_routing", "speedrun"])
 def test_f32_logits_match_nanoseek(models, ggufs, tok, corpus, name):
     model, _ = models[name]
     ids = [tok.bos_id] + [i for d in corpus[1][:20] for i in tok.encode(d)][:383]
@@ -197,18 +203,10 @@ def test_a_client_loop_over_llama_cpp_gives_the_engines_tool_stream(tmp_path, ca
     reqs = Engine(model, tok, max_seqs=3).generate(prompts, SamplingParams(max_tokens=budget, temperature=0))
     calls = 0
     for prompt, r in zip(prompts, reqs):
-        out: list[int] = []
-        while len(out) < budget:
-            out += llama_greedy(llm, prompt + out, budget - len(out), stop=(tok.eos_id, tok.calls_end_id))
-            if out[-1] != tok.calls_end_id:
-                break
-            block = parse_calls(tok.decode(out, keep_special=True))
-            calls += len(block)
-            result = tok.encode("".join(map(render_output, [run_builtin(*c) for c in block] or [MALFORMED_CALL])))
-            if len(result) >= budget - len(out):
-                break
-            out += result
+        out, n = client_tool_loop(lambda ids, n: llama_greedy(llm, ids, n, stop=(tok.eos_id, tok.calls_end_id)),
+                                  prompt, budget, tok)
         assert r.outputs[0].token_ids == out
+        calls += n
     llm.close()
     assert calls >= 2
 

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import tokenizers
 import torch
+from conftest import client_tool_loop
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -335,7 +336,6 @@ def test_a_client_loop_over_transformers_gives_the_engines_tool_stream(tmp_path,
     speculation on, gives the same tokens."""
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
-    from nanoseek.tools import MALFORMED_CALL, parse_calls, render_output, run_builtin
 
     model, tok = calc_model
     save_checkpoint(tmp_path / "calc", 1, model, tok, {"stage": "test"})
@@ -345,23 +345,16 @@ def test_a_client_loop_over_transformers_gives_the_engines_tool_stream(tmp_path,
     budget = 90
     reqs = Engine(model, tok, max_seqs=3, speculative=True).generate(prompts, SamplingParams(max_tokens=budget,
                                                                                             temperature=0))
+
+    def generate(ids: list[int], n: int) -> list[int]:
+        return hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id,
+                           eos_token_id=[tok.eos_id, tok.calls_end_id])[0, len(ids):].tolist()
+
     calls = 0
     for prompt, r in zip(prompts, reqs):
-        out: list[int] = []
-        while len(out) < budget:
-            ids = torch.tensor([prompt + out])
-            new = hf.generate(ids, max_new_tokens=budget - len(out), do_sample=False, pad_token_id=tok.pad_id,
-                              eos_token_id=[tok.eos_id, tok.calls_end_id])[0, ids.shape[1]:].tolist()
-            out += new
-            if not new or new[-1] != tok.calls_end_id:
-                break
-            block = parse_calls(tok.decode(out, keep_special=True))
-            calls += len(block)
-            result = tok.encode("".join(map(render_output, [run_builtin(*c) for c in block] or [MALFORMED_CALL])))
-            if len(result) >= budget - len(out):
-                break
-            out += result
+        out, n = client_tool_loop(generate, prompt, budget, tok)
         assert r.outputs[0].token_ids == out
+        calls += n
     assert calls >= 2
 
 
