@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nanoseek.data.tokenizer import BOS, EOS, SPLIT, SYSTEM, USER
+from nanoseek.data.tokenizer import ASSISTANT, BOS, EOS, SPLIT, SYSTEM, USER
 from nanoseek.export import R1_SAMPLING, export_hf
 from nanoseek.hf import CheckpointError
 
@@ -72,8 +72,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f16", converter:
     if type not in TYPES:
         raise CheckpointError(f"--type must be one of {', '.join(TYPES)}, not {type!r}")
     out = Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; export into a new file")
+    for path in (out, out.with_suffix(".Modelfile")):
+        if path.exists():
+            raise CheckpointError(f"{path} already exists; export into a new file")
     script = find_converter(converter)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
@@ -113,15 +114,15 @@ def modelfile(gguf: Path) -> Path:
     template = (BOS + "{{- range .Messages }}"
                 "{{- if eq .Role \"system\" }}" + SYSTEM + "{{ .Content }}" + EOS
                 + "{{- else if eq .Role \"user\" }}" + USER + "{{ .Content }}" + EOS
-                + "{{- else if eq .Role \"assistant\" }}<|assistant|>{{ .Content }}" + EOS
-                + "{{- end }}{{- end }}<|assistant|>")
+                + "{{- else if eq .Role \"assistant\" }}" + ASSISTANT + "{{ .Content }}" + EOS
+                + "{{- end }}{{- end }}" + ASSISTANT)
     text = (f"# Ollama: ollama create NAME -f {gguf.stem}.Modelfile && ollama run NAME\n"
             f"FROM ./{gguf.name}\n"
             f'TEMPLATE """{template}"""\n'
             f'PARAMETER stop "{EOS}"\n'
             f"PARAMETER temperature {R1_SAMPLING['temperature']}\n"
             f"PARAMETER top_p {R1_SAMPLING['top_p']}\n")
-    path = gguf.with_suffix(".Modelfile")
+    path = gguf.with_suffix(".Modelfile")  # export_gguf checked that it is new
     path.write_text(text)
     return path
 

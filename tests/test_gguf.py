@@ -256,6 +256,10 @@ def test_what_llama_cpp_cannot_represent_is_refused_in_one_line(tmp_path, tok, c
     taken = str(tmp_path / "taken.gguf")
     assert "already exists" in one_line_error(capsys, ["export-gguf", str(tmp_path / "ok"), taken])
     assert (tmp_path / "taken.gguf").read_text() == "mine"
+    (tmp_path / "y.Modelfile").write_text("FROM mine")
+    assert "y.Modelfile already exists" in one_line_error(capsys, ["export-gguf", str(tmp_path / "ok"),
+                                                                   str(tmp_path / "y.gguf")])
+    assert (tmp_path / "y.Modelfile").read_text() == "FROM mine" and not (tmp_path / "y.gguf").exists()
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
     with pytest.raises(CheckpointError, match="--type"):
         export_gguf(tmp_path / "ok", tmp_path / "y.gguf", type="q4_k")
