@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # llama.cpp for `nanoseek export-gguf` and its tests: llama-cpp-python built from its source
-# distribution (which vendors llama.cpp; ~4.5 min on 2 cores), and llama.cpp's converter
+# distribution (which vendors llama.cpp; 3.5-4.5 min on 2 cores), and llama.cpp's converter
 # (convert_hf_to_gguf.py with its conversion/ and gguf-py/) unpacked into .venv/llama.cpp.
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_PYTHON)
