@@ -96,16 +96,20 @@ def read_files(paths: list[str | Path]) -> list[str]:
 def _read_one(f: Path) -> list[str]:
     if f.suffix == ".txt":
         return [f.read_text(encoding="utf-8", errors="replace")]
+    ds = read_table(f)
+    if "text" not in ds.column_names:
+        raise DataError(f"{f}: needs a 'text' field (found: {', '.join(ds.column_names)})")
+    return [t for t in ds["text"] if isinstance(t, str) and t]
+
+
+def read_table(f: Path):
+    """A .jsonl or .parquet file as a `datasets.Dataset` (every column)."""
     import datasets
 
     kind = {".jsonl": "json", ".parquet": "parquet"}.get(f.suffix)
     if kind is None:
         raise DataError(f"{f}: unsupported file type (use .txt, .jsonl or .parquet)")
     try:
-        ds = datasets.load_dataset(kind, data_files=str(f), split="train",
-                                   cache_dir=str(cache_dir() / "datasets"))
+        return datasets.load_dataset(kind, data_files=str(f), split="train", cache_dir=str(cache_dir() / "datasets"))
     except Exception as e:  # datasets raises many types for malformed files
         raise DataError(f"{f}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if "text" not in ds.column_names:
-        raise DataError(f"{f}: needs a 'text' field (found: {', '.join(ds.column_names)})")
-    return [t for t in ds["text"] if isinstance(t, str) and t]
