@@ -12,6 +12,8 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from test_hf import one_line_error, random_model
 
+from nanoseek.bench import gguf as bench_gguf
+from nanoseek.bench.gguf import llama_greedy, llama_logits
 from nanoseek.cli import main
 from nanoseek.config import preset
 from nanoseek.data.corpus import default_corpus
@@ -51,26 +53,8 @@ def tok(corpus):
 
 
 def llama(path, **kw) -> Llama:
-    """llama.cpp on one GGUF, every position's logits kept; an f32 KV cache unless asked."""
-    return Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2,
-                 **{"type_k": 0, "type_v": 0, **kw})
-
-
-def llama_logits(llm: Llama, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
-
-
-def llama_greedy(llm: Llama, prompt: list[int], n: int, stop: tuple[int, ...] = ()) -> list[int]:
-    """llama.cpp's argmax continuation, one token a decode step, up to n tokens or a stop token."""
-    out = []
-    logits = llama_logits(llm, prompt)[-1]
-    while len(out) < n and not (out and out[-1] in stop):
-        out.append(int(np.argmax(logits)))
-        llm.eval(out[-1:])
-        logits = llm.scores[llm.n_tokens - 1]
-    return out
+    """llama.cpp on one GGUF at the tiny preset's context, with an f32 KV cache unless asked."""
+    return bench_gguf.llama(path, **{"n_ctx": 512, "type_k": 0, "type_v": 0, **kw})
 
 
 def trained_speedrun_model(tok, docs, steps=25) -> Transformer:
@@ -158,7 +142,7 @@ def test_quantized_greedy_follows_nanoseek_on_most_prompts(models, ggufs, tok, t
     for q in questions:
         prompt = tok.encode(tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True))
         ours = greedy(model, prompt, 64)
-        theirs = llama_greedy(llm, prompt, 64)
+        theirs, _ = llama_greedy(llm, prompt, 64)
         assert len(ours) == len(theirs) == 64
         same += ours == theirs
         first_diff.append(next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), 64))
@@ -203,7 +187,7 @@ def test_a_client_loop_over_llama_cpp_gives_the_engines_tool_stream(tmp_path, ca
     reqs = Engine(model, tok, max_seqs=3).generate(prompts, SamplingParams(max_tokens=budget, temperature=0))
     calls = 0
     for prompt, r in zip(prompts, reqs):
-        out, n = client_tool_loop(lambda ids, n: llama_greedy(llm, ids, n, stop=(tok.eos_id, tok.calls_end_id)),
+        out, n = client_tool_loop(lambda ids, n: llama_greedy(llm, ids, n, stop=(tok.eos_id, tok.calls_end_id))[0],
                                   prompt, budget, tok)
         assert r.outputs[0].token_ids == out
         calls += n

@@ -38,24 +38,30 @@ QUESTIONS = ["What is 2 + 3?", "What is 1234 + 4321?", "what's 17 times 23", "Ho
 
 
 def llama(path: Path, **kw):
+    """llama.cpp on one GGUF (llama-cpp-python), every position's logits kept; `kw` goes to `Llama`."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise CheckpointError("llama-cpp-python is not installed: run `make gguf`") from None
 
     # logits_all: llama-cpp-python keeps no logits without it (its sampler reads them in C)
-    return Llama(model_path=str(path), n_ctx=kw.pop("n_ctx", 1024), logits_all=True, verbose=False,
-                 n_threads=torch.get_num_threads(), **kw)
+    return Llama(model_path=str(path), logits_all=True, verbose=False,
+                 **{"n_ctx": 1024, "n_threads": torch.get_num_threads(), **kw})
 
 
-def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], float]:
-    """llama.cpp's argmax continuation, one token a decode step, and the seconds from the first
-    new token to the last."""
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of `ids`, from an empty cache."""
     llm.reset()
-    llm.eval(prompt)
-    out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+def llama_greedy(llm, prompt: list[int], n: int, stop: tuple[int, ...] = ()) -> tuple[list[int], float]:
+    """llama.cpp's argmax continuation, one token a decode step, up to n tokens or a stop token,
+    and the seconds from the first new token to the last."""
+    out = [int(np.argmax(llama_logits(llm, prompt)[-1]))]
     t0 = time.perf_counter()
-    while len(out) < n:
+    while len(out) < n and out[-1] not in stop:
         llm.eval(out[-1:])
         out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
     return out, time.perf_counter() - t0
@@ -88,8 +94,7 @@ def logit_figures(model, tok, files: dict, docs: list[str], positions: int = 512
     out = {"logit_positions": len(ids), "logit_abs_max": float(np.abs(ours).max()), "logit_std": float(ours.std())}
     for t, path in files.items():
         llm = llama(path, type_k=0, type_v=0)
-        llm.eval(ids)
-        diff = np.abs(np.array(llm.scores[:len(ids)]) - ours)
+        diff = np.abs(llama_logits(llm, ids) - ours)
         out[f"max_logit_diff_{t}"], out[f"mean_logit_diff_{t}"] = float(diff.max()), float(diff.mean())
         llm.close()
         print(f"{t}: |logit difference| max {diff.max():.2e}, mean {diff.mean():.2e} over {len(ids)} positions "

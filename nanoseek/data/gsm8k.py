@@ -32,9 +32,8 @@ class GSM8KError(ValueError):
 
 def reference_answer(solution: str) -> str:
     """The number after the solution's last `####`, commas removed."""
-    head, sep, final = solution.rpartition("####")
-    number = parse_number(final) if sep else None
-    if number is None:
+    _, sep, final = solution.rpartition("####")
+    if not sep or parse_number(final) is None:
         raise GSM8KError(f"a GSM8K solution ends with '#### <number>'; this one ends {solution[-40:]!r}")
     return final.strip().replace(",", "")
 
@@ -42,13 +41,7 @@ def reference_answer(solution: str) -> str:
 def parse_number(text: str) -> Fraction | None:
     """The last number written in `text` (commas between digits allowed), exactly; None if none."""
     found = NUMBER.findall(text.replace("$", ""))
-    if not found:
-        return None
-    digits = found[-1].replace(",", "")
-    try:
-        return Fraction(digits)
-    except ValueError:
-        return None
+    return Fraction(found[-1].replace(",", "")) if found else None
 
 
 def check(answer: str | None, reference: str) -> bool:
