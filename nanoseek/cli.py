@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanoseek.bench.cuda import bench_cuda
 from nanoseek.bench.decode import bench_decode
 from nanoseek.bench.dp import CONFIGS, bench_dp
 from nanoseek.bench.fp8 import bench_fp8
@@ -24,7 +25,7 @@ from nanoseek.bench.serve import bench_serve
 from nanoseek.bench.train import bench_train
 from nanoseek.config import PRESETS, ConfigError, apply_overrides, split_by_prefix
 from nanoseek.data.corpus import DataError, default_corpus, read_files
-from nanoseek.data.tasks import EVAL_SETS, TASKS, TaskError, check_tasks
+from nanoseek.data.tasks import ALL_TASKS, EVAL_SETS, TaskError, check_tasks
 from nanoseek.data.tokenizer import TokenizerError, train_tokenizer
 from nanoseek.eval import evaluate
 from nanoseek.export import export_hf, import_hf, parse_size
@@ -41,7 +42,7 @@ from nanoseek.train.fp8 import FP8Error
 from nanoseek.train.grpo import GRPOConfig, grpo
 from nanoseek.train.r1 import R1Config, r1_stages
 from nanoseek.train.speedrun import plan, speedrun, speedrun_config
-from nanoseek.train.stages import run_stages
+from nanoseek.train.stages import main_process, run_stages
 from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig, TrainingError, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -281,6 +282,8 @@ def run_speedrun(args: argparse.Namespace) -> int:
         return 0
     config.progress = not args.quiet
     summaries = speedrun(config, args.ablate)
+    if not main_process():  # torchrun's other ranks: rank 0 reports
+        return 0
     if args.ablate:
         print((Path(args.out) / "ablations.md").read_text(), file=sys.stderr)
         print(json.dumps({"stages": summaries}, default=str))
@@ -321,9 +324,11 @@ def run_r1(args: argparse.Namespace) -> int:
     config.base, config.out, config.zero, config.progress = args.ckpt, args.out, args.zero, not args.quiet
     config.grpo_overrides, config.sft_overrides = by_stage["rl"], by_stage["sft"]
     config.validate()  # a bad stage setting fails now, not minutes later when its stage starts
-    check_tasks(args.task or [], TASKS)
+    check_tasks(args.task or [], ALL_TASKS)
     config.tasks = args.task or config.tasks
-    print_stages(run_stages(args.out, r1_stages(config), progress=config.progress))
+    summaries = run_stages(args.out, r1_stages(config), progress=config.progress)
+    if main_process():
+        print_stages(summaries)
     return 0
 
 
@@ -579,6 +584,19 @@ def _dp(args: argparse.Namespace) -> dict:
     return result
 
 
+def _cuda(args: argparse.Namespace) -> dict:
+    r = bench_cuda(repeats=args.repeats)
+    p, t = r["precision"], r["train"]
+    fp8 = f"{r['fp8_peak_flops'] / 1e12:.0f} TFLOP/s" if r["fp8_peak_flops"] else "none"
+    print(f"{r['device']}{' (tiny sizes: the code path, not a measurement)' if r['tiny'] else ''}: matmul peak "
+          f"bf16 {r['bf16_peak_flops'] / 1e12:.1f} TFLOP/s, FP8 {fp8}; loss vs fp32: bf16 "
+          f"{p['bf16']['relative_loss_diff']:.3%}, FP8 {p['fp8']['relative_loss_diff']:.3%} (step "
+          f"{p['fp8']['speedup_vs_bf16']:.2f}x bf16's); gpu preset {t['tokens_per_s']:,.0f} tok/s, MFU {t['mfu']:.1%}, "
+          f"peak {t['peak_memory_gb']:.1f} GB; decode {r['decode']['tokens_per_s_b1']:,.0f} tok/s at batch 1, "
+          f"{r['decode']['tokens_per_s_b64']:,.0f} at 64", file=sys.stderr)
+    return r
+
+
 def _gguf(args: argparse.Namespace) -> dict:
     if not args.ckpt:
         raise ConfigError("bench gguf needs --ckpt (a checkpoint with its tokenizer)")
@@ -586,7 +604,7 @@ def _gguf(args: argparse.Namespace) -> dict:
 
 
 BENCHMARKS = {"train": _train, "decode": _decode, "grpo": _grpo, "serve": _serve, "fp8": _fp8, "dp": _dp,
-              "gguf": _gguf}
+              "gguf": _gguf, "cuda": _cuda}
 
 
 

@@ -140,3 +140,22 @@ def calc_model():
         opt.step()
         opt.zero_grad()
     return model.eval(), tok
+
+
+def open_data_copies(folder, train: int = 40, test: int = 6):
+    """Local copies of the GPU recipe's open sets in their Hub schemas: a GSM8K folder (train and
+    test files, annotated solutions) and FineWeb-Edu-like text; -> (gsm8k folder, text file)."""
+    import datasets
+
+    def row(i: int) -> dict:
+        a, b = 3 + i, 4 + 2 * i
+        return {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+                "answer": f"Tom has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+
+    (folder / "gsm8k").mkdir(parents=True)
+    datasets.Dataset.from_list([row(i) for i in range(train)]).to_parquet(str(folder / "gsm8k" / "train.parquet"))
+    (folder / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(row(1000 + i)) + "\n" for i in range(test)))
+    text = folder / "fineweb.jsonl"
+    text.write_text("".join(json.dumps({"text": f"Lesson {i}: {i} and {i + 2} make {2 * i + 2}. Plants need water "
+                                                "and light.", "score": 3.2}) + "\n" for i in range(400)))
+    return folder / "gsm8k", text

@@ -88,6 +88,23 @@ def test_bench_train_ends_with_the_documented_json():
     assert 0 < result["mfu"] < 1.5
 
 
+def test_bench_cuda_runs_the_gpu_paths_tiny_on_the_cpu_and_says_so():
+    r = run("bench", "cuda", "--json", "--repeats", "1", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no CUDA device: the GPU paths at tiny sizes on the CPU" in r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["tiny"] is True and result["device_type"] == "cpu" and result["matmul_n"] == 256
+    assert result["bf16_peak_flops"] > 0 and result["fp8_peak_flops"] > 0  # (_scaled_mm runs on the CPU too)
+    p = result["precision"]
+    # the same weights and batch: bf16 and FP8 change the loss a little, never a lot
+    assert 0 < p["fp8"]["relative_loss_diff"] < 0.01 and p["bf16"]["relative_loss_diff"] < 0.01
+    assert all(p[k]["step_s"] > 0 for k in ("fp32", "bf16", "fp8")) and p["fp8"]["speedup_vs_bf16"] > 0
+    t = result["train"]
+    assert t["tokens_per_s"] > 0 and t["mfu"] > 0 and t["peak_memory_gb"] > 0
+    assert t["params_active"] < t["params_total"]  # the gpu preset's MoE, shrunk
+    assert result["decode"]["tokens_per_s_b64"] > result["decode"]["tokens_per_s_b1"] > 0
+
+
 def test_bench_dp_runs_each_configuration_to_the_same_loss():
     # 2 documents: each run tokenizes what it reads, and the corpus opens with whole plays (the first
     # 300 are 9.7M characters, ~8 s of each run's ~13 s here; 2 are 264k, ~3x what 3 steps of 8 x 256 read)

@@ -22,19 +22,26 @@ FINEWEB = [{"text": f"Document {i} about photosynthesis and the water cycle.", "
 def files(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
-    datasets.Dataset.from_list(ROWS[2:]).to_parquet(str(tmp_path / "gsm8k" / "more.parquet"))
+    datasets.Dataset.from_list(ROWS[2:]).to_parquet(str(tmp_path / "gsm8k" / "test-00000-of-00001.parquet"))
     datasets.Dataset.from_list(FINEWEB).to_parquet(str(tmp_path / "fineweb.parquet"))
     return tmp_path
 
 
 def test_local_copies_read_with_the_sets_own_fields(files):
-    problems = gsm8k(str(files / "gsm8k"))
-    assert [p[2] for p in problems] == ["5", "72", "10"]  # parquet then jsonl, in name order
+    problems = gsm8k(str(files / "gsm8k"))  # the train split: the files named train*
+    assert [p[2] for p in problems] == ["72", "10"]
+    assert [p[2] for p in gsm8k(str(files / "gsm8k"), "test")] == ["5"]
+    with pytest.raises(DataError, match="no test split"):  # one file is a train split, never a test one too
+        gsm8k(str(files / "gsm8k" / "train.jsonl"), "test")
     assert all("<｜tool▁calls▁begin｜>calculator" in p[1].replace("<｜tool▁call▁begin｜>", "") for p in problems)
     assert len(gsm8k(str(files / "gsm8k" / "train.jsonl"), limit=1)) == 1
     assert texts(str(files / "fineweb.parquet")) == [r["text"] for r in FINEWEB]
     assert len(texts(str(files / "fineweb.parquet"), limit=2)) == 2
+    assert len(texts(str(files / "fineweb.parquet"), chars=len(FINEWEB[0]["text"]) + 1)) == 2  # until the budget
     assert rows(str(files / "fineweb.parquet"), limit=1)[0]["int_score"] == 3
+    (files / "gsm8k" / "test-00000-of-00001.parquet").rename(files / "gsm8k" / "more.parquet")
+    (files / "gsm8k" / "train.jsonl").rename(files / "gsm8k" / "a.jsonl")
+    assert [p[2] for p in gsm8k(str(files / "gsm8k"))] == ["72", "10", "5"]  # no split names: one train split
 
 
 def test_wrong_files_and_names_are_one_line(files):

@@ -3,9 +3,15 @@ stage and restarted, every artifact checked, and the final folder serving a chat
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import openai
 import pytest
+from conftest import open_data_copies
 
 from nanoseek.cli import main
 from nanoseek.train import checkpoint as ckpt
@@ -268,28 +274,58 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     assert 700 <= len(docs) <= 800 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
 
 
-@pytest.mark.parametrize("name", ["gpu", "gpu8"])
-def test_gpu_presets_run_their_architecture_shrunk_on_the_cpu(tmp_path, name):
+def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tmp_path):
     """`--smoke`: the GPU preset's expert layout and group-limited routing at the tiny preset's
-    size and budget, every stage through to the report card."""
+    size and budget, on local copies of its open sets, every stage through to the report card."""
     import nanoseek
     from nanoseek.config import preset
 
-    out = tmp_path / name
-    text = tmp_path / "mine.txt"  # the user's own pretraining text, as a GPU run would bring
-    text.write_text("".join(f"Question: {i} + {i} = ?\n<think>\n{i} + {i} = {2 * i}\n</think>\nAnswer: {2 * i}\n\n"
-                            for i in range(300)))
-    assert main(["speedrun", "--preset", name, "--smoke", "--out", str(out), "--quiet", f"data=[\"{text}\"]"]) == 0
-    cfg, full = nanoseek.load(out / "final")[0].config, preset(name)
+    gsm8k, text = open_data_copies(tmp_path / "data")
+    out = tmp_path / "gpu"
+    assert main(["speedrun", "--preset", "gpu", "--smoke", "--out", str(out), "--quiet", f"data=[\"{text}\"]",
+                 f"gsm8k={gsm8k}"]) == 0
+    cfg, full = nanoseek.load(out / "final")[0].config, preset("gpu")
     for field in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
                   "num_nextn_predict_layers"):
         assert getattr(cfg, field) == getattr(full, field), field
     assert cfg.n_group > 1 and cfg.hidden_size == preset("tiny").hidden_size < full.hidden_size
-    assert json.loads((out / "speedrun.json").read_text())["smoke"] is True
-    architecture = json.loads((out / "report.json").read_text())["model"]["architecture"]
-    assert architecture["routed_experts"] == full.n_routed_experts
+    saved = json.loads((out / "speedrun.json").read_text())
+    assert saved["smoke"] is True and saved["gsm8k"] == str(gsm8k) and saved["rl_tasks"] == ["gsm8k"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["architecture"]["routed_experts"] == full.n_routed_experts
+    assert report["eval"]["rl"]["gsm8k"]["problems"] == 4  # from its test split
     pre_state = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
     assert pre_state["data"] == [str(text)]
+
+
+def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
+    """`torchrun --nproc-per-node 2 -m nanoseek speedrun --preset gpu8 --smoke` on gloo: the
+    training stages data-parallel, the tokenizer, eval and report on rank 0 alone; killed during
+    the cold start, the same command finishes the run without redoing what was done."""
+    gsm8k, text = open_data_copies(tmp_path / "data")
+    out = tmp_path / "gpu8"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nanoseek",
+               "speedrun", "--preset", "gpu8", "--smoke", "--out", str(out), f"data=[\"{text}\"]", f"gsm8k={gsm8k}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while not ((out / "sft").exists() or first.poll() is not None) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)  # torchrun and both ranks, mid-stage
+    first.wait()
+    assert (out / "pretrain" / "stage.json").is_file() and not (out / "report.md").exists()
+    tokenizer_written = (out / "tokenizer" / "stage.json").stat().st_mtime_ns
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "pretrain: gpu8 preset: MLA + MoE + MTP, 30 steps (done, skipped)" in run.stderr
+    assert run.stderr.count("chat with it:") == 1 and run.stderr.count("[5/7] eval") == 1  # rank 0's
+    assert (out / "tokenizer" / "stage.json").stat().st_mtime_ns == tokenizer_written
+    for name in ("pretrain", "sft", "rl"):
+        assert json.loads((out / name / "stage.json").read_text())["cost"]["n_devices"] == 2, name
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["eval"]) == {"base", "sft", "rl"} and "gsm8k" in report["eval"]["rl"]
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_gpu_presets_plan_their_compute_and_cost(capsys):

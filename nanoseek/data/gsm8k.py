@@ -50,21 +50,24 @@ def check(answer: str | None, reference: str) -> bool:
     return got is not None and got == parse_number(reference)
 
 
-def worked_solution(solution: str) -> tuple[str, str]:
-    """(the reasoning with calculator calls in place of the annotations, the final answer)."""
+def worked_solution(solution: str, calls: bool = True) -> tuple[str, str]:
+    """(the reasoning with calculator calls in place of the annotations, the final answer);
+    without `calls`, the annotations are removed and the text is left as written."""
     answer = reference_answer(solution)
     reasoning = solution.rpartition("####")[0].strip()
 
     def call(m: re.Match) -> str:
         result = calculator(m.group(1))
-        return "" if result.startswith("error") else render_call(CALCULATOR, m.group(1)) + render_output(result)
+        if not calls or result.startswith("error"):
+            return ""
+        return render_call(CALCULATOR, m.group(1)) + render_output(result)
 
     return ANNOTATION.sub(call, reasoning), answer
 
 
-def problem(row: dict) -> tuple[str, str, str]:
-    """(question, reasoning with calls, answer) of one GSM8K row."""
+def problem(row: dict, calls: bool = True) -> tuple[str, str, str]:
+    """(question, reasoning with calls (or without: `calls`), answer) of one GSM8K row."""
     if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
         raise GSM8KError(f"a GSM8K row has 'question' and 'answer' strings; this one has {sorted(row)}")
-    reasoning, answer = worked_solution(row["answer"])
+    reasoning, answer = worked_solution(row["answer"], calls)
     return row["question"].strip(), reasoning, answer

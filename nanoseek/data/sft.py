@@ -26,7 +26,7 @@ import torch
 from nanoseek.data.arithmetic import call_equations, check_steps, expression_steps, work_equations
 from nanoseek.data.corpus import DataError
 from nanoseek.data.loader import VAL_EVERY
-from nanoseek.data.tasks import TASKS, TRAIN_POOL, Problem, problems, reward
+from nanoseek.data.tasks import GSM8K, TASKS, TRAIN_POOL, Problem, problems, reward
 from nanoseek.data.tokenizer import ROLE_TOKENS, ROLES, Tokenizer, reasoning_block, render_calls
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tools import CALCULATOR, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, render_call, render_output
@@ -39,7 +39,9 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
     shipped chain of thought as it is). calculator: every result comes from a calculator call
     instead (nanoseek/tools.py): gsm_symbolic's equations each call it, an expression task calls
     it once on the whole expression; countdown keeps its worked steps."""
-    if p.task == "gsm_symbolic":
+    if p.task == GSM8K:  # its own worked solution: calls in place of its <<...>> annotations, or the text alone
+        steps, answer = p.entry["calls" if calculator else "worked"], p.answer
+    elif p.task == "gsm_symbolic":
         body, _, final = p.entry["metadata"]["answer_cot"].rpartition("####")
         if check_steps(body) or final.strip() != p.answer.strip():
             return None

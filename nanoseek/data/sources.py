@@ -1,15 +1,21 @@
 """The GPU recipe's open data sets, by name from the Hub or from local copies of the same schema.
 
-A source is a known name (`fineweb-edu`, `gsm8k`), streamed from the Hugging Face Hub through
-`datasets` when asked for, or a local .jsonl / .parquet file or folder with the set's fields
-(FineWeb's `text`; GSM8K's `question` and `answer`). Nothing is downloaded at import time or by
-the CPU preset. Offline, or with a set that cannot be reached, the error is one line naming the
-set and how to point at a local copy.
+A source is a known name (`fineweb-edu`, `finemath`, `gsm8k`), streamed from the Hugging Face
+Hub through `datasets` when asked for, or a local .jsonl / .parquet file or folder with the
+set's fields (FineWeb's and FineMath's `text`; GSM8K's `question` and `answer`). In a folder,
+files named after a split (`train*`, `test*`) hold that split; a folder without such names is
+one train split. Nothing is downloaded at import time or by the CPU preset. Offline, or with a
+set that cannot be reached, the error is one line naming the set and how to point at a local copy.
+
+Where a task's set lives (`where`): the Hub's name, a local copy a run chose (`use`, the
+speedrun's `gsm8k=PATH`), or $NANOSEEK_GSM8K for the standalone commands.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from nanoseek.data.corpus import DataError, read_table
@@ -18,61 +24,94 @@ from nanoseek.data.gsm8k import GSM8KError, problem
 # name -> (Hub repository, configuration, the fields a local copy needs)
 HUB = {
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", ("text",)),
+    "finemath": ("HuggingFaceTB/finemath", "finemath-4plus", ("text",)),  # math web pages
     "gsm8k": ("openai/gsm8k", "main", ("question", "answer")),
 }
+SPLITS = ("train", "test", "validation")
+_chosen: dict[str, str] = {}
+
+
+def use(name: str, source: str) -> None:
+    """Read the set `name` from `source` (a local copy, or the Hub's name) from now on."""
+    _chosen[name] = source
+
+
+def where(name: str) -> str:
+    """Where the set `name` is read from: the run's choice, $NANOSEEK_<NAME>, or the Hub."""
+    return _chosen.get(name) or os.environ.get(f"NANOSEEK_{name.upper().replace('-', '_')}") or name
 
 
 def rows(source: str, split: str = "train", limit: int | None = None, fields: tuple[str, ...] = ()) -> list[dict]:
     """Up to `limit` rows of a named set (its `split`, streamed) or of local files."""
-    path = Path(source)
-    if path.exists():
-        out = _local_rows(path, limit, fields)
-    elif source in HUB:
-        out = _hub_rows(source, split, limit)
-    else:
-        raise DataError(f"{source}: no such file or folder, and not a known data set ({', '.join(HUB)})")
+    out = list(itertools.islice(iter_rows(source, split, fields), limit))
     if not out:
         raise DataError(f"{source}: no rows")
     return out
 
 
-def _local_rows(path: Path, limit: int | None, fields: tuple[str, ...]) -> list[dict]:
+def iter_rows(source: str, split: str = "train", fields: tuple[str, ...] = ()) -> Iterator[dict]:
+    """The rows of a named set (streamed) or of local files, read as they are asked for."""
+    path = Path(source)
+    if path.exists():
+        return _local_rows(path, split, fields)
+    if source in HUB:
+        return _hub_rows(source, split)
+    raise DataError(f"{source}: no such file or folder, and not a known data set ({', '.join(HUB)})")
+
+
+def _local_rows(path: Path, split: str, fields: tuple[str, ...]) -> Iterator[dict]:
     files = sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".parquet")) if path.is_dir() else [path]
     if not files:
         raise DataError(f"no .jsonl or .parquet files in {path}")
-    out: list[dict] = []
-    for f in files:
-        table = read_table(f)
-        missing = [k for k in fields if k not in table.column_names]
+    if path.is_dir() and any(f.name.startswith(SPLITS) for f in files):
+        files = [f for f in files if f.name.startswith(split)]
+    elif split != "train":  # one file, or a folder of one split: never a held-out split too
+        files = []
+    if not files:
+        raise DataError(f"{path}: no {split} split (files named {split}*.jsonl or {split}*.parquet in a folder)")
+    tables = []
+    for f in files:  # every file's fields checked before the first row is read
+        tables.append(read_table(f))
+        missing = [k for k in fields if k not in tables[-1].column_names]
         if missing:
             raise DataError(f"{f}: needs the fields {', '.join(fields)} (missing {', '.join(missing)})")
-        out += list(itertools.islice(table, None if limit is None else limit - len(out)))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    return itertools.chain.from_iterable(tables)
 
 
-def _hub_rows(name: str, split: str, limit: int | None) -> list[dict]:
+def _hub_rows(name: str, split: str) -> Iterator[dict]:
     import datasets
 
     repo, config, fields = HUB[name]
     try:
-        stream = datasets.load_dataset(repo, config, split=split, streaming=True)
-        return list(itertools.islice(stream, limit))
+        stream = iter(datasets.load_dataset(repo, config, split=split, streaming=True))
+        first = next(stream, None)  # (offline, this is where it fails)
     except Exception as e:  # offline, missing, gated: datasets raises many types
         raise DataError(f"cannot read {name} ({repo}, {config}, {split}) from the Hub "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); download it "
                         f"and pass a local .jsonl or .parquet copy with the fields {', '.join(fields)}") from None
+    return itertools.chain([] if first is None else [first], stream)
 
 
-def texts(source: str = "fineweb-edu", limit: int | None = None) -> list[str]:
-    """Pretraining documents: the `text` field of each row."""
-    return [r["text"] for r in rows(source, "train", limit, ("text",)) if isinstance(r.get("text"), str) and r["text"]]
+def texts(source: str = "fineweb-edu", limit: int | None = None, chars: int | None = None) -> list[str]:
+    """Pretraining documents: the `text` field of each row; with `chars`, rows until that many
+    characters (a named set is streamed only that far)."""
+    out: list[str] = []
+    total = 0
+    for r in itertools.islice(iter_rows(source, "train", ("text",)), limit):
+        if isinstance(r.get("text"), str) and r["text"]:
+            out.append(r["text"])
+            total += len(r["text"])
+            if chars is not None and total >= chars:
+                break
+    if not out:
+        raise DataError(f"{source}: no text")
+    return out
 
 
-def gsm8k(source: str = "gsm8k", split: str = "train", limit: int | None = None) -> list[tuple[str, str, str]]:
-    """(question, reasoning with calculator calls, answer) for each GSM8K row."""
+def gsm8k(source: str = "gsm8k", split: str = "train", limit: int | None = None,
+          calls: bool = True) -> list[tuple[str, str, str]]:
+    """(question, reasoning with calculator calls (or without: `calls`), answer) for each GSM8K row."""
     try:
-        return [problem(r) for r in rows(source, split, limit, ("question", "answer"))]
+        return [problem(r, calls) for r in rows(source, split, limit, ("question", "answer"))]
     except GSM8KError as e:
         raise DataError(f"{source}: {e}") from None

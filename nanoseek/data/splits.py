@@ -27,7 +27,7 @@ HELD_OUT_TEMPLATES = frozenset(range(0, 100, 10))  # gsm_symbolic's templates 0,
 # training problems per task (the most a training run may draw); held-out problems are checked
 # against all of them. countdown's generator is slow (~9 ms a problem), so its pool is smaller.
 TRAIN_POOL = {"gsm_symbolic": 20_000, "basic_arithmetic": 20_000, "chain_sum": 20_000, "countdown": 1_000,
-              "plain_arithmetic": 20_000}
+              "plain_arithmetic": 20_000, "gsm8k": 7_473}  # (gsm8k: its whole train split)
 
 # curriculum levels of the expression tasks, easy to reasoning-gym's defaults:
 # (min terms, max terms, min digits, max digits)

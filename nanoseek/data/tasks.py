@@ -10,6 +10,10 @@ The split:
   pretraining corpus from CORPUS_SEED), evaluation from EVAL_SEED, millions apart (data/splits.py).
 - By content: any held-out problem whose question also appears in a training pool (the
   corpus's problems and `TRAIN_POOL` problems per task) is dropped; `question_hash` is the key.
+- GSM8K (`gsm8k`, the GPU recipe's): a fixed data set, read from the Hub or a local copy
+  (data/sources.py): training from its train split, evaluation from its test split, its
+  answers scored as GSM8K is (data/gsm8k.check). Not among TASKS (what "every task" means):
+  it is named where it is wanted, so that no CPU run reaches for the Hub.
 - A second held-out set for gsm_symbolic, `eval_seen`: the training templates with unseen
   numbers (seeds from SEEN_EVAL_SEED, the same content check). It measures whether a model can
   do a problem it has seen the form of; `eval` (unseen templates) whether it can read a new one.
@@ -34,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 
-from nanoseek.data import plain
+from nanoseek.data import gsm8k, plain, sources
 from nanoseek.data.splits import (
     CORPUS_SEED,
     EVAL_SEED,
@@ -51,10 +55,12 @@ from nanoseek.data.splits import (
 
 PLAIN = "plain_arithmetic"  # the project's own: arithmetic as people type it (data/plain.py)
 TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown", PLAIN)
+GSM8K = "gsm8k"
+ALL_TASKS = (*TASKS, GSM8K)  # what a run may name
 # every held-out set: name -> (task, split); the task names are the unseen-template / seed sets
-EVAL_SETS = {**{t: (t, "eval") for t in TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
+EVAL_SETS = {**{t: (t, "eval") for t in ALL_TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
 FORMAT_WEIGHT = 0.1
-NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum", PLAIN)
+NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum", PLAIN, GSM8K)
 
 
 class TaskError(ValueError):
@@ -84,7 +90,7 @@ def eval_sets(tasks: list[str]) -> list[str]:
     return [*tasks, *(["gsm_symbolic_seen"] if "gsm_symbolic" in tasks else [])]
 
 
-def check_tasks(names, allowed=TASKS, error: type[Exception] = TaskError) -> None:
+def check_tasks(names, allowed=ALL_TASKS, error: type[Exception] = TaskError) -> None:
     """Every name must be one of `allowed` (TASKS, or EVAL_SETS for the held-out sets); the
     first that is not raises `error` (a config's validation passes ConfigError)."""
     for name in names:
@@ -106,6 +112,8 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
     check_tasks([task])
     if split not in ("train", "eval", "eval_seen"):
         raise TaskError(f"split must be 'train', 'eval' or 'eval_seen', not {split!r}")
+    if task == GSM8K:
+        return _gsm8k_problems(split, n, offset, level)
     if task == PLAIN:
         return _plain_problems(split, n, offset, level)
     if split == "eval_seen" and task != "gsm_symbolic":
@@ -167,6 +175,24 @@ def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[
         out = out[:n]
         size *= 2
     return out
+
+
+def _gsm8k_problems(split: str, n: int, offset: int, level: int | None) -> list[Problem]:
+    """GSM8K's rows `offset` to `offset + n` of its train split (eval: its test split); fewer
+    where a local copy holds fewer, none only an error."""
+    if split == "eval_seen" or level is not None:
+        raise TaskError(f"{GSM8K} has a train and an eval (its test) split, no curriculum levels")
+    rows = _gsm8k_rows(sources.where(GSM8K), "train" if split == "train" else "test")[offset:offset + n]
+    if not rows:
+        raise TaskError(f"{GSM8K}: no {split} problems past the first {offset}")
+    return [Problem(GSM8K, q, answer, {"question": q, "calls": calls, "worked": worked})
+            for (q, calls, answer), (_, worked, _) in rows]
+
+
+@cache
+def _gsm8k_rows(source: str, split: str) -> list[tuple[tuple[str, str, str], tuple[str, str, str]]]:
+    """Each row with its reasoning as calculator calls and as written."""
+    return list(zip(sources.gsm8k(source, split), sources.gsm8k(source, split, calls=False)))
 
 
 @cache
@@ -244,6 +270,8 @@ def reward(problem: Problem, completion: str, length: int | None = None, max_len
 def _score(problem: Problem, answer: str) -> float:
     if problem.task == PLAIN:
         return plain.score(answer, problem.answer)
+    if problem.task == GSM8K:
+        return float(gsm8k.check(answer, problem.answer))
     ds = _checker(problem.task)
     try:
         return float(ds.score_answer(answer, problem.entry))

@@ -282,12 +282,35 @@ def _check_same(mine: torch.Tensor, ranks: Ranks, what: str) -> None:
         raise RuntimeError(f"rank {ranks.rank}'s {what} differ from rank 0's")
 
 
+_shared_group = False  # inside one_group(): the training stages keep the process group
+
+
 def finish(ranks: Ranks) -> None:
-    """Wait for rank 0's last checkpoint, then leave the process group."""
+    """Wait for rank 0's last checkpoint, then leave the process group (a pipeline's stages keep
+    it: one_group)."""
     if ranks.parallel:
         dist.barrier()
-        # gloo's worker threads free a finished collective's tensors under the GIL; a group
-        # destroyed while one still does (the DDP reducer drops the last reference with the
-        # GIL held, then joins them) deadlocks, about 1 run in 10: let them finish first
-        time.sleep(0.1)
-        dist.destroy_process_group()
+        if not _shared_group:
+            _leave()
+
+
+def _leave() -> None:
+    # gloo's worker threads free a finished collective's tensors under the GIL; a group
+    # destroyed while one still does (the DDP reducer drops the last reference with the
+    # GIL held, then joins them) deadlocks, about 1 run in 10: let them finish first
+    time.sleep(0.1)
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_group():
+    """Every training stage of a pipeline in one process group: a group destroyed and created
+    again in the same processes hangs in the second rendezvous."""
+    global _shared_group
+    _shared_group = True
+    try:
+        yield
+    finally:
+        _shared_group = False
+        if dist.is_initialized():  # (no barrier: rank 0 may still be evaluating)
+            _leave()

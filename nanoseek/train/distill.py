@@ -16,7 +16,7 @@ from pathlib import Path
 import nanoseek
 from nanoseek.config import require
 from nanoseek.data.splits import LEVELED, TRAIN_POOL
-from nanoseek.data.tasks import TASKS, check_tasks, problems, reward
+from nanoseek.data.tasks import ALL_TASKS, check_tasks, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig, TrainingError, train
@@ -78,7 +78,7 @@ class DistillConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        check_tasks(self.tasks, TASKS)
+        check_tasks(self.tasks, ALL_TASKS)
         require(self.problems >= 1 and self.k >= 1, "--problems and --k must be at least 1")
 
 

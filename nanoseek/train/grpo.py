@@ -41,7 +41,7 @@ from torch import nn
 
 from nanoseek.config import ConfigError, apply_overrides, require
 from nanoseek.data.splits import LEVELED, TRAIN_POOL, VALIDATION_OFFSET
-from nanoseek.data.tasks import R1_ZERO_TEMPLATE, TASKS, Problem, eval_sets, problems, reward
+from nanoseek.data.tasks import ALL_TASKS, GSM8K, R1_ZERO_TEMPLATE, Problem, eval_sets, problems, reward
 from nanoseek.eval import evaluate_tasks
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -98,7 +98,7 @@ class GRPOConfig:
         need = require
         need(bool(self.init), "grpo starts from a checkpoint")
         need(self.offset >= 0, "offset must be at least 0")
-        need(all(t in TASKS for t in self.tasks) and self.tasks, f"tasks must be among {', '.join(TASKS)}")
+        need(all(t in ALL_TASKS for t in self.tasks) and self.tasks, f"tasks must be among {', '.join(ALL_TASKS)}")
         need(self.template in ("chat", "r1_zero"), "template must be 'chat' or 'r1_zero'")
         need(self.parallel in dist.PARALLEL, f"parallel must be one of {', '.join(dist.PARALLEL)}")
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
@@ -137,7 +137,10 @@ def task_source(config: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
             j = step * config.prompts_per_step + i
             task = config.tasks[j % len(config.tasks)]
             ps = pool(task)
-            p = ps[(config.offset + j // len(config.tasks)) % len(ps)]
+            if len(ps) <= config.offset:
+                raise ConfigError(f"{task}: no training problems past offset {config.offset} (it has {len(ps)})")
+            # in order from the offset, then again (epochs over the problems past the cold start's)
+            p = ps[config.offset + (j // len(config.tasks)) % (len(ps) - config.offset)]
             if config.template == "r1_zero":
                 ids = tok.encode(R1_ZERO_TEMPLATE.format(question=p.question))
             else:
@@ -336,9 +339,11 @@ def grpo_step(run: GRPORun) -> dict[str, Any]:
 def validate(engine: Engine, config: GRPOConfig) -> dict[str, float]:
     """Greedy pass@1 on `eval_n` held-out validation problems of each task's held-out sets
     (gsm_symbolic: also gsm_symbolic_seen), from tasks.VALIDATION_OFFSET: never trained on, and
-    not the test problems that `nanoseek eval` reports."""
+    not the test problems that `nanoseek eval` reports. GSM8K has no held-out split but its
+    test set: it is not validated on."""
     template = "base" if config.template == "r1_zero" else "chat"
-    sets = evaluate_tasks(engine, {t: config.eval_n for t in eval_sets(config.tasks)}, k=0, template=template,
+    names = [t for t in eval_sets(config.tasks) if t != GSM8K]
+    sets = evaluate_tasks(engine, {t: config.eval_n for t in names}, k=0, template=template,
                           max_tokens=config.max_tokens, offset=VALIDATION_OFFSET)
     return {f"val/{t}": r["pass@1"] for t, r in sets.items()}
 

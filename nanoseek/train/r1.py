@@ -121,14 +121,16 @@ def r1_stages(config: R1Config) -> list[Stage]:
         return run
 
     if config.zero:
-        return [Stage("rl", rl(config.base, config.rl_steps, "r1_zero"), "GRPO from the base, R1-Zero's prompt"),
+        return [Stage("rl", rl(config.base, config.rl_steps, "r1_zero"), "GRPO from the base, R1-Zero's prompt",
+                      every_rank=True),
                 Stage("eval", ev([("base", config.base), ("rl", ckpt("rl"))]), "held-out evaluation")]
     return [
-        Stage("sft", sft(config.base, [], config.sft_steps), "cold-start SFT on verified worked solutions"),
-        Stage("rl", rl(ckpt("sft"), config.rl_steps), "GRPO, accuracy + format rewards"),
+        Stage("sft", sft(config.base, [], config.sft_steps), "cold-start SFT on verified worked solutions",
+              every_rank=True),
+        Stage("rl", rl(ckpt("sft"), config.rl_steps), "GRPO, accuracy + format rewards", every_rank=True),
         Stage("rs", rs, "rejection sampling: correct, well-formed answers of the RL model"),
-        Stage("sft2", sft2, "SFT on the kept answers"),
-        Stage("rl2", rl2, "GRPO again"),
+        Stage("sft2", sft2, "SFT on the kept answers", every_rank=True),
+        Stage("rl2", rl2, "GRPO again", every_rank=True),
         Stage("eval", ev([("base", config.base), *((n, ckpt(n)) for n in ("sft", "rl", "sft2", "rl2"))]),
               "held-out evaluation of every stage"),
     ]

@@ -33,10 +33,12 @@ import torch
 
 from nanoseek.config import PRESETS, ConfigError, apply_overrides, derive, require, round_up
 from nanoseek.config import preset as preset_config
+from nanoseek.data import sources
 from nanoseek.data.corpus import default_corpus, math_documents, read_files
 from nanoseek.data.sft import task_documents
+from nanoseek.data.sources import HUB, texts
 from nanoseek.data.splits import TRAIN_POOL
-from nanoseek.data.tasks import TASKS, check_tasks, eval_sets
+from nanoseek.data.tasks import ALL_TASKS, GSM8K, check_tasks, eval_sets
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.compare import evaluate_stages
@@ -45,7 +47,7 @@ from nanoseek.train.device import check_precision
 from nanoseek.train.grpo import GRPOConfig, grpo
 from nanoseek.train.report import write_ablations, write_report
 from nanoseek.train.runlog import say
-from nanoseek.train.stages import DONE, Stage, run_stages, stage_done
+from nanoseek.train.stages import DONE, Stage, main_process, run_stages, stage_done
 from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig, check_ema, train
 
 CORPORA = ("default", "math", "tasks")
@@ -79,9 +81,14 @@ class SpeedrunConfig:
     corpus_mix: dict[str, int] | None = field(default_factory=lambda: {"chain_sum": 4000, "gsm_symbolic": 8000,
                                                                        "basic_arithmetic": 4000,
                                                                        "plain_arithmetic": 8000})
-    # your own .txt / .jsonl / .parquet files or folders: the tokenizer and pretraining read them
-    # instead of the corpus (what the GPU presets' token budgets need: the embedded corpus is ~4M tokens)
+    # your own .txt / .jsonl / .parquet files or folders, or open sets by name (data/sources.HUB:
+    # fineweb-edu, finemath, streamed from the Hub in equal shares of the pretraining budget): the
+    # tokenizer and pretraining read them instead of the corpus (the GPU presets' token budgets
+    # need them: the embedded corpus is ~4M tokens)
     data: list[str] = field(default_factory=list)
+    # where GSM8K is read from when a stage names it: the Hub ("gsm8k"), or a local folder of its
+    # train* and test* .parquet / .jsonl files (data/sources.py)
+    gsm8k: str = "gsm8k"
     vocab_size: int = 4096
 
     # --- pretraining (train/trainer.py; fp32 matmuls on a CPU: bf16 was no faster on this corpus) ---
@@ -139,7 +146,7 @@ class SpeedrunConfig:
     def validate(self) -> None:
         need = require
         need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        check_tasks([*self.tasks, *(self.rl_tasks or []), *self.report_tasks], TASKS, ConfigError)
+        check_tasks([*self.tasks, *(self.rl_tasks or []), *self.report_tasks], ALL_TASKS, ConfigError)
         for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(bool(self.tasks), "tasks must name at least one task")
@@ -148,7 +155,8 @@ class SpeedrunConfig:
         need(self.rl_beta >= 0, f"rl_beta (GRPO's KL coefficient) must be >= 0, not {self.rl_beta}")
         need(self.corpus in CORPORA, f"corpus must be one of {', '.join(CORPORA)}, not {self.corpus!r}")
         for path in self.data:
-            need(Path(path).exists(), f"no such data file or folder: {path}")
+            need(Path(path).exists() or path in HUB, f"no such data file or folder: {path} "
+                                                      f"(or name an open set: {', '.join(HUB)})")
         need(self.corpus_docs >= 1, "corpus_docs must be at least 1")
         for name, what in (("corpus_mix", "documents"), ("sft_mix", "cold-start problems")):
             mix = getattr(self, name)
@@ -174,7 +182,9 @@ class SpeedrunConfig:
         corpus_counts, sft_counts, rl_offset = self.corpus_counts(), self.sft_counts(), self.rl_offset()
         for t in self.tasks:
             corpus = corpus_counts[t] if self.corpus == "tasks" and not self.data else 0  # data replaces it
-            used = corpus + (rl_offset + rl if t in rl_tasks else sft_counts[t])
+            # without corpus documents from its pool GRPO may go over the problems past the cold start's again
+            prompts = min(rl, max(1, TRAIN_POOL[t] - rl_offset)) if not corpus else rl
+            used = corpus + (rl_offset + prompts if t in rl_tasks else sft_counts[t])
             require(used <= TRAIN_POOL[t], ("the corpus's documents + " if corpus else "") + "sft_examples + the "
                     f"RL prompts ({used:,}) must fit in {t}'s {TRAIN_POOL[t]:,} training problems")
 
@@ -213,20 +223,29 @@ TINY_BUDGET = dict(vocab_size=512, pretrain_steps=30, pretrain_batch_size=4, pre
 UNTUNED = dict(rl_tasks=None, corpus_mix=None, sft_mix=None, eval_mix=None, rl_lr=1e-5, rl_dynamic_sampling=False,
                rl_beta=0.01)
 
+GPU_TASKS = [GSM8K, "gsm_symbolic", "plain_arithmetic", "chain_sum", "basic_arithmetic"]
+GPU_DATA = dict(data=["fineweb-edu", "finemath"], tasks=GPU_TASKS, rl_tasks=[GSM8K],
+                sft_mix={GSM8K: 4000, "gsm_symbolic": 4000, "plain_arithmetic": 4000, "chain_sum": 2000,
+                         "basic_arithmetic": 2000},
+                eval_mix={GSM8K: 1319})  # (GSM8K's whole test split)
+
 # Each preset: what it changes from SpeedrunConfig's defaults (the cpu recipe).
 SPEEDRUNS: dict[str, dict[str, Any]] = {
     "tiny": {**UNTUNED, **TINY_BUDGET},
     "cpu": {},
-    # GPU presets: pretraining budgets far beyond the embedded corpus (pass data=[...]); the cold
-    # start a few passes over its ~4M tokens of worked solutions
-    "gpu": {**UNTUNED, "corpus": "default", "vocab_size": 32768, "pretrain_steps": 20000, "pretrain_batch_size": 64,
-            "pretrain_seq_len": 2048, "sft_steps": 200, "sft_examples": 8000, "sft_batch_size": 32,
-            "sft_seq_len": 2048, "rl_steps": 500, "rl_prompts_per_step": 32, "rl_group_size": 16,
-            "max_tokens": 1024, "eval_n": 500, "eval_k": 8},
-    "gpu8": {**UNTUNED, "corpus": "default", "vocab_size": 65536, "pretrain_steps": 6000, "pretrain_batch_size": 256,
-             "pretrain_seq_len": 4096, "sft_steps": 100, "sft_examples": 8000, "sft_batch_size": 32,
-             "sft_seq_len": 4096, "rl_steps": 250, "rl_prompts_per_step": 64, "rl_group_size": 16,
-             "max_tokens": 2048, "eval_n": 1000, "eval_k": 8},
+    # GPU presets: open data by default (nanochat's recipe, DeepSeek's tasks): pretraining on
+    # FineWeb-Edu and FineMath in equal shares, streamed; the cold start on GSM8K's train split
+    # (its annotations as calculator calls) and the generated tasks' worked solutions; GRPO on the
+    # rest of GSM8K's train split; the report card on its whole test split and the generated tasks.
+    # Untuned: their figures are estimates until a GPU runs them (README)
+    "gpu": {**UNTUNED, **GPU_DATA, "vocab_size": 32768, "pretrain_steps": 20000, "pretrain_batch_size": 64,
+            "pretrain_seq_len": 2048, "sft_steps": 200, "sft_batch_size": 32, "sft_seq_len": 2048,
+            "rl_steps": 500, "rl_prompts_per_step": 32, "rl_group_size": 16, "max_tokens": 1024, "eval_n": 500,
+            "eval_k": 8},
+    "gpu8": {**UNTUNED, **GPU_DATA, "vocab_size": 65536, "pretrain_steps": 6000, "pretrain_batch_size": 256,
+             "pretrain_seq_len": 4096, "sft_steps": 100, "sft_batch_size": 32, "sft_seq_len": 4096,
+             "rl_steps": 250, "rl_prompts_per_step": 64, "rl_group_size": 16, "max_tokens": 2048, "eval_n": 1000,
+             "eval_k": 8},
 }
 
 
@@ -256,6 +275,7 @@ EVAL_STAGES = ("eval", "report", "ablate/eval")
 
 def speedrun(config: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str, Any]]:
     """Run (or resume) the speedrun in config.out; returns every stage's summary."""
+    sources.use(GSM8K, config.gsm8k)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "speedrun.json"
@@ -269,12 +289,15 @@ def speedrun(config: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str
         trained = [k for k in changed if k not in EVAL_ONLY]
         require(not trained, f"{out} holds a speedrun with other settings ({', '.join(trained)}): "
                              "use another --out, or the same settings to resume it")
-        if changed:
+        if changed and main_process():
             say(True, f"{out}: other {', '.join(changed)} than it was started with: "
                       "its trained stages are kept, the evaluation and report redone")
             for name in EVAL_STAGES:
                 (out / name / DONE).unlink(missing_ok=True)
-    cfg_file.write_text(json.dumps(mine, indent=1) + "\n")
+    if main_process():  # (under torchrun the other ranks only train: train/stages.py)
+        tmp = cfg_file.with_suffix(".tmp")  # (whole, for the ranks that read it)
+        tmp.write_text(json.dumps(mine, indent=1) + "\n")
+        tmp.replace(cfg_file)
     return run_stages(out, speedrun_stages(config, ablate), progress=config.progress)
 
 
@@ -287,15 +310,15 @@ def speedrun_stages(config: SpeedrunConfig, ablate: bool = False) -> list[Stage]
     """The speedrun's stages; with `ablate`, its tokenizer, pretraining and cold start (shared,
     skipped when done), then the same two training stages for each ablation and their side-by-side
     evaluation (OUT/ablate/, OUT/ablations.md)."""
-    corpus = "your data" if config.data else {"default": "the embedded corpus",
+    corpus = ", ".join(config.data) if config.data else {"default": "the embedded corpus",
                                               "math": "the embedded corpus's math documents",
                                               "tasks": "worked solutions of the run's tasks"}[config.corpus]
     stages = [
         Stage("tokenizer", partial(tokenizer_stage, config), "byte-level BPE on " + corpus),
         Stage("pretrain", partial(pretrain_stage, config),
-              f"{config.preset} preset: MLA + MoE + MTP, {config.pretrain_steps} steps"),
-        Stage("sft", partial(sft_stage, config), "cold-start SFT on verified worked solutions"),
-        Stage("rl", partial(rl_stage, config), "GRPO, accuracy + format rewards"),
+              f"{config.preset} preset: MLA + MoE + MTP, {config.pretrain_steps} steps", every_rank=True),
+        Stage("sft", partial(sft_stage, config), "cold-start SFT on verified worked solutions", every_rank=True),
+        Stage("rl", partial(rl_stage, config), "GRPO, accuracy + format rewards", every_rank=True),
         Stage("eval", partial(eval_stage, config), "held-out evaluation of base, SFT and RL"),
         Stage("final", partial(final_stage, config), "the RL model, ready to serve"),
         Stage("report", partial(report_stage, config), "report card: report.md, report.json, plots"),
@@ -318,27 +341,53 @@ def _corpus_file(config: SpeedrunConfig) -> Path:
     return Path(config.out) / "corpus.jsonl"
 
 
-def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
+def _writes_corpus(config: SpeedrunConfig) -> bool:
+    """Whether the tokenizer stage writes the pretraining text to OUT/corpus.jsonl: a corpus made
+    for the run, or text streamed from open sets (read once, the same on a resume)."""
+    return any(d in HUB for d in config.data) if config.data else config.corpus != "default"
+
+
+CHARS_PER_TOKEN = 5  # what an open set is read for: a little more text than the budget's tokens take
+TOKENIZER_CHARS = 2_000_000_000  # the tokenizer learns from at most this much of the text
+
+
+def pretraining_text(config: SpeedrunConfig) -> list[str]:
+    """The tokenizer's and pretraining's documents: the user's files and named open sets (each
+    named set an equal share of the pretraining budget), or the corpus."""
     if config.data:
-        docs = read_files(config.data)
-    else:
-        tasks = partial(task_documents, config.tasks, config.corpus_counts(), config.calculator)
-        docs = {"default": default_corpus, "math": math_documents, "tasks": tasks}[config.corpus]()
-        if config.corpus != "default":
-            _corpus_file(config).parent.mkdir(parents=True, exist_ok=True)
-            tmp = _corpus_file(config).with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-            tmp.replace(_corpus_file(config))
-    tok = train_tokenizer(docs, vocab_size=config.vocab_size)
+        named = [d for d in config.data if d in HUB]
+        budget = config.pretrain_steps * config.pretrain_batch_size * config.pretrain_seq_len * CHARS_PER_TOKEN
+        files = [d for d in config.data if d not in HUB]
+        return [*(read_files(files) if files else []),
+                *(doc for name in named for doc in texts(sources.where(name), chars=budget // len(named)))]
+    tasks = partial(task_documents, config.tasks, config.corpus_counts(), config.calculator)
+    return {"default": default_corpus, "math": math_documents, "tasks": tasks}[config.corpus]()
+
+
+def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
+    docs = pretraining_text(config)
+    if _writes_corpus(config):
+        _corpus_file(config).parent.mkdir(parents=True, exist_ok=True)
+        tmp = _corpus_file(config).with_suffix(".tmp")
+        with tmp.open("w") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+        tmp.replace(_corpus_file(config))
+    sample, chars = [], 0
+    for d in docs:
+        sample.append(d)
+        chars += len(d)
+        if chars >= TOKENIZER_CHARS:
+            break
+    tok = train_tokenizer(sample, vocab_size=config.vocab_size)
     tok.save(folder)
     return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
             **({"data": list(config.data)} if config.data else {})}
 
 
 def pretrain_stage(config: SpeedrunConfig, folder: Path, model_overrides: list[str] = ()) -> dict:
-    corpus = [str(_corpus_file(config))] if config.corpus != "default" else []
+    data = [str(_corpus_file(config))] if _writes_corpus(config) else list(config.data)
     train_config = TrainConfig(preset=config.preset, out=str(folder), tokenizer=str(Path(config.out) / "tokenizer"),
-                               data=list(config.data) or corpus, max_steps=config.pretrain_steps,
+                               data=data, max_steps=config.pretrain_steps,
                                batch_size=config.pretrain_batch_size, seq_len=config.pretrain_seq_len,
                                price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
                                precision=config.precision, compile=config.compile, progress=config.progress)
@@ -403,18 +452,18 @@ def ablation_stages(config: SpeedrunConfig, eta: dict[str, float]) -> list[Stage
     stages = []
     for name, model_overrides in variants.items():
         stages += [Stage(f"ablate/{name}/pretrain", partial(pretrain_stage, config, model_overrides=model_overrides),
-                         f"pretraining, {name}", eta.get("pretrain", 0.0)),
+                         f"pretraining, {name}", eta.get("pretrain", 0.0), every_rank=True),
                    Stage(f"ablate/{name}/sft", partial(sft_stage, config, base=f"ablate/{name}/pretrain"),
-                         f"cold start, {name}", eta.get("sft", 0.0))]
+                         f"cold start, {name}", eta.get("sft", 0.0), every_rank=True)]
     if config.calculator:
         variants["no_calculator"] = []
         plain = no_calculator(config)
         stages += [Stage("ablate/no_calculator/tokenizer", partial(tokenizer_stage, plain),
                          "tokenizer, no calculator", eta.get("tokenizer", 0.0)),
                    Stage("ablate/no_calculator/pretrain", partial(pretrain_stage, plain),
-                         "pretraining, no calculator", eta.get("pretrain", 0.0)),
+                         "pretraining, no calculator", eta.get("pretrain", 0.0), every_rank=True),
                    Stage("ablate/no_calculator/sft", partial(sft_stage, plain), "cold start, no calculator",
-                         eta.get("sft", 0.0))]
+                         eta.get("sft", 0.0), every_rank=True)]
     return stages + [Stage("ablate/eval", partial(ablation_eval_stage, config, list(variants)),
                            "held-out evaluation of every variant's SFT model")]
 

@@ -3,17 +3,24 @@
 A pipeline is a list of stages, each with its own folder under the run. A stage that finished
 wrote `stage.json` (its summary) there last, atomically; a restarted pipeline skips those and
 resumes the first unfinished one, which resumes itself from its own checkpoints.
+
+Under torchrun every process runs the pipeline. The training stages (`every_rank`) run on all
+of them, data-parallel; the others (tokenizer, evaluation, report) on rank 0 alone, while the
+rest wait for their `stage.json` before the next training stage and leave after the last one.
+Rank 0 alone writes `stage.json`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.train import dist
 from nanoseek.train.runlog import say
 
 DONE = "stage.json"
@@ -25,6 +32,12 @@ class Stage:
     run: Callable[[Path], dict[str, Any]]  # gets its folder, returns its summary
     what: str = ""
     estimate_s: float = 0.0  # expected wall time, for the run's ETA (0: unknown)
+    every_rank: bool = False  # under torchrun: run on every process (training), else on rank 0 alone
+
+
+def main_process() -> bool:
+    """Whether this is the only process or torchrun's rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def stage_done(folder: Path) -> dict[str, Any] | None:
@@ -33,8 +46,13 @@ def stage_done(folder: Path) -> dict[str, Any] | None:
 
 
 def run_stages(out: str | Path, stages: list[Stage], progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run the unfinished stages in order; returns every stage's summary."""
-    out = Path(out)
+    """Run the unfinished stages in order; returns every stage's summary (under torchrun, a rank
+    other than 0 returns those of the stages it ran or waited for)."""
+    with dist.one_group():
+        return _follow(Path(out), stages) if not main_process() else _run(Path(out), stages, progress)
+
+
+def _run(out: Path, stages: list[Stage], progress: bool) -> dict[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
@@ -62,6 +80,25 @@ def run_stages(out: str | Path, stages: list[Stage], progress: bool = True) -> d
         tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
         tmp.replace(folder / DONE)
         summaries[st.name] = summary
+    return summaries
+
+
+def _follow(out: Path, stages: list[Stage], poll_s: float = 0.5) -> dict[str, dict[str, Any]]:
+    """A rank other than 0: each training stage once rank 0 has finished every stage before it
+    (torchrun stops every process if one fails, so the wait ends either way)."""
+    summaries: dict[str, dict[str, Any]] = {}
+    for i, st in enumerate(stages):
+        if not st.every_rank:
+            continue
+        for before in stages[:i]:
+            while (done := stage_done(out / before.name)) is None:
+                time.sleep(poll_s)
+            summaries[before.name] = done
+        if (done := stage_done(out / st.name)) is None:
+            st.run(out / st.name)
+            while (done := stage_done(out / st.name)) is None:  # rank 0 writes it after its last checkpoint
+                time.sleep(poll_s)
+        summaries[st.name] = done
     return summaries
 
 

@@ -29,7 +29,7 @@ from nanoseek.config import ModelConfig, preset, require, round_up, route_overri
 from nanoseek.data.corpus import default_corpus, read_files
 from nanoseek.data.loader import PackedLoader, tokenize_documents, val_batches
 from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
-from nanoseek.data.tasks import TASKS
+from nanoseek.data.tasks import ALL_TASKS, TASKS
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train import checkpoint as ckpt
@@ -115,14 +115,14 @@ class TrainConfig:
         need(self.max_epochs is None or self.max_epochs > 0, "max_epochs must be positive")
         n = self.sft_examples
         if isinstance(n, dict):
-            bad = [t for t in n if t not in TASKS]
-            need(not bad, f"sft_examples maps tasks from: {', '.join(TASKS)} to numbers (got {', '.join(bad)})")
+            bad = [t for t in n if t not in ALL_TASKS]
+            need(not bad, f"sft_examples maps tasks from: {', '.join(ALL_TASKS)} to numbers (got {', '.join(bad)})")
             need(all(k >= 0 for k in n.values()), "sft_examples must not be negative")
         need((sum(n.values()) if isinstance(n, dict) else n) >= 1, "sft_examples must be at least 1")
         if self.sft_tasks is not None:
-            bad = [t for t in self.sft_tasks if t not in TASKS]
+            bad = [t for t in self.sft_tasks if t not in ALL_TASKS]
             need(bool(self.sft_tasks) and not bad,
-                 f"sft_tasks must name tasks from: {', '.join(TASKS)} (got {self.sft_tasks})")
+                 f"sft_tasks must name tasks from: {', '.join(ALL_TASKS)} (got {self.sft_tasks})")
 
 
 def check_ema(decay: float, name: str = "ema") -> None:
