@@ -2,7 +2,15 @@
 
 import torch
 
-from nanoseek.data.loader import VAL_EVERY, PackedLoader, tokenize_documents, val_batches
+from nanoseek.data.loader import (
+    VAL_EVERY,
+    PackedLoader,
+    is_token_folder,
+    load_tokens,
+    save_tokens,
+    tokenize_documents,
+    val_batches,
+)
 from nanoseek.data.tokenizer import train_tokenizer
 
 
@@ -45,3 +53,20 @@ def test_validation_documents_never_reach_training():
         assert (d in val_text) == held_out and (d in train_text) != held_out
     batches = list(val_batches(val, seq_len=8, batch_size=2, max_batches=3))
     assert batches and all(x.shape == (2, 8) for x, _ in batches)
+
+
+def test_tokens_saved_once_read_back_as_memory_maps_give_the_same_batches(tmp_path):
+    docs = [f"page {i}: {i} plus {i + 1} is {2 * i + 1}" for i in range(300)]
+    tok = train_tokenizer(docs, vocab_size=300, min_frequency=1)
+    train, val = tokenize_documents(docs, tok)
+    assert not is_token_folder(tmp_path / "t")
+    assert save_tokens(tmp_path / "t", docs, tok) == len(train) and is_token_folder(tmp_path / "t")
+    mapped_train, mapped_val = load_tokens(tmp_path / "t")
+    assert mapped_train.dtype == torch.int32 and torch.equal(mapped_train.long(), train)
+    assert torch.equal(mapped_val.long(), val)
+    a, b = PackedLoader(train, 16, 4, seed=2), PackedLoader(mapped_train, 16, 4, seed=2)
+    for _ in range(30):  # (past an epoch's end)
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert xb.dtype == yb.dtype == torch.long and torch.equal(xa, xb) and torch.equal(ya, yb)
+    for (xa, ya), (xb, yb) in zip(val_batches(val, 8, 2, 3), val_batches(mapped_val, 8, 2, 3), strict=True):
+        assert xb.dtype == torch.long and torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -274,16 +274,21 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     assert 700 <= len(docs) <= 800 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
 
 
-def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tmp_path):
+def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tmp_path, monkeypatch):
     """`--smoke`: the GPU preset's expert layout and group-limited routing at the tiny preset's
-    size and budget, on local copies of its open sets, every stage through to the report card."""
+    size and budget, on its open sets by name (FineWeb-Edu and FineMath, here local copies the
+    environment points at) and GSM8K from a folder, every stage through to the report card."""
     import nanoseek
     from nanoseek.config import preset
 
     gsm8k, text = open_data_copies(tmp_path / "data")
+    math = tmp_path / "data" / "finemath.jsonl"
+    math.write_text("".join(json.dumps({"text": f"Theorem {i}. The sum of {i} odd numbers is {i * i}."}) + "\n"
+                            for i in range(1000)))
+    monkeypatch.setenv("NANOSEEK_FINEWEB_EDU", str(text))
+    monkeypatch.setenv("NANOSEEK_FINEMATH", str(math))
     out = tmp_path / "gpu"
-    assert main(["speedrun", "--preset", "gpu", "--smoke", "--out", str(out), "--quiet", f"data=[\"{text}\"]",
-                 f"gsm8k={gsm8k}"]) == 0
+    assert main(["speedrun", "--preset", "gpu", "--smoke", "--out", str(out), "--quiet", f"gsm8k={gsm8k}"]) == 0
     cfg, full = nanoseek.load(out / "final")[0].config, preset("gpu")
     for field in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
                   "num_nextn_predict_layers"):
@@ -294,8 +299,16 @@ def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tm
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["architecture"]["routed_experts"] == full.n_routed_experts
     assert report["eval"]["rl"]["gsm8k"]["problems"] == 4  # from its test split
+    # the text tokenized once by the tokenizer stage, memory-mapped by pretraining
+    tokenized = json.loads((out / "tokenizer" / "stage.json").read_text())
+    assert tokenized["data"] == ["fineweb-edu", "finemath"] and tokenized["training_tokens"] > 5_000
+    # each named set read only as far as its half of the budget (30 steps x 4 x 64 tokens x 5 characters)
+    share = 30 * 4 * 64 * 5 // 2
+    assert 2 * share <= tokenized["characters"] < 2 * share + 200 and tokenized["documents"] < 1400
     pre_state = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
-    assert pre_state["data"] == [str(text)]
+    assert pre_state["data"] == [str(out / "tokens")]
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "x"), "--data", str(out / "tokens")]) == 2
+    assert not (tmp_path / "x" / "latest").exists()  # tokens without their tokenizer: refused, one line
 
 
 def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):

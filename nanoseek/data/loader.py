@@ -1,7 +1,9 @@
 """Packing tokenized documents into fixed-length sequences, deterministically and resumably.
 
 Documents are tokenized, each followed by <|eos|>, and concatenated; every 50th document
-goes to the validation stream instead (a fixed, seed-independent split). The training
+goes to the validation stream instead (a fixed, seed-independent split). Large text is
+tokenized once (`save_tokens`: int32 .npy files) and memory-mapped by every process that trains
+on it (`load_tokens`), so torchrun's ranks share one copy in the page cache. The training
 stream is cut into chunks of seq_len + 1 tokens; each epoch visits them in the order of
 a permutation drawn from (seed, epoch). The loader's whole state is (epoch, index), which
 the checkpoint stores, so a resumed run reads exactly the batches it would have read.
@@ -10,6 +12,7 @@ the checkpoint stores, so a resumed run reads exactly the batches it would have 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +22,38 @@ from nanoseek.data.tokenizer import Tokenizer
 VAL_EVERY = 50
 
 
+TOKEN_FILES = ("train.npy", "val.npy")
+
+
 def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (train tokens, val tokens), 1-D int64 tensors."""
+    train, val = tokenize_arrays(docs, tokenizer)
+    return torch.from_numpy(train).long(), torch.from_numpy(val).long()
+
+
+def save_tokens(folder: str | Path, docs: list[str], tokenizer: Tokenizer) -> int:
+    """Tokenize `docs` into folder/train.npy and folder/val.npy (int32); -> training tokens."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = tokenize_arrays(docs, tokenizer)
+    for name, a in zip(TOKEN_FILES, arrays):
+        with open(folder / (name + ".tmp"), "wb") as f:
+            np.save(f, a)
+        (folder / (name + ".tmp")).replace(folder / name)
+    return len(arrays[0])
+
+
+def is_token_folder(path: str | Path) -> bool:
+    return all((Path(path) / name).is_file() for name in TOKEN_FILES)
+
+
+def load_tokens(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """save_tokens' (train, val) as int32 tensors over memory maps (copy-on-write: never written)."""
+    return tuple(torch.from_numpy(np.load(Path(folder) / name, mmap_mode="c")) for name in TOKEN_FILES)
+
+
+def tokenize_arrays(docs: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """-> (train tokens, val tokens), 1-D int32 arrays, each document followed by <|eos|>."""
     train: list[np.ndarray] = []
     val: list[np.ndarray] = []
     eos = np.array([tokenizer.eos_id], dtype=np.int32)
@@ -30,7 +63,7 @@ def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> tuple[torch.Ten
         for j, doc in enumerate(ids, start=start):
             (val if j % VAL_EVERY == VAL_EVERY - 1 else train).append(np.asarray(doc, dtype=np.int32))
             (val if j % VAL_EVERY == VAL_EVERY - 1 else train).append(eos)
-    cat = lambda xs: torch.from_numpy(np.concatenate(xs) if xs else np.zeros(0, np.int32)).long()  # noqa: E731
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32)  # noqa: E731
     return cat(train), cat(val)
 
 
@@ -74,7 +107,7 @@ class PackedLoader:
                 self.state = LoaderState(self.state.epoch + 1, 0)
         idx = torch.cat(picks)
         offsets = idx[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
-        return self.tokens[offsets][:, :-1], self.labels[offsets][:, 1:]
+        return self.tokens[offsets][:, :-1].long(), self.labels[offsets][:, 1:].long()  # (int32 when memory-mapped)
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "index": self.state.index}
@@ -90,4 +123,4 @@ def val_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, max_batches
     n = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
     for start in range(0, n - batch_size + 1, batch_size):
         offsets = torch.arange(start, start + batch_size)[:, None] * seq_len + torch.arange(seq_len + 1)
-        yield tokens[offsets][:, :-1], labels[offsets][:, 1:]
+        yield tokens[offsets][:, :-1].long(), labels[offsets][:, 1:].long()

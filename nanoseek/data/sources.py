@@ -7,8 +7,9 @@ files named after a split (`train*`, `test*`) hold that split; a folder without 
 one train split. Nothing is downloaded at import time or by the CPU preset. Offline, or with a
 set that cannot be reached, the error is one line naming the set and how to point at a local copy.
 
-Where a task's set lives (`where`): the Hub's name, a local copy a run chose (`use`, the
-speedrun's `gsm8k=PATH`), or $NANOSEEK_GSM8K for the standalone commands.
+Where a set is read from (`where`): a local copy a run chose (`use`: the speedrun's `gsm8k=DIR`),
+else the one an environment variable names ($NANOSEEK_GSM8K, $NANOSEEK_FINEWEB_EDU,
+$NANOSEEK_FINEMATH: also for the standalone commands), else the Hub.
 """
 
 from __future__ import annotations

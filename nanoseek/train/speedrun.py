@@ -6,7 +6,8 @@ refuses, except for the evaluation's own (EVAL_ONLY), which redo only the eval a
   tokenizer  byte-level BPE on the pretraining corpus: the embedded one (corpus=default), its
              math documents (corpus=math) or worked solutions of the run's tasks drawn from
              the far end of their training pools (corpus=tasks); the last two are written to
-             OUT/corpus.jsonl
+             OUT/corpus.jsonl. Or `data`: files and open sets (the GPU presets' default),
+             tokenized once into OUT/tokens
   pretrain   next-token + MTP pretraining of the preset's MLA + MoE model on that corpus
   sft        cold start: verified worked solutions of the training problems (data/sft.py)
   rl         GRPO on the verifiable tasks (accuracy + format rewards)
@@ -35,6 +36,7 @@ from nanoseek.config import PRESETS, ConfigError, apply_overrides, derive, requi
 from nanoseek.config import preset as preset_config
 from nanoseek.data import sources
 from nanoseek.data.corpus import default_corpus, math_documents, read_files
+from nanoseek.data.loader import save_tokens
 from nanoseek.data.sft import task_documents
 from nanoseek.data.sources import HUB, texts
 from nanoseek.data.splits import TRAIN_POOL
@@ -82,9 +84,9 @@ class SpeedrunConfig:
                                                                        "basic_arithmetic": 4000,
                                                                        "plain_arithmetic": 8000})
     # your own .txt / .jsonl / .parquet files or folders, or open sets by name (data/sources.HUB:
-    # fineweb-edu, finemath, streamed from the Hub in equal shares of the pretraining budget): the
-    # tokenizer and pretraining read them instead of the corpus (the GPU presets' token budgets
-    # need them: the embedded corpus is ~4M tokens)
+    # fineweb-edu, finemath, streamed from the Hub in equal shares of the pretraining budget),
+    # tokenized once by the tokenizer stage and memory-mapped by pretraining, instead of the
+    # corpus (the GPU presets' token budgets need them: the embedded corpus is ~4M tokens)
     data: list[str] = field(default_factory=list)
     # where GSM8K is read from when a stage names it: the Hub ("gsm8k"), or a local folder of its
     # train* and test* .parquet / .jsonl files (data/sources.py)
@@ -341,10 +343,9 @@ def _corpus_file(config: SpeedrunConfig) -> Path:
     return Path(config.out) / "corpus.jsonl"
 
 
-def _writes_corpus(config: SpeedrunConfig) -> bool:
-    """Whether the tokenizer stage writes the pretraining text to OUT/corpus.jsonl: a corpus made
-    for the run, or text streamed from open sets (read once, the same on a resume)."""
-    return any(d in HUB for d in config.data) if config.data else config.corpus != "default"
+def _tokens_folder(config: SpeedrunConfig) -> Path:
+    """`data` tokenized once by the tokenizer stage: what every rank's pretraining memory-maps."""
+    return Path(config.out) / "tokens"
 
 
 CHARS_PER_TOKEN = 5  # what an open set is read for: a little more text than the budget's tokens take
@@ -365,8 +366,10 @@ def pretraining_text(config: SpeedrunConfig) -> list[str]:
 
 
 def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
+    """The tokenizer, and the pretraining text as pretraining reads it: `data` tokenized once
+    (OUT/tokens), a corpus made for the run written out (OUT/corpus.jsonl)."""
     docs = pretraining_text(config)
-    if _writes_corpus(config):
+    if not config.data and config.corpus != "default":
         _corpus_file(config).parent.mkdir(parents=True, exist_ok=True)
         tmp = _corpus_file(config).with_suffix(".tmp")
         with tmp.open("w") as f:
@@ -379,13 +382,15 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
         if chars >= TOKENIZER_CHARS:
             break
     tok = train_tokenizer(sample, vocab_size=config.vocab_size)
-    tok.save(folder)
+    tokens = save_tokens(_tokens_folder(config), docs, tok) if config.data else None
+    tok.save(folder)  # (last: the stage is done when its files are)
     return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
-            **({"data": list(config.data)} if config.data else {})}
+            **({"data": list(config.data), "training_tokens": tokens} if config.data else {})}
 
 
 def pretrain_stage(config: SpeedrunConfig, folder: Path, model_overrides: list[str] = ()) -> dict:
-    data = [str(_corpus_file(config))] if _writes_corpus(config) else list(config.data)
+    data = ([str(_tokens_folder(config))] if config.data else
+            [str(_corpus_file(config))] if config.corpus != "default" else [])
     train_config = TrainConfig(preset=config.preset, out=str(folder), tokenizer=str(Path(config.out) / "tokenizer"),
                                data=data, max_steps=config.pretrain_steps,
                                batch_size=config.pretrain_batch_size, seq_len=config.pretrain_seq_len,

@@ -27,7 +27,7 @@ import torch
 
 from nanoseek.config import ModelConfig, preset, require, round_up, route_overrides
 from nanoseek.data.corpus import default_corpus, read_files
-from nanoseek.data.loader import PackedLoader, tokenize_documents, val_batches
+from nanoseek.data.loader import PackedLoader, is_token_folder, load_tokens, tokenize_documents, val_batches
 from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
 from nanoseek.data.tasks import ALL_TASKS, TASKS
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
@@ -61,7 +61,8 @@ class TrainConfig:
     preset: str = "cpu"  # the model (config.PRESETS) of a run from scratch
     out: str = "runs/pretrain"
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
-    data: list[str] = field(default_factory=list)  # .txt/.jsonl/.parquet files; empty: the embedded corpus
+    # .txt/.jsonl/.parquet files, or a folder of tokens (data/loader.save_tokens); empty: the embedded corpus
+    data: list[str] = field(default_factory=list)
     max_steps: int | None = None  # None: NEW_RUN_STEPS for a new run, the saved value when resuming
     max_epochs: float | None = None  # a new run stops after this many passes over its data (max_steps the most)
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
@@ -243,7 +244,10 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
                                           calculator=config.sft_calculator))
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
-        docs = read_files(config.data) if config.data else default_corpus()
+        tokens = len(config.data) == 1 and is_token_folder(config.data[0])  # tokenized once: memory-mapped
+        require(not tokens or model is not None or bool(config.tokenizer),
+                f"{config.data[0]} holds tokens: pass the tokenizer that made them (--tokenizer)")
+        docs = [] if tokens else read_files(config.data) if config.data else default_corpus()
         if model is None:
             tokenizer = (Tokenizer.load(config.tokenizer) if config.tokenizer
                          else train_tokenizer(docs, vocab_size=model_config.vocab_size))
@@ -251,7 +255,7 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
                                                 bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                                                 pad_token_id=tokenizer.pad_id)
             model = Transformer(model_config)
-        train_tokens, val_tokens = tokenize_documents(docs, tokenizer)
+        train_tokens, val_tokens = load_tokens(config.data[0]) if tokens else tokenize_documents(docs, tokenizer)
         train_labels = val_labels = None
     model.to(device)
     average = WeightAverage(model, config.ema) if config.ema else None
