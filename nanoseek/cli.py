@@ -268,15 +268,20 @@ def add_speedrun(sub) -> None:
     p.add_argument("--plan", action="store_true",
                    help="a GPU preset's compute per stage and its expected hours and dollars; runs nothing")
     p.add_argument("--seed", type=int, help="every training stage's seed (default 0, the recipe's figures)")
+    p.add_argument("--data", action="append", metavar="PATH_OR_SET",
+                   help="pretraining text instead of the preset's: .txt/.jsonl/.parquet files or folders, or an "
+                        "open set by name (fineweb-edu, finemath); repeatable (= data=[...])")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., ...)")
+                   help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., "
+                        "gsm8k=DIR for a local GSM8K, ...)")
     p.set_defaults(run=run_speedrun)
 
 
 def run_speedrun(args: argparse.Namespace) -> int:
     seed = [] if args.seed is None else [f"seed={args.seed}"]
-    config = speedrun_config(args.preset, args.out, [*args.overrides, *seed], args.smoke)
+    data = [f"data={json.dumps(args.data)}"] if args.data else []
+    config = speedrun_config(args.preset, args.out, [*args.overrides, *seed, *data], args.smoke)
     if args.plan:
         print_plan(plan(config))
         return 0

@@ -318,7 +318,7 @@ def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
     gsm8k, text = open_data_copies(tmp_path / "data")
     out = tmp_path / "gpu8"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nanoseek",
-               "speedrun", "--preset", "gpu8", "--smoke", "--out", str(out), f"data=[\"{text}\"]", f"gsm8k={gsm8k}"]
+               "speedrun", "--preset", "gpu8", "--smoke", "--out", str(out), "--data", str(text), f"gsm8k={gsm8k}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -336,6 +336,7 @@ def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
     assert (out / "tokenizer" / "stage.json").stat().st_mtime_ns == tokenizer_written
     for name in ("pretrain", "sft", "rl"):
         assert json.loads((out / name / "stage.json").read_text())["cost"]["n_devices"] == 2, name
+    assert json.loads((out / "speedrun.json").read_text())["data"] == [str(text)]  # --data, the preset's replaced
     report = json.loads((out / "report.json").read_text())
     assert set(report["eval"]) == {"base", "sft", "rl"} and "gsm8k" in report["eval"]["rl"]
     assert (out / "final" / "model.safetensors").is_file()
