@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import ModelConfig, preset, require, round_up, route_overrides
+from nanoseek.config import ConfigError, ModelConfig, preset, require, round_up, route_overrides
 from nanoseek.data.corpus import default_corpus, read_files
 from nanoseek.data.loader import PackedLoader, is_token_folder, load_tokens, tokenize_documents, val_batches
 from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
@@ -245,8 +245,8 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
         tokens = len(config.data) == 1 and is_token_folder(config.data[0])  # tokenized once: memory-mapped
-        require(not tokens or model is not None or bool(config.tokenizer),
-                f"{config.data[0]} holds tokens: pass the tokenizer that made them (--tokenizer)")
+        if tokens and model is None and not config.tokenizer:
+            raise ConfigError(f"{config.data[0]} holds tokens: pass the tokenizer that made them (--tokenizer)")
         docs = [] if tokens else read_files(config.data) if config.data else default_corpus()
         if model is None:
             tokenizer = (Tokenizer.load(config.tokenizer) if config.tokenizer
