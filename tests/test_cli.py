@@ -94,6 +94,8 @@ def test_bench_cuda_runs_the_gpu_paths_tiny_on_the_cpu_and_says_so():
     assert "no CUDA device: the GPU paths at tiny sizes on the CPU" in r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["tiny"] is True and result["device_type"] == "cpu" and result["matmul_n"] == 256
+    assert result["device"].endswith("(no CUDA device: tiny sizes, the code path only)")
+    assert result["tokens_per_s"] == result["train"]["tokens_per_s"] > 0 and result["mfu"] == result["train"]["mfu"]
     assert result["bf16_peak_flops"] > 0 and result["fp8_peak_flops"] > 0  # (_scaled_mm runs on the CPU too)
     p = result["precision"]
     # the same weights and batch: bf16 and FP8 change the loss a little, never a lot
