@@ -595,8 +595,9 @@ def _cuda(args: argparse.Namespace) -> dict:
     fp8 = f"{r['fp8_peak_flops'] / 1e12:.3g} TFLOP/s" if r["fp8_peak_flops"] else "none"
     print(f"{r['device']}: matmul peak "
           f"bf16 {r['bf16_peak_flops'] / 1e12:.3g} TFLOP/s, FP8 {fp8}; loss vs fp32: bf16 "
-          f"{p['bf16']['relative_loss_diff']:.3%}, FP8 {p['fp8']['relative_loss_diff']:.3%} (step "
-          f"{p['fp8']['speedup_vs_bf16']:.2f}x bf16's); gpu preset {t['tokens_per_s']:,.0f} tok/s, MFU {t['mfu']:.1%}, "
+          f"{p['bf16']['relative_loss_diff']:.3%}, FP8 "
+          + (f"{p['fp8']['relative_loss_diff']:.3%} (step {p['fp8']['speedup_vs_bf16']:.2f}x bf16's)" if "fp8" in p
+             else "none on this device") + f"; gpu preset {t['tokens_per_s']:,.0f} tok/s, MFU {t['mfu']:.1%}, "
           f"peak {t['peak_memory_gb']:.1f} GB; decode {r['decode']['tokens_per_s_b1']:,.0f} tok/s at batch 1, "
           f"{r['decode']['tokens_per_s_b64']:,.0f} at 64", file=sys.stderr)
     return r

@@ -23,6 +23,7 @@ from nanoseek.data.tasks import EVAL_SETS, TASKS, Problem, problems, reward
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.train.checkpoint import CheckpointError, read_meta, resolve
+from nanoseek.train.device import pick_device
 
 # Sequences decoded together. A wide batch spreads each decode step's fixed cost over more
 # tokens; past 256 it gained little on the speedrun's eval (docs/LOG.md). Capped so that the
@@ -139,10 +140,11 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
 
 
 def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] = 100, k: int = 4,
-             template: str | None = None, max_tokens: int = 256, max_seqs: int | None = None) -> dict:
+             template: str | None = None, max_tokens: int = 256, max_seqs: int | None = None,
+             device: str = "cpu") -> dict:
     """Every held-out set of `tasks` (default: all four tasks) on `n` problems, or n[set];
-    `max_seqs` sequences decoded together (default: eval_seqs())."""
-    model, tok = nanoseek.load(ckpt)
+    `max_seqs` sequences decoded together (default: eval_seqs()); on `device` (cpu, cuda, auto)."""
+    model, tok = nanoseek.load(ckpt, str(pick_device(device)))
     if tok is None:
         raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")
     stage = read_meta(resolve(ckpt)).get("stage")

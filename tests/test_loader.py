@@ -1,5 +1,6 @@
 """Packed loader: deterministic, resumable from its state, validation kept apart."""
 
+import pytest
 import torch
 
 from nanoseek.data.loader import (
@@ -61,7 +62,9 @@ def test_tokens_saved_once_read_back_as_memory_maps_give_the_same_batches(tmp_pa
     train, val = tokenize_documents(docs, tok)
     assert not is_token_folder(tmp_path / "t")
     assert save_tokens(tmp_path / "t", docs, tok) == len(train) and is_token_folder(tmp_path / "t")
-    mapped_train, mapped_val = load_tokens(tmp_path / "t")
+    mapped_train, mapped_val = load_tokens(tmp_path / "t", tok.vocab_size)
+    with pytest.raises(ValueError, match=f"ids of a {tok.vocab_size}-token tokenizer"):  # another vocabulary's ids
+        load_tokens(tmp_path / "t", 4096)
     assert mapped_train.dtype == torch.int32 and torch.equal(mapped_train.long(), train)
     assert torch.equal(mapped_val.long(), val)
     a, b = PackedLoader(train, 16, 4, seed=2), PackedLoader(mapped_train, 16, 4, seed=2)

@@ -173,3 +173,15 @@ def test_stage_gains_are_paired_per_problem():
     assert "| sft vs base | chain_sum | +30.0% [" in gains_table(gains)
     # different problem counts cannot be paired
     assert stage_gains({"a": base, "b": res([1] * 10, [1.0] * 10)}) == {"b vs a": {}}
+
+
+def test_only_torchrun_ranks_past_0_wait_for_the_main_process(monkeypatch):
+    from nanoseek.train.stages import main_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")  # a stray RANK without a process group: still the only process
+    assert main_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert main_process()

@@ -311,6 +311,17 @@ def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tm
     assert not (tmp_path / "x" / "latest").exists()  # tokens without their tokenizer: refused, one line
 
 
+def test_a_missing_or_short_gsm8k_stops_the_run_before_anything_trains(tmp_path, capsys):
+    short, text = open_data_copies(tmp_path / "data", train=20, test=2)  # the cold start takes all 20
+    for where, message in ((tmp_path / "nowhere", "no such file or folder, and not a known data set"),
+                           (short, "20 GSM8K training problems, none past the cold start's 20 for GRPO")):
+        out = tmp_path / f"run-{where.name}"
+        assert main(["speedrun", "--preset", "gpu", "--smoke", "--out", str(out), "--quiet", "--data", str(text),
+                     f"gsm8k={where}"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (out / "tokenizer" / "stage.json").exists() and not (out / "pretrain").exists()
+
+
 def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
     """`torchrun --nproc-per-node 2 -m nanoseek speedrun --preset gpu8 --smoke` on gloo: the
     training stages data-parallel, the tokenizer, eval and report on rank 0 alone; killed during

@@ -2,7 +2,7 @@
 
 Documents are tokenized, each followed by <|eos|>, and concatenated; every 50th document
 goes to the validation stream instead (a fixed, seed-independent split). Large text is
-tokenized once (`save_tokens`: int32 .npy files) and memory-mapped by every process that trains
+tokenized once (`save_tokens`: int32 files) and memory-mapped by every process that trains
 on it (`load_tokens`), so torchrun's ranks share one copy in the page cache. The training
 stream is cut into chunks of seq_len + 1 tokens; each epoch visits them in the order of
 a permutation drawn from (seed, epoch). The loader's whole state is (epoch, index), which
@@ -11,6 +11,7 @@ the checkpoint stores, so a resumed run reads exactly the batches it would have 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,49 +23,59 @@ from nanoseek.data.tokenizer import Tokenizer
 VAL_EVERY = 50
 
 
-TOKEN_FILES = ("train.npy", "val.npy")
+TOKEN_FILES = ("train.bin", "val.bin")  # int32 ids, each document followed by <|eos|>; then meta.json
 
 
 def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (train tokens, val tokens), 1-D int64 tensors."""
-    train, val = tokenize_arrays(docs, tokenizer)
-    return torch.from_numpy(train).long(), torch.from_numpy(val).long()
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    for held_out, ids in _token_stream(docs, tokenizer):
+        (val if held_out else train).append(ids)
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs) if xs else np.zeros(0, np.int32)).long()  # noqa: E731
+    return cat(train), cat(val)
+
+
+def _token_stream(docs: list[str], tokenizer: Tokenizer, batch: int = 256):
+    """(held out?, int32 ids + <|eos|>) for each document in order; every 50th is held out."""
+    for start in range(0, len(docs), batch):
+        for j, doc in enumerate(tokenizer.encode_batch(docs[start:start + batch]), start=start):
+            yield j % VAL_EVERY == VAL_EVERY - 1, np.asarray([*doc, tokenizer.eos_id], dtype=np.int32)
 
 
 def save_tokens(folder: str | Path, docs: list[str], tokenizer: Tokenizer) -> int:
-    """Tokenize `docs` into folder/train.npy and folder/val.npy (int32); -> training tokens."""
+    """Tokenize `docs` into folder/train.bin and folder/val.bin as they are encoded (int32, no
+    copy of the whole stream in memory), meta.json last; -> training tokens."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = tokenize_arrays(docs, tokenizer)
-    for name, a in zip(TOKEN_FILES, arrays):
-        with open(folder / (name + ".tmp"), "wb") as f:
-            np.save(f, a)
+    counts = [0, 0]
+    with open(folder / "train.bin.tmp", "wb") as train, open(folder / "val.bin.tmp", "wb") as val:
+        for held_out, ids in _token_stream(docs, tokenizer):
+            ids.tofile(val if held_out else train)
+            counts[held_out] += len(ids)
+    for name in TOKEN_FILES:
         (folder / (name + ".tmp")).replace(folder / name)
-    return len(arrays[0])
+    meta = {"dtype": "int32", "vocab_size": tokenizer.vocab_size, "train_tokens": counts[0], "val_tokens": counts[1]}
+    (folder / "meta.json.tmp").write_text(json.dumps(meta) + "\n")
+    (folder / "meta.json.tmp").replace(folder / "meta.json")
+    return counts[0]
 
 
 def is_token_folder(path: str | Path) -> bool:
-    return all((Path(path) / name).is_file() for name in TOKEN_FILES)
+    return (Path(path) / "meta.json").is_file()
 
 
-def load_tokens(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """save_tokens' (train, val) as int32 tensors over memory maps (copy-on-write: never written)."""
-    return tuple(torch.from_numpy(np.load(Path(folder) / name, mmap_mode="c")) for name in TOKEN_FILES)
-
-
-def tokenize_arrays(docs: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """-> (train tokens, val tokens), 1-D int32 arrays, each document followed by <|eos|>."""
-    train: list[np.ndarray] = []
-    val: list[np.ndarray] = []
-    eos = np.array([tokenizer.eos_id], dtype=np.int32)
-    batch = 256
-    for start in range(0, len(docs), batch):
-        ids = tokenizer.encode_batch(docs[start:start + batch])
-        for j, doc in enumerate(ids, start=start):
-            (val if j % VAL_EVERY == VAL_EVERY - 1 else train).append(np.asarray(doc, dtype=np.int32))
-            (val if j % VAL_EVERY == VAL_EVERY - 1 else train).append(eos)
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32)  # noqa: E731
-    return cat(train), cat(val)
+def load_tokens(folder: str | Path, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """save_tokens' (train, val) as int32 tensors over memory maps (copy-on-write: never
+    written), made by a tokenizer of `vocab_size` tokens or refused."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["vocab_size"] != vocab_size:
+        raise ValueError(f"{folder} holds the ids of a {meta['vocab_size']}-token tokenizer, not of this "
+                         f"run's {vocab_size}-token one")
+    return tuple(torch.from_numpy(np.memmap(folder / name, dtype=np.int32, mode="c")) if count
+                 else torch.zeros(0, dtype=torch.int32)
+                 for name, count in zip(TOKEN_FILES, (meta["train_tokens"], meta["val_tokens"])))
 
 
 @dataclass

@@ -70,27 +70,43 @@ def _local_rows(path: Path, split: str, fields: tuple[str, ...]) -> Iterator[dic
         files = []
     if not files:
         raise DataError(f"{path}: no {split} split (files named {split}*.jsonl or {split}*.parquet in a folder)")
-    tables = []
-    for f in files:  # every file's fields checked before the first row is read
-        tables.append(read_table(f))
-        missing = [k for k in fields if k not in tables[-1].column_names]
+    return _file_rows(files, fields)
+
+
+def _file_rows(files: list[Path], fields: tuple[str, ...]) -> Iterator[dict]:
+    """Each file's rows, a file opened only when the rows before it have been read."""
+    for f in files:
+        table = read_table(f)
+        missing = [k for k in fields if k not in table.column_names]
         if missing:
             raise DataError(f"{f}: needs the fields {', '.join(fields)} (missing {', '.join(missing)})")
-    return itertools.chain.from_iterable(tables)
+        yield from table
 
 
 def _hub_rows(name: str, split: str) -> Iterator[dict]:
     import datasets
 
     repo, config, fields = HUB[name]
+
+    def failed(e: Exception) -> DataError:
+        return DataError(f"cannot read {name} ({repo}, {config}, {split}) from the Hub "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); download it "
+                         f"and pass a local .jsonl or .parquet copy with the fields {', '.join(fields)}")
+
     try:
         stream = iter(datasets.load_dataset(repo, config, split=split, streaming=True))
         first = next(stream, None)  # (offline, this is where it fails)
     except Exception as e:  # offline, missing, gated: datasets raises many types
-        raise DataError(f"cannot read {name} ({repo}, {config}, {split}) from the Hub "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); download it "
-                        f"and pass a local .jsonl or .parquet copy with the fields {', '.join(fields)}") from None
-    return itertools.chain([] if first is None else [first], stream)
+        raise failed(e) from None
+    return _guarded(itertools.chain([] if first is None else [first], stream), failed)
+
+
+def _guarded(rows: Iterator[dict], failed) -> Iterator[dict]:
+    """A stream whose failure part way (the network, a shard) is one line too."""
+    try:
+        yield from rows
+    except Exception as e:  # noqa: BLE001 - whatever the stream raises
+        raise failed(e) from None
 
 
 def texts(source: str = "fineweb-edu", limit: int | None = None, chars: int | None = None) -> list[str]:

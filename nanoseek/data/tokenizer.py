@@ -22,7 +22,9 @@ goes on after it without a new role token (as DeepSeek-V3.1's template does). Th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -235,6 +237,22 @@ def tokenizer_config(tools: bool = True) -> dict:
         "model_max_length": 1 << 20,
         "clean_up_tokenization_spaces": False,
     }
+
+
+@contextlib.contextmanager
+def tokenizer_threads(on: bool = True):
+    """The tokenizers library's threads while the block runs (the CLI turns them off, for the
+    processes it forks; a stage that only trains and encodes can use them)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    if on:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:

@@ -36,12 +36,12 @@ from nanoseek.config import PRESETS, ConfigError, apply_overrides, derive, requi
 from nanoseek.config import preset as preset_config
 from nanoseek.data import sources
 from nanoseek.data.corpus import default_corpus, math_documents, read_files
-from nanoseek.data.loader import save_tokens
+from nanoseek.data.loader import is_token_folder, save_tokens
 from nanoseek.data.sft import task_documents
 from nanoseek.data.sources import HUB, texts
 from nanoseek.data.splits import TRAIN_POOL
-from nanoseek.data.tasks import ALL_TASKS, GSM8K, check_tasks, eval_sets
-from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.data.tasks import ALL_TASKS, GSM8K, check_tasks, eval_sets, problems
+from nanoseek.data.tokenizer import tokenizer_threads, train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.compare import evaluate_stages
 from nanoseek.train.cost import DEFAULT_PRICES, GPU_PEAKS
@@ -97,6 +97,7 @@ class SpeedrunConfig:
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 8
     pretrain_seq_len: int = 256
+    pretrain_grad_accum: int = 1  # micro-batches a step: the step's batch is pretrain_batch_size x this
 
     # --- the cold start (SFT on verified worked solutions) ---
     sft_steps: int = 900  # fewer do not pay: at 700 (and 700 pretraining steps) it never learnt to copy
@@ -142,6 +143,10 @@ class SpeedrunConfig:
     device: str = "auto"
     precision: str = "auto"  # pretraining's and the cold start's matmuls (TrainConfig.precision)
     compile: bool = False  # torch.compile the fixed-shape parts in pretraining and the cold start
+    # under torchrun, the training stages' data parallelism (train/dist.py): "ddp" (a whole model
+    # per rank) or "fsdp" (parameters, gradients and optimizer state sharded over the ranks)
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # pretraining and the cold start keep each block's input only
     smoke: bool = False  # the preset's architecture at the tiny preset's size and budget (a CPU check)
     progress: bool = True
 
@@ -149,7 +154,9 @@ class SpeedrunConfig:
         need = require
         need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         check_tasks([*self.tasks, *(self.rl_tasks or []), *self.report_tasks], ALL_TASKS, ConfigError)
-        for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples"):
+        need(self.parallel in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, not {self.parallel!r}")
+        for name in ("pretrain_steps", "sft_steps", "rl_steps", "eval_n", "max_tokens", "sft_examples",
+                     "pretrain_grad_accum"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(bool(self.tasks), "tasks must name at least one task")
         check_precision(self.precision)
@@ -217,7 +224,8 @@ MIXES = {"corpus_mix": ("corpus", "corpus_docs", "data"), "sft_mix": ("sft_examp
          "eval_mix": ("eval_n", "tasks", "report_tasks")}
 
 # The tiny preset's budget: a seconds-long smoke run. `--smoke` puts it on any preset.
-TINY_BUDGET = dict(vocab_size=512, pretrain_steps=30, pretrain_batch_size=4, pretrain_seq_len=64, sft_steps=10,
+TINY_BUDGET = dict(vocab_size=512, pretrain_steps=30, pretrain_batch_size=4, pretrain_grad_accum=1,
+                   pretrain_seq_len=64, sft_steps=10,
                    sft_examples=20, sft_batch_size=2, sft_seq_len=128, rl_steps=2, rl_prompts_per_step=2,
                    rl_group_size=2, max_tokens=16, eval_n=4, eval_k=2, corpus_docs=200)
 # What the presets other than cpu keep of the recipe before it was tuned on the cpu model: every
@@ -240,14 +248,16 @@ SPEEDRUNS: dict[str, dict[str, Any]] = {
     # (its annotations as calculator calls) and the generated tasks' worked solutions; GRPO on the
     # rest of GSM8K's train split; the report card on its whole test split and the generated tasks.
     # Untuned: their figures are estimates until a GPU runs them (README)
-    "gpu": {**UNTUNED, **GPU_DATA, "vocab_size": 32768, "pretrain_steps": 20000, "pretrain_batch_size": 64,
-            "pretrain_seq_len": 2048, "sft_steps": 200, "sft_batch_size": 32, "sft_seq_len": 2048,
-            "rl_steps": 500, "rl_prompts_per_step": 32, "rl_group_size": 16, "max_tokens": 1024, "eval_n": 500,
-            "eval_k": 8},
-    "gpu8": {**UNTUNED, **GPU_DATA, "vocab_size": 65536, "pretrain_steps": 6000, "pretrain_batch_size": 256,
-             "pretrain_seq_len": 4096, "sft_steps": 100, "sft_batch_size": 32, "sft_seq_len": 4096,
-             "rl_steps": 250, "rl_prompts_per_step": 64, "rl_group_size": 16, "max_tokens": 2048, "eval_n": 1000,
-             "eval_k": 8},
+    # Pretraining steps of 64 x 2048 (gpu) and 256 x 4096 tokens (gpu8) in 4 micro-batches each,
+    # so that a micro-batch's logits fit beside the weights; gpu8 shards them (FSDP2)
+    "gpu": {**UNTUNED, **GPU_DATA, "vocab_size": 32768, "pretrain_steps": 20000, "pretrain_batch_size": 16,
+            "pretrain_grad_accum": 4, "pretrain_seq_len": 2048, "sft_steps": 200, "sft_batch_size": 32,
+            "sft_seq_len": 2048, "rl_steps": 500, "rl_prompts_per_step": 32, "rl_group_size": 16,
+            "max_tokens": 1024, "eval_n": 500, "eval_k": 8},
+    "gpu8": {**UNTUNED, **GPU_DATA, "vocab_size": 65536, "pretrain_steps": 6000, "pretrain_batch_size": 64,
+             "pretrain_grad_accum": 4, "pretrain_seq_len": 4096, "parallel": "fsdp", "activation_checkpointing": True,
+             "sft_steps": 100, "sft_batch_size": 32, "sft_seq_len": 4096, "rl_steps": 250, "rl_prompts_per_step": 64,
+             "rl_group_size": 16, "max_tokens": 2048, "eval_n": 1000, "eval_k": 8},
 }
 
 
@@ -305,7 +315,8 @@ def speedrun(config: SpeedrunConfig, ablate: bool = False) -> dict[str, dict[str
 
 def settings(config: SpeedrunConfig) -> dict[str, Any]:
     """What OUT/speedrun.json holds: every setting but those that do not change the result."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "device")}
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in ("progress", "device", "parallel", "activation_checkpointing")}
 
 
 def speedrun_stages(config: SpeedrunConfig, ablate: bool = False) -> list[Stage]:
@@ -357,7 +368,8 @@ def pretraining_text(config: SpeedrunConfig) -> list[str]:
     named set an equal share of the pretraining budget), or the corpus."""
     if config.data:
         named = [d for d in config.data if d in HUB]
-        budget = config.pretrain_steps * config.pretrain_batch_size * config.pretrain_seq_len * CHARS_PER_TOKEN
+        budget = (config.pretrain_steps * config.pretrain_batch_size * config.pretrain_grad_accum
+                  * config.pretrain_seq_len * CHARS_PER_TOKEN)
         files = [d for d in config.data if d not in HUB]
         return [*(read_files(files) if files else []),
                 *(doc for name in named for doc in texts(sources.where(name), chars=budget // len(named)))]
@@ -365,9 +377,23 @@ def pretraining_text(config: SpeedrunConfig) -> list[str]:
     return {"default": default_corpus, "math": math_documents, "tasks": tasks}[config.corpus]()
 
 
+def check_gsm8k(config: SpeedrunConfig) -> None:
+    """A run that names GSM8K reads it before anything trains: a wrong folder or an offline Hub is
+    one line now, not hours later, and its train split must go past the cold start's problems."""
+    named = {*config.tasks, *(config.rl_tasks or [])}
+    if GSM8K not in named:
+        return
+    train = len(problems(GSM8K, "train", TRAIN_POOL[GSM8K]))
+    problems(GSM8K, "eval", 1)
+    first = config.rl_offset() if GSM8K in (config.rl_tasks or config.tasks) else 0
+    require(train > first, f"{sources.where(GSM8K)}: {train} GSM8K training problems, none past the cold start's "
+                           f"{first} for GRPO")
+
+
 def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
     """The tokenizer, and the pretraining text as pretraining reads it: `data` tokenized once
     (OUT/tokens), a corpus made for the run written out (OUT/corpus.jsonl)."""
+    check_gsm8k(config)
     docs = pretraining_text(config)
     if not config.data and config.corpus != "default":
         _corpus_file(config).parent.mkdir(parents=True, exist_ok=True)
@@ -381,19 +407,22 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
         chars += len(d)
         if chars >= TOKENIZER_CHARS:
             break
-    tok = train_tokenizer(sample, vocab_size=config.vocab_size)
-    tokens = save_tokens(_tokens_folder(config), docs, tok) if config.data else None
+    with tokenizer_threads(bool(config.data)):  # data at the GPU presets' scale
+        tok = train_tokenizer(sample, vocab_size=config.vocab_size)
+        tokens = save_tokens(_tokens_folder(config), docs, tok) if config.data else None
     tok.save(folder)  # (last: the stage is done when its files are)
     return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
             **({"data": list(config.data), "training_tokens": tokens} if config.data else {})}
 
 
 def pretrain_stage(config: SpeedrunConfig, folder: Path, model_overrides: list[str] = ()) -> dict:
-    data = ([str(_tokens_folder(config))] if config.data else
+    tokens = _tokens_folder(config)  # (a folder whose tokenizer stage predates it reads its files)
+    data = ([str(tokens)] if is_token_folder(tokens) else list(config.data) if config.data else
             [str(_corpus_file(config))] if config.corpus != "default" else [])
     train_config = TrainConfig(preset=config.preset, out=str(folder), tokenizer=str(Path(config.out) / "tokenizer"),
-                               data=data, max_steps=config.pretrain_steps,
+                               data=data, max_steps=config.pretrain_steps, grad_accum=config.pretrain_grad_accum,
                                batch_size=config.pretrain_batch_size, seq_len=config.pretrain_seq_len,
+                               parallel=config.parallel, activation_checkpointing=config.activation_checkpointing,
                                price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
                                precision=config.precision, compile=config.compile, progress=config.progress)
     smaller = smoke_overrides(config.preset) if config.smoke else []
@@ -405,6 +434,7 @@ def sft_stage(config: SpeedrunConfig, folder: Path, base: str = "pretrain") -> d
                                sft_tasks=list(config.tasks), sft_examples=config.sft_counts(),
                                sft_calculator=config.calculator,
                                max_steps=config.sft_steps, batch_size=config.sft_batch_size, seq_len=config.sft_seq_len,
+                               parallel=config.parallel, activation_checkpointing=config.activation_checkpointing,
                                lr=SFT_LR, warmup_steps=SFT_WARMUP, ema=config.sft_ema,
                                price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
                                precision=config.precision, compile=config.compile, progress=config.progress)
@@ -419,6 +449,7 @@ def rl_stage(config: SpeedrunConfig, folder: Path) -> dict:
                              lr=config.rl_lr, warmup_steps=config.rl_warmup, loss_type="dr_grpo",
                              dynamic_sampling=config.rl_dynamic_sampling, beta=config.rl_beta,
                              offset=config.rl_offset(),  # problems the cold start did not write out
+                             parallel=config.parallel,
                              price_per_hour=config.price_per_hour, seed=config.seed, device=config.device,
                              progress=config.progress)
     return grpo(grpo_config)
@@ -428,7 +459,7 @@ def eval_stage(config: SpeedrunConfig, folder: Path) -> dict:
     models = [("base", _checkpoint(config, "pretrain")), ("sft", _checkpoint(config, "sft")),
               ("rl", _checkpoint(config, "rl"))]
     return evaluate_stages(folder, models, config.eval_tasks(), config.eval_counts(), config.eval_k, config.max_tokens,
-                           config.progress)
+                           config.progress, config.device)
 
 
 def final_stage(config: SpeedrunConfig, folder: Path) -> dict:
@@ -554,8 +585,8 @@ def plan(config: SpeedrunConfig, mfu: float = 0.4) -> dict[str, Any]:
         model = Transformer(preset_config(config.preset).replace(vocab_size=config.vocab_size))
     rl_tokens = config.rl_steps * config.rl_prompts_per_step * config.rl_group_size * config.max_tokens
     stages = {
-        "pretrain": (config.pretrain_steps * config.pretrain_batch_size * config.pretrain_seq_len,
-                     model.flops_per_token(config.pretrain_seq_len)),
+        "pretrain": (config.pretrain_steps * config.pretrain_batch_size * config.pretrain_grad_accum
+                     * config.pretrain_seq_len, model.flops_per_token(config.pretrain_seq_len)),
         "sft": (config.sft_steps * config.sft_batch_size * config.sft_seq_len,
                 model.flops_per_token(config.sft_seq_len)),
         "rl": (rl_tokens, (5 if config.rl_beta else 4) * model.flops_per_token(config.max_tokens, training=False)),

@@ -37,7 +37,7 @@ class Stage:
 
 def main_process() -> bool:
     """Whether this is the only process or torchrun's rank 0."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 def stage_done(folder: Path) -> dict[str, Any] | None:

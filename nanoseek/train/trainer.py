@@ -244,18 +244,7 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
                                           calculator=config.sft_calculator))
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
-        tokens = len(config.data) == 1 and is_token_folder(config.data[0])  # tokenized once: memory-mapped
-        if tokens and model is None and not config.tokenizer:
-            raise ConfigError(f"{config.data[0]} holds tokens: pass the tokenizer that made them (--tokenizer)")
-        docs = [] if tokens else read_files(config.data) if config.data else default_corpus()
-        if model is None:
-            tokenizer = (Tokenizer.load(config.tokenizer) if config.tokenizer
-                         else train_tokenizer(docs, vocab_size=model_config.vocab_size))
-            model_config = model_config.replace(vocab_size=round_up(tokenizer.vocab_size, 64),
-                                                bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                                pad_token_id=tokenizer.pad_id)
-            model = Transformer(model_config)
-        train_tokens, val_tokens = load_tokens(config.data[0]) if tokens else tokenize_documents(docs, tokenizer)
+        model, tokenizer, train_tokens, val_tokens = _pretraining_data(config, model, tokenizer, model_config)
         train_labels = val_labels = None
     model.to(device)
     average = WeightAverage(model, config.ema) if config.ema else None
@@ -302,6 +291,29 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
         config.max_steps = max(1, min(config.max_steps, epochs_steps))
     start = f"resuming at step {step}" if saved else f"from {config.init}" if config.init else "from scratch"
     return Run(config, folder, model, tokenizer, ranks, device, forward, opt, loader, val, ledger, average, step, start)
+
+
+def _pretraining_data(config: TrainConfig, model, tokenizer, model_config: ModelConfig):
+    """-> (model, tokenizer, train tokens, val tokens) for pretraining: the text of `data` (or
+    the embedded corpus), or a folder it was tokenized into once (memory-mapped); a run from
+    scratch also gets its tokenizer (trained here unless given) and its model."""
+    tokens = len(config.data) == 1 and is_token_folder(config.data[0])
+    if tokens and model is None and not config.tokenizer:
+        raise ConfigError(f"{config.data[0]} holds tokens: pass the tokenizer that made them (--tokenizer)")
+    docs = [] if tokens else read_files(config.data) if config.data else default_corpus()
+    if model is None:
+        tokenizer = (Tokenizer.load(config.tokenizer) if config.tokenizer
+                     else train_tokenizer(docs, vocab_size=model_config.vocab_size))
+        model_config = model_config.replace(vocab_size=round_up(tokenizer.vocab_size, 64),
+                                            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                            pad_token_id=tokenizer.pad_id)
+        model = Transformer(model_config)
+    try:
+        if tokens:
+            return model, tokenizer, *load_tokens(config.data[0], tokenizer.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return model, tokenizer, *tokenize_documents(docs, tokenizer)
 
 
 def _settle_config(config: TrainConfig, overrides: list[str], folder: Path, resume: bool):
