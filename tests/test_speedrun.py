@@ -348,6 +348,8 @@ def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
     for name in ("pretrain", "sft", "rl"):
         assert json.loads((out / name / "stage.json").read_text())["cost"]["n_devices"] == 2, name
     assert json.loads((out / "speedrun.json").read_text())["data"] == [str(text)]  # --data, the preset's replaced
+    trained = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
+    assert trained["parallel"] == "fsdp" and trained["activation_checkpointing"] is True  # gpu8's sharding
     report = json.loads((out / "report.json").read_text())
     assert set(report["eval"]) == {"base", "sft", "rl"} and "gsm8k" in report["eval"]["rl"]
     assert (out / "final" / "model.safetensors").is_file()
