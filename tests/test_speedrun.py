@@ -356,6 +356,9 @@ def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
 
 
 def test_gpu_presets_plan_their_compute_and_cost(capsys):
+    for name in ("gpu", "gpu8"):  # open sets by default; without them, the embedded corpus (never GSM8K's train)
+        assert speedrun_config(name).data == ["fineweb-edu", "finemath"]
+        assert speedrun_config(name, overrides=["data=[]"]).corpus == "default"
     for name, gpus in (("gpu", 1), ("gpu8", 8)):
         assert main(["speedrun", "--preset", name, "--plan"]) == 0
         p = json.loads(capsys.readouterr().out)

@@ -234,7 +234,7 @@ UNTUNED = dict(rl_tasks=None, corpus_mix=None, sft_mix=None, eval_mix=None, rl_l
                rl_beta=0.01)
 
 GPU_TASKS = [GSM8K, "gsm_symbolic", "plain_arithmetic", "chain_sum", "basic_arithmetic"]
-GPU_DATA = dict(data=["fineweb-edu", "finemath"], tasks=GPU_TASKS, rl_tasks=[GSM8K],
+GPU_DATA = dict(data=["fineweb-edu", "finemath"], corpus="default", tasks=GPU_TASKS, rl_tasks=[GSM8K],
                 sft_mix={GSM8K: 4000, "gsm_symbolic": 4000, "plain_arithmetic": 4000, "chain_sum": 2000,
                          "basic_arithmetic": 2000},
                 eval_mix={GSM8K: 1319})  # (GSM8K's whole test split)
