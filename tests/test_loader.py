@@ -61,7 +61,9 @@ def test_tokens_saved_once_read_back_as_memory_maps_give_the_same_batches(tmp_pa
     tok = train_tokenizer(docs, vocab_size=300, min_frequency=1)
     train, val = tokenize_documents(docs, tok)
     assert not is_token_folder(tmp_path / "t")
-    assert save_tokens(tmp_path / "t", docs, tok) == len(train) and is_token_folder(tmp_path / "t")
+    saved = save_tokens(tmp_path / "t", iter(docs), tok)  # (a stream, read as it is tokenized)
+    assert saved["train_tokens"] == len(train) and saved["val_tokens"] == len(val) and is_token_folder(tmp_path / "t")
+    assert saved["documents"] == len(docs) and saved["characters"] == sum(map(len, docs))
     mapped_train, mapped_val = load_tokens(tmp_path / "t", tok.vocab_size)
     with pytest.raises(ValueError, match=f"ids of a {tok.vocab_size}-token tokenizer"):  # another vocabulary's ids
         load_tokens(tmp_path / "t", 4096)

@@ -10,7 +10,7 @@ import pytest
 from test_gsm8k import ROWS
 
 from nanoseek.data.corpus import DataError
-from nanoseek.data.sources import gsm8k, rows, texts
+from nanoseek.data.sources import gsm8k, interleave, rows, texts
 
 FINEWEB = [{"text": f"Document {i} about photosynthesis and the water cycle.", "id": f"<urn:uuid:{i}>",
             "dump": "CC-MAIN-2024-10", "url": f"https://example.org/{i}", "date": "2024-02-21T00:00:00Z",
@@ -38,6 +38,7 @@ def test_local_copies_read_with_the_sets_own_fields(files):
     assert texts(str(files / "fineweb.parquet")) == [r["text"] for r in FINEWEB]
     assert len(texts(str(files / "fineweb.parquet"), limit=2)) == 2
     assert len(texts(str(files / "fineweb.parquet"), chars=len(FINEWEB[0]["text"]) + 1)) == 2  # until the budget
+    assert list(interleave([iter("ab"), iter("xyz")])) == ["a", "x", "b", "y", "z"]  # (the sets' documents in turn)
     assert rows(str(files / "fineweb.parquet"), limit=1)[0]["int_score"] == 3
     (files / "gsm8k" / "test-00000-of-00001.parquet").rename(files / "gsm8k" / "more.parquet")
     (files / "gsm8k" / "train.jsonl").rename(files / "gsm8k" / "a.jsonl")

@@ -11,7 +11,9 @@ the checkpoint stores, so a resumed run reads exactly the batches it would have 
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,29 +38,35 @@ def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> tuple[torch.Ten
     return cat(train), cat(val)
 
 
-def _token_stream(docs: list[str], tokenizer: Tokenizer, batch: int = 256):
-    """(held out?, int32 ids + <|eos|>) for each document in order; every 50th is held out."""
-    for start in range(0, len(docs), batch):
-        for j, doc in enumerate(tokenizer.encode_batch(docs[start:start + batch]), start=start):
+def _token_stream(docs: Iterable[str], tokenizer: Tokenizer, batch: int = 256, chars: list[int] | None = None):
+    """(held out?, int32 ids + <|eos|>) for each document in order, read `batch` at a time;
+    every 50th is held out. `chars` (if given) gets each document's length."""
+    docs, j = iter(docs), 0
+    while chunk := list(itertools.islice(docs, batch)):
+        if chars is not None:
+            chars += map(len, chunk)
+        for doc in tokenizer.encode_batch(chunk):
             yield j % VAL_EVERY == VAL_EVERY - 1, np.asarray([*doc, tokenizer.eos_id], dtype=np.int32)
+            j += 1
 
 
-def save_tokens(folder: str | Path, docs: list[str], tokenizer: Tokenizer) -> int:
-    """Tokenize `docs` into folder/train.bin and folder/val.bin as they are encoded (int32, no
-    copy of the whole stream in memory), meta.json last; -> training tokens."""
+def save_tokens(folder: str | Path, docs: Iterable[str], tokenizer: Tokenizer) -> dict[str, int]:
+    """Tokenize `docs` (read as they come) into folder/train.bin and folder/val.bin as they are
+    encoded (int32, never the whole stream in memory), meta.json last; -> meta.json's counts."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    counts = [0, 0]
+    counts, chars = [0, 0], []
     with open(folder / "train.bin.tmp", "wb") as train, open(folder / "val.bin.tmp", "wb") as val:
-        for held_out, ids in _token_stream(docs, tokenizer):
+        for held_out, ids in _token_stream(docs, tokenizer, chars=chars):
             ids.tofile(val if held_out else train)
             counts[held_out] += len(ids)
     for name in TOKEN_FILES:
         (folder / (name + ".tmp")).replace(folder / name)
-    meta = {"dtype": "int32", "vocab_size": tokenizer.vocab_size, "train_tokens": counts[0], "val_tokens": counts[1]}
+    meta = {"dtype": "int32", "vocab_size": tokenizer.vocab_size, "train_tokens": counts[0], "val_tokens": counts[1],
+            "documents": len(chars), "characters": sum(chars)}
     (folder / "meta.json.tmp").write_text(json.dumps(meta) + "\n")
     (folder / "meta.json.tmp").replace(folder / "meta.json")
-    return counts[0]
+    return meta
 
 
 def is_token_folder(path: str | Path) -> bool:

@@ -112,17 +112,31 @@ def _guarded(rows: Iterator[dict], failed) -> Iterator[dict]:
 def texts(source: str = "fineweb-edu", limit: int | None = None, chars: int | None = None) -> list[str]:
     """Pretraining documents: the `text` field of each row; with `chars`, rows until that many
     characters (a named set is streamed only that far)."""
-    out: list[str] = []
+    return list(itertools.islice(iter_texts(source, chars), limit))
+
+
+def iter_texts(source: str, chars: int | None = None) -> Iterator[str]:
+    """texts() as they are read: nothing is held but the row at hand."""
     total = 0
-    for r in itertools.islice(iter_rows(source, "train", ("text",)), limit):
+    for r in iter_rows(source, "train", ("text",)):
         if isinstance(r.get("text"), str) and r["text"]:
-            out.append(r["text"])
+            yield r["text"]
             total += len(r["text"])
             if chars is not None and total >= chars:
-                break
-    if not out:
+                return
+    if not total:
         raise DataError(f"{source}: no text")
-    return out
+
+
+def interleave(streams: list[Iterator[str]]) -> Iterator[str]:
+    """One item of each stream in turn until every one ends (a sample of the start is a sample of all)."""
+    live = [iter(s) for s in streams]
+    while live:
+        for it in list(live):
+            try:
+                yield next(it)
+            except StopIteration:
+                live.remove(it)
 
 
 def gsm8k(source: str = "gsm8k", split: str = "train", limit: int | None = None,

@@ -23,8 +23,10 @@ field can be overridden with key=value.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +40,7 @@ from nanoseek.data import sources
 from nanoseek.data.corpus import default_corpus, math_documents, read_files
 from nanoseek.data.loader import is_token_folder, save_tokens
 from nanoseek.data.sft import task_documents
-from nanoseek.data.sources import HUB, texts
+from nanoseek.data.sources import HUB, interleave, iter_texts
 from nanoseek.data.splits import TRAIN_POOL
 from nanoseek.data.tasks import ALL_TASKS, GSM8K, check_tasks, eval_sets, problems
 from nanoseek.data.tokenizer import tokenizer_threads, train_tokenizer
@@ -363,16 +365,17 @@ CHARS_PER_TOKEN = 5  # what an open set is read for: a little more text than the
 TOKENIZER_CHARS = 2_000_000_000  # the tokenizer learns from at most this much of the text
 
 
-def pretraining_text(config: SpeedrunConfig) -> list[str]:
+def pretraining_text(config: SpeedrunConfig) -> Iterable[str]:
     """The tokenizer's and pretraining's documents: the user's files and named open sets (each
-    named set an equal share of the pretraining budget), or the corpus."""
+    named set an equal share of the pretraining budget, streamed, one document of each in turn),
+    or the corpus."""
     if config.data:
         named = [d for d in config.data if d in HUB]
         budget = (config.pretrain_steps * config.pretrain_batch_size * config.pretrain_grad_accum
                   * config.pretrain_seq_len * CHARS_PER_TOKEN)
         files = [d for d in config.data if d not in HUB]
-        return [*(read_files(files) if files else []),
-                *(doc for name in named for doc in texts(sources.where(name), chars=budget // len(named)))]
+        streams = [iter_texts(sources.where(name), chars=budget // len(named)) for name in named]
+        return itertools.chain(read_files(files) if files else [], interleave(streams))
     tasks = partial(task_documents, config.tasks, config.corpus_counts(), config.calculator)
     return {"default": default_corpus, "math": math_documents, "tasks": tasks}[config.corpus]()
 
@@ -394,7 +397,9 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
     """The tokenizer, and the pretraining text as pretraining reads it: `data` tokenized once
     (OUT/tokens), a corpus made for the run written out (OUT/corpus.jsonl)."""
     check_gsm8k(config)
-    docs = pretraining_text(config)
+    docs = iter(pretraining_text(config))
+    if not config.data:  # (a corpus: a list, written out whole for corpus=math / tasks)
+        docs = list(docs)
     if not config.data and config.corpus != "default":
         _corpus_file(config).parent.mkdir(parents=True, exist_ok=True)
         tmp = _corpus_file(config).with_suffix(".tmp")
@@ -402,17 +407,20 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
         tmp.replace(_corpus_file(config))
     sample, chars = [], 0
-    for d in docs:
+    for d in iter(docs):  # (data: the start of the stream; the rest is read as it is tokenized)
         sample.append(d)
         chars += len(d)
         if chars >= TOKENIZER_CHARS:
             break
     with tokenizer_threads(bool(config.data)):  # data at the GPU presets' scale
         tok = train_tokenizer(sample, vocab_size=config.vocab_size)
-        tokens = save_tokens(_tokens_folder(config), docs, tok) if config.data else None
+        if config.data:
+            counts = save_tokens(_tokens_folder(config), itertools.chain(sample, docs), tok)
     tok.save(folder)  # (last: the stage is done when its files are)
-    return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs)),
-            **({"data": list(config.data), "training_tokens": tokens} if config.data else {})}
+    if not config.data:
+        return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs))}
+    return {"vocab_size": tok.vocab_size, "documents": counts["documents"], "characters": counts["characters"],
+            "data": list(config.data), "training_tokens": counts["train_tokens"]}
 
 
 def pretrain_stage(config: SpeedrunConfig, folder: Path, model_overrides: list[str] = ()) -> dict:
