@@ -16,6 +16,8 @@ User files: `.txt` (one document per file), `.jsonl` (a `text` field per line) a
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 from nanoseek.data.arithmetic import check_steps, expression_steps
@@ -75,6 +77,14 @@ def default_corpus() -> list[str]:
 
 def read_files(paths: list[str | Path]) -> list[str]:
     """Documents from .txt / .jsonl / .parquet files or folders of them."""
+    docs = list(iter_files(paths))
+    if not docs:
+        raise DataError("the data files hold no text")
+    return docs
+
+
+def iter_files(paths: list[str | Path]) -> Iterator[str]:
+    """read_files() a file at a time (the files are found and checked before the first is read)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -85,12 +95,7 @@ def read_files(paths: list[str | Path]) -> list[str]:
             raise DataError(f"no such data file or folder: {p}")
     if not files:
         raise DataError(f"no .txt, .jsonl or .parquet files in {', '.join(map(str, paths))}")
-    docs: list[str] = []
-    for f in files:
-        docs += _read_one(f)
-    if not docs:
-        raise DataError("the data files hold no text")
-    return docs
+    return itertools.chain.from_iterable(map(_read_one, files))
 
 
 def _read_one(f: Path) -> list[str]:

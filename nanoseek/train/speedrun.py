@@ -37,7 +37,7 @@ import torch
 from nanoseek.config import PRESETS, ConfigError, apply_overrides, derive, require, round_up
 from nanoseek.config import preset as preset_config
 from nanoseek.data import sources
-from nanoseek.data.corpus import default_corpus, math_documents, read_files
+from nanoseek.data.corpus import DataError, default_corpus, iter_files, math_documents
 from nanoseek.data.loader import is_token_folder, save_tokens
 from nanoseek.data.sft import task_documents
 from nanoseek.data.sources import HUB, interleave, iter_texts
@@ -375,7 +375,7 @@ def pretraining_text(config: SpeedrunConfig) -> Iterable[str]:
                   * config.pretrain_seq_len * CHARS_PER_TOKEN)
         files = [d for d in config.data if d not in HUB]
         streams = [iter_texts(sources.where(name), chars=budget // len(named)) for name in named]
-        return itertools.chain(read_files(files) if files else [], interleave(streams))
+        return itertools.chain(iter_files(files) if files else [], interleave(streams))
     tasks = partial(task_documents, config.tasks, config.corpus_counts(), config.calculator)
     return {"default": default_corpus, "math": math_documents, "tasks": tasks}[config.corpus]()
 
@@ -412,6 +412,8 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
         chars += len(d)
         if chars >= TOKENIZER_CHARS:
             break
+    if not sample:
+        raise DataError(f"{', '.join(config.data)}: no text")
     with tokenizer_threads(bool(config.data)):  # data at the GPU presets' scale
         tok = train_tokenizer(sample, vocab_size=config.vocab_size)
         if config.data:
