@@ -38,13 +38,11 @@ def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> tuple[torch.Ten
     return cat(train), cat(val)
 
 
-def _token_stream(docs: Iterable[str], tokenizer: Tokenizer, batch: int = 256, chars: list[int] | None = None):
+def _token_stream(docs: Iterable[str], tokenizer: Tokenizer, batch: int = 256):
     """(held out?, int32 ids + <|eos|>) for each document in order, read `batch` at a time;
-    every 50th is held out. `chars` (if given) gets each document's length."""
+    every 50th is held out."""
     docs, j = iter(docs), 0
     while chunk := list(itertools.islice(docs, batch)):
-        if chars is not None:
-            chars += map(len, chunk)
         for doc in tokenizer.encode_batch(chunk):
             yield j % VAL_EVERY == VAL_EVERY - 1, np.asarray([*doc, tokenizer.eos_id], dtype=np.int32)
             j += 1
@@ -55,15 +53,21 @@ def save_tokens(folder: str | Path, docs: Iterable[str], tokenizer: Tokenizer) -
     encoded (int32, never the whole stream in memory), meta.json last; -> meta.json's counts."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    counts, chars = [0, 0], []
+    counts, seen = [0, 0], [0, 0]  # tokens (train, val); documents and characters read
+
+    def measured(stream: Iterable[str]):
+        for d in stream:
+            seen[0], seen[1] = seen[0] + 1, seen[1] + len(d)
+            yield d
+
     with open(folder / "train.bin.tmp", "wb") as train, open(folder / "val.bin.tmp", "wb") as val:
-        for held_out, ids in _token_stream(docs, tokenizer, chars=chars):
+        for held_out, ids in _token_stream(measured(docs), tokenizer):
             ids.tofile(val if held_out else train)
             counts[held_out] += len(ids)
     for name in TOKEN_FILES:
         (folder / (name + ".tmp")).replace(folder / name)
     meta = {"dtype": "int32", "vocab_size": tokenizer.vocab_size, "train_tokens": counts[0], "val_tokens": counts[1],
-            "documents": len(chars), "characters": sum(chars)}
+            "documents": seen[0], "characters": seen[1]}
     (folder / "meta.json.tmp").write_text(json.dumps(meta) + "\n")
     (folder / "meta.json.tmp").replace(folder / "meta.json")
     return meta

@@ -29,6 +29,7 @@ HUB = {
     "gsm8k": ("openai/gsm8k", "main", ("question", "answer")),
 }
 SPLITS = ("train", "test", "validation")
+GSM8K_FIELDS = HUB["gsm8k"][2]
 _chosen: dict[str, str] = {}
 
 
@@ -142,7 +143,12 @@ def interleave(streams: list[Iterator[str]]) -> Iterator[str]:
 def gsm8k(source: str = "gsm8k", split: str = "train", limit: int | None = None,
           calls: bool = True) -> list[tuple[str, str, str]]:
     """(question, reasoning with calculator calls (or without: `calls`), answer) for each GSM8K row."""
+    return gsm8k_problems(rows(source, split, limit, GSM8K_FIELDS), source, calls)
+
+
+def gsm8k_problems(table: list[dict], source: str, calls: bool = True) -> list[tuple[str, str, str]]:
+    """gsm8k() of rows already read from `source`."""
     try:
-        return [problem(r, calls) for r in rows(source, split, limit, ("question", "answer"))]
+        return [problem(r, calls) for r in table]
     except GSM8KError as e:
         raise DataError(f"{source}: {e}") from None

@@ -191,8 +191,9 @@ def _gsm8k_problems(split: str, n: int, offset: int, level: int | None) -> list[
 
 @cache
 def _gsm8k_rows(source: str, split: str) -> list[tuple[tuple[str, str, str], tuple[str, str, str]]]:
-    """Each row with its reasoning as calculator calls and as written."""
-    return list(zip(sources.gsm8k(source, split), sources.gsm8k(source, split, calls=False)))
+    """Each row with its reasoning as calculator calls and as written (the rows read once)."""
+    table = sources.rows(source, split, fields=sources.GSM8K_FIELDS)
+    return list(zip(sources.gsm8k_problems(table, source), sources.gsm8k_problems(table, source, calls=False)))
 
 
 @cache

@@ -397,17 +397,15 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
     """The tokenizer, and the pretraining text as pretraining reads it: `data` tokenized once
     (OUT/tokens), a corpus made for the run written out (OUT/corpus.jsonl)."""
     check_gsm8k(config)
-    docs = iter(pretraining_text(config))
-    if not config.data:  # (a corpus: a list, written out whole for corpus=math / tasks)
-        docs = list(docs)
+    docs = pretraining_text(config)  # the corpus: a list; data: a stream, read as it is tokenized
     if not config.data and config.corpus != "default":
         _corpus_file(config).parent.mkdir(parents=True, exist_ok=True)
         tmp = _corpus_file(config).with_suffix(".tmp")
         with tmp.open("w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
         tmp.replace(_corpus_file(config))
-    sample, chars = [], 0
-    for d in iter(docs):  # (data: the start of the stream; the rest is read as it is tokenized)
+    stream, sample, chars = iter(docs), [], 0
+    for d in stream:  # the tokenizer's sample: the start of the documents
         sample.append(d)
         chars += len(d)
         if chars >= TOKENIZER_CHARS:
@@ -417,7 +415,7 @@ def tokenizer_stage(config: SpeedrunConfig, folder: Path) -> dict:
     with tokenizer_threads(bool(config.data)):  # data at the GPU presets' scale
         tok = train_tokenizer(sample, vocab_size=config.vocab_size)
         if config.data:
-            counts = save_tokens(_tokens_folder(config), itertools.chain(sample, docs), tok)
+            counts = save_tokens(_tokens_folder(config), itertools.chain(sample, stream), tok)
     tok.save(folder)  # (last: the stage is done when its files are)
     if not config.data:
         return {"vocab_size": tok.vocab_size, "documents": len(docs), "characters": sum(map(len, docs))}
