@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -322,6 +323,14 @@ def test_a_missing_or_short_gsm8k_stops_the_run_before_anything_trains(tmp_path,
         assert not (out / "tokenizer" / "stage.json").exists() and not (out / "pretrain").exists()
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the name (state, parent pid, ...); none once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
 def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
     """`torchrun --nproc-per-node 2 -m nanoseek speedrun --preset gpu8 --smoke` on gloo: the
     training stages data-parallel, the tokenizer, eval and report on rank 0 alone; killed during
@@ -331,13 +340,19 @@ def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nanoseek",
                "speedrun", "--preset", "gpu8", "--smoke", "--out", str(out), "--data", str(text), f"gsm8k={gsm8k}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not ((out / "sft").exists() or first.poll() is not None) and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)  # torchrun and both ranks, mid-stage
+    # torchrun starts each rank in a session of its own: the machine dies, every one of them
+    ranks = [int(d.name) for d in Path("/proc").iterdir()
+             if d.name.isdigit() and _stat(d.name)[1:2] == [str(first.pid)]]
+    assert len(ranks) == 2
+    for pid in [*ranks, first.pid]:
+        os.kill(pid, signal.SIGKILL)
     first.wait()
+    while any(_stat(pid)[:1] not in ([], ["Z"]) for pid in ranks):  # each gone, or a zombie
+        time.sleep(0.02)
     assert (out / "pretrain" / "stage.json").is_file() and not (out / "report.md").exists()
     tokenizer_written = (out / "tokenizer" / "stage.json").stat().st_mtime_ns
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
