@@ -64,3 +64,4 @@ def test_the_hub_offline_names_the_set_and_the_way_out():
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode != 0 and last.startswith("nanoseek.data.corpus.DataError: cannot read gsm8k")
     assert "openai/gsm8k" in last and "local .jsonl or .parquet copy with the fields question, answer" in last
+    assert "point $NANOSEEK_GSM8K at" in last  # the way to a copy that where() reads

@@ -40,7 +40,11 @@ def use(name: str, source: str) -> None:
 
 def where(name: str) -> str:
     """Where the set `name` is read from: the run's choice, $NANOSEEK_<NAME>, or the Hub."""
-    return _chosen.get(name) or os.environ.get(f"NANOSEEK_{name.upper().replace('-', '_')}") or name
+    return _chosen.get(name) or os.environ.get(_variable(name)) or name
+
+
+def _variable(name: str) -> str:
+    return f"NANOSEEK_{name.upper().replace('-', '_')}"
 
 
 def rows(source: str, split: str = "train", limit: int | None = None, fields: tuple[str, ...] = ()) -> list[dict]:
@@ -92,7 +96,8 @@ def _hub_rows(name: str, split: str) -> Iterator[dict]:
     def failed(e: Exception) -> DataError:
         return DataError(f"cannot read {name} ({repo}, {config}, {split}) from the Hub "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); download it "
-                         f"and pass a local .jsonl or .parquet copy with the fields {', '.join(fields)}")
+                         f"and point ${_variable(name)} at a local .jsonl or .parquet copy with the fields "
+                         f"{', '.join(fields)}")
 
     try:
         stream = iter(datasets.load_dataset(repo, config, split=split, streaming=True))
