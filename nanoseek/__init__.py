@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def load(path: str, device: str = "cpu"):
     """(model, tokenizer) from a checkpoint folder, or a run folder's latest checkpoint.
     The model is in eval mode; the tokenizer is None if the folder has none."""
-    from nanoseek.train.checkpoint import load_model
+    from nanoseek.checkpoint import load_model
 
     model, tokenizer, _ = load_model(path, device)
     model.eval()

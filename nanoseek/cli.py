@@ -8,6 +8,7 @@ no traceback. Config fields beyond the flags come as `key=value` overrides (conf
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,26 +24,27 @@ from nanoseek.bench.gguf import bench_gguf
 from nanoseek.bench.grpo import bench_grpo
 from nanoseek.bench.serve import bench_serve
 from nanoseek.bench.train import bench_train
-from nanoseek.config import PRESETS, ConfigError, apply_overrides, split_by_prefix
+from nanoseek.checkpoint import CheckpointError, load_model, read_meta, resolve
+from nanoseek.config import PRESETS, ConfigError
 from nanoseek.data.corpus import DataError, default_corpus, read_files
 from nanoseek.data.tasks import ALL_TASKS, EVAL_SETS, TaskError, check_tasks
 from nanoseek.data.tokenizer import TokenizerError, train_tokenizer
+from nanoseek.device import pick_device
 from nanoseek.eval import evaluate
 from nanoseek.export import export_hf, import_hf, parse_size
 from nanoseek.gguf import TYPES, export_gguf
 from nanoseek.infer.chat import chat_repl
 from nanoseek.infer.engine import Engine, EngineError
 from nanoseek.infer.sampling import SamplingError, SamplingParams
+from nanoseek.pipeline.compare import gains_table, stage_table
+from nanoseek.pipeline.recipe import Recipe, every_stage, load_recipe, override, vary
+from nanoseek.pipeline.run import plan, run_recipe
+from nanoseek.pipeline.stages import main_process
+from nanoseek.recipes.variants import smoke
 from nanoseek.serve.server import api_key_from_env, build, serve_forever
-from nanoseek.train.checkpoint import CheckpointError, load_model, read_meta, resolve
-from nanoseek.train.compare import gains_table, stage_table
-from nanoseek.train.device import pick_device
 from nanoseek.train.distill import DistillConfig, distill
 from nanoseek.train.fp8 import FP8Error
 from nanoseek.train.grpo import GRPOConfig, grpo
-from nanoseek.train.r1 import R1Config, r1_stages
-from nanoseek.train.speedrun import plan, speedrun, speedrun_config
-from nanoseek.train.stages import main_process, run_stages
 from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig, TrainingError, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -257,36 +259,44 @@ def run_grpo(args: argparse.Namespace) -> int:
 def add_speedrun(sub) -> None:
     p = sub.add_parser("speedrun", help="the whole pipeline from nothing: tokenizer -> pretraining -> SFT -> GRPO -> "
                                         "eval -> OUT/final and OUT/report.md (finished stages are skipped on restart)")
-    p.add_argument("--preset", default="cpu", help="tiny, cpu (30 min on 2 cores), gpu, gpu8")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", default="cpu", help="a built-in recipe (nanoseek/recipes/NAME.py): tiny, "
+                                                       "cpu (30 min on 2 cores), gpu, gpu8")
+    which.add_argument("--recipe", metavar="FILE", help="your own recipe: a Python file that builds `recipe = "
+                                                        "Recipe(...)` (copy nanoseek/recipes/cpu.py and change it)")
     p.add_argument("--out", default="runs/speedrun")
     p.add_argument("--ablate", action="store_true",
-                   help="also train the same budget dense (same active parameters), without MTP and with an MHA cache, "
-                        "and compare them after the cold start: OUT/ablations.md")
+                   help="also train the same budget dense (same active parameters), without MTP, with an MHA cache "
+                        "and without the calculator, and compare them after the cold start: OUT/ablations.md")
     p.add_argument("--smoke", action="store_true",
-                   help="the preset's architecture (experts, routing groups, MTP) at the tiny preset's size and "
-                        "budget: a minutes-long CPU check of a GPU preset's code path")
+                   help="the recipe's architecture (experts, routing groups, MTP) at the tiny preset's size and "
+                        "budget: a minutes-long CPU check of a GPU recipe's code path")
     p.add_argument("--plan", action="store_true",
-                   help="a GPU preset's compute per stage and its expected hours and dollars; runs nothing")
-    p.add_argument("--seed", type=int, help="every training stage's seed (default 0, the recipe's figures)")
+                   help="print the recipe as it will run, stage by stage, and its cost (a GPU recipe's hours and "
+                        "dollars, a CPU recipe's ETA); runs nothing")
+    p.add_argument("--json", action="store_true", help="--plan: end with the plan as one JSON line")
+    p.add_argument("--seed", type=int, help="every stage's seed (default 0, the recipe's figures)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="every stage's device (default auto)")
     p.add_argument("--data", action="append", metavar="PATH_OR_SET",
-                   help="pretraining text instead of the preset's: .txt/.jsonl/.parquet files or folders, or an "
-                        "open set by name (fineweb-edu, finemath); repeatable (= data=[...])")
+                   help="pretraining text instead of the recipe's: .txt/.jsonl/.parquet files or folders, or an "
+                        "open set by name (fineweb-edu, finemath); repeatable (= tokenizer.data=[...])")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="SpeedrunConfig fields (pretrain_steps=..., sft_steps=..., rl_steps=..., eval_n=..., "
-                        "gsm8k=DIR for a local GSM8K, ...)")
+    p.add_argument("overrides", nargs="*", metavar="stage.key=value",
+                   help="a stage's settings by its name or kind (sft.max_steps=700, grpo.lr=1e-5, "
+                        "train.precision=bf16), the model's dials (model.width=320), the recipe's own "
+                        "(tasks=[...], gsm8k=DIR)")
     p.set_defaults(run=run_speedrun)
 
 
 def run_speedrun(args: argparse.Namespace) -> int:
-    seed = [] if args.seed is None else [f"seed={args.seed}"]
-    data = [f"data={json.dumps(args.data)}"] if args.data else []
-    config = speedrun_config(args.preset, args.out, [*args.overrides, *seed, *data], args.smoke)
+    recipe = load_recipe(args.recipe or args.preset)
+    if args.smoke:
+        recipe = smoke(recipe)
+    data = [f"tokenizer.data={json.dumps(args.data)}"] if args.data else []
+    recipe = with_run_flags(override(recipe, [*args.overrides, *data]), args)
     if args.plan:
-        print_plan(plan(config))
-        return 0
-    config.progress = not args.quiet
-    summaries = speedrun(config, args.ablate)
+        return print_plan(plan(recipe, args.out, args.ablate), args.json)
+    summaries = run_recipe(recipe, args.out, args.ablate, not args.quiet, args.recipe)
     if not main_process():  # torchrun's other ranks: rank 0 reports
         return 0
     if args.ablate:
@@ -298,14 +308,49 @@ def run_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_plan(p: dict) -> None:
-    print(f"{p['preset']}: {p['params_total'] / 1e9:.2f}B parameters, {p['params_active'] / 1e9:.2f}B active, "
-          f"on {p['gpus']} GPU(s) at {p['mfu']:.0%} MFU, ${p['price_per_gpu_hour']:.2f} per GPU-hour "
-          "(expected, not measured)", file=sys.stderr)
-    for name, r in p["stages"].items():
-        print(f"  {name:9} {r['tokens'] / 1e9:8.2f}B tokens  {r['flops']:9.2e} FLOPs  {r['hours']:6.2f} h  "
-              f"${r['dollars']:,.0f}", file=sys.stderr)
-    print(json.dumps(p))
+def with_run_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    """--seed, --device and --quiet, set on every stage that has the setting."""
+    flags = {"seed": getattr(args, "seed", None), "device": getattr(args, "device", None),
+             "progress": False if args.quiet else None}
+    return every_stage(recipe, **{k: v for k, v in flags.items() if v is not None})
+
+
+def print_plan(p: dict, as_json: bool) -> int:
+    """The resolved recipe, a stage a line with the settings that differ from its config's defaults,
+    then its cost: a GPU recipe's hours and dollars, a CPU recipe's ETA."""
+    r = p["recipe"]
+    print(f"recipe {r['name']}: model {r['model']['preset']}"
+          + (f" ({', '.join(p['model_overrides'])})" if p["model_overrides"] else "")
+          + f", tasks {', '.join(r['tasks'])}" + (f", report tasks {', '.join(r['report_tasks'])}" if r["report_tasks"]
+                                                   else "") + f", calculator {'on' if r['calculator'] else 'off'}",
+          file=sys.stderr)
+    for st in r["stages"]:
+        eta = p["eta_s"].get(st["name"])
+        print(f"  {st['name']:9} {st['kind']:9}" + (f" ~{eta / 60:.1f} min" if eta else "") + "  "
+              + ", ".join(f"{k}={json.dumps(v)}" for k, v in _changed(st).items()), file=sys.stderr)
+    c = p["cost"]
+    if c:
+        print(f"cost: {c['params_total'] / 1e9:.2f}B parameters, {c['params_active'] / 1e9:.2f}B active, "
+              f"on {c['gpus']} GPU(s) at {c['mfu']:.0%} MFU, ${c['price_per_gpu_hour']:.2f} per GPU-hour "
+              "(expected, not measured)", file=sys.stderr)
+        for name, row in c["stages"].items():
+            print(f"  {name:9} {row['tokens'] / 1e9:8.2f}B tokens  {row['flops']:9.2e} FLOPs  {row['hours']:6.2f} h  "
+                  f"${row['dollars']:,.0f}", file=sys.stderr)
+    elif p["eta_s"]:
+        print(f"ETA on the reference host: ~{sum(p['eta_s'].values()) / 60:.0f} min", file=sys.stderr)
+    if as_json:
+        print(json.dumps(p))
+    return 0
+
+
+def _changed(stage: dict) -> dict:
+    """A stage's settings that differ from its config class's defaults."""
+    from nanoseek.pipeline.recipe import CONFIGS
+
+    if stage["config"] is None:
+        return {}
+    defaults = dataclasses.asdict(CONFIGS[stage["kind"]]())
+    return {k: v for k, v in stage["config"].items() if defaults.get(k) != v}
 
 
 def add_r1(sub) -> None:
@@ -314,24 +359,22 @@ def add_r1(sub) -> None:
     p.add_argument("ckpt", help="a pretrained base checkpoint")
     p.add_argument("--out", required=True, help="run folder (finished stages are skipped when restarted)")
     p.add_argument("--zero", action="store_true", help="R1-Zero: GRPO straight from the base, R1-Zero's prompt")
-    p.add_argument("--task", nargs="*", help="RL and eval tasks (default: chain_sum gsm_symbolic)")
+    p.add_argument("--task", nargs="*", help="the tasks of every stage (default: chain_sum gsm_symbolic)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="R1Config fields (sft_steps=300, rl_steps=40, eval_n=200, ...); rl.KEY=VALUE: GRPOConfig, "
-                        "sft.KEY=VALUE: SFT training settings")
+    p.add_argument("overrides", nargs="*", metavar="stage.key=value",
+                   help="a stage's settings (nanoseek/recipes/r1.py): sft.max_steps=300, rl2.max_steps=40, "
+                        "grpo.lr=1e-5 (both GRPO stages), train.batch_size=4 (both SFT stages), eval.n=200, ...")
     p.set_defaults(run=run_r1)
 
 
 def run_r1(args: argparse.Namespace) -> int:
     resolve(args.ckpt)  # a missing base is one line now, not after the first stage started
-    by_stage = split_by_prefix(args.overrides, ("rl", "sft"))
-    config = apply_overrides(R1Config(), by_stage[""])
-    config.base, config.out, config.zero, config.progress = args.ckpt, args.out, args.zero, not args.quiet
-    config.grpo_overrides, config.sft_overrides = by_stage["rl"], by_stage["sft"]
-    config.validate()  # a bad stage setting fails now, not minutes later when its stage starts
-    check_tasks(args.task or [], ALL_TASKS)
-    config.tasks = args.task or config.tasks
-    summaries = run_stages(args.out, r1_stages(config), progress=config.progress)
+    recipe = vary(load_recipe("r1_zero" if args.zero else "r1"), init=args.ckpt)
+    if args.task:
+        check_tasks(args.task, ALL_TASKS)
+        recipe = override(recipe, [f"tasks={json.dumps(args.task)}", f"grpo.tasks={json.dumps(args.task)}"])
+    recipe = with_run_flags(override(recipe, args.overrides), args)
+    summaries = run_recipe(recipe, args.out, progress=not args.quiet)
     if main_process():
         print_stages(summaries)
     return 0

@@ -209,16 +209,6 @@ def override_key(item: str) -> str:
     return key.strip()
 
 
-def split_by_prefix(overrides: list[str], prefixes: tuple[str, ...]) -> dict[str, list[str]]:
-    """Overrides addressed to one stage of a pipeline ("rl.lr=1e-4" -> {"rl": ["lr=1e-4"]});
-    those without a known prefix under ""."""
-    out: dict[str, list[str]] = {p: [] for p in ("", *prefixes)}
-    for item in overrides:
-        head, dot, rest = item.partition(".")
-        out[head if dot and head in prefixes else ""].append(rest if dot and head in prefixes else item)
-    return out
-
-
 def route_overrides(configs: list[Any], overrides: list[str]) -> list[Any]:
     """Apply each override to the first of `configs` that has the field (a training run's
     settings, then its model's); a field none of them has is a ConfigError."""

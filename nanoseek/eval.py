@@ -6,7 +6,7 @@ k), the format rate, the mean response length in tokens, and the greedy answers'
 (calls per answer, answers with a call, calls that returned an error). All generation goes through the
 engine, batched, k samples per problem from one prefill. Per-problem scores are kept (`correct`,
 `sampled_correct`) so that two models evaluated on the same problems can be compared pairwise
-(train/compare.stage_gains).
+(pipeline/compare.stage_gains).
 
 Prompts: `chat` (the chat template, a user turn, the assistant to answer) for SFT and RL
 checkpoints; `base` for a pretrained model, in the pretraining corpus's own form
@@ -19,11 +19,11 @@ import math
 from collections import Counter
 
 import nanoseek
+from nanoseek.checkpoint import CheckpointError, read_meta, resolve
 from nanoseek.data.tasks import EVAL_SETS, TASKS, Problem, problems, reward
+from nanoseek.device import pick_device
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.train.checkpoint import CheckpointError, read_meta, resolve
-from nanoseek.train.device import pick_device
 
 # Sequences decoded together. A wide batch spreads each decode step's fixed cost over more
 # tokens; past 256 it gained little on the speedrun's eval (docs/LOG.md). Capped so that the

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nanoseek.checkpoint import load_model, read_meta, write_model_folder
 from nanoseek.data.tokenizer import SPECIAL_TOKENS
 from nanoseek.hf import ARCHITECTURE, FP32_ALWAYS, INDEX, MTP_FILE, CheckpointError, config_to_hf, to_hf_state_dict
 from nanoseek.tools import TOOL_CALLS_END
-from nanoseek.train.checkpoint import load_model, read_meta, write_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3

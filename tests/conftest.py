@@ -48,10 +48,10 @@ def chat_model():
 @pytest.fixture(scope="session")
 def base(tmp_path_factory):
     """A random tiny base model with a tokenizer that spells digits and the tasks' words."""
+    from nanoseek.checkpoint import save_checkpoint
     from nanoseek.config import preset
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model import Transformer
-    from nanoseek.train.checkpoint import save_checkpoint
 
     tok = train_tokenizer(["the cat sat on the mat 0123456789 + - = Question Answer " * 3] * 50, vocab_size=300)
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek import checkpoint as ckpt
 from nanoseek.config import preset
 from nanoseek.model import Transformer
-from nanoseek.train import checkpoint as ckpt
 
 
 def _model(**kw):
@@ -76,7 +76,7 @@ def test_kill_during_saves_never_leaves_a_broken_latest(tmp_path):
         import torch
         from nanoseek.config import preset
         from nanoseek.model import Transformer
-        from nanoseek.train.checkpoint import save_checkpoint
+        from nanoseek.checkpoint import save_checkpoint
         model = Transformer(preset("tiny"))
         step = 0
         while True:

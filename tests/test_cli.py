@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
+from nanoseek.checkpoint import save_checkpoint
 from nanoseek.config import preset
 from nanoseek.model import Transformer
-from nanoseek.train.checkpoint import save_checkpoint
 
 
 def run(*args, timeout=120):

@@ -1,5 +1,6 @@
 """The shape of the code: no import circles between nanoseek's modules (function-level imports
-included), no function past ~80 lines, and the tree clean under ruff."""
+included), no import from a lower layer into a higher one (docs/ARCHITECTURE.md), no function
+past ~80 lines, and the tree clean under ruff."""
 
 import ast
 import shutil
@@ -11,6 +12,21 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nanoseek"
 MAX_FUNCTION_LINES = 80
+# docs/ARCHITECTURE.md's layers, bottom to top: a module imports only from its own layer and below
+LAYERS = [
+    ["config", "tools", "device"],
+    ["model"],
+    ["data"],
+    ["hf", "checkpoint", "nanoseek"],  # (the package's own nanoseek.load() is checkpoint's)
+    ["infer"],
+    ["eval"],
+    ["train"],
+    ["pipeline", "recipes"],
+    ["export", "gguf"],
+    ["serve"],
+    ["bench"],
+    ["cli", "__main__"],
+]
 
 
 def module_name(path: Path) -> str:
@@ -79,6 +95,32 @@ def test_no_import_circles():
     graph = import_graph(modules())
     assert "nanoseek.train.trainer" in graph["nanoseek.cli"]  # the walk sees the imports
     assert cycles(graph) == []
+
+
+def layer(module: str) -> int:
+    """The layer of a module (its first name under nanoseek; the package itself is the top)."""
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "nanoseek"
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer(b) > layer(a))
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert upward({"nanoseek.eval": {"nanoseek.train.trainer"}, "nanoseek.train.trainer": {"nanoseek.eval"}}) == [
+        "nanoseek.eval -> nanoseek.train.trainer"]
+
+
+def test_no_layer_imports_from_a_layer_above_it():
+    trees = modules()
+    assert all(layer(m) >= 0 for m in trees)  # every module has a layer (a new top-level name needs one)
+    assert upward(import_graph(trees)) == []
+    doc = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+    for names in LAYERS[:-1]:  # the layers are the ones the architecture page names
+        for name in (n for n in names if n != "nanoseek"):
+            assert f"{name}/" in doc or f"{name}.py" in doc, name
 
 
 def test_no_function_runs_past_80_lines():

@@ -90,7 +90,7 @@ def test_gradient_accumulation_under_two_processes(data, tmp_path, mode):
 def test_one_process_commands_leave_fsdp_unimported():
     # torch.distributed.tensor (FSDP2's DTensor) took ~2 s of every command's start; only
     # fully_shard needs it, and the FSDP tests here check that its shards are still recognized
-    code = ("import sys, nanoseek.cli, nanoseek.train.trainer, nanoseek.train.grpo, nanoseek.train.speedrun; "
+    code = ("import sys, nanoseek.cli, nanoseek.train.trainer, nanoseek.train.grpo, nanoseek.pipeline.run; "
             "print('torch.distributed.tensor' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

@@ -470,8 +470,8 @@ def test_thinking_is_dimmed_and_only_the_answer_is_kept():
 
 
 def test_generate_command_streams_the_greedy_completion(tmp_path, tok, trained, capsys):
+    from nanoseek.checkpoint import save_checkpoint
     from nanoseek.cli import main
-    from nanoseek.train.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "run", 1, trained, tok, {"stage": "test"})
     prompt = "To be, or"

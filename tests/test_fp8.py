@@ -158,8 +158,8 @@ def test_devices_without_fp8_are_refused():
 
 
 def test_pretrain_fp8_flag_trains_and_resumes_with_an_ordinary_checkpoint(tmp_path):
+    from nanoseek.checkpoint import load_model, load_train_state
     from nanoseek.cli import main
-    from nanoseek.train.checkpoint import load_model, load_train_state
 
     out = tmp_path / "run"
     text = tmp_path / "text.txt"

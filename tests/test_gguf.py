@@ -14,6 +14,7 @@ from test_hf import one_line_error, random_model
 
 from nanoseek.bench import gguf as bench_gguf
 from nanoseek.bench.gguf import llama_greedy, llama_logits
+from nanoseek.checkpoint import save_checkpoint
 from nanoseek.cli import main
 from nanoseek.config import preset
 from nanoseek.data.corpus import default_corpus
@@ -26,7 +27,6 @@ from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.tools import render_call, render_output
-from nanoseek.train.checkpoint import save_checkpoint
 
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")

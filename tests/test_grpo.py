@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from nanoseek.checkpoint import save_checkpoint
 from nanoseek.cli import main
 from nanoseek.config import preset
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
-from nanoseek.train.checkpoint import save_checkpoint
 from nanoseek.train.grpo import GRPOConfig, Sample, grpo
 
 
@@ -69,7 +69,7 @@ def test_equal_rewards_skip_the_update_with_dynamic_sampling(base, tmp_path):
          score=lambda key, text, n: {"reward": 1.0, "accuracy": 1.0, "format": 1.0, "overlong": 0.0})
     log = rows(tmp_path / "run")
     assert all(x["zero_adv_groups"] == 1.0 and x.get("skipped_update") == 1 for x in log)
-    from nanoseek.train.checkpoint import load_model
+    from nanoseek.checkpoint import load_model
     start, after = load_model(ckpt)[0], load_model(tmp_path / "run")[0]
     assert all(torch.equal(a, b) for a, b in zip(start.parameters(), after.parameters()))  # nothing learned
 
@@ -231,11 +231,11 @@ def test_tool_outputs_are_masked_from_the_policy_loss(calc_model):
 def test_rejection_sampling_runs_the_calculator_and_sft_masks_its_outputs(calc_model, tmp_path, monkeypatch):
     """The traces rejection sampling keeps (and distillation trains on) carry the calls the model
     made and the outputs the engine forced; SFT on them learns the calls, never the outputs."""
+    from nanoseek.checkpoint import write_model_folder
     from nanoseek.data.sft import tokenize_conversations
     from nanoseek.data.tasks import PLAIN, Problem, Reward
     from nanoseek.tools import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, calculator, parse_calls
     from nanoseek.train import distill
-    from nanoseek.train.checkpoint import write_model_folder
 
     model, tok = calc_model
     write_model_folder(tmp_path / "calc", model, tok, {})

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
 
 import nanoseek
+from nanoseek.checkpoint import load_model, save_checkpoint
 from nanoseek.cli import main
 from nanoseek.config import preset
 from nanoseek.data.tokenizer import train_tokenizer
@@ -18,7 +19,6 @@ from nanoseek.export import export_hf, import_hf
 from nanoseek.hf import CheckpointError
 from nanoseek.infer import greedy
 from nanoseek.model import Transformer
-from nanoseek.train.checkpoint import load_model, save_checkpoint
 
 TEXT = ["Question: 12 + 30 = ?\n<think>\n12 + 30 = 42\n</think>\nAnswer: 42",
         "To be, or not to be, that is the question.", "The cat sat on the mat 7 times."] * 40

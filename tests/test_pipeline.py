@@ -7,14 +7,14 @@ import pytest
 from nanoseek.cli import main
 from nanoseek.data.sft import worked_solution
 from nanoseek.data.tasks import problems
-from nanoseek.train import r1 as r1_module
-from nanoseek.train.compare import gains_table, stage_gains
-from nanoseek.train.r1 import rl_trend
-from nanoseek.train.stages import Stage, run_stages
+from nanoseek.pipeline import runners as r1_module
+from nanoseek.pipeline.compare import gains_table, rl_trend, stage_gains
+from nanoseek.pipeline.stages import Job, run_stages
 
-TINY = ["sft_steps=2", "sft_examples=4", "rl_steps=1", "rs_problems=2", "rs_k=2", "sft2_steps=500", "rl2_steps=1",
-        "eval_n=3", "eval_k=2", "max_tokens=8", "rl.prompts_per_step=2", "rl.group_size=2", "sft.batch_size=1",
-        "sft.seq_len=64"]
+ZERO = ["rl.max_steps=1", "eval.n=3", "eval.k=2", "grpo.max_tokens=8", "eval.max_tokens=8", "grpo.prompts_per_step=2",
+        "grpo.group_size=2"]
+TINY = [*ZERO, "sft.max_steps=2", "sft.sft_examples=4", "rs.problems=2", "rs.k=2", "rs.max_tokens=8",
+        "sft2.max_steps=500", "rl2.max_steps=1", "train.batch_size=1", "train.seq_len=64"]
 
 
 def test_run_stages_skips_finished_stages_after_a_failure(tmp_path, capsys):
@@ -29,8 +29,8 @@ def test_run_stages_skips_finished_stages_after_a_failure(tmp_path, capsys):
             raise RuntimeError("killed")
         return {"name": "b"}
 
-    stages = [Stage("a", ok("a"), estimate_s=60), Stage("b", flaky, estimate_s=120),
-              Stage("c", ok("c"), estimate_s=240)]
+    stages = [Job("a", ok("a"), estimate_s=60), Job("b", flaky, estimate_s=120),
+              Job("c", ok("c"), estimate_s=240)]
     with pytest.raises(RuntimeError):
         run_stages(tmp_path, stages, progress=False)
     assert calls == ["a", "b"] and not (tmp_path / "b" / "stage.json").exists()
@@ -48,7 +48,7 @@ def test_eta_follows_this_hosts_pace(tmp_path, capsys, monkeypatch):
     """Stages that take twice their estimates double what is left; a stage estimated under a
     minute (the tokenizer) and a resumed one (only its rest ran) do not set the pace."""
     clock = [0.0]
-    monkeypatch.setattr("nanoseek.train.stages.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("nanoseek.pipeline.stages.time.perf_counter", lambda: clock[0])
 
     def takes(seconds):
         def run(folder):
@@ -56,8 +56,8 @@ def test_eta_follows_this_hosts_pace(tmp_path, capsys, monkeypatch):
             return {}
         return run
 
-    stages = [Stage("tok", takes(5), estimate_s=30), Stage("a", takes(240), estimate_s=120),
-              Stage("b", takes(60), estimate_s=60), Stage("c", takes(60), estimate_s=300)]
+    stages = [Job("tok", takes(5), estimate_s=30), Job("a", takes(240), estimate_s=120),
+              Job("b", takes(60), estimate_s=60), Job("c", takes(60), estimate_s=300)]
     (tmp_path / "b").mkdir()  # b resumes (a kill left its folder): its 60 s are not its pace
     run_stages(tmp_path, stages, progress=True)
     err = capsys.readouterr().err.splitlines()
@@ -67,8 +67,8 @@ def test_eta_follows_this_hosts_pace(tmp_path, capsys, monkeypatch):
     assert "~10 min to go" in err[3]  # 300 s, still at a's 2x
 
 
-def _r1(base, out, *extra):  # the overrides after --task's list (it must not swallow them)
-    return main(["r1", str(base), "--out", str(out), "--quiet", *extra, "--task", "chain_sum", *TINY])
+def _r1(base, out, *extra, overrides=TINY):  # the overrides after --task's list (it must not swallow them)
+    return main(["r1", str(base), "--out", str(out), "--quiet", *extra, "--task", "chain_sum", *overrides])
 
 
 def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, monkeypatch):
@@ -80,10 +80,10 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
     monkeypatch.setattr(r1_module, "rejection_sample", lambda *a, **k: (kept, {"chain_sum": {"kept": len(kept)}}))
     real_grpo = r1_module.grpo
 
-    def killed_in_rl2(gc, overrides=()):
+    def killed_in_rl2(gc):
         if "rl2" in gc.out:
             raise KeyboardInterrupt
-        return real_grpo(gc, overrides)
+        return real_grpo(gc)
 
     monkeypatch.setattr(r1_module, "grpo", killed_in_rl2)
     assert _r1(ckpt, tmp_path / "r1") == 130
@@ -126,15 +126,17 @@ def test_r1_runs_every_stage_and_resumes_after_a_kill(base, tmp_path, capsys, mo
 
 def test_r1_zero_and_bad_input(base, tmp_path, capsys):
     ckpt, _ = base
-    assert _r1(ckpt, tmp_path / "z", "--zero") == 0
+    assert _r1(ckpt, tmp_path / "z", "--zero", overrides=ZERO) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]
     assert list(out) == ["rl", "eval"] and list(out["eval"]["table"]) == ["base", "rl"]
     grpo_cfg = json.loads((tmp_path / "z" / "rl" / "latest" / "meta.json").read_text())
     assert grpo_cfg["stage"] == "grpo"
-    for bad, msg in [(["rl.group_size=x"], "takes a number"), (["rl_stepz=3"], "unknown config field"),
+    for bad, msg in [(["rl.group_size=x"], "takes a number"), (["rl_stepz=3"], "unknown setting 'rl_stepz'"),
+                     (["rl_steps=3"], "it is rl.max_steps now"), (["sft_steps=3"], "it is sft.max_steps now"),
                      (["--task", "chess"], "unknown task"), (["sft.lr=fast"], "takes a number"),
-                     (["sft.max_epochs=0", "sft_steps=1"], "max_epochs must be positive"),
-                     (['sft.sft_tasks=["chess"]'], "sft_tasks must name tasks")]:
+                     (["sft.max_epochs=0", "sft.max_steps=1"], "sft: max_epochs must be positive"),
+                     (['sft.sft_tasks=["chess"]'], "sft.sft_tasks is set by the pipeline"),
+                     (["grpo.lr=0"], "rl: lr must be positive")]:
         assert main(["r1", str(ckpt), "--out", str(tmp_path / "bad"), "--quiet", *bad]) == 2
         assert msg in capsys.readouterr().err
     assert main(["r1", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")]) == 2
@@ -176,7 +178,7 @@ def test_stage_gains_are_paired_per_problem():
 
 
 def test_only_torchrun_ranks_past_0_wait_for_the_main_process(monkeypatch):
-    from nanoseek.train.stages import main_process
+    from nanoseek.pipeline.stages import main_process
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("RANK", "1")  # a stray RANK without a process group: still the only process

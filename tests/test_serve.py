@@ -221,7 +221,7 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path, chat
     import sys
     import time
 
-    from nanoseek.train.checkpoint import save_checkpoint
+    from nanoseek.checkpoint import save_checkpoint
 
     model, tok = chat_model
     save_checkpoint(tmp_path / "run", 1, model, tok, {"stage": "test"})

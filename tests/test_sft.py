@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from nanoseek.checkpoint import save_checkpoint
 from nanoseek.cli import main
 from nanoseek.config import preset
 from nanoseek.data.sft import (
@@ -17,7 +18,6 @@ from nanoseek.data.sft import (
 from nanoseek.data.tasks import TRAIN_POOL, problems, question_hash, reward
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import IGNORE_INDEX, Transformer
-from nanoseek.train.checkpoint import save_checkpoint
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
         {"role": "assistant", "content": "<think>2 + 2 = 4</think>Answer: 4"},
@@ -143,7 +143,7 @@ def test_pretraining_continues_from_a_checkpoint(tmp_path, tok):
     data.write_text("".join(json.dumps({"text": "Question: 12 + 30 = 42 Answer " * 20}) + "\n" for _ in range(60)))
     assert main(["pretrain", "--init", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "more"),
                  "--data", str(data), "--max-steps", "3", "--quiet", "batch_size=2", "seq_len=64"]) == 0
-    from nanoseek.train.checkpoint import load_model
+    from nanoseek.checkpoint import load_model
     again, tok2, _ = load_model(tmp_path / "more")
     assert again.config.to_dict() == model.config.to_dict() and tok2.vocab_size == tok.vocab_size
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))

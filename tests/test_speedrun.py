@@ -14,22 +14,21 @@ import openai
 import pytest
 from conftest import open_data_copies
 
+from nanoseek import checkpoint as ckpt
 from nanoseek.cli import main
-from nanoseek.train import checkpoint as ckpt
-from nanoseek.train import speedrun as speedrun_module
-from nanoseek.train.speedrun import settings, speedrun_config
+from nanoseek.pipeline import runners
 
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
 
 
 def _speedrun(out, *extra):  # on the corpus's math documents: the branch that writes its own corpus file
-    return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "corpus=math",
-                 'eval_mix={"chain_sum": 6}', "precision=bf16", "sft_ema=0.9", "rl_beta=0", *extra])
+    return main(["speedrun", "--preset", "tiny", "--out", str(out), "--quiet", "tokenizer.corpus=math",
+                 'eval.n_by_set={"chain_sum": 6}', "train.precision=bf16", "sft.ema=0.9", "rl.beta=0", *extra])
 
 
 def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sr"
-    real = speedrun_module.train
+    real = runners.train
 
     def killed_mid_sft(tc, overrides=()):
         if tc.stage == "sft":  # train to step 4 of 10 (a checkpoint there), then the process dies
@@ -37,12 +36,12 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
             raise KeyboardInterrupt
         return real(tc, overrides)
 
-    monkeypatch.setattr(speedrun_module, "train", killed_mid_sft)
+    monkeypatch.setattr(runners, "train", killed_mid_sft)
     assert _speedrun(out) == 130
     assert (out / "pretrain" / "stage.json").is_file() and not (out / "sft" / "stage.json").exists()
     assert (out / "sft" / "step-000004").is_dir()
     stamps = {n: (out / n / "stage.json").stat().st_mtime_ns for n in ("tokenizer", "pretrain")}
-    monkeypatch.setattr(speedrun_module, "train", real)
+    monkeypatch.setattr(runners, "train", real)
     capsys.readouterr()
     assert _speedrun(out) == 0
     captured = capsys.readouterr()
@@ -85,7 +84,8 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert inf["cache_bytes_per_token"] < inf["mha_cache_bytes_per_token"] and inf["no_mtp_tokens_per_s"] > 0
     assert 0 <= inf["mtp_acceptance"] <= 1
     md = (out / "report.md").read_text()
-    for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots"):
+    for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots",
+                    "## Recipe"):
         assert heading in md, heading
     assert "| task | base | sft | rl | rl: calls per answer | rl: tool errors |" in md  # a row per task
     peak = json.loads((out / "pretrain" / "stage.json").read_text())["peak_flops"]
@@ -113,119 +113,152 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
                                            max_tokens=8)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
 
-    # restarted with other evaluation settings: the trained stages are kept, eval and report redone;
-    # a setting missing from speedrun.json (one added after the folder was started) counts as its default
-    saved = json.loads((out / "speedrun.json").read_text())
-    del saved["rl_warmup"]
-    (out / "speedrun.json").write_text(json.dumps(saved))
+    # the recipe as it ran: in OUT/recipe.json and the report card, every stage's settings resolved
+    ran = json.loads((out / "recipe.json").read_text())
+    assert [s["name"] for s in ran["stages"]] == STAGES and ran["name"] == "tiny"
+    sft = ran["stages"][2]["config"]
+    assert sft["ema"] == 0.9 and sft["init"] == str(out / "pretrain/latest")
+    assert '"ema": 0.9' in md
+
+    # restarted with other evaluation settings: the trained stages are kept, eval and report redone
     stamps = {n: (out / n / "stage.json").stat().st_mtime_ns for n in STAGES}
-    assert _speedrun(out, "eval_n=3", "report_tasks=[]") == 0
+    assert _speedrun(out, "eval.n=3", "report_tasks=[]") == 0
     assert "its trained stages are kept" in capsys.readouterr().err
     redone = {n for n in STAGES if (out / n / "stage.json").stat().st_mtime_ns != stamps[n]}
     assert redone == {"eval", "report"}
     rep = json.loads((out / "report.json").read_text())
     assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
                                        "gsm_symbolic_seen"]
-    assert [r["problems"] for r in rep["eval"]["rl"].values()] == [6, 3, 3, 3, 3]  # eval_mix, then eval_n
+    assert [r["problems"] for r in rep["eval"]["rl"].values()] == [6, 3, 3, 3, 3]  # n_by_set, then n
     # a trained stage's setting is not: the run is refused and nothing is touched
-    assert _speedrun(out, "rl_steps=3") == 2
-    assert "other settings (rl_steps)" in capsys.readouterr().err
-    assert json.loads((out / "speedrun.json").read_text())["eval_n"] == 3
+    assert _speedrun(out, "eval.n=3", "report_tasks=[]", "rl.max_steps=3") == 2
+    assert "another recipe (rl.max_steps)" in capsys.readouterr().err
+    assert json.loads((out / "recipe.json").read_text())["stages"][4]["config"]["n"] == 3
+
+
+def _plan(*args) -> dict:
+    return json.loads(_plan_output(*args).out.strip().splitlines()[-1])
+
+
+def _plan_output(*args):
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["speedrun", *args, "--plan", "--json"])
+    assert code == 0, err.getvalue()
+    return type("Output", (), {"out": out.getvalue(), "err": err.getvalue()})
+
+
+def _stage(plan: dict, name: str) -> dict:
+    return next(s["config"] for s in plan["recipe"]["stages"] if s["name"] == name)
 
 
 def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys):
-    assert main(["speedrun", "--preset", "huge", "--out", str(tmp_path / "a")]) == 2
-    assert "unknown preset" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "rl_steps=0"]) == 2
-    assert "rl_steps must be at least 1" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "sft_ema=1.5"]) == 2
-    assert "sft_ema (the average's decay) must be within [0, 1)" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "rl_beta=-0.1"]) == 2
-    assert "rl_beta (GRPO's KL coefficient) must be >= 0" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "tasks=[\"chess\"]"]) == 2
-    assert "unknown task 'chess'" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "report_tasks=[\"chess\"]"]) == 2
-    assert "unknown task" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'eval_mix={"chess": 5}']) == 2
-    err = capsys.readouterr().err
-    assert "eval_mix maps held-out sets (chain_sum, gsm_symbolic, basic_arithmetic, plain_arithmetic, " in err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "precision=fp16"]) == 2
-    assert "precision must be one of auto, bf16, fp32" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=poetry"]) == 2
-    assert "corpus must be" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), "corpus=tasks",
-                 "corpus_docs=19990"]) == 2
-    assert "must fit in" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chess": 10}']) == 2
-    assert "corpus_mix maps the run's tasks" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'corpus_mix={"chain_sum": 19990}']) == 2
-    assert "must fit in chain_sum's" in capsys.readouterr().err
-    four = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic"]
-    assert speedrun_config("cpu").corpus_counts() == dict(zip(four, [4000, 8000, 4000, 8000]))  # the cpu mix
-    counts = speedrun_config("cpu", overrides=["corpus_docs=500"]).corpus_counts()
-    assert counts == dict.fromkeys(four, 500)
-    assert speedrun_config("cpu", overrides=["corpus=math"]).corpus_mix is None  # asked for another corpus
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": -3}']) == 2
-    assert "sft_mix maps the run's tasks" in capsys.readouterr().err
-    cpu = speedrun_config("cpu")  # the cpu cold start: word problems and plain questions most; GRPO past them
-    assert cpu.sft_counts() == dict(zip(four, [1000, 3000, 1000, 3000])) and cpu.rl_offset() == 3000
-    assert cpu.eval_counts() == {"chain_sum": 300, "gsm_symbolic": 50, "basic_arithmetic": 300,
-                                 "plain_arithmetic": 300, "countdown": 50, "gsm_symbolic_seen": 300}
-    assert cpu.calculator and cpu.rl_tasks == ["gsm_symbolic", "plain_arithmetic"]
-    assert set(speedrun_config("cpu", overrides=["eval_n=7"]).eval_counts().values()) == {7}  # asked for another n
-    assert speedrun_config("cpu", overrides=["report_tasks=[]"]).eval_tasks() == four
-    counts = speedrun_config("cpu", overrides=["sft_examples=500"]).sft_counts()
-    assert counts == dict.fromkeys(four, 500)
-    mixed = speedrun_config("cpu", overrides=['sft_mix={"chain_sum": 100, "gsm_symbolic": 900}',
-                                              'rl_tasks=["chain_sum", "gsm_symbolic"]'])
-    assert mixed.rl_offset() == 900  # past the cold start's problems of every RL task
-    assert main(["speedrun", "--preset", "cpu", "--out", str(tmp_path / "a"), 'sft_mix={"chain_sum": 16500}']) == 2
-    assert "must fit in chain_sum's" in capsys.readouterr().err  # 4,000 in the corpus + 16,500
-    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "a"), f"data=[\"{tmp_path}/none.txt\"]"]) == 2
-    assert "no such data file" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "cpu", "--plan"]) == 2
-    assert "for the GPU presets" in capsys.readouterr().err
+    a = str(tmp_path / "a")
+    for args, message in [
+        (["--preset", "huge"], "no recipe 'huge': name one of tiny, cpu, gpu, gpu8"),
+        (["rl.max_steps=0"], "max_steps must be at least 1"),
+        (["sft.ema=1.5"], "ema (the average's decay) must be within [0, 1)"),
+        (["rl.beta=-0.1"], "beta >= 0"),
+        (['tasks=["chess"]'], "unknown task 'chess'"),
+        (['report_tasks=["chess"]'], "unknown task"),
+        (['eval.n_by_set={"chess": 5}'], "eval.n_by_set maps held-out sets (chain_sum, gsm_symbolic, "),
+        (["train.precision=fp16"], "precision must be one of auto, bf16, fp32"),
+        (["tokenizer.corpus=poetry"], "corpus must be"),
+        (["tokenizer.documents=19990"], "must fit in chain_sum's 20,000 training problems"),
+        (['tokenizer.documents={"chess": 10}'], "tokenizer.documents is a number of documents per task"),
+        (['tokenizer.documents={"chain_sum": 19990}'], "must fit in chain_sum's"),
+        (['sft.sft_examples={"chain_sum": -3}'], "sft: sft_examples must not be negative"),
+        (['sft.sft_examples={"chess": 3}'], "sft_examples maps tasks from"),
+        ([f'tokenizer.data=["{tmp_path}/none.txt"]'], "no such data file"),
+        # one syntax: an unknown stage, an unknown key, a flat name of before (named with its new key)
+        (["rlx.lr=1"], "no stage 'rlx' in 'rlx.lr=1'; the recipe's stages: tokenizer, pretrain, sft, rl, eval"),
+        (["rl.learning_rate=1"], "rl has no setting 'learning_rate'; it has: "),
+        (["rl_lr=1e-5"], "unknown setting 'rl_lr' in 'rl_lr=1e-5': it is rl.lr now"),
+        (["pretrain_steps=5"], "it is pretrain.max_steps now"),
+        (["rl.offset=5"], "rl.offset is set by the pipeline"),
+        (["model.depth=x"], "model: override 'depth=x': depth takes"),
+        (["model.colour=1"], "model has no setting 'colour'"),
+    ]:
+        assert main(["speedrun", "--preset", "tiny", "--out", a, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "a").exists()  # nothing was started
-    # a setting missing from an older folder's speedrun.json counts as what it meant then: a cpu
-    # run started before rl_beta existed trained GRPO with the KL term (0.01), not the recipe's 0
-    (tmp_path / "old" / "tokenizer").mkdir(parents=True)
-    (tmp_path / "old" / "tokenizer" / "stage.json").write_text("{}")
-    old = settings(speedrun_config("cpu", str(tmp_path / "old")))
-    del old["rl_beta"]
-    (tmp_path / "old" / "speedrun.json").write_text(json.dumps(old))
-    assert main(["speedrun", "--preset", "cpu", "--out", str(tmp_path / "old"), "--quiet"]) == 2
-    assert "other settings (rl_beta)" in capsys.readouterr().err
-    # a folder holding a speedrun with other settings is not silently mixed with this one
+    # a folder started before recipes is refused in one line, not mixed with this run
     (tmp_path / "b" / "tokenizer").mkdir(parents=True)
     (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
     (tmp_path / "b" / "speedrun.json").write_text(json.dumps({"preset": "cpu"}))
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "b")]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "started before recipes: start it anew with another --out" in capsys.readouterr().err
 
 
-def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_path, capsys, monkeypatch):
-    from nanoseek.train.speedrun import speedrun_stages
+def test_the_problem_budget_cuts_each_pool_once(capsys):
+    """The cold start from each pool's start, GRPO past it, the corpus from the far end; the
+    speedrun and r1 read the same budget (pipeline/recipe.budget)."""
+    from nanoseek.pipeline.recipe import budget, load_recipe, override
 
-    seen = {}
+    four = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic"]
+    cpu = load_recipe("cpu")
+    b = budget(cpu)
+    assert b.counts("tokenizer") == dict(zip(four, [4000, 8000, 4000, 8000]))
+    assert b.slices["tokenizer"]["gsm_symbolic"] == (12000, 8000)  # the far end of its 20,000
+    assert b.counts("sft") == dict(zip(four, [1000, 3000, 1000, 3000])) and b.offset("sft") == 0
+    assert b.slices["rl"] == {"gsm_symbolic": (3000, 192), "plain_arithmetic": (3000, 192)}  # 12 x 32 over 2 tasks
+    assert budget(override(cpu, ['sft.sft_examples={"chain_sum": 100, "gsm_symbolic": 900}',
+                                 'rl.tasks=["chain_sum", "gsm_symbolic"]'])).offset("rl") == 900
+    r1 = budget(load_recipe("r1"))  # the cold start, rejection sampling, then each GRPO stage past them
+    assert [r1.offset(n) for n in ("sft", "rs", "rl", "rl2")] == [0, 1500, 1700, 1700 + 640]  # 40 x 32 / 2
+    p = _plan("--preset", "cpu")
+    assert p["budget"]["rl"]["plain_arithmetic"] == [3000, 192] and _stage(p, "rl")["offset"] == 3000
+    assert p["model"]["hidden_size"] == 256 and p["model_overrides"] == []
+    assert _stage(p, "eval")["n"] == 50 and _stage(p, "eval")["n_by_set"]["chain_sum"] == 300
+    assert 25 * 60 < sum(p["eta_s"].values()) < 35 * 60  # the cpu recipe's ETA on the reference host
 
-    def record(stage, seed):
-        seen[stage] = seed
-        return {}
 
-    monkeypatch.setattr(speedrun_module, "train", lambda tc, *overrides: record(tc.stage, tc.seed))
-    monkeypatch.setattr(speedrun_module, "grpo", lambda gc: record("rl", gc.seed))
-    stages = {st.name: st for st in speedrun_stages(speedrun_config("tiny", str(tmp_path / "a"), ["seed=7"]))}
-    for name in ("pretrain", "sft", "rl"):
-        stages[name].run(tmp_path / "a" / name)
-    assert seen == {"pretrain": 7, "sft": 7, "rl": 7}
-    assert speedrun_config("tiny").seed == 0  # the shipped runs' seed
+def test_every_recipe_file_resolves_and_a_copy_runs(tmp_path, capsys):
+    """Each built-in recipe validates and resolves (with --smoke too); a user's copy runs with
+    --recipe, its file kept beside the run."""
+    from nanoseek.pipeline.recipe import BUILT_IN, load_recipe
+
+    for name in BUILT_IN:
+        recipe = load_recipe(name).validate()
+        assert recipe.name == name and recipe.stages[-1].kind in ("report", "eval")
+    for name in ("tiny", "cpu", "gpu", "gpu8"):
+        for smoke in ([], ["--smoke"]):
+            p = _plan("--preset", name, *smoke, "--ablate")
+            assert [s["name"] for s in p["recipe"]["stages"]] == ["tokenizer", "pretrain", "sft", "rl", "eval",
+                                                                    "final", "report"]
+            assert set(p["ablations"]) == {"dense", "no_mtp", "mha", "no_calculator"}
+            assert (p["cost"] is not None) == (name.startswith("gpu"))
+    text = _plan_output("--preset", "gpu8").err  # the readable plan: a line a stage, then its cost
+    assert "  pretrain  pretrain " in text and '"parallel": "fsdp"' not in text and 'parallel="fsdp"' in text
+    assert "(expected, not measured)" in text
+    mine = tmp_path / "mine.py"
+    mine.write_text("from nanoseek.pipeline.recipe import vary\nfrom nanoseek.recipes.tiny import recipe as tiny\n\n"
+                    "recipe = vary(tiny, name='mine', rl=dict(max_steps=1))  # one GRPO step\n")
+    out = tmp_path / "run"
+    assert main(["speedrun", "--recipe", str(mine), "--out", str(out), "--quiet"]) == 0
+    assert (out / "mine.py").read_text() == mine.read_text()
+    assert json.loads((out / "rl" / "stage.json").read_text())["step"] == 1
+    assert json.loads((out / "recipe.json").read_text())["name"] == "mine"
+    bad = tmp_path / "bad.py"
+    bad.write_text("recipe = 1 / 0\n")
+    capsys.readouterr()
+    assert main(["speedrun", "--recipe", str(bad), "--out", str(out)]) == 2
+    assert "bad.py: ZeroDivisionError: division by zero" in capsys.readouterr().err
+
+
+def test_the_seed_reaches_every_training_stage_and_a_folder_keeps_its_own(tmp_path, capsys):
+    p = _plan("--preset", "tiny", "--seed", "7")
+    assert [_stage(p, n)["seed"] for n in ("pretrain", "sft", "rl")] == [7, 7, 7]
+    assert _stage(_plan("--preset", "tiny"), "rl")["seed"] == 0  # the shipped runs' seed
     # a folder started with one seed does not resume with another
-    (tmp_path / "b" / "tokenizer").mkdir(parents=True)
-    (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
-    (tmp_path / "b" / "speedrun.json").write_text(json.dumps(settings(speedrun_config("tiny", str(tmp_path / "b")))))
-    for how in (["seed=1"], ["--seed", "1"]):
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    for how in (["train.seed=1"], ["--seed", "1"]):
         assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "b"), "--quiet", *how]) == 2
-        assert "other settings (seed)" in capsys.readouterr().err
+        assert "another recipe (pretrain.seed" in capsys.readouterr().err
 
 
 def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
@@ -295,8 +328,9 @@ def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tm
                   "num_nextn_predict_layers"):
         assert getattr(cfg, field) == getattr(full, field), field
     assert cfg.n_group > 1 and cfg.hidden_size == preset("tiny").hidden_size < full.hidden_size
-    saved = json.loads((out / "speedrun.json").read_text())
-    assert saved["smoke"] is True and saved["gsm8k"] == str(gsm8k) and saved["rl_tasks"] == ["gsm8k"]
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["name"] == "gpu+smoke" and saved["gsm8k"] == str(gsm8k) and saved["stages"][3]["config"]["tasks"] == [
+        "gsm8k"]
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["architecture"]["routed_experts"] == full.n_routed_experts
     assert report["eval"]["rl"]["gsm8k"]["problems"] == 4  # from its test split
@@ -315,7 +349,7 @@ def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tm
 def test_a_missing_or_short_gsm8k_stops_the_run_before_anything_trains(tmp_path, capsys):
     short, text = open_data_copies(tmp_path / "data", train=20, test=2)  # the cold start takes all 20
     for where, message in ((tmp_path / "nowhere", "no such file or folder, and not a known data set"),
-                           (short, "20 GSM8K training problems, none past the cold start's 20 for GRPO")):
+                           (short, "20 GSM8K training problems, none past the 20 the stages before GRPO take")):
         out = tmp_path / f"run-{where.name}"
         assert main(["speedrun", "--preset", "gpu", "--smoke", "--out", str(out), "--quiet", "--data", str(text),
                      f"gsm8k={where}"]) == 2
@@ -357,12 +391,13 @@ def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
     tokenizer_written = (out / "tokenizer" / "stage.json").stat().st_mtime_ns
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "pretrain: gpu8 preset: MLA + MoE + MTP, 30 steps (done, skipped)" in run.stderr
+    assert "pretrain: next-token + MTP pretraining (done, skipped)" in run.stderr
     assert run.stderr.count("chat with it:") == 1 and run.stderr.count("[5/7] eval") == 1  # rank 0's
     assert (out / "tokenizer" / "stage.json").stat().st_mtime_ns == tokenizer_written
     for name in ("pretrain", "sft", "rl"):
         assert json.loads((out / name / "stage.json").read_text())["cost"]["n_devices"] == 2, name
-    assert json.loads((out / "speedrun.json").read_text())["data"] == [str(text)]  # --data, the preset's replaced
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["stages"][0]["config"]["data"] == [str(text)]  # --data, the recipe's replaced
     trained = json.loads((out / "pretrain" / "latest" / "train_state.json").read_text())["train_config"]
     assert trained["parallel"] == "fsdp" and trained["activation_checkpointing"] is True  # gpu8's sharding
     report = json.loads((out / "report.json").read_text())
@@ -372,11 +407,11 @@ def test_gpu8_under_torchrun_survives_a_kill_and_reports_once(tmp_path):
 
 def test_gpu_presets_plan_their_compute_and_cost(capsys):
     for name in ("gpu", "gpu8"):  # open sets by default; without them, the embedded corpus (never GSM8K's train)
-        assert speedrun_config(name).data == ["fineweb-edu", "finemath"]
-        assert speedrun_config(name, overrides=["data=[]"]).corpus == "default"
+        assert _stage(_plan("--preset", name), "tokenizer")["data"] == ["fineweb-edu", "finemath"]
+        p = _plan("--preset", name, "tokenizer.data=[]")
+        assert _stage(p, "tokenizer")["corpus"] == "default" and _stage(p, "pretrain")["data"] == []
     for name, gpus in (("gpu", 1), ("gpu8", 8)):
-        assert main(["speedrun", "--preset", name, "--plan"]) == 0
-        p = json.loads(capsys.readouterr().out)
+        p = _plan("--preset", name)["cost"]
         st = p["stages"]
         assert p["gpus"] == gpus and p["params_active"] < p["params_total"]
         assert st["pretrain"]["flops"] > st["sft"]["flops"] > 0 and st["rl"]["flops"] > 0
@@ -386,13 +421,7 @@ def test_gpu_presets_plan_their_compute_and_cost(capsys):
         assert st["total"]["dollars"] == pytest.approx(hours * gpus * p["price_per_gpu_hour"])
 
 
-def test_compile_reaches_pretraining_and_the_cold_start(tmp_path, monkeypatch):
-    from nanoseek.train.speedrun import speedrun_stages
-
-    seen = {}
-    monkeypatch.setattr(speedrun_module, "train", lambda tc, *overrides: seen.update({tc.stage: tc.compile}) or {})
-    stages = {st.name: st for st in speedrun_stages(speedrun_config("tiny", str(tmp_path), ["compile=true"]))}
-    for name in ("pretrain", "sft"):
-        stages[name].run(tmp_path / name)
-    assert seen == {"pretrain": True, "sft": True}
-    assert speedrun_config("tiny").compile is False and speedrun_config("cpu").compile is False
+def test_compile_reaches_pretraining_and_the_cold_start():
+    p = _plan("--preset", "tiny", "train.compile=true")
+    assert _stage(p, "pretrain")["compile"] is True and _stage(p, "sft")["compile"] is True
+    assert _stage(_plan("--preset", "cpu"), "pretrain")["compile"] is False

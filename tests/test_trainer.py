@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from nanoseek import checkpoint as ckpt
 from nanoseek.model import Transformer
-from nanoseek.train import checkpoint as ckpt
 from nanoseek.train.trainer import TrainConfig, TrainingError, train
 
 
@@ -156,7 +156,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, small_data, mo
 
 def test_bf16_matmuls_train_fp32_weights_and_resume_exactly(tmp_path, small_data):
     from nanoseek.config import ConfigError
-    from nanoseek.train.device import autocast_for, cpu_has_bf16
+    from nanoseek.device import autocast_for, cpu_has_bf16
 
     cpu = torch.device("cpu")
     assert not isinstance(autocast_for(cpu, "auto"), torch.autocast)  # fp32 on a CPU unless asked

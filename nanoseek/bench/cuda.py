@@ -25,14 +25,15 @@ from functools import partial
 
 import torch
 
-from nanoseek.config import apply_overrides, preset
+from nanoseek.config import preset
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
+from nanoseek.pipeline.recipe import load_recipe
+from nanoseek.recipes.variants import smoke
 from nanoseek.train.cost import GPU_PEAKS, device_name, measure_matmul_peak
 from nanoseek.train.fp8 import E4M3, FP8Error, check_device, enable_fp8
 from nanoseek.train.optim import make_optimizer
-from nanoseek.train.speedrun import smoke_overrides
 
 # (matmul n, batch, seq_len, decode tokens) on a GPU and at the CPU's tiny size
 SIZES = {"cuda": (8192, 16, 2048, 128), "cpu": (256, 2, 64, 8)}
@@ -45,7 +46,7 @@ def bench_cuda(repeats: int = 5) -> dict:
     if dev.type == "cpu":
         print("no CUDA device: the GPU paths at tiny sizes on the CPU (FP8 emulated); the figures test the code, "
               "they measure nothing", file=sys.stderr)
-        cfg = apply_overrides(cfg, smoke_overrides("gpu"))
+        cfg = smoke(load_recipe("gpu")).model.config()
     bf16_peak = measure_matmul_peak(dev, n=n, dtype=torch.bfloat16)
     name = device_name(dev) + (" (no CUDA device: tiny sizes, the code path only)" if dev.type == "cpu" else "")
     out = {"device": name, "device_type": dev.type, "tiny": dev.type == "cpu", "matmul_n": n,

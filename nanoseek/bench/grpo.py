@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.checkpoint import load_model
 from nanoseek.config import ConfigError
 from nanoseek.data.splits import TRAIN_POOL
 from nanoseek.data.tasks import problems, reward
 from nanoseek.export import export_hf
-from nanoseek.train.checkpoint import load_model
 from nanoseek.train.grpo import GRPOConfig, grpo
 from nanoseek.train.runlog import read_metrics
 

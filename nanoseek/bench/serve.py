@@ -20,11 +20,11 @@ import sys
 import time
 
 import nanoseek
+from nanoseek.checkpoint import CheckpointError
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.serve.app import create_app
 from nanoseek.serve.server import ThreadedServer
-from nanoseek.train.checkpoint import CheckpointError
 
 
 def _questions(n: int) -> list[str]:

@@ -20,10 +20,10 @@ import time
 import torch
 
 from nanoseek.config import ModelConfig, preset
+from nanoseek.device import autocast_for, cpu_has_bf16
 from nanoseek.hf import config_to_hf
 from nanoseek.model import Transformer
 from nanoseek.train.cost import measure_matmul_peak
-from nanoseek.train.device import autocast_for, cpu_has_bf16
 from nanoseek.train.optim import make_optimizer
 
 

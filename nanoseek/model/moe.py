@@ -14,7 +14,7 @@
 Dispatch is batched: token copies are sorted by expert, each expert runs one matmul over
 its contiguous slice, and the results are scattered back with index_add. The expert
 weights are stored fused as in transformers' in-memory layout (`gate_up_proj` [E, 2I, H],
-`down_proj` [E, H, I]); checkpoints carry the per-expert names (see train/checkpoint.py).
+`down_proj` [E, H, I]); checkpoints carry the per-expert names (see checkpoint.py).
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import time
 
 import uvicorn
 
+from nanoseek.checkpoint import CheckpointError, load_model
 from nanoseek.infer.engine import Engine
 from nanoseek.serve.app import Limits, create_app
-from nanoseek.train.checkpoint import CheckpointError, load_model
 
 
 def build(ckpt: str, api_key: str | None = None, max_seqs: int = 32, context: int | None = None,

@@ -39,17 +39,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoseek import checkpoint as ckpt
 from nanoseek.config import ConfigError, apply_overrides, require
 from nanoseek.data.splits import LEVELED, TRAIN_POOL, VALIDATION_OFFSET
 from nanoseek.data.tasks import ALL_TASKS, GSM8K, R1_ZERO_TEMPLATE, Problem, eval_sets, problems, reward
+from nanoseek.device import pick_device
 from nanoseek.eval import evaluate_tasks
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.moe import counted_only, uncounted
-from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger
-from nanoseek.train.device import pick_device
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, informative_groups
 from nanoseek.train.optim import load_optimizer_state, load_rng_state, make_optimizer, rng_state
 from nanoseek.train.runlog import log_metrics, progress_bar, say, truncate_metrics

@@ -25,17 +25,17 @@ from typing import Any
 
 import torch
 
+from nanoseek import checkpoint as ckpt
 from nanoseek.config import ConfigError, ModelConfig, preset, require, round_up, route_overrides
 from nanoseek.data.corpus import default_corpus, read_files
 from nanoseek.data.loader import PackedLoader, is_token_folder, load_tokens, tokenize_documents, val_batches
 from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
 from nanoseek.data.tasks import ALL_TASKS, TASKS
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.device import autocast_for, check_precision, pick_device
 from nanoseek.model import IGNORE_INDEX, Transformer
-from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger, peak_flops
-from nanoseek.train.device import autocast_for, check_precision, pick_device
 from nanoseek.train.fp8 import check_device, enable_fp8
 from nanoseek.train.optim import WeightAverage, load_optimizer_state, load_rng_state, lr_at, make_optimizer, rng_state
 from nanoseek.train.runlog import git_commit, log_metrics, progress_bar, say, truncate_metrics

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nanoseek.data.tasks import eval_sets
+from nanoseek.data.tasks import FORMAT_WEIGHT, eval_sets
 from nanoseek.eval import evaluate, mean_ci
-from nanoseek.train.runlog import say
+from nanoseek.train.runlog import read_metrics, say
 
 
 def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str], n: int | dict[str, int],
@@ -96,3 +96,20 @@ def stage_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
         errors = f"{x['tool_error_rate']:.1%}" if x.get("tool_calls") else ""
         lines.append(f"| {t} | " + " | ".join(cells) + f" | {calls} | {errors} |")
     return "\n".join(lines)
+
+
+def rl_trend(metrics: Path, window: int = 5) -> dict[str, float]:
+    """Reward, accuracy and format rate over the first and the last `window` GRPO steps: the
+    reward-hacking check. A policy that games the rewards raises the reward through the format
+    alone; a learning one raises it through accuracy (the format's weight is FORMAT_WEIGHT)."""
+    rows = [r for r in read_metrics(metrics) if "reward" in r]
+    first, last = rows[:window], rows[-window:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / max(1, len(rs))  # noqa: E731
+    out = {f"{k}_{w}": round(mean(rs, k), 4) for k in ("reward", "accuracy", "format_rate", "response_length")
+           for w, rs in (("first", first), ("last", last))}
+    gain = out["reward_last"] - out["reward_first"]
+    from_accuracy = out["accuracy_last"] - out["accuracy_first"]
+    from_format = FORMAT_WEIGHT * (out["format_rate_last"] - out["format_rate_first"])
+    out.update(steps=len(rows), reward_gain=round(gain, 4), gain_from_accuracy=round(from_accuracy, 4),
+               gain_from_format=round(from_format, 4))
+    return out

@@ -1,8 +1,8 @@
 """Multi-stage runs that survive being killed (`nanoseek speedrun`, `nanoseek r1`).
 
-A pipeline is a list of stages, each with its own folder under the run. A stage that finished
-wrote `stage.json` (its summary) there last, atomically; a restarted pipeline skips those and
-resumes the first unfinished one, which resumes itself from its own checkpoints.
+A pipeline is a list of jobs, one a stage, each with its own folder under the run. A stage
+that finished wrote `stage.json` (its result, pipeline/results.py) there last, atomically; a
+restarted pipeline skips those and resumes the first unfinished one, which resumes itself from its own checkpoints.
 
 Under torchrun every process runs the pipeline. The training stages (`every_rank`) run on all
 of them, data-parallel; the others (tokenizer, evaluation, report) on rank 0 alone, while the
@@ -12,6 +12,7 @@ Rank 0 alone writes `stage.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,16 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.pipeline.results import DONE
 from nanoseek.train import dist
 from nanoseek.train.runlog import say
 
-DONE = "stage.json"
-
 
 @dataclass
-class Stage:
+class Job:
+    """A stage as the pipeline runs it."""
+
     name: str
-    run: Callable[[Path], dict[str, Any]]  # gets its folder, returns its summary
+    run: Callable[[Path], Any]  # gets its folder, returns its result (a dataclass, or a dict)
     what: str = ""
     estimate_s: float = 0.0  # expected wall time, for the run's ETA (0: unknown)
     every_rank: bool = False  # under torchrun: run on every process (training), else on rank 0 alone
@@ -45,14 +47,14 @@ def stage_done(folder: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def run_stages(out: str | Path, stages: list[Stage], progress: bool = True) -> dict[str, dict[str, Any]]:
+def run_stages(out: str | Path, stages: list[Job], progress: bool = True) -> dict[str, dict[str, Any]]:
     """Run the unfinished stages in order; returns every stage's summary (under torchrun, a rank
     other than 0 returns those of the stages it ran or waited for)."""
     with dist.one_group():
         return _follow(Path(out), stages) if not main_process() else _run(Path(out), stages, progress)
 
 
-def _run(out: Path, stages: list[Stage], progress: bool) -> dict[str, dict[str, Any]]:
+def _run(out: Path, stages: list[Job], progress: bool) -> dict[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
@@ -71,8 +73,9 @@ def _run(out: Path, stages: list[Stage], progress: bool) -> dict[str, dict[str, 
                       + (f", ~{left / 60:.0f} min to go]" if left else "]"))
         fresh = not folder.exists()  # not a resumed stage, whose wall time is only its rest
         t0 = time.perf_counter()
-        summary = st.run(folder)
-        summary = {**summary, "stage_wall_s": round(time.perf_counter() - t0, 2)}
+        result = st.run(folder)
+        summary = {**(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result),
+                   "stage_wall_s": round(time.perf_counter() - t0, 2)}
         if fresh and st.estimate_s >= 60:  # a shorter one (the tokenizer) says little of the matmuls
             spent, expected = spent + summary["stage_wall_s"], expected + st.estimate_s
         folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def _run(out: Path, stages: list[Stage], progress: bool) -> dict[str, dict[str, 
     return summaries
 
 
-def _follow(out: Path, stages: list[Stage], poll_s: float = 0.5) -> dict[str, dict[str, Any]]:
+def _follow(out: Path, stages: list[Job], poll_s: float = 0.5) -> dict[str, dict[str, Any]]:
     """A rank other than 0: each training stage once rank 0 has finished every stage before it
     (torchrun stops every process if one fails, so the wait ends either way)."""
     summaries: dict[str, dict[str, Any]] = {}

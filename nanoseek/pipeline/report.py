@@ -19,32 +19,29 @@ import torch
 
 import nanoseek
 from nanoseek.infer.measure import cache_sizes, mtp_figures
-from nanoseek.train.compare import gains_table, stage_gains, stage_table, summarize
+from nanoseek.pipeline.compare import gains_table, stage_gains, stage_table, summarize
+from nanoseek.pipeline.recipe import Recipe
+from nanoseek.pipeline.results import DONE, EvalResult, ReportResult, TrainResult, read_result
 from nanoseek.train.cost import DEFAULT_PRICES, peak_flops
 from nanoseek.train.runlog import read_metrics
-from nanoseek.train.stages import stage_done
-
-TRAINING = ("pretrain", "sft", "rl")  # the stages with a cost ledger of their own
-STAGES = ("tokenizer", "pretrain", "sft", "rl", "eval", "final")
 
 
-def cost_table(out: Path, price_per_hour: float) -> dict[str, dict[str, float]]:
+def cost_table(out: Path, recipe: Recipe, price_per_hour: float) -> dict[str, dict[str, float]]:
     """Per stage: FLOPs, device-hours, wall seconds and dollars. Training stages report their
     own ledger (time spent training, checkpoints included); the others are priced by their
     wall time on the same machine."""
     rows: dict[str, dict[str, float]] = {}
-    for name in STAGES:
-        done = stage_done(out / name)
-        if done is None:
+    for st in recipe.stages:
+        if st.kind == "report" or not (out / st.name / DONE).is_file():
             continue
-        wall = float(done.get("stage_wall_s", 0.0))
-        cost = done.get("cost")
-        if name in TRAINING and cost:
-            rows[name] = {"flops": cost["flops"], "device_hours": cost["device_hours"], "wall_s": wall,
-                          "dollars": cost["dollars"], "tokens": cost["tokens"]}
+        wall = float(json.loads((out / st.name / DONE).read_text()).get("stage_wall_s", 0.0))
+        done = read_result(out / st.name, TrainResult) if st.trains else None
+        if done is not None:
+            rows[st.name] = {"flops": done.cost.flops, "device_hours": done.cost.device_hours, "wall_s": wall,
+                             "dollars": done.cost.dollars, "tokens": done.cost.tokens}
         else:
             hours = wall / 3600
-            rows[name] = {"flops": 0.0, "device_hours": hours, "wall_s": wall, "dollars": hours * price_per_hour}
+            rows[st.name] = {"flops": 0.0, "device_hours": hours, "wall_s": wall, "dollars": hours * price_per_hour}
     rows["total"] = {k: sum(r.get(k, 0.0) for r in rows.values()) for k in ("flops", "device_hours", "wall_s",
                                                                               "dollars")}
     return rows
@@ -118,15 +115,20 @@ def plots(out: Path, folder: Path, first_moe_layer: int = 0, main_moe_layers: in
     return made
 
 
-def build_report(out: Path, config) -> dict[str, Any]:
+def build_report(out: Path, recipe: Recipe) -> dict[str, Any]:
+    """The report card of a speedrun-shaped recipe: pretraining, a cold start, GRPO, the eval."""
     model, tok = nanoseek.load(out / "final")
     cfg = model.config
     counts = model.param_counts()
-    pre, sft, rl, ev = (stage_done(out / n) or {} for n in ("pretrain", "sft", "rl", "eval"))
-    device_type = (pre.get("cost") or {}).get("device_type", "cpu")
-    price = config.price_per_hour if config.price_per_hour is not None else DEFAULT_PRICES.get(device_type, 0.10)
-    costs = cost_table(out, price)
-    final_scores = ev.get("table", {}).get("rl", {})
+    first = {k: next(s for s in recipe.stages if s.kind == k) for k in ("pretrain", "sft", "eval")}
+    last_rl = [s for s in recipe.stages if s.kind == "grpo"][-1]
+    pre, sft, rl = (read_result(out / s.name, TrainResult) for s in (first["pretrain"], first["sft"], last_rl))
+    ev = read_result(out / first["eval"].name, EvalResult)
+    device_type = pre.cost.device_type if pre else "cpu"
+    price = first["pretrain"].config.price_per_hour
+    price = price if price is not None else DEFAULT_PRICES.get(device_type, 0.10)
+    costs = cost_table(out, recipe, price)
+    final_scores = ev.table.get(last_rl.name, {}) if ev else {}
     total = costs["total"]["dollars"]
     per_point = {t: (total / (100 * r["pass@1"]) if r["pass@1"] > 0 else None) for t, r in final_scores.items()}
     arch = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
@@ -136,20 +138,19 @@ def build_report(out: Path, config) -> dict[str, Any]:
             "dense_layers": cfg.first_k_dense_replace, "mtp_depth": cfg.num_nextn_predict_layers,
             "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings}
     return {
-        "preset": config.preset,
-        "device": (pre.get("cost") or {}).get("device"),
+        "preset": recipe.name,
+        "device": pre.cost.device if pre else None,
         # the pretraining's measured matmul peak (FLOP/s), or this host's now for a run without one
-        "peak_flops": pre.get("peak_flops") or (peak_flops(torch.device("cpu")) if device_type == "cpu" else None),
+        "peak_flops": (pre and pre.peak_flops) or (peak_flops(torch.device("cpu")) if device_type == "cpu" else None),
         "price_per_device_hour": price,
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
-        "data": {"pretrain_tokens": (pre.get("cost") or {}).get("tokens"),
-                 "sft_tokens": (sft.get("cost") or {}).get("tokens"),
-                 "rl_generated_tokens": (rl.get("cost") or {}).get("tokens"), "sft_ema": config.sft_ema,
-                 "rl_beta": config.rl_beta,
-                 "tasks": list(config.tasks),
-                 "report_tasks": [t for t in config.eval_tasks() if t not in config.tasks]},
-        "eval": ev.get("table", {}),
-        "gains": ev.get("gains", {}),
+        "data": {"pretrain_tokens": pre and pre.cost.tokens, "sft_tokens": sft and sft.cost.tokens,
+                 "rl_generated_tokens": rl and rl.cost.tokens, "sft_ema": first["sft"].config.ema,
+                 "rl_beta": last_rl.config.beta,
+                 "tasks": list(recipe.tasks),
+                 "report_tasks": [t for t in recipe.eval_tasks() if t not in recipe.tasks]},
+        "eval": ev.table if ev else {},
+        "gains": ev.gains if ev else {},
         "cost": costs,
         "dollars_per_point": per_point,
         "inference": inference_figures(model, tok),
@@ -233,16 +234,25 @@ def _detail_table(rows: dict[str, dict[str, dict[str, Any]]], sampled: bool = Tr
     return "\n".join(lines)
 
 
-def write_report(out: Path, config) -> dict[str, Any]:
+def write_report(out: Path, recipe: Recipe) -> ReportResult:
     out = Path(out)
-    rep = build_report(out, config)
+    rep = build_report(out, recipe)
     arch = rep["model"]["architecture"]
     moe = arch["layers"] - arch["dense_layers"] if arch["routed_experts"] else 0
     images = plots(out, out / "plots", arch["dense_layers"], moe)
     rep["plots"] = images
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    (out / "report.md").write_text(render_markdown(rep, images))
-    return {"report": str(out / "report.md"), "plots": list(images)}
+    (out / "report.md").write_text(render_markdown(rep, images) + recipe_section(out))
+    return ReportResult(str(out / "report.md"), list(images))
+
+
+def recipe_section(out: Path) -> str:
+    """The recipe as it ran (OUT/recipe.json), at the end of the report card."""
+    f = out / "recipe.json"
+    if not f.is_file():
+        return ""
+    return ("\n## Recipe\n\nAs it ran, every stage's settings resolved (`recipe.json`):\n\n```json\n"
+            + f.read_text().rstrip() + "\n```\n")
 
 
 ABLATION_TITLES = {"deepseek": "MLA + MoE + MTP (the speedrun)", "dense": "dense FFN, same active parameters",
@@ -250,7 +260,7 @@ ABLATION_TITLES = {"deepseek": "MLA + MoE + MTP (the speedrun)", "dense": "dense
                    "no_calculator": "no calculator: results worked out in the text"}
 
 
-def write_ablations(out: Path, config) -> dict[str, Any]:
+def write_ablations(out: Path, recipe: Recipe) -> dict[str, Any]:
     """OUT/ablations.md and OUT/ablations.json from the ablation stages (speedrun --ablate): per
     variant its parameters, KV cache per token, pretraining and SFT wall time, final losses and
     held-out pass@1 after the cold start, with the paired gain against the speedrun's model."""
@@ -260,7 +270,7 @@ def write_ablations(out: Path, config) -> dict[str, Any]:
         base = out / ("pretrain" if name == "deepseek" else f"ablate/{name}/pretrain")
         sft = out / ("sft" if name == "deepseek" else f"ablate/{name}/sft")
         model, _ = nanoseek.load(base / "latest")
-        pre, tuned = stage_done(base) or {}, stage_done(sft) or {}
+        pre, tuned = (json.loads((f / DONE).read_text()) if (f / DONE).is_file() else {} for f in (base, sft))
         metrics = read_metrics(base / "metrics.jsonl")
         last = [r for r in metrics if "main_loss" in r or "loss" in r]
         val = [r["val_loss"] for r in metrics if "val_loss" in r]
@@ -272,12 +282,14 @@ def write_ablations(out: Path, config) -> dict[str, Any]:
                       "val_loss": val[-1] if val else None}
     scores = summarize(table)
     gains = stage_gains(table, [("deepseek", n) for n in table if n != "deepseek"])
-    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(config.tasks), "corpus": config.corpus,
-           "pretrain_steps": config.pretrain_steps, "sft_steps": config.sft_steps}
+    kinds = {s.kind: s.config for s in reversed(recipe.stages) if s.config is not None}
+    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(recipe.tasks),
+           "corpus": kinds["tokenizer"].corpus, "pretrain_steps": kinds["pretrain"].max_steps,
+           "sft_steps": next(s.config.max_steps for s in recipe.stages if s.kind == "sft")}
     (out / "ablations.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     (out / "ablations.md").write_text("# nanoseek speedrun — ablations\n\n" + ablation_table(rep))
-    if stage_done(out / "final") is not None:  # the speedrun's report card shows the table too
-        write_report(out, config)
+    if (out / "final" / DONE).is_file():  # the speedrun's report card shows the table too
+        write_report(out, recipe)
     return {"ablations": str(out / "ablations.md")}
 
 

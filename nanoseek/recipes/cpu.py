@@ -1,0 +1,48 @@
+"""The cpu speedrun: a reasoning model from nothing in ~30 minutes on 2 cores.
+
+Every value below was measured on this model on that machine; docs/LOG.md has the runs and
+their intervals. `nanoseek speedrun --plan` prints it resolved, as the code will run it.
+"""
+
+from nanoseek.pipeline.recipe import EvalConfig, Model, Recipe, Stage, TokenizerConfig
+from nanoseek.train.grpo import GRPOConfig
+from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig
+
+TASKS = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic"]
+
+recipe = Recipe(
+    name="cpu",
+    # 6 layers of width 256, MLA, 8 routed experts (2 active) + 1 shared, MTP depth 1 (config.PRESETS)
+    model=Model("cpu"),
+    tasks=TASKS,
+    report_tasks=["countdown"],  # measured at every stage, never trained on
+    calculator=True,  # results come from calls to the exact calculator, not from the model's arithmetic
+    stages=[
+        # worked solutions of the tasks, word problems and plain questions most: with the calculator an
+        # expression task's solution is one call
+        Stage("tokenizer", TokenizerConfig(
+            vocab_size=4096, corpus="tasks",
+            documents={"chain_sum": 4000, "gsm_symbolic": 8000, "basic_arithmetic": 4000, "plain_arithmetic": 8000})),
+        # fp32 matmuls: bf16 was no faster on this corpus; lr 4e-4 (3e-3 never learnt to copy a number)
+        Stage("pretrain", TrainConfig(max_steps=1000, batch_size=8, seq_len=256)),
+        # the cold start: 900 steps (at 700 it never learnt to copy); word problems and plain questions
+        # most, where the model must set up each call itself; no weight average (GRPO then adds nothing)
+        Stage("sft", TrainConfig(
+            max_steps=900, batch_size=4, seq_len=512, lr=SFT_LR, warmup_steps=SFT_WARMUP,
+            sft_examples={"gsm_symbolic": 3000, "plain_arithmetic": 3000, "chain_sum": 1000,
+                          "basic_arithmetic": 1000})),
+        # Dr. GRPO at temperature 0.7 on the word problems and plain questions, many prompts a step; dynamic
+        # sampling (DAPO) with a smaller lr keeps lr 1e-5's per-sample step; no KL term (Dr. GRPO's and
+        # DAPO's choice: the same accuracy, a forward fewer); 640 tokens fit the longest chain_sum solutions
+        Stage("grpo", GRPOConfig(
+            tasks=["gsm_symbolic", "plain_arithmetic"], max_steps=12, prompts_per_step=32, group_size=8,
+            max_tokens=640, temperature=0.7, lr=3.5e-6, warmup_steps=5, loss_type="dr_grpo",
+            dynamic_sampling=True, beta=0.0), name="rl"),
+        # a few hundred problems where GRPO's gain over the cold start needs them to be clear; greedy only
+        Stage("eval", EvalConfig(
+            n=50, n_by_set={"chain_sum": 300, "gsm_symbolic_seen": 300, "basic_arithmetic": 300,
+                            "plain_arithmetic": 300}, k=0, max_tokens=640)),
+        Stage("final"),
+        Stage("report"),
+    ],
+)

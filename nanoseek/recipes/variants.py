@@ -1,0 +1,46 @@
+"""Variants of any recipe: its smoke test (`--smoke`) and its ablations (`--ablate`), each the
+recipe with one change."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nanoseek.config import PRESETS, round_up
+from nanoseek.pipeline.recipe import Recipe, vary
+
+
+def smoke(recipe: Recipe) -> Recipe:
+    """The recipe's code path in seconds on a CPU: its model at the tiny preset's depth, width,
+    vocabulary and context with its own architecture (routed and shared experts, experts per
+    token, routing groups, MTP), every stage at a budget of a few steps, every task at one number."""
+    tiny = PRESETS["tiny"]
+    model = dataclasses.replace(recipe.model, depth=tiny["depth"], width=tiny["width"],
+                                vocab_size=tiny["vocab_size"], context=tiny["context"])
+    budgets = {"tokenizer": dict(vocab_size=512, documents=200),
+               "pretrain": dict(max_steps=30, batch_size=4, grad_accum=1, seq_len=64),
+               "sft": dict(max_steps=10, sft_examples=20, batch_size=2, seq_len=128),
+               "grpo": dict(max_steps=2, prompts_per_step=2, group_size=2, max_tokens=16),
+               "rs": dict(problems=2, k=2, max_tokens=16),
+               "eval": dict(n=4, n_by_set={}, k=2, max_tokens=16)}
+    return vary(recipe, name=recipe.name + "+smoke", model=model,
+                **{s.name: budgets[s.kind] for s in recipe.stages if s.kind in budgets})
+
+
+def ablations(recipe: Recipe) -> dict[str, Recipe]:
+    """The recipe with one idea taken out. dense: every layer a SwiGLU MLP with the width of the
+    MoE model's mean active feed-forward (shared + routed experts, and its dense first layer), so
+    the active parameters match; no_mtp: no multi-token prediction module; mha: multi-head
+    attention (GQA with a key/value head per head) and its full cache instead of MLA;
+    no_calculator: every result worked out in the text (with its own corpus and tokenizer)."""
+    cfg = recipe.model.config()
+    L, k = cfg.num_hidden_layers, cfg.first_k_dense_replace
+    active = (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
+    width = round_up((k * cfg.intermediate_size + (L - k) * active) // L, 32)
+    changes = {"dense": {"n_routed_experts": 0, "intermediate_size": width},
+               "no_mtp": {"num_nextn_predict_layers": 0},
+               "mha": {"attn_type": "gqa", "num_key_value_heads": cfg.num_attention_heads}}
+    out = {name: vary(recipe, model=dataclasses.replace(recipe.model, changes={**recipe.model.changes, **c}))
+           for name, c in changes.items()}
+    if recipe.calculator:
+        out["no_calculator"] = vary(recipe, calculator=False)
+    return out
