@@ -183,7 +183,7 @@ def round_up(x: int, m: int) -> int:
 PRESETS: dict[str, dict[str, Any]] = {
     # a few seconds per test on the CPU
     "tiny": dict(depth=2, width=64, experts=4, active=2, vocab_size=512, context=512),
-    # the CPU speedrun: ~7M parameters, ~4M active
+    # the CPU speedrun: 9.2M parameters (5.0M active) at its trained 3,372-token vocabulary
     "cpu": dict(depth=6, width=256, experts=8, active=2, context=1024),
     # one H100/H200 for a few hours
     "gpu": dict(depth=16, width=1024, experts=64, active=6, shared=2, groups=8, topk_groups=4, vocab_size=32768),

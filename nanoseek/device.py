@@ -32,7 +32,7 @@ def autocast_for(device: torch.device, precision: str):
     """The training forward's context: bf16 autocast ("bf16", or "auto" on a GPU) or none
     (also for "bf16" on a CPU without bf16 matmuls).
     On a CPU with AVX-512 BF16 a random-token step runs faster in bf16 but the speedrun's corpus
-    does not (docs/LOG.md): measure before using it there."""
+    does not (docs/LOG.md: "bf16 matmuls on the CPU"): measure before using it there."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     if device.type == "cpu" and not cpu_has_bf16():

@@ -26,8 +26,9 @@ from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 
 # Sequences decoded together. A wide batch spreads each decode step's fixed cost over more
-# tokens; past 256 it gained little on the speedrun's eval (docs/LOG.md). Capped so that the
-# latent cache (allocated for every row at the full context) stays within CACHE_BUDGET bytes.
+# tokens; past 256 it gained little on the speedrun's eval (docs/LOG.md: "The eval stage 1.7x
+# faster"). Capped so that the latent cache (allocated for every row at the full context) stays
+# within CACHE_BUDGET bytes.
 EVAL_SEQS = 256
 CACHE_BUDGET = 2 << 30
 

@@ -8,8 +8,8 @@ special token (data/tokenizer.py):
 The model writes everything up to `<｜tool▁calls▁end｜>`; the output, from
 `<｜tool▁output▁begin｜>` to `<｜tool▁output▁end｜>`, is forced (the engine, or a client loop,
 appends it) and is never trained on. The calculator's arguments are the bare expression, not
-V3.1's JSON (`{"expression": "46*25"}`), which costs more tokens a call (docs/LOG.md,
-2026-12-06, the tool-call format); a JSON object with an `expression` is read as well. A
+V3.1's JSON (`{"expression": "46*25"}`), which costs more tokens a call (docs/LOG.md:
+"Tool calls in DeepSeek-V3.1's tokens"); a JSON object with an `expression` is read as well. A
 client's own functions take JSON arguments, as OpenAI's `tools` define them.
 
 The calculator is exact (fractions, no floating point, no Python `eval`): + - * / ^,

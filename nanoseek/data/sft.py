@@ -4,8 +4,9 @@ Default (R1's "cold start"): training problems of every task (data/tasks.py, nev
 held-out ones) with worked solutions whose every step is checked: gsm_symbolic's shipped
 chains of thought (the wrong ones dropped) with each result's arithmetic worked out in columns
 before it (arithmetic.work_equations: held-out gsm_symbolic_seen 6.0% -> 38.3% with the same
-kind of SFT, docs/LOG.md), basic_arithmetic worked one operation per line, chain_sum worked
-in columns (arithmetic.column_steps), countdown's reference expression evaluated step by step.
+kind of SFT, docs/LOG.md: "Word problems with their arithmetic worked out"), basic_arithmetic
+worked one operation per line, chain_sum worked in columns (arithmetic.column_steps), countdown's
+reference expression evaluated step by step.
 The assistant turn is `<think>\\n{steps}\\n</think>\\nAnswer: {answer}`, the form the rewards read.
 
 A user's files: `.jsonl` with a `messages` list per line (OpenAI's chat format).

@@ -100,7 +100,7 @@ CHAT_TEMPLATE = (
 
 # GPT-2's split, with every digit its own pre-token first: SmolLM's, which llama.cpp implements by
 # name ("smollm"), so a GGUF tokenizes as nanoseek does. Qwen2's split lost the speedrun its
-# copying (docs/LOG.md, 2026-12-06, GGUF).
+# copying (docs/LOG.md: "Qwen2's split").
 SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 

@@ -44,8 +44,8 @@ from nanoseek.tools import MALFORMED_CALL, parse_calls, render_output, run_built
 SORT_SLACK = 1.1
 # Tokens the MTP module drafts a step when speculating (`drafts`; after the first, the module is
 # applied to its own output, as SGLang's MTP does). One: the speedrun's depth-1 module, trained on
-# the main model's hidden states only, drafts the later tokens too poorly to pay (docs/LOG.md,
-# 2026-12-06, multi-draft MTP).
+# the main model's hidden states only, drafts the later tokens too poorly to pay (docs/LOG.md:
+# "Multi-draft MTP").
 DRAFTS = 1
 # A busy engine admits waiting prompts once this share of its rows is free, to prefill them together,
 # up to this many padded positions a forward (the naive attention holds a score per position pair).
@@ -245,7 +245,7 @@ class Engine:
     def _admit(self) -> list[Request]:
         """The waiting requests that join now: as many as fit, once enough rows are free for a
         batch of prompts (ADMIT_SHARE of the rows, or all that is waiting), since one forward
-        over several prompts costs far less than one each (docs/LOG.md, 2026-12-06)."""
+        over several prompts costs far less than one each (docs/LOG.md: "Where the speedrun's time goes")."""
         with self.lock:
             free = self.max_seqs - len(self.running)
             wanted = sum(r.params.n for r in self.waiting)

@@ -32,7 +32,7 @@ from nanoseek.model.moe import MoE
 
 # Rows a decode step's attention reads the cache for together: each group reads only up to its
 # own longest row, so rows kept in order of length do not all read the batch's longest context
-# (see docs/LOG.md, 2026-12-06, attention over padded context).
+# (docs/LOG.md: "The evaluation stage 1.32x faster, every score the same").
 ROWS_PER_GROUP = 32
 
 
@@ -112,7 +112,7 @@ class _Attn:
         for r0, r1, S in step.groups:
             rows = latent[r0:r1, :S]
             # [S, c + r] @ [c + r, T * H]: the long side as the matmul's rows runs ~1.7x faster on a
-            # CPU than the short one (docs/LOG.md, 2026-12-06)
+            # CPU than the short one (docs/LOG.md: "The evaluation stage 1.32x faster, every score the same")
             scores = torch.bmm(rows, q[r0:r1].reshape(r1 - r0, T * H, c + r).transpose(1, 2)).transpose(1, 2)
             probs = (scores.view(r1 - r0, T, H, S).float() + step.bias[r0:r1, ..., :S]).softmax(-1).to(x.dtype)
             outs.append(torch.bmm(probs.view(r1 - r0, T * H, S), rows[..., :c]))

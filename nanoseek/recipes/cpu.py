@@ -1,6 +1,6 @@
 """The cpu speedrun: a reasoning model from nothing in ~30 minutes on 2 cores.
 
-Every value below was measured on this model on that machine; docs/LOG.md has the runs and
+Every value below was measured on this model on that machine; docs/LOG.md ("What shaped the recipe") has the runs and
 their intervals. `nanoseek speedrun --plan` prints it resolved, as the code will run it.
 """
 

@@ -69,7 +69,8 @@ class TrainConfig:
     batch_size: int = 8  # sequences per step, over all processes
     seq_len: int = 256
     grad_accum: int = 1
-    lr: float = 4e-4  # 3e-3 kept the cpu preset from ever learning to copy a number (docs/LOG.md)
+    # 3e-3 kept the cpu preset from ever learning to copy a number (docs/LOG.md: "Why the model would not copy")
+    lr: float = 4e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     schedule: str = "cosine"  # or "wsd"
