@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *(t for t in args.task if "=" in t)]
         args.task = [t for t in args.task if "=" not in t] or None
     try:
-        return args.run(args)
+        return args.handler(args)
     except KeyboardInterrupt:
         print("nanoseek: interrupted", file=sys.stderr)
         return 130
@@ -168,7 +168,7 @@ def add_train_tokenizer(sub) -> None:
     p.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     p.add_argument("--corpus", nargs="*", default=[], help=".txt/.jsonl/.parquet files (default: the embedded corpus)")
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.set_defaults(run=run_train_tokenizer)
+    p.set_defaults(handler=run_train_tokenizer)
 
 
 def run_train_tokenizer(args: argparse.Namespace) -> int:
@@ -187,7 +187,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--data", nargs="*", default=[],
                    help=".txt/.jsonl/.parquet files or folders (default: embedded corpus)")
     p.add_argument("--price-per-hour", type=float, help="dollars per device-hour for the cost ledger")
-    p.set_defaults(run=run_pretrain)
+    p.set_defaults(handler=run_pretrain)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -203,7 +203,7 @@ def add_sft(sub) -> None:
     p.add_argument("--data", nargs="*", default=[],
                    help=".jsonl files with a 'messages' list per line "
                         "(default: verified worked solutions of the training problems)")
-    p.set_defaults(run=run_sft)
+    p.set_defaults(handler=run_sft)
 
 
 def run_sft(args: argparse.Namespace) -> int:
@@ -241,7 +241,7 @@ def add_grpo(sub) -> None:
                    help="recompute each block in backward")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="GRPOConfig fields (group_size=8, lr=1e-4, ...)")
-    p.set_defaults(run=run_grpo)
+    p.set_defaults(handler=run_grpo)
 
 
 def run_grpo(args: argparse.Namespace) -> int:
@@ -285,7 +285,7 @@ def add_speedrun(sub) -> None:
                    help="a stage's settings by its name or kind (sft.max_steps=700, grpo.lr=1e-5, "
                         "train.precision=bf16), the model's dials (model.width=320), the recipe's own "
                         "(tasks=[...], gsm8k=DIR)")
-    p.set_defaults(run=run_speedrun)
+    p.set_defaults(handler=run_speedrun)
 
 
 def run_speedrun(args: argparse.Namespace) -> int:
@@ -364,7 +364,7 @@ def add_r1(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="stage.key=value",
                    help="a stage's settings (nanoseek/recipes/r1.py): sft.max_steps=300, rl2.max_steps=40, "
                         "grpo.lr=1e-5 (both GRPO stages), train.batch_size=4 (both SFT stages), eval.n=200, ...")
-    p.set_defaults(run=run_r1)
+    p.set_defaults(handler=run_r1)
 
 
 def run_r1(args: argparse.Namespace) -> int:
@@ -394,7 +394,7 @@ def add_distill(sub) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT settings (batch_size=8, lr=3e-4, ...)")
-    p.set_defaults(run=run_distill)
+    p.set_defaults(handler=run_distill)
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -418,7 +418,7 @@ def add_eval(sub) -> None:
     p.add_argument("--template", choices=["chat", "base"], help="default: base for a pretrained model, else chat")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p.set_defaults(run=run_eval)
+    p.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -441,7 +441,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, cost, metrics")
     p.add_argument("ckpt", help="a checkpoint folder or a run folder")
-    p.set_defaults(run=run_info)
+    p.set_defaults(handler=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -460,7 +460,7 @@ def add_generate(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     sampling_flags(p, max_tokens=256)
     p.add_argument("--stop", nargs="*", default=[], help="stop strings (the output ends before them)")
-    p.set_defaults(run=run_generate)
+    p.set_defaults(handler=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -489,7 +489,7 @@ def add_chat(sub) -> None:
     p.add_argument("ckpt", help="a checkpoint folder, run folder or HF folder")
     p.add_argument("--system", help="a system message")
     sampling_flags(p, max_tokens=1024)
-    p.set_defaults(run=run_chat)
+    p.set_defaults(handler=run_chat)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -508,7 +508,7 @@ def add_serve(sub) -> None:
     p.add_argument("--model-name", default="nanoseek", help="the model id clients ask for")
     p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.set_defaults(run=run_serve)
+    p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -527,7 +527,7 @@ def add_export_hf(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (default 5GB)")
     p.add_argument("--no-mtp", action="store_true", help="leave the MTP modules out")
-    p.set_defaults(run=run_export_hf)
+    p.set_defaults(handler=run_export_hf)
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
@@ -541,7 +541,7 @@ def add_import_hf(sub) -> None:
     p = sub.add_parser("import-hf", help="a transformers DeepseekV3 folder -> a nanoseek checkpoint")
     p.add_argument("hf_dir", help="a folder with config.json and safetensors weights")
     p.add_argument("out", help="a new folder")
-    p.set_defaults(run=run_import_hf)
+    p.set_defaults(handler=run_import_hf)
 
 
 def run_import_hf(args: argparse.Namespace) -> int:
@@ -558,7 +558,7 @@ def add_export_gguf(sub) -> None:
     p.add_argument("--type", default="f16", choices=TYPES, help="the weights' type (default f16)")
     p.add_argument("--converter", default=None,
                    help="llama.cpp's convert_hf_to_gguf.py or its folder (default: the one `make gguf` installs)")
-    p.set_defaults(run=run_export_gguf)
+    p.set_defaults(handler=run_export_gguf)
 
 
 def run_export_gguf(args: argparse.Namespace) -> int:
@@ -581,7 +581,7 @@ def add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--docs", type=int, default=3000, help="dp: documents of the embedded corpus each run reads")
-    p.set_defaults(run=run_bench)
+    p.set_defaults(handler=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:

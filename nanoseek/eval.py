@@ -92,7 +92,8 @@ def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template:
 
 
 def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template: str = "chat",
-                   max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, offset: int = 0) -> dict:
+                   max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, offset: int = 0,
+                   gsm8k: str = "") -> dict:
     """evaluate_task() on several held-out sets ({set: problems}) at once: every set's prompts go
     to the engine in one greedy batch and one sampled batch, so a small set's long answers do not
     leave the batch's other rows idle. Each request's samples draw from seeds of its own (seed,
@@ -101,7 +102,7 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
     sets = {}
     for task, n in counts.items():
         name, split = EVAL_SETS[task]
-        probs = problems(name, split, n, offset=offset)
+        probs = problems(name, split, n, offset=offset, gsm8k=gsm8k)
         sets[task] = (probs, [prompt_for(tok, p, template) for p in probs])
     prompts = [q for _, qs in sets.values() for q in qs]
     stop = ["\nQuestion:"] if template == "base" else []
@@ -142,9 +143,10 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
 
 def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] = 100, k: int = 4,
              template: str | None = None, max_tokens: int = 256, max_seqs: int | None = None,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", gsm8k: str = "") -> dict:
     """Every held-out set of `tasks` (default: all four tasks) on `n` problems, or n[set];
-    `max_seqs` sequences decoded together (default: eval_seqs()); on `device` (cpu, cuda, auto)."""
+    `max_seqs` sequences decoded together (default: eval_seqs()); on `device` (cpu, cuda, auto);
+    GSM8K read from `gsm8k` (sources.where)."""
     model, tok = nanoseek.load(ckpt, str(pick_device(device)))
     if tok is None:
         raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")
@@ -152,5 +154,5 @@ def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] 
     template = template or ("base" if stage in (None, "pretrain", "import") else "chat")
     engine = Engine(model, tok, max_seqs=max_seqs or eval_seqs(model))
     results = evaluate_tasks(engine, {t: n[t] if isinstance(n, dict) else n for t in (tasks or list(TASKS))},
-                             k, template, max_tokens)
+                             k, template, max_tokens, gsm8k=gsm8k)
     return {"checkpoint": str(ckpt), "stage": stage, "template": template, "tasks": results}

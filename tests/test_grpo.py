@@ -203,8 +203,8 @@ def test_grpo_prompts_start_at_the_offset_in_the_pool(base):
     _, tok = base
     pool = problems("chain_sum", "train", 20)
     source = task_source(GRPOConfig(init="x", tasks=["chain_sum"], prompts_per_step=3, offset=10), tok)
-    assert [s.key.question for s in source(0)] == [p.question for p in pool[10:13]]
-    assert [s.key.question for s in source(2)] == [p.question for p in pool[16:19]]
+    assert [s.problem.question for s in source(0)] == [p.question for p in pool[10:13]]
+    assert [s.problem.question for s in source(2)] == [p.question for p in pool[16:19]]
 
 
 def test_tool_outputs_are_masked_from_the_policy_loss(calc_model):
@@ -233,7 +233,7 @@ def test_rejection_sampling_runs_the_calculator_and_sft_masks_its_outputs(calc_m
     made and the outputs the engine forced; SFT on them learns the calls, never the outputs."""
     from nanoseek.checkpoint import write_model_folder
     from nanoseek.data.sft import tokenize_conversations
-    from nanoseek.data.tasks import PLAIN, Problem, Reward
+    from nanoseek.data.tasks import PLAIN_ARITHMETIC, Problem, Reward
     from nanoseek.tools import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, calculator, parse_calls
     from nanoseek.train import distill
 
@@ -241,12 +241,13 @@ def test_rejection_sampling_runs_the_calculator_and_sft_masks_its_outputs(calc_m
     write_model_folder(tmp_path / "calc", model, tok, {})
     sums = [(12, 30), (55, 23), (40, 41), (71, 18)]
     monkeypatch.setattr(distill, "problems", lambda task, split, n, **kw: [
-        Problem(PLAIN, f"What is {a} + {b}?", str(a + b), {}) for a, b in sums][:n])
+        Problem(PLAIN_ARITHMETIC, f"What is {a} + {b}?", str(a + b), {}) for a, b in sums][:n])
     # this model gets the format right and the sums wrong: here every answer counts (the checker's
     # filter has its own test above); what is tested is what the kept traces hold
     monkeypatch.setattr(distill, "reward", lambda p, text: Reward(1.0, 1.0, 1.0))
-    convs, stats = distill.rejection_sample(str(tmp_path / "calc"), [PLAIN], 4, k=1, temperature=0.0, max_tokens=80)
-    assert stats[PLAIN]["kept"] == len(convs) == 4
+    convs, stats = distill.rejection_sample(str(tmp_path / "calc"), [PLAIN_ARITHMETIC], 4, k=1, temperature=0.0,
+                                            max_tokens=80)
+    assert stats[PLAIN_ARITHMETIC]["kept"] == len(convs) == 4
     for conv in convs:
         text = conv[1]["content"]
         call, output = text.split(TOOL_OUTPUT_BEGIN)[0], text.split(TOOL_OUTPUT_BEGIN)[1].split(TOOL_OUTPUT_END)[0]

@@ -73,23 +73,22 @@ def test_gsm8k_is_a_task_of_its_own_splits_scored_by_its_checker(tmp_path, monke
     and GRPO's prompts going round the problems past the cold start's."""
     from conftest import open_data_copies
 
-    from nanoseek.data import sources
     from nanoseek.data.sft import cold_start_conversations
     from nanoseek.data.tasks import problems, reward
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.train.grpo import GRPOConfig, task_source
 
     folder, _ = open_data_copies(tmp_path, train=12, test=3)
-    monkeypatch.setattr(sources, "_chosen", {})
-    sources.use("gsm8k", str(folder))
-    train, test = problems("gsm8k", "train", 5, offset=2), problems("gsm8k", "eval", 10)
+    monkeypatch.delenv("NANOSEEK_GSM8K", raising=False)
+    where = str(folder)  # a parameter of what reads it, not a process-wide choice
+    train, test = problems("gsm8k", "train", 5, offset=2, gsm8k=where), problems("gsm8k", "eval", 10, gsm8k=where)
     assert [p.answer for p in train] == [str(7 + 3 * i) for i in range(2, 7)] and len(test) == 3
     assert {p.question for p in train}.isdisjoint(p.question for p in test)
     p = train[0]
     assert reward(p, f"<think>\n5 + 8 = 13\n</think>\nHe has ${p.answer}.00 apples.").accuracy == 1.0
     assert reward(p, f"<think>\n{p.answer}\n</think>\n{int(p.answer) + 1}").accuracy == 0.0
-    with_calls = cold_start_conversations({"gsm8k": 3}, ("gsm8k",), calculator=True)
-    plain = cold_start_conversations({"gsm8k": 3}, ("gsm8k",), calculator=False)
+    with_calls = cold_start_conversations({"gsm8k": 3}, ("gsm8k",), calculator=True, gsm8k=where)
+    plain = cold_start_conversations({"gsm8k": 3}, ("gsm8k",), calculator=False, gsm8k=where)
     assert len(with_calls) == len(plain) == 3
     for conv in with_calls:  # "Tom has 3+4 = <<3+4=7>>7 apples.": the call, the calculator's output, the text
         a = int(conv[0]["content"].split()[2])
@@ -98,7 +97,7 @@ def test_gsm8k_is_a_task_of_its_own_splits_scored_by_its_checker(tmp_path, monke
             in conv[1]["content"]
     assert all("<<" not in c[1]["content"] and "calculator" not in c[1]["content"] for c in plain)
     tok = train_tokenizer([q.question for q in train], vocab_size=300)
-    source = task_source(GRPOConfig(tasks=["gsm8k"], prompts_per_step=4, offset=8), tok)
-    drawn = [s.key.question for step in range(3) for s in source(step)]
-    pool = [q.question for q in problems("gsm8k", "train", 12)]
+    source = task_source(GRPOConfig(tasks=["gsm8k"], prompts_per_step=4, offset=8, gsm8k=where), tok)
+    drawn = [s.problem.question for step in range(3) for s in source(step)]
+    pool = [q.question for q in problems("gsm8k", "train", 12, gsm8k=where)]
     assert drawn == [pool[8 + i % 4] for i in range(12)]  # problems 8..11, three times over

@@ -11,7 +11,7 @@ def test_held_out_phrasings_never_appear_in_training():
     train, held = problems("plain_arithmetic", "train", 2000), problems("plain_arithmetic", "eval", 300)
     assert {p.template for p in train} == set(range(len(TEMPLATES))) - HELD_OUT
     assert {p.template for p in held} == set(HELD_OUT)
-    assert not {p.key for p in train} & {p.key for p in held}
+    assert not {p.question_hash for p in train} & {p.question_hash for p in held}
     kinds = {(TEMPLATES[i].kind, TEMPLATES[i].op) for i in HELD_OUT}
     assert {k for k, _ in kinds} == {"bare", "words", "story"} and {op for _, op in kinds} == set("+-*/")
 

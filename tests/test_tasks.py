@@ -70,8 +70,8 @@ def test_no_held_out_problem_is_in_any_training_set():
         held_out = problems(task, "eval", 200)
         train_keys = tasks._train_keys(task)
         assert len(train_keys) >= min(splits.TRAIN_POOL[task], 1000) * 0.9
-        assert not {p.key for p in held_out} & train_keys, task
-        assert len({p.key for p in held_out}) == len(held_out)
+        assert not {p.question_hash for p in held_out} & train_keys, task
+        assert len({p.question_hash for p in held_out}) == len(held_out)
     gsm_eval = problems("gsm_symbolic", "eval", 200)
     gsm_train = problems("gsm_symbolic", "train", 500)
     assert {p.template for p in gsm_eval} <= HELD_OUT_TEMPLATES
@@ -79,8 +79,9 @@ def test_no_held_out_problem_is_in_any_training_set():
     # the seen-template held-out set: training templates, but not a training question
     gsm_seen = problems("gsm_symbolic", "eval_seen", 200)
     assert len({p.template for p in gsm_seen}) > 30 and not {p.template for p in gsm_seen} & HELD_OUT_TEMPLATES
-    assert not {p.key for p in gsm_seen} & tasks._train_keys("gsm_symbolic")
-    assert not {p.key for p in gsm_seen} & {p.key for p in gsm_eval} and len({p.key for p in gsm_seen}) == 200
+    assert not {p.question_hash for p in gsm_seen} & tasks._train_keys("gsm_symbolic")
+    seen = {p.question_hash for p in gsm_seen}
+    assert not seen & {p.question_hash for p in gsm_eval} and len(seen) == 200
     # the corpus's gsm_symbolic dataset: its held-out-template problems are not in the corpus
     from nanoseek.data.corpus import math_documents
     docs = "\n".join(math_documents(n_gsm=600, n_expr=8))
@@ -96,8 +97,9 @@ def test_grpo_validation_problems_are_held_out_and_not_the_test_problems():
         task, split = tasks.EVAL_SETS[name]
         val = problems(task, split, 50, offset=splits.VALIDATION_OFFSET)
         test = problems(task, split, 300)
-        assert len({p.key for p in val}) == 50 and not {p.key for p in val} & {p.key for p in test}, name
-        assert not {p.key for p in val} & tasks._train_keys(task), name
+        val_keys = {p.question_hash for p in val}
+        assert len(val_keys) == 50 and not val_keys & {p.question_hash for p in test}, name
+        assert not {p.question_hash for p in val} & tasks._train_keys(task), name
 
 
 def test_split_arguments_are_checked():

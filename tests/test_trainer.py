@@ -179,3 +179,22 @@ def test_bf16_matmuls_train_fp32_weights_and_resume_exactly(tmp_path, small_data
     train(_tc(halves, data=small_data, precision="bf16", stop_at=6))
     train(_tc(halves, data=small_data))  # the saved precision comes back with the run
     assert [r["main_loss"] for r in _rows(halves)] == [r["main_loss"] for r in b]
+
+
+def test_a_stage_goes_on_with_the_optimizer_and_schedule_of_the_one_before(tmp_path, small_data):
+    """continue_init: one lr schedule over two stages (the first stopped part way), the Adam
+    state (moments and step count) carried from the first into the second."""
+    from nanoseek.train.optim import lr_at
+
+    train(_tc(tmp_path / "a", data=small_data, max_steps=20, stop_at=8))
+    train(_tc(tmp_path / "b", data=small_data, init=str(tmp_path / "a"), continue_init=True, max_steps=20))
+    first, second = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["step"] for r in first] == list(range(1, 9)) and [r["step"] for r in second] == list(range(9, 21))
+    schedule = [lr_at(s, 20, 3e-3, 3) for s in range(20)]
+    assert [r["lr"] for r in first + second] == pytest.approx(schedule)
+    tensors, _ = ckpt.load_train_state(ckpt.resolve(tmp_path / "b"))
+    assert int(tensors["optim.0.step"]) == 20  # Adam's bias correction goes on, not restarted at 1
+    fresh = train(_tc(tmp_path / "c", data=small_data, init=str(tmp_path / "a"), max_steps=12))
+    assert fresh["step"] == 12 and _rows(tmp_path / "c")[0]["step"] == 1  # without it: a new schedule
+    with pytest.raises(Exception, match="past this stage's max_steps"):
+        train(_tc(tmp_path / "d", data=small_data, init=str(tmp_path / "b"), continue_init=True, max_steps=20))

@@ -74,14 +74,14 @@ def _count(n_per_task: int | dict[str, int], task: str) -> int:
 
 
 def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int],
-                   calculator: bool = False) -> list[str]:
+                   calculator: bool = False, gsm8k: str = "") -> list[str]:
     """Pretraining documents made of worked solutions (`Question: ...` then the same assistant
     text SFT trains on), from the far end of each task's training pool: the cold start and GRPO
     draw from its start, so their problems stay new to the base. Shuffled together."""
     docs = []
     for task in tasks:
         n = _count(n_per_task, task)
-        for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n):
+        for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n, gsm8k=gsm8k):
             sol = worked_solution(p, calculator=calculator)
             if sol is not None:
                 docs.append(f"Question: {p.question}\n{sol}\n")
@@ -90,10 +90,10 @@ def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[st
 
 
 def cold_start_conversations(n_per_task: int | dict[str, int] = 1500, tasks: tuple[str, ...] = TASKS,
-                             calculator: bool = False) -> list[list[dict]]:
+                             calculator: bool = False, gsm8k: str = "") -> list[list[dict]]:
     convs = []
     for task in tasks:
-        for p in problems(task, "train", _count(n_per_task, task)):
+        for p in problems(task, "train", _count(n_per_task, task), gsm8k=gsm8k):
             sol = worked_solution(p, calculator=calculator)
             if sol is not None:
                 convs.append([{"role": "user", "content": p.question}, {"role": "assistant", "content": sol}])

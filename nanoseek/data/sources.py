@@ -7,8 +7,8 @@ files named after a split (`train*`, `test*`) hold that split; a folder without 
 one train split. Nothing is downloaded at import time or by the CPU preset. Offline, or with a
 set that cannot be reached, the error is one line naming the set and how to point at a local copy.
 
-Where a set is read from (`where`): a local copy a run chose (`use`: the speedrun's `gsm8k=DIR`),
-else the one an environment variable names ($NANOSEEK_GSM8K, $NANOSEEK_FINEWEB_EDU,
+Where a set is read from (`where`): a local copy a run chose (a recipe's `gsm8k=DIR`, passed down
+to what reads it), else the one an environment variable names ($NANOSEEK_GSM8K, $NANOSEEK_FINEWEB_EDU,
 $NANOSEEK_FINEMATH: also for the standalone commands), else the Hub.
 """
 
@@ -30,17 +30,11 @@ HUB = {
 }
 SPLITS = ("train", "test", "validation")
 GSM8K_FIELDS = HUB["gsm8k"][2]
-_chosen: dict[str, str] = {}
 
 
-def use(name: str, source: str) -> None:
-    """Read the set `name` from `source` (a local copy, or the Hub's name) from now on."""
-    _chosen[name] = source
-
-
-def where(name: str) -> str:
-    """Where the set `name` is read from: the run's choice, $NANOSEEK_<NAME>, or the Hub."""
-    return _chosen.get(name) or os.environ.get(_variable(name)) or name
+def where(name: str, chosen: str = "") -> str:
+    """Where the set `name` is read from: `chosen` (a run's setting), else $NANOSEEK_<NAME>, else the Hub."""
+    return chosen or os.environ.get(_variable(name)) or name
 
 
 def _variable(name: str) -> str:

@@ -53,14 +53,14 @@ from nanoseek.data.splits import (
     level_settings,
 )
 
-PLAIN = "plain_arithmetic"  # the project's own: arithmetic as people type it (data/plain.py)
-TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown", PLAIN)
+PLAIN_ARITHMETIC = "plain_arithmetic"  # the project's own: arithmetic as people type it (data/plain.py)
+TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown", PLAIN_ARITHMETIC)
 GSM8K = "gsm8k"
 ALL_TASKS = (*TASKS, GSM8K)  # what a run may name
 # every held-out set: name -> (task, split); the task names are the unseen-template / seed sets
 EVAL_SETS = {**{t: (t, "eval") for t in ALL_TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
 FORMAT_WEIGHT = 0.1
-NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum", PLAIN, GSM8K)
+NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum", PLAIN_ARITHMETIC, GSM8K)
 
 
 class TaskError(ValueError):
@@ -76,7 +76,7 @@ class Problem:
     template: int | None = None
 
     @property
-    def key(self) -> str:
+    def question_hash(self) -> str:
         return question_hash(self.question)
 
 
@@ -105,16 +105,17 @@ def _dataset(task: str, size: int, seed: int, **config):
     return rg.create_dataset(task, size=size, seed=seed, **config)
 
 
-def problems(task: str, split: str, n: int, offset: int = 0, level: int | None = None) -> list[Problem]:
+def problems(task: str, split: str, n: int, offset: int = 0, level: int | None = None,
+             gsm8k: str = "") -> list[Problem]:
     """n problems of `task` from the train or eval split. Training may use an easier
     curriculum `level` (0..3, the expression tasks: splits.LEVELS); evaluation always uses
-    reasoning-gym's default settings."""
+    reasoning-gym's default settings. `gsm8k`: where GSM8K is read from (sources.where)."""
     check_tasks([task])
     if split not in ("train", "eval", "eval_seen"):
         raise TaskError(f"split must be 'train', 'eval' or 'eval_seen', not {split!r}")
     if task == GSM8K:
-        return _gsm8k_problems(split, n, offset, level)
-    if task == PLAIN:
+        return _gsm8k_problems(split, n, offset, level, gsm8k)
+    if task == PLAIN_ARITHMETIC:
         return _plain_problems(split, n, offset, level)
     if split == "eval_seen" and task != "gsm_symbolic":
         raise TaskError("eval_seen (training templates, unseen numbers) is gsm_symbolic's")
@@ -141,7 +142,7 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
             if template is not None and (template in HELD_OUT_TEMPLATES) != (split == "eval"):
                 continue
             p = Problem(task, item["question"], str(item["answer"]), item, template)
-            if held_out and p.key in seen_train:
+            if held_out and p.question_hash in seen_train:
                 continue
             if _score(p, p.answer) < 1.0:
                 continue  # a broken item (gsm_symbolic's gold "-1" fails its own checker): never drawn
@@ -156,11 +157,11 @@ def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[
     """plain_arithmetic: the training phrasings, or the held-out ones with numbers from seeds far
     away, any question also in the training pool dropped."""
     if split == "eval_seen" or level is not None:
-        raise TaskError(f"{PLAIN} has a train and an eval split, no curriculum levels")
-    if split == "train" and offset + n > TRAIN_POOL[PLAIN]:
-        raise TaskError(f"{PLAIN}: at most {TRAIN_POOL[PLAIN]} training problems")
+        raise TaskError(f"{PLAIN_ARITHMETIC} has a train and an eval split, no curriculum levels")
+    if split == "train" and offset + n > TRAIN_POOL[PLAIN_ARITHMETIC]:
+        raise TaskError(f"{PLAIN_ARITHMETIC}: at most {TRAIN_POOL[PLAIN_ARITHMETIC]} training problems")
     seed = (TRAIN_SEED if split == "train" else EVAL_SEED) + offset
-    seen = _train_keys(PLAIN) if split == "eval" else frozenset()
+    seen = _train_keys(PLAIN_ARITHMETIC) if split == "eval" else frozenset()
     out: list[Problem] = []
     size = n
     while len(out) < n:
@@ -170,19 +171,19 @@ def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[
             if split == "eval" and key in keys:
                 continue  # a held-out question once, and never a training one
             keys.add(key)
-            out.append(Problem(PLAIN, q.question, q.answer, {"question": q.question, "answer": q.answer,
+            out.append(Problem(PLAIN_ARITHMETIC, q.question, q.answer, {"question": q.question, "answer": q.answer,
                                                              "metadata": {"expression": q.expression}}, q.template))
         out = out[:n]
         size *= 2
     return out
 
 
-def _gsm8k_problems(split: str, n: int, offset: int, level: int | None) -> list[Problem]:
+def _gsm8k_problems(split: str, n: int, offset: int, level: int | None, source: str) -> list[Problem]:
     """GSM8K's rows `offset` to `offset + n` of its train split (eval: its test split); fewer
     where a local copy holds fewer, none only an error."""
     if split == "eval_seen" or level is not None:
         raise TaskError(f"{GSM8K} has a train and an eval (its test) split, no curriculum levels")
-    rows = _gsm8k_rows(sources.where(GSM8K), "train" if split == "train" else "test")[offset:offset + n]
+    rows = _gsm8k_rows(sources.where(GSM8K, source), "train" if split == "train" else "test")[offset:offset + n]
     if not rows:
         raise TaskError(f"{GSM8K}: no {split} problems past the first {offset}")
     return [Problem(GSM8K, q, answer, {"question": q, "calls": calls, "worked": worked})
@@ -200,15 +201,15 @@ def _gsm8k_rows(source: str, split: str) -> list[tuple[tuple[str, str, str], tup
 def _train_keys(task: str) -> frozenset[str]:
     """Question hashes of every training problem a held-out problem must differ from: the
     RL/SFT pool and the pretraining corpus's problems of this task."""
-    if task == PLAIN:  # generated in a second, and never stale: no cache
-        return frozenset(p.key for p in problems(task, "train", TRAIN_POOL[task]))
+    if task == PLAIN_ARITHMETIC:  # generated in a second, and never stale: no cache
+        return frozenset(p.question_hash for p in problems(task, "train", TRAIN_POOL[task]))
     cache_file = cache_dir() / f"train-keys-{task}-{TRAIN_SEED}-{TRAIN_POOL[task]}-v2.json"
     if cache_file.is_file():
         return frozenset(json.loads(cache_file.read_text()))
-    keys = {p.key for p in problems(task, "train", TRAIN_POOL[task])}
+    keys = {p.question_hash for p in problems(task, "train", TRAIN_POOL[task])}
     if task in LEVELED:
         for level in range(len(LEVELS)):
-            keys.update(p.key for p in problems(task, "train", TRAIN_POOL[task], level=level))
+            keys.update(p.question_hash for p in problems(task, "train", TRAIN_POOL[task], level=level))
     for name, size, seed, config in corpus_specs():
         if name == task:
             keys.update(question_hash(item["question"]) for item in _dataset(name, size, seed, **config))
@@ -269,7 +270,7 @@ def reward(problem: Problem, completion: str, length: int | None = None, max_len
 
 
 def _score(problem: Problem, answer: str) -> float:
-    if problem.task == PLAIN:
+    if problem.task == PLAIN_ARITHMETIC:
         return plain.score(answer, problem.answer)
     if problem.task == GSM8K:
         return float(gsm8k.check(answer, problem.answer))

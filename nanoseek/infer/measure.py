@@ -41,13 +41,13 @@ def mtp_figures(model: Transformer, tok, n_new: int, repeats: int) -> dict:
             engine.generate([prompt], params)
             if r:  # round 0 warms up
                 times[spec].append(time.perf_counter() - t)
-    plain = {"no_mtp_tokens_per_s": n_new / statistics.median(times[False])}
+    no_mtp = {"no_mtp_tokens_per_s": n_new / statistics.median(times[False])}
     if not model.mtp:
-        return {"mtp_acceptance": None, "mtp_speedup": None, **plain}
+        return {"mtp_acceptance": None, "mtp_speedup": None, **no_mtp}
     st = engines[True].stats
     return {"mtp_acceptance": st["accepted"] / max(1, st["drafted"]),
             "mtp_speedup": statistics.median(a / b for a, b in zip(times[False], times[True])),
-            "mtp_tokens_per_s": n_new / statistics.median(times[True]), **plain}
+            "mtp_tokens_per_s": n_new / statistics.median(times[True]), **no_mtp}
 
 
 def decode_flops(model: Transformer, position: int) -> float:

@@ -15,14 +15,15 @@ from nanoseek.train.runlog import read_metrics, say
 
 
 def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str], n: int | dict[str, int],
-                    k: int, max_tokens: int, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+                    k: int, max_tokens: int, progress: bool = True, device: str = "cpu",
+                    gsm8k: str = "") -> dict[str, Any]:
     """The eval stage of a pipeline: every (stage name, checkpoint) on the held-out sets of
     `tasks` (`n` problems each, or n[set]), the full results in folder/eval.json; returns the
     summary table and the paired gains of each stage over the one before."""
     table = {}
     for name, path in models:
         say(progress, f"  eval {name}")
-        table[name] = evaluate(path, eval_sets(tasks), n, k, max_tokens=max_tokens, device=device)
+        table[name] = evaluate(path, eval_sets(tasks), n, k, max_tokens=max_tokens, device=device, gsm8k=gsm8k)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
     return {"table": summarize(table), "gains": stage_gains(table)}

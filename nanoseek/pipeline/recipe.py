@@ -135,8 +135,8 @@ CONFIGS = {"tokenizer": TokenizerConfig, "pretrain": TrainConfig, "sft": TrainCo
            "rs": RejectionConfig, "eval": EvalConfig}
 # what a stage gets from the run, not from its recipe (an override of one is refused)
 FILLED = {"pretrain": ("stage", "init", "out", "tokenizer", "data", "preset"),
-          "sft": ("stage", "init", "out", "sft_tasks", "sft_calculator"),
-          "grpo": ("init", "out", "offset")}
+          "sft": ("stage", "init", "out", "sft_tasks", "sft_calculator", "gsm8k"),
+          "grpo": ("init", "out", "offset", "gsm8k")}
 
 
 @dataclass

@@ -19,8 +19,6 @@ from typing import Any
 import torch
 
 from nanoseek.config import require
-from nanoseek.data import sources
-from nanoseek.data.tasks import GSM8K
 from nanoseek.model import Transformer
 from nanoseek.pipeline.compare import evaluate_stages
 from nanoseek.pipeline.recipe import FILLED, Recipe, budget, to_json
@@ -44,7 +42,6 @@ def run_recipe(recipe: Recipe, out: str | Path, ablate: bool = False, progress: 
                recipe_file: str | None = None) -> dict[str, dict[str, Any]]:
     """Run (or resume) the recipe in `out`; returns every stage's result as saved."""
     recipe.validate()
-    sources.use(GSM8K, recipe.gsm8k)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     resolved = resolve(recipe, Place(out))
@@ -133,7 +130,8 @@ def ablation_eval(recipe: Recipe, out: Path, variants: list[str], folder: Path) 
     sft = next(s.name for s in recipe.stages if s.kind == "sft")
     models = [("deepseek", str(out / sft / "latest"))]
     models += [(name, str(out / "ablate" / name / sft / "latest")) for name in variants]
-    evaluate_stages(folder, models, recipe.tasks, c.counts(recipe.eval_tasks()), c.k, c.max_tokens, c.progress)
+    evaluate_stages(folder, models, recipe.tasks, c.counts(recipe.eval_tasks()), c.k, c.max_tokens, c.progress,
+                    c.device, recipe.gsm8k)
     return write_ablations(out, recipe)
 
 

@@ -93,9 +93,9 @@ def resolve(recipe: Recipe, place: Place) -> Recipe:
         elif st.kind == "sft":
             data = [str(place.folder(st.traces) / TRACES)] if st.traces else []
             c = dataclasses.replace(c, stage="sft", out=out, init=before, data=data, sft_tasks=list(recipe.tasks),
-                                    sft_calculator=recipe.calculator)
+                                    sft_calculator=recipe.calculator, gsm8k=recipe.gsm8k)
         elif st.kind == "grpo":
-            c = dataclasses.replace(c, out=out, init=before, offset=plan.offset(st.name))
+            c = dataclasses.replace(c, out=out, init=before, offset=plan.offset(st.name), gsm8k=recipe.gsm8k)
         recipe.stages[i] = dataclasses.replace(st, config=c)
         if st.trains:
             before = place.checkpoint(st.name)
@@ -165,7 +165,7 @@ def pretraining_text(recipe: Recipe, st: Stage) -> Iterable[str]:
         streams = [iter_texts(sources.where(name), chars=chars // len(named)) for name in named]
         return itertools.chain(iter_files(files) if files else [], interleave(streams))
     if c.corpus == "tasks":
-        return task_documents(recipe.tasks, c.documents, recipe.calculator)
+        return task_documents(recipe.tasks, c.documents, recipe.calculator, recipe.gsm8k)
     return {"default": default_corpus, "math": math_documents}[c.corpus]()
 
 
@@ -176,11 +176,11 @@ def check_gsm8k(recipe: Recipe) -> None:
     slices = budget(recipe).slices.values()
     if not any(GSM8K in s for s in slices) and GSM8K not in recipe.tasks:
         return
-    train_problems = len(problems(GSM8K, "train", TRAIN_POOL[GSM8K]))
-    problems(GSM8K, "eval", 1)
+    train_problems = len(problems(GSM8K, "train", TRAIN_POOL[GSM8K], gsm8k=recipe.gsm8k))
+    problems(GSM8K, "eval", 1, gsm8k=recipe.gsm8k)
     first = max((s[GSM8K][0] for s in slices if GSM8K in s and s[GSM8K][0] > 0), default=0)
-    require(train_problems > first, f"{sources.where(GSM8K)}: {train_problems} GSM8K training problems, none past "
-                                    f"the {first} the stages before GRPO take")
+    require(train_problems > first, f"{sources.where(GSM8K, recipe.gsm8k)}: {train_problems} GSM8K training "
+                                    f"problems, none past the {first} the stages before GRPO take")
 
 
 def run_pretrain(recipe: Recipe, place: Place, st: Stage, folder: Path, start: str) -> TrainResult:
@@ -201,7 +201,7 @@ def run_grpo(recipe: Recipe, place: Place, st: Stage, folder: Path, start: str) 
 def run_rejection(recipe: Recipe, place: Place, st: Stage, folder: Path, start: str) -> RejectionResult:
     c = st.config  # fresh problems: past those the stages before it drew
     convs, stats = rejection_sample(start, recipe.tasks, c.problems, c.k, c.temperature, max_tokens=c.max_tokens,
-                                    offset=budget(recipe).offset(st.name))
+                                    offset=budget(recipe).offset(st.name), gsm8k=recipe.gsm8k)
     folder.mkdir(parents=True, exist_ok=True)
     write_traces(folder / TRACES, convs)
     return RejectionResult(len(convs), stats)
@@ -210,7 +210,7 @@ def run_rejection(recipe: Recipe, place: Place, st: Stage, folder: Path, start: 
 def run_eval(recipe: Recipe, place: Place, st: Stage, folder: Path, start: str) -> EvalResult:
     c, tasks = st.config, recipe.eval_tasks()
     summary = evaluate_stages(folder, models(recipe, place), tasks, c.counts(tasks), c.k, c.max_tokens, c.progress,
-                              c.device)
+                              c.device, recipe.gsm8k)
     trends = {s.name: rl_trend(place.folder(s.name) / "metrics.jsonl") for s in recipe.stages
               if s.kind == "grpo" and (place.folder(s.name) / "metrics.jsonl").exists()}
     return EvalResult(summary["table"], summary["gains"], trends)

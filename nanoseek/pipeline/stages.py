@@ -31,7 +31,7 @@ class Job:
     """A stage as the pipeline runs it."""
 
     name: str
-    run: Callable[[Path], Any]  # gets its folder, returns its result (a dataclass, or a dict)
+    work: Callable[[Path], Any]  # gets its folder, returns its result (a dataclass, or a dict)
     what: str = ""
     estimate_s: float = 0.0  # expected wall time, for the run's ETA (0: unknown)
     every_rank: bool = False  # under torchrun: run on every process (training), else on rank 0 alone
@@ -73,7 +73,7 @@ def _run(out: Path, stages: list[Job], progress: bool) -> dict[str, dict[str, An
                       + (f", ~{left / 60:.0f} min to go]" if left else "]"))
         fresh = not folder.exists()  # not a resumed stage, whose wall time is only its rest
         t0 = time.perf_counter()
-        result = st.run(folder)
+        result = st.work(folder)
         summary = {**(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result),
                    "stage_wall_s": round(time.perf_counter() - t0, 2)}
         if fresh and st.estimate_s >= 60:  # a shorter one (the tokenizer) says little of the matmuls
@@ -98,7 +98,7 @@ def _follow(out: Path, stages: list[Job], poll_s: float = 0.5) -> dict[str, dict
                 time.sleep(poll_s)
             summaries[before.name] = done
         if (done := stage_done(out / st.name)) is None:
-            st.run(out / st.name)
+            st.work(out / st.name)
             while (done := stage_done(out / st.name)) is None:  # rank 0 writes it after its last checkpoint
                 time.sleep(poll_s)
         summaries[st.name] = done

@@ -26,7 +26,7 @@ TRACES = "traces.jsonl"
 
 def rejection_sample(ckpt: str, tasks: list[str], n_problems: int, k: int = 8, temperature: float = 0.7,
                      max_tokens: int = 256, offset: int = 0, level: int | None = None,
-                     seed: int = 0) -> tuple[list[list[dict]], dict]:
+                     seed: int = 0, gsm8k: str = "") -> tuple[list[list[dict]], dict]:
     model, tok = nanoseek.load(ckpt)
     if tok is None:
         raise TrainingError(f"{ckpt} has no nanoseek tokenizer")
@@ -35,7 +35,7 @@ def rejection_sample(ckpt: str, tasks: list[str], n_problems: int, k: int = 8, t
     for task in tasks:
         lvl = level if task in LEVELED else None
         n = min(n_problems, TRAIN_POOL[task] - offset)
-        ps = problems(task, "train", n, offset=offset, level=lvl)
+        ps = problems(task, "train", n, offset=offset, level=lvl, gsm8k=gsm8k)
         prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True))
                    for p in ps]
         reqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=temperature, n=k,

@@ -64,6 +64,7 @@ class GRPOConfig:
     template: str = "chat"  # or "r1_zero": R1-Zero's plain-text prompt, for a pretrained base
     level: int | None = None  # an easier curriculum level for the expression tasks (0..3)
     offset: int = 0  # where in each task's training pool the prompts start: past what SFT trained on
+    gsm8k: str = ""  # where GSM8K is read from when tasks name it ("": $NANOSEEK_GSM8K, else the Hub)
     max_steps: int = 100
     # many prompts a step at a small lr with a warmup: with few prompts or a larger lr the step fits
     # its problems and held-out accuracy falls (docs/LOG.md: "GRPO that raises held-out accuracy")
@@ -118,7 +119,7 @@ class GRPOConfig:
 @dataclass
 class Sample:
     prompt: list[int]
-    key: Any  # what the reward function needs (a Problem for the tasks)
+    problem: Any  # what the reward function scores the samples against (a Problem for the tasks)
 
 
 def task_source(config: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
@@ -128,7 +129,7 @@ def task_source(config: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
     def pool(task: str) -> list[Problem]:
         if task not in pools:
             level = config.level if task in LEVELED else None
-            pools[task] = problems(task, "train", TRAIN_POOL[task], level=level)
+            pools[task] = problems(task, "train", TRAIN_POOL[task], level=level, gsm8k=config.gsm8k)
         return pools[task]
 
     def source(step: int) -> list[Sample]:
@@ -167,41 +168,41 @@ def task_reward(config: GRPOConfig) -> Callable[[Any, str, int], dict[str, float
 def grpo(config: GRPOConfig, overrides: list[str] = (), source=None, score=None) -> dict[str, Any]:
     """Train until config.max_steps; returns the run's summary. `source` (step -> Samples) and `score`
     (key, text, length -> reward parts) replace the tasks' prompts and rewards."""
-    run = setup(config, overrides, source, score)
-    config, ranks = run.config, run.ranks
+    loop = setup(config, overrides, source, score)
+    config, ranks = loop.config, loop.ranks
     show = config.progress and ranks.main
     say(show, f"nanoseek grpo: {config.prompts_per_step} prompts x {config.group_size} samples per step, "
-              f"{config.loss_type} loss, beta {config.beta}, {run.start}"
+              f"{config.loss_type} loss, beta {config.beta}, {loop.start}"
               + (f", {ranks.world} processes" if ranks.parallel else ""))
-    bar = progress_bar("grpo", show, run.step, config.max_steps)
+    bar = progress_bar("grpo", show, loop.step, config.max_steps)
     last: dict[str, Any] = {}
-    run.ledger.restart_clock()
-    while run.step < config.max_steps:
-        row = grpo_step(run)
-        if run.validating and (run.step % config.eval_every == 0 or run.step == config.max_steps):
-            if run.sampler is not run.model:
-                dist.copy_whole(run.model, run.sampler)  # (every rank gathers; rank 0 validates)
+    loop.ledger.restart_clock()
+    while loop.step < config.max_steps:
+        row = grpo_step(loop)
+        if loop.validating and (loop.step % config.eval_every == 0 or loop.step == config.max_steps):
+            if loop.sampler is not loop.model:
+                dist.copy_whole(loop.model, loop.sampler)  # (every rank gathers; rank 0 validates)
             if ranks.main:
-                row.update(validate(run.engine, config))
+                row.update(validate(loop.engine, config))
         if ranks.main:
-            log_metrics(run.folder, row)
+            log_metrics(loop.folder, row)
             bar.update(1)
             bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
                                 f"len {row['response_length']:.0f}")
         last = row
-        if run.step % config.save_every == 0 or run.step == config.max_steps:
-            whole, opt_state = dist.full_state(run.model, run.opt, ranks)  # FSDP: every rank gathers
+        if loop.step % config.save_every == 0 or loop.step == config.max_steps:
+            whole, opt_state = dist.full_state(loop.model, loop.opt, ranks)  # FSDP: every rank gathers
             if ranks.main:
-                _save(run.folder, run.step, whole, run.tok, opt_state, run.ledger, config, last, run.ref)
-            run.ledger.restart_clock()
+                _save(loop.folder, loop.step, whole, loop.tok, opt_state, loop.ledger, config, last, loop.ref)
+            loop.ledger.restart_clock()
     bar.close()
     dist.finish(ranks)
-    return {"step": run.step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
-            "checkpoint": str((run.folder / "latest").resolve()), "cost": run.ledger.to_dict()}
+    return {"step": loop.step, "reward": last.get("reward"), "accuracy": last.get("accuracy"),
+            "checkpoint": str((loop.folder / "latest").resolve()), "cost": loop.ledger.to_dict()}
 
 
 @dataclass
-class GRPORun:
+class GRPOLoop:
     """Everything the loop works with, as setup() leaves it."""
 
     config: GRPOConfig
@@ -223,7 +224,7 @@ class GRPORun:
     start: str
 
 
-def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPORun:
+def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPOLoop:
     folder = Path(config.out)
     resume = ckpt.has_checkpoint(folder)
     if resume:  # its own settings, but for how far to go and how to show it
@@ -275,36 +276,36 @@ def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPORun:
         truncate_metrics(folder / "metrics.jsonl", step)
         folder.mkdir(parents=True, exist_ok=True)
     start = f"resuming at step {step}" if resume else f"from {config.init}"
-    return GRPORun(config, folder, model, tok, ranks, device, sampler, engine, ref, policy, opt, ledger,
+    return GRPOLoop(config, folder, model, tok, ranks, device, sampler, engine, ref, policy, opt, ledger,
                    source or task_source(config, tok), score or task_reward(config), validating, step, start)
 
 
-def grpo_step(run: GRPORun) -> dict[str, Any]:
+def grpo_step(loop: GRPOLoop) -> dict[str, Any]:
     """One step: sample the groups, score them, update the policy and the balancing biases.
     Returns the step's metrics row."""
-    config, ranks, model = run.config, run.ranks, run.model
+    config, ranks, model = loop.config, loop.ranks, loop.model
     group, prompts_per_step = config.group_size, config.prompts_per_step
     t0 = time.perf_counter()
-    lr = config.lr * min(1.0, (run.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-    for g in run.opt.param_groups:
+    lr = config.lr * min(1.0, (loop.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+    for g in loop.opt.param_groups:
         g["lr"] = lr
 
     # --- rollouts: this rank's prompts of the step, group_size samples each ---
-    samples = dist.share(run.source(run.step), ranks)
+    samples = dist.share(loop.source(loop.step), ranks)
     # (every sample owns its generator, seeded by its index in the group: the same samples
     # whichever rank draws them)
     params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, n=group,
-                            seed=config.seed * 1_000_003 + run.step * 1009)
-    if run.sampler is not model:
-        dist.copy_whole(model, run.sampler)  # this step's policy, gathered from the shards
-    reqs = run.engine.generate([s.prompt for s in samples], params)
+                            seed=config.seed * 1_000_003 + loop.step * 1009)
+    if loop.sampler is not model:
+        dist.copy_whole(model, loop.sampler)  # this step's policy, gathered from the shards
+    reqs = loop.engine.generate([s.prompt for s in samples], params)
     t_roll = time.perf_counter() - t0
 
     # --- rewards and advantages ---
     rows, comps = [], []
     for s, req in zip(samples, reqs):
         for c in req.outputs:
-            rows.append(run.score(s.key, c.text, len(c.token_ids)))
+            rows.append(loop.score(s.problem, c.text, len(c.token_ids)))
             comps.append((s.prompt, c.token_ids, c.forced))
     rewards = torch.tensor([x["reward"] for x in rows]).view(-1, group)
     keep = informative_groups(rewards)
@@ -313,22 +314,22 @@ def grpo_step(run: GRPORun) -> dict[str, Any]:
     n_used = int(dist.total(float(use.sum()), ranks))  # the step's trained samples, over the ranks
 
     # --- the update, then the balancing biases ---
-    stats = _update(run.policy, run.ref, run.opt, config, comps, adv, use, n_used, ranks, run.device) \
+    stats = _update(loop.policy, loop.ref, loop.opt, config, comps, adv, use, n_used, ranks, loop.device) \
         if n_used else {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "skipped_update": 1}
     dist.sync_expert_load(model, ranks)
     model.update_bias()
     dist.check_same_biases(model, ranks)
-    run.step += 1
-    if run.ref is not None and config.ref_reset_every and run.step % config.ref_reset_every == 0:
-        dist.copy_whole(model, run.ref)
+    loop.step += 1
+    if loop.ref is not None and config.ref_reset_every and loop.step % config.ref_reset_every == 0:
+        dist.copy_whole(model, loop.ref)
 
     # --- the step's metrics, over every rank ---
     flops = dist.total(step_flops(model, [s.prompt for s in samples], comps, int(use.sum()), config,
-                                  run.ref is not None), ranks)
+                                  loop.ref is not None), ranks)
     rows = dist.gather([{**x, "tokens": len(c)} for x, (_, c, _) in zip(rows, comps)], ranks)
     n_tokens = sum(x["tokens"] for x in rows)
-    run.ledger.add(n_tokens, flops)
-    return {"step": run.step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
+    loop.ledger.add(n_tokens, flops)
+    return {"step": loop.step, "lr": lr, "reward": _mean(rows, "reward"), "accuracy": _mean(rows, "accuracy"),
             "format_rate": _mean(rows, "format"), "overlong": _mean(rows, "overlong"),
             "response_length": n_tokens / len(rows),
             "zero_adv_groups": 1 - dist.total(float(keep.sum()), ranks) / prompts_per_step,
@@ -465,11 +466,11 @@ def _mean(rows: list[dict], key: str) -> float:
     return round(sum(row.get(key, 0.0) for row in rows) / max(1, len(rows)), 5)
 
 
-def _save(run: Path, step: int, model, tok, opt_state, ledger, config: GRPOConfig, last: dict, ref) -> None:
+def _save(folder: Path, step: int, model, tok, opt_state, ledger, config: GRPOConfig, last: dict, ref) -> None:
     tensors, opt_info = opt_state
     tensors = {**tensors, **rng_state()}
     if ref is not None and config.ref_reset_every:  # a reset reference is no longer the init checkpoint
         tensors.update({f"ref/{k}": v.detach().contiguous() for k, v in ref.state_dict().items()})
     info = {"step": step, "grpo_config": dataclasses.asdict(config), "optimizer": opt_info, "cost": ledger.to_dict()}
     meta = {"stage": "grpo", "step": step, "cost": ledger.to_dict(), "params": model.param_counts(), "metrics": last}
-    ckpt.save_checkpoint(run, step, model, tok, meta, {"tensors": tensors, "info": info})
+    ckpt.save_checkpoint(folder, step, model, tok, meta, {"tensors": tensors, "info": info})

@@ -55,9 +55,14 @@ NEW_RUN_STEPS = {"scratch": (1000, 250), "init": (300, 100)}
 class TrainConfig:
     stage: str = "pretrain"  # or "sft"
     init: str | None = None  # the checkpoint to start from (sft; or pretraining further)
+    # go on with init's optimizer state and step count, so that its lr schedule goes on too (one
+    # schedule over two stages: give both the same lr, warmup_steps, schedule and max_steps, and
+    # the first a stop_at); the data, its order and the RNG are this stage's own
+    continue_init: bool = False
     sft_examples: int | dict[str, int] = 1500  # sft without data: cold-start problems per task (or by task)
     sft_tasks: list[str] | None = None  # sft without data: the cold start's tasks (None: every task)
     sft_calculator: bool = False  # sft without data: solutions that call the calculator (nanoseek/tools.py)
+    gsm8k: str = ""  # where GSM8K is read from when sft_tasks name it ("": $NANOSEEK_GSM8K, else the Hub)
     preset: str = "cpu"  # the model (config.PRESETS) of a run from scratch
     out: str = "runs/pretrain"
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
@@ -132,7 +137,7 @@ def check_ema(decay: float, name: str = "ema") -> None:
 
 
 @dataclass
-class Run:
+class Loop:
     """Everything the loop works with, as setup() leaves it."""
 
     config: TrainConfig
@@ -153,80 +158,80 @@ class Run:
 
 def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     """Train until config.max_steps (or config.stop_at); returns the run's summary."""
-    run = setup(config, overrides)
-    config, model, ranks = run.config, run.model, run.ranks
+    loop = setup(config, overrides)
+    config, model, ranks = loop.config, loop.model, loop.ranks
     show = config.progress and ranks.main
 
     # --- what one step costs and what the bar shows ---
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     flops_per_step = model.flops_per_token(config.seq_len) * tokens_per_step
-    autocast = autocast_for(run.device, config.precision)
+    autocast = autocast_for(loop.device, config.precision)
     bf16 = isinstance(autocast, torch.autocast)
-    peak = peak_flops(run.device, torch.bfloat16 if bf16 else torch.float32) * ranks.world  # MFU: of the peak in use
+    peak = peak_flops(loop.device, torch.bfloat16 if bf16 else torch.float32) * ranks.world  # MFU: of the peak in use
     counts = model.param_counts()
     say(show, f"nanoseek {config.stage}: {model.config.num_hidden_layers} layers, "
               f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
-              f"{len(run.loader.tokens):,} training tokens, {run.start}, "
-              f"on {run.ledger.device}" + (f" x {ranks.world} processes" if ranks.parallel else "")
+              f"{len(loop.loader.tokens):,} training tokens, {loop.start}, "
+              f"on {loop.ledger.device}" + (f" x {ranks.world} processes" if ranks.parallel else "")
               + (", bf16 matmuls" if bf16 else ""))
-    run.folder.mkdir(parents=True, exist_ok=True)
+    loop.folder.mkdir(parents=True, exist_ok=True)
     end = min(config.max_steps, config.stop_at or config.max_steps)
-    bar = progress_bar(config.stage, show, run.step, config.max_steps)
+    bar = progress_bar(config.stage, show, loop.step, config.max_steps)
     bad_in_a_row = 0
     last: dict[str, Any] = {}
-    run.ledger.restart_clock()
+    loop.ledger.restart_clock()
     model.train()
 
     # --- the loop ---
-    while run.step < end:
+    while loop.step < end:
         t0 = time.perf_counter()
-        lr = lr_at(run.step, config.max_steps, config.lr, config.warmup_steps, config.schedule, config.min_lr_ratio)
-        for group in run.opt.param_groups:
+        lr = lr_at(loop.step, config.max_steps, config.lr, config.warmup_steps, config.schedule, config.min_lr_ratio)
+        for group in loop.opt.param_groups:
             group["lr"] = lr
-        parts, grad_norm = forward_backward(run, autocast)
-        run.step += 1
+        parts, grad_norm = forward_backward(loop, autocast)
+        loop.step += 1
         if not math.isfinite(grad_norm):  # skip the step; stop after max_bad_steps in a row
             bad_in_a_row += 1
-            skip_step(run, bad_in_a_row)
+            skip_step(loop, bad_in_a_row)
             continue
         bad_in_a_row = 0
-        load_stats = optimizer_step(run)
-        run.ledger.add(tokens_per_step, flops_per_step)
+        load_stats = optimizer_step(loop)
+        loop.ledger.add(tokens_per_step, flops_per_step)
         dt = time.perf_counter() - t0
-        row = {"step": run.step, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
-               "grad_norm": round(grad_norm, 4), "tokens": run.ledger.tokens,
+        row = {"step": loop.step, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
+               "grad_norm": round(grad_norm, 4), "tokens": loop.ledger.tokens,
                "tokens_per_s": round(tokens_per_step / dt, 1), "mfu": round(flops_per_step / dt / peak, 4)}
         if load_stats:
             row["load_max"] = round(max(load_stats.values()), 3)
             row.update({k: round(v, 3) for k, v in load_stats.items()})
-        if run.val and config.eval_every and (run.step % config.eval_every == 0 or run.step == config.max_steps):
-            row.update(validation_losses(run))
+        if loop.val and config.eval_every and (loop.step % config.eval_every == 0 or loop.step == config.max_steps):
+            row.update(validation_losses(loop))
         last = row
         if ranks.main:
-            log_metrics(run.folder, row)
+            log_metrics(loop.folder, row)
             bar.update(1)
             bar.set_postfix_str(_postfix(row))
 
         # --- checkpoint ---
-        if run.step % config.save_every == 0 or run.step == end:
-            whole, opt_state = dist.full_state(model, run.opt, ranks)  # FSDP: every rank gathers
+        if loop.step % config.save_every == 0 or loop.step == end:
+            whole, opt_state = dist.full_state(model, loop.opt, ranks)  # FSDP: every rank gathers
             if ranks.main:  # one checkpoint, in the one format: it resumes under any number of processes
-                _save(run, whole, opt_state, last, counts)
-            run.ledger.restart_clock()
+                _save(loop, whole, opt_state, last, counts)
+            loop.ledger.restart_clock()
 
     bar.close()
     dist.finish(ranks)
-    say(show, f"done at step {run.step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
-    say(show, run.ledger.summary())
-    return {"step": run.step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
-            "checkpoint": str((run.folder / "latest").resolve()), "cost": run.ledger.to_dict(),
+    say(show, f"done at step {loop.step}: loss {last.get('loss')}, val_loss {last.get('val_loss')}")
+    say(show, loop.ledger.summary())
+    return {"step": loop.step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
+            "checkpoint": str((loop.folder / "latest").resolve()), "cost": loop.ledger.to_dict(),
             "peak_flops": peak / ranks.world}  # the matmul peak its MFU is of, per device
 
 
 # ---------------------------------------------------------------------------------------
 # setup: the config as it will run, the model, the data, and the state to resume
 
-def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
+def setup(config: TrainConfig, overrides: list[str] = ()) -> Loop:
     folder = Path(config.out)
     resume = ckpt.has_checkpoint(folder)
     config, model, tokenizer, model_config, saved = _settle_config(config, list(overrides), folder, resume)
@@ -242,7 +247,7 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
     if config.stage == "sft":
         convs = (read_conversations(config.data) if config.data else
                  cold_start_conversations(config.sft_examples, tuple(config.sft_tasks) if config.sft_tasks else TASKS,
-                                          calculator=config.sft_calculator))
+                                          calculator=config.sft_calculator, gsm8k=config.gsm8k))
         train_tokens, train_labels, val_tokens, val_labels = tokenize_conversations(convs, tokenizer)
     else:
         model, tokenizer, train_tokens, val_tokens = _pretraining_data(config, model, tokenizer, model_config)
@@ -284,6 +289,8 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
         loader.load_state_dict(info["loader"])
         ledger.load(info["cost"])
         step = int(info["step"])
+    elif config.continue_init:
+        step = _continue(config, opt)
     if ranks.main:
         truncate_metrics(folder / "metrics.jsonl", step)  # a fresh run starts a fresh log
     if config.max_epochs and not saved:  # (a resumed run keeps the max_steps it saved)
@@ -291,7 +298,19 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Run:
         epochs_steps = math.ceil(config.max_epochs * len(train_tokens) / tokens_per_step)
         config.max_steps = max(1, min(config.max_steps, epochs_steps))
     start = f"resuming at step {step}" if saved else f"from {config.init}" if config.init else "from scratch"
-    return Run(config, folder, model, tokenizer, ranks, device, forward, opt, loader, val, ledger, average, step, start)
+    return Loop(config, folder, model, tokenizer, ranks, device, forward, opt, loader, val, ledger, average, step,
+                start)
+
+
+def _continue(config: TrainConfig, opt: torch.optim.Optimizer) -> int:
+    """Load init's optimizer state; returns its step, where this stage's schedule goes on."""
+    require(bool(config.init), "continue_init continues the optimizer of init: give init")
+    tensors, info = ckpt.load_train_state(ckpt.resolve(config.init))
+    step = int(info["step"])
+    require(step < config.max_steps, f"continue_init: {config.init} is at step {step}, past this stage's max_steps "
+                                     f"{config.max_steps} (the schedule's whole span)")
+    load_optimizer_state(opt, dist.shard_like_params(tensors, opt), info["optimizer"])
+    return step
 
 
 def _pretraining_data(config: TrainConfig, model, tokenizer, model_config: ModelConfig):
@@ -351,19 +370,19 @@ def _settle_config(config: TrainConfig, overrides: list[str], folder: Path, resu
 # ---------------------------------------------------------------------------------------
 # one step
 
-def forward_backward(run: Run, autocast) -> tuple[dict[str, float], float]:
+def forward_backward(loop: Loop, autocast) -> tuple[dict[str, float], float]:
     """grad_accum micro-batches of the global batch (this process's share of each), their
     gradients accumulated and clipped. Returns the loss parts (means over the micro-batches and
     processes) and the gradient norm (nan when a loss or gradient was not finite)."""
-    config, ranks = run.config, run.ranks
+    config, ranks = loop.config, loop.ranks
     parts: dict[str, float] = {}
     finite = True
     for micro in range(config.grad_accum):
-        x, y = run.loader.next_batch()
-        targets = dist.target_counts(y, len(run.model.mtp), IGNORE_INDEX, ranks)  # the global batch's
-        with dist.gradient_sync(run.forward, on=micro == config.grad_accum - 1):  # one sync per step
+        x, y = loop.loader.next_batch()
+        targets = dist.target_counts(y, len(loop.model.mtp), IGNORE_INDEX, ranks)  # the global batch's
+        with dist.gradient_sync(loop.forward, on=micro == config.grad_accum - 1):  # one sync per step
             with autocast:
-                out = run.forward(dist.shard(x, ranks).to(run.device), dist.shard(y, ranks).to(run.device), targets)
+                out = loop.forward(dist.shard(x, ranks).to(loop.device), dist.shard(y, ranks).to(loop.device), targets)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 finite = False
@@ -376,41 +395,41 @@ def forward_backward(run: Run, autocast) -> tuple[dict[str, float], float]:
     parts = dist.mean(parts, ranks)
     if not finite:
         return parts, math.nan
-    return parts, float(dist.full(torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)))
+    return parts, float(dist.full(torch.nn.utils.clip_grad_norm_(loop.model.parameters(), config.grad_clip)))
 
 
-def optimizer_step(run: Run) -> dict[str, float]:
+def optimizer_step(loop: Loop) -> dict[str, float]:
     """AdamW, the weight average, then the balancing biases from the global batch's expert load
     (DeepSeek-V3 2.1.2). Returns the load statistics of the MoE layers."""
-    run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
-    if run.average:
-        run.average.update(run.step)
-    dist.sync_expert_load(run.model, run.ranks)
-    load_stats = run.model.update_bias()
-    dist.check_same_biases(run.model, run.ranks)
+    loop.opt.step()
+    loop.opt.zero_grad(set_to_none=True)
+    if loop.average:
+        loop.average.update(loop.step)
+    dist.sync_expert_load(loop.model, loop.ranks)
+    load_stats = loop.model.update_bias()
+    dist.check_same_biases(loop.model, loop.ranks)
     return load_stats
 
 
-def skip_step(run: Run, bad_in_a_row: int) -> None:
+def skip_step(loop: Loop, bad_in_a_row: int) -> None:
     """A step with a non-finite loss or gradient changes nothing but the step count."""
-    run.opt.zero_grad(set_to_none=True)
-    for m in run.model.moe_layers():
+    loop.opt.zero_grad(set_to_none=True)
+    for m in loop.model.moe_layers():
         m.expert_load.zero_()
-    if run.ranks.main:
-        log_metrics(run.folder, {"step": run.step, "skipped": "non-finite loss or gradient"})
-    if bad_in_a_row >= run.config.max_bad_steps:
+    if loop.ranks.main:
+        log_metrics(loop.folder, {"step": loop.step, "skipped": "non-finite loss or gradient"})
+    if bad_in_a_row >= loop.config.max_bad_steps:
         raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                            f"(last at step {run.step}); lower lr or check the data")
+                            f"(last at step {loop.step}); lower lr or check the data")
 
 
-def validation_losses(run: Run) -> dict[str, float]:
+def validation_losses(loop: Loop) -> dict[str, float]:
     """val_loss, and val_loss_ema of the averaged weights the checkpoint holds (every rank: FSDP)."""
-    tokens, labels = run.val
-    row = {"val_loss": round(evaluate(run.model, tokens, run.config, run.device, labels, run.forward), 5)}
-    if run.average:
-        with run.average.swapped():
-            row["val_loss_ema"] = round(evaluate(run.model, tokens, run.config, run.device, labels, run.forward), 5)
+    tokens, labels = loop.val
+    row = {"val_loss": round(evaluate(loop.model, tokens, loop.config, loop.device, labels, loop.forward), 5)}
+    if loop.average:
+        with loop.average.swapped():
+            row["val_loss_ema"] = round(evaluate(loop.model, tokens, loop.config, loop.device, labels, loop.forward), 5)
     return row
 
 
@@ -428,15 +447,16 @@ def evaluate(model: Transformer, val_tokens: torch.Tensor, config: TrainConfig, 
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def _save(run: Run, model, opt_state, last: dict, counts: dict) -> None:
+def _save(loop: Loop, model, opt_state, last: dict, counts: dict) -> None:
     tensors, opt_info = opt_state
-    tensors = {**tensors, **rng_state(), **(run.average.raw_state() if run.average else {})}
-    info = {"step": run.step, "train_config": dataclasses.asdict(run.config), "optimizer": opt_info,
-            "loader": run.loader.state_dict(), "cost": run.ledger.to_dict()}
-    meta = {"stage": run.config.stage, "step": run.step, "tokens_seen": run.ledger.tokens, "cost": run.ledger.to_dict(),
+    tensors = {**tensors, **rng_state(), **(loop.average.raw_state() if loop.average else {})}
+    info = {"step": loop.step, "train_config": dataclasses.asdict(loop.config), "optimizer": opt_info,
+            "loader": loop.loader.state_dict(), "cost": loop.ledger.to_dict()}
+    meta = {"stage": loop.config.stage, "step": loop.step, "tokens_seen": loop.ledger.tokens,
+            "cost": loop.ledger.to_dict(),
             "git_commit": git_commit(), "params": counts, "metrics": last}
-    with run.average.swapped() if run.average else contextlib.nullcontext():  # the checkpoint holds the average
-        ckpt.save_checkpoint(run.folder, run.step, model, run.tokenizer, meta, {"tensors": tensors, "info": info})
+    with loop.average.swapped() if loop.average else contextlib.nullcontext():  # the checkpoint holds the average
+        ckpt.save_checkpoint(loop.folder, loop.step, model, loop.tokenizer, meta, {"tensors": tensors, "info": info})
 
 
 def _postfix(row: dict) -> str:
