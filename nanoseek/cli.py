@@ -324,6 +324,7 @@ def print_plan(p: dict, as_json: bool) -> int:
           + f", tasks {', '.join(r['tasks'])}" + (f", report tasks {', '.join(r['report_tasks'])}" if r["report_tasks"]
                                                    else "") + f", calculator {'on' if r['calculator'] else 'off'}",
           file=sys.stderr)
+    print("  (each stage: the settings that differ from its config's defaults; --json: all of them)", file=sys.stderr)
     for st in r["stages"]:
         eta = p["eta_s"].get(st["name"])
         print(f"  {st['name']:9} {st['kind']:9}" + (f" ~{eta / 60:.1f} min" if eta else "") + "  "
