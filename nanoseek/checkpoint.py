@@ -152,3 +152,13 @@ def load_train_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read the training state in {folder}: {str(e).splitlines()[0]}") from None
     return tensors, info
+
+
+def saved_settings(kind: type, saved: dict, folder: Path):
+    """A run's settings as its checkpoint saved them (a config dataclass); one saved by a nanoseek
+    whose settings had other names is refused in one line."""
+    try:
+        return kind(**saved)
+    except TypeError as e:
+        raise CheckpointError(f"{folder} was saved with settings this nanoseek does not have ({e}): "
+                              "start it anew with another --out") from None

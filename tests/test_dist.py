@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from nanoseek.data.tokenizer import train_tokenizer
 
 COMMON = ["--preset", "tiny", "--quiet", "--device", "cpu", "--max-steps", "6", "--save-every", "3",
-          "batch_size=4", "seq_len=32", "eval_every=3", "eval_batches=2", "warmup_steps=2"]
+          "batch_size=4", "seq_len=32", "val_every=3", "val_batches=2", "warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_sft_under_two_processes_averages_over_the_global_batch(data, tmp_path):
         {"role": "user", "content": f"what is {i} and {i + 7}?"},
         {"role": "assistant", "content": f"{2 * i + 7}" + (" the cat sat on the mat" * (i % 9))}]}) + "\n"
         for i in range(400)))
-    args = ["--quiet", "--device", "cpu", "--max-steps", "4", "batch_size=4", "seq_len=32", "eval_every=0",
+    args = ["--quiet", "--device", "cpu", "--max-steps", "4", "batch_size=4", "seq_len=32", "val_every=0",
             "warmup_steps=1", "--data", str(chats)]
     a, b = tmp_path / "sft1", tmp_path / "sft2"
     run([str(one / "latest"), "--out", str(a), *args], command="sft")

@@ -39,7 +39,7 @@ def test_grpo_command_on_the_tasks_logs_and_resumes(base, tmp_path, capsys):
     ckpt, _ = base
     args = ["grpo", str(ckpt), "--out", str(tmp_path / "rl"), "--task", "chain_sum", "--quiet", "--loss-type", "dapo",
             "--clip-higher", "0.28", "--dynamic-sampling", "--ref-reset", "1", "prompts_per_step=2",
-            "group_size=4", "max_tokens=12", "save_every=1", "lr=1e-4", "warmup_steps=4", "eval_every=2", "eval_n=3"]
+            "group_size=4", "max_tokens=12", "save_every=1", "lr=1e-4", "warmup_steps=4", "val_every=2", "val_n=3"]
     assert main(args + ["--max-steps", "2"]) == 0
     assert main(args + ["--max-steps", "3"]) == 0
     log = rows(tmp_path / "rl")

@@ -94,7 +94,7 @@ def test_sft_and_eval_commands(tmp_path, tok, capsys):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(200)))
     args = ["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "sft"), "--data", str(data),
-            "--max-steps", "30", "--quiet", "batch_size=4", "seq_len=64", "eval_every=15", "lr=3e-3"]
+            "--max-steps", "30", "--quiet", "batch_size=4", "seq_len=64", "val_every=15", "lr=3e-3"]
     assert main(args + ["--stop-at", "15"]) == 0  # interrupted at step 15 ...
     assert json.loads((tmp_path / "sft" / "latest" / "meta.json").read_text())["step"] == 15
     assert main(args) == 0  # ... and resumed to the end

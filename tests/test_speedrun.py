@@ -75,7 +75,7 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
                                        "countdown", "gsm_symbolic_seen"]
     assert rep["data"]["report_tasks"] == ["countdown"]
     assert all("tool_calls" in r and "tool_error_rate" in r for r in rep["eval"]["rl"].values())
-    assert [rep["eval"]["rl"][s]["problems"] for s in ("chain_sum", "countdown")] == [6, 4]  # eval_mix, eval_n
+    assert [rep["eval"]["rl"][s]["problems"] for s in ("chain_sum", "countdown")] == [6, 4]  # n_by_set, then n
     for stage in ("pretrain", "sft", "rl"):
         assert rep["cost"][stage]["flops"] > 0 and rep["cost"][stage]["dollars"] > 0, stage
     assert rep["cost"]["total"]["dollars"] == pytest.approx(sum(r["dollars"] for k, r in rep["cost"].items()

@@ -29,12 +29,12 @@ def small_data(tmp_path_factory):
 
 def _tc(out, **kw):
     base = dict(preset="tiny", out=str(out), max_steps=12, batch_size=4, seq_len=64, warmup_steps=3,
-                eval_every=4, eval_batches=2, save_every=100, progress=False, lr=3e-3)
+                val_every=4, val_batches=2, save_every=100, progress=False, lr=3e-3)
     return TrainConfig(**{**base, **kw})
 
 
 def test_tiny_model_learns_the_embedded_corpus(tmp_path):
-    summary = train(_tc(tmp_path, max_steps=80, batch_size=8, seq_len=128, warmup_steps=10, eval_every=40))
+    summary = train(_tc(tmp_path, max_steps=80, batch_size=8, seq_len=128, warmup_steps=10, val_every=40))
     rows = _rows(tmp_path)
     first, last = rows[0]["main_loss"], rows[-1]
     assert first > 5.5  # ~ln(vocab) at the start
@@ -101,21 +101,31 @@ def test_user_files_are_read(small_data):
 
 def test_model_config_cannot_change_on_resume(tmp_path, small_data):
     from nanoseek.config import ConfigError
-    train(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
+    train(_tc(tmp_path, data=small_data, max_steps=2, val_every=0))
     with pytest.raises(ConfigError, match="cannot change"):
         train(_tc(tmp_path, data=small_data, max_steps=4), ["hidden_size=128"])
+
+
+def test_a_checkpoint_saved_with_settings_of_other_names_is_refused_in_one_line(tmp_path, small_data):
+    train(_tc(tmp_path, data=small_data, max_steps=2, val_every=0))
+    state = ckpt.resolve(tmp_path) / "train_state.json"
+    info = json.loads(state.read_text())
+    info["train_config"]["eval_every"] = info["train_config"].pop("val_every")  # (its name until 2026-12-07)
+    state.write_text(json.dumps(info))
+    with pytest.raises(ckpt.CheckpointError, match="start it anew with another --out"):
+        train(_tc(tmp_path, data=small_data, max_steps=4))
 
 
 def test_a_run_that_died_before_its_first_checkpoint_starts_over(tmp_path, small_data):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
-    train(_tc(tmp_path, data=small_data, max_steps=2, eval_every=0))
+    train(_tc(tmp_path, data=small_data, max_steps=2, val_every=0))
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.0
 
 
 def test_resume_keeps_the_saved_run_settings(tmp_path, small_data):
-    train(_tc(tmp_path, data=small_data, max_steps=4, stop_at=2, eval_every=0))
+    train(_tc(tmp_path, data=small_data, max_steps=4, stop_at=2, val_every=0))
     summary = train(TrainConfig(out=str(tmp_path), progress=False))  # no --max-steps, no --data
     assert summary["step"] == 4 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
 
@@ -143,7 +153,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, small_data, mo
         return out
 
     monkeypatch.setattr(Transformer, "loss", sometimes_nan)
-    train(_tc(tmp_path / "a", data=small_data, max_steps=6, eval_every=0))
+    train(_tc(tmp_path / "a", data=small_data, max_steps=6, val_every=0))
     rows = _rows(tmp_path / "a")
     assert [r["step"] for r in rows if "skipped" in r] == [3]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and rows[-1]["step"] == 6
@@ -151,7 +161,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, small_data, mo
     monkeypatch.setattr(Transformer, "loss",
                         lambda self, x, y, counts=None: {"loss": torch.tensor(float("inf"), requires_grad=True)})
     with pytest.raises(TrainingError, match="3 steps in a row"):
-        train(_tc(tmp_path / "b", data=small_data, max_steps=6, eval_every=0))
+        train(_tc(tmp_path / "b", data=small_data, max_steps=6, val_every=0))
 
 
 def test_bf16_matmuls_train_fp32_weights_and_resume_exactly(tmp_path, small_data):

@@ -68,7 +68,7 @@ def _one(name: str, tmp: Path, r: int, preset_name: str, procs: int, steps: int,
     run = tmp / f"{name}-{r}"
     args = ["nanoseek", "pretrain", "--out", str(run), "--preset", preset_name, "--tokenizer", str(tmp / "tok"),
             "--quiet", "--device", "cpu", "--max-steps", str(steps), "--save-every", str(steps),
-            f"batch_size={batch}", f"seq_len={seq_len}", "eval_every=0", "--data", str(tmp / "data.jsonl")]
+            f"batch_size={batch}", f"seq_len={seq_len}", "val_every=0", "--data", str(tmp / "data.jsonl")]
     if name in ("ddp", "fsdp"):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
                   "-m", *args, "--parallel", name]

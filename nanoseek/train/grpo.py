@@ -86,8 +86,8 @@ class GRPOConfig:
     ref_reset_every: int | None = None
     overlong_buffer: int = 0
     save_every: int = 25
-    eval_every: int = 0  # greedy pass@1 on held-out validation problems every N steps (0: never)
-    eval_n: int = 100  # validation problems per task
+    val_every: int = 0  # greedy pass@1 on held-out validation problems every N steps (0: never)
+    val_n: int = 100  # validation problems per task
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (train/dist.py)
     activation_checkpointing: bool = False  # in the policy's training forward (model/transformer.py)
     seed: int = 0
@@ -104,9 +104,9 @@ class GRPOConfig:
         need(self.parallel in dist.PARALLEL, f"parallel must be one of {', '.join(dist.PARALLEL)}")
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
         for name in ("max_steps", "prompts_per_step", "group_size", "max_tokens", "inner_updates", "micro_batch",
-                     "save_every", "eval_n"):
+                     "save_every", "val_n"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
-        need(self.warmup_steps >= 0 and self.eval_every >= 0, "warmup_steps and eval_every must be at least 0")
+        need(self.warmup_steps >= 0 and self.val_every >= 0, "warmup_steps and val_every must be at least 0")
         need(self.group_size >= 2, "group_size must be at least 2 (advantages compare within a group)")
         need(self.temperature > 0, "temperature must be positive (GRPO samples)")
         need(self.lr > 0 and self.beta >= 0 and 0 <= self.eps_low < 1 and self.eps_high >= 0,
@@ -179,7 +179,7 @@ def grpo(config: GRPOConfig, overrides: list[str] = (), source=None, score=None)
     loop.ledger.restart_clock()
     while loop.step < config.max_steps:
         row = grpo_step(loop)
-        if loop.validating and (loop.step % config.eval_every == 0 or loop.step == config.max_steps):
+        if loop.validating and (loop.step % config.val_every == 0 or loop.step == config.max_steps):
             if loop.sampler is not loop.model:
                 dist.copy_whole(loop.model, loop.sampler)  # (every rank gathers; rank 0 validates)
             if ranks.main:
@@ -230,7 +230,8 @@ def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPOLoop:
     if resume:  # its own settings, but for how far to go and how to show it
         model, tok, latest = ckpt.load_model(folder)
         tensors, info = ckpt.load_train_state(latest)
-        config = dataclasses.replace(GRPOConfig(**info["grpo_config"]), max_steps=config.max_steps,
+        config = dataclasses.replace(ckpt.saved_settings(GRPOConfig, info["grpo_config"], latest),
+                                     max_steps=config.max_steps,
                                      progress=config.progress, device=config.device, out=config.out,
                                      parallel=config.parallel, activation_checkpointing=config.activation_checkpointing)
     else:
@@ -245,7 +246,7 @@ def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPOLoop:
                           f"{ranks.world} processes")
     torch.manual_seed(config.seed)
     model.to(device)
-    validating = config.eval_every > 0 and source is None  # validation problems exist for the tasks only
+    validating = config.val_every > 0 and source is None  # validation problems exist for the tasks only
     context = min(model.config.max_position_embeddings, 1024 + config.max_tokens)
     # the engine samples from the policy; under FSDP from a whole copy, loaded from the shards
     # every step (as RL systems load the trainer's weights into their inference engine)
@@ -338,13 +339,13 @@ def grpo_step(loop: GRPOLoop) -> dict[str, Any]:
 
 
 def validate(engine: Engine, config: GRPOConfig) -> dict[str, float]:
-    """Greedy pass@1 on `eval_n` held-out validation problems of each task's held-out sets
+    """Greedy pass@1 on `val_n` held-out validation problems of each task's held-out sets
     (gsm_symbolic: also gsm_symbolic_seen), from tasks.VALIDATION_OFFSET: never trained on, and
     not the test problems that `nanoseek eval` reports. GSM8K has no held-out split but its
     test set: it is not validated on."""
     template = "base" if config.template == "r1_zero" else "chat"
     names = [t for t in eval_sets(config.tasks) if t != GSM8K]
-    sets = evaluate_tasks(engine, {t: config.eval_n for t in names}, k=0, template=template,
+    sets = evaluate_tasks(engine, {t: config.val_n for t in names}, k=0, template=template,
                           max_tokens=config.max_tokens, offset=VALIDATION_OFFSET)
     return {f"val/{t}": r["pass@1"] for t, r in sets.items()}
 

@@ -87,8 +87,8 @@ class TrainConfig:
     # in place of the raw weights (optim.WeightAverage)
     ema: float = 0.0
     save_every: int | None = None  # None: NEW_RUN_STEPS for a new run, the saved value when resuming
-    eval_every: int = 100
-    eval_batches: int = 8
+    val_every: int = 100  # validation loss on the held-back documents every N steps (0: never)
+    val_batches: int = 8
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -204,7 +204,7 @@ def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
         if load_stats:
             row["load_max"] = round(max(load_stats.values()), 3)
             row.update({k: round(v, 3) for k, v in load_stats.items()})
-        if loop.val and config.eval_every and (loop.step % config.eval_every == 0 or loop.step == config.max_steps):
+        if loop.val and config.val_every and (loop.step % config.val_every == 0 or loop.step == config.max_steps):
             row.update(validation_losses(loop))
         last = row
         if ranks.main:
@@ -344,7 +344,7 @@ def _settle_config(config: TrainConfig, overrides: list[str], folder: Path, resu
     if resume:
         model, tokenizer, latest = ckpt.load_model(folder)
         saved = ckpt.load_train_state(latest)
-        kept = TrainConfig(**saved[1]["train_config"])
+        kept = ckpt.saved_settings(TrainConfig, saved[1]["train_config"], latest)
         config = dataclasses.replace(kept, max_steps=config.max_steps or kept.max_steps, stop_at=config.stop_at,
                                      save_every=config.save_every or kept.save_every, progress=config.progress,
                                      device=config.device, out=config.out, parallel=config.parallel,
@@ -442,7 +442,7 @@ def evaluate(model: Transformer, val_tokens: torch.Tensor, config: TrainConfig, 
     model.eval()
     forward = forward or model.loss
     losses = [float(forward(x.to(device), y.to(device))["main_loss"])
-              for x, y in val_batches(val_tokens, config.seq_len, config.batch_size, config.eval_batches, val_labels)]
+              for x, y in val_batches(val_tokens, config.seq_len, config.batch_size, config.val_batches, val_labels)]
     model.train(was_training)
     return sum(losses) / len(losses) if losses else math.nan
 
