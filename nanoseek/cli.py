@@ -37,6 +37,7 @@ from nanoseek.infer.chat import chat_repl
 from nanoseek.infer.engine import Engine, EngineError
 from nanoseek.infer.sampling import SamplingError, SamplingParams
 from nanoseek.pipeline.compare import gains_table, stage_table
+from nanoseek.pipeline.recipe import CONFIGS as STAGE_CONFIGS
 from nanoseek.pipeline.recipe import Recipe, every_stage, load_recipe, override, vary
 from nanoseek.pipeline.run import plan, run_recipe
 from nanoseek.pipeline.stages import main_process
@@ -346,11 +347,9 @@ def print_plan(p: dict, as_json: bool) -> int:
 
 def _changed(stage: dict) -> dict:
     """A stage's settings that differ from its config class's defaults."""
-    from nanoseek.pipeline.recipe import CONFIGS
-
     if stage["config"] is None:
         return {}
-    defaults = dataclasses.asdict(CONFIGS[stage["kind"]]())
+    defaults = dataclasses.asdict(STAGE_CONFIGS[stage["kind"]]())
     return {k: v for k, v in stage["config"].items() if defaults.get(k) != v}
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import openai
@@ -148,7 +149,7 @@ def _plan_output(*args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["speedrun", *args, "--plan", "--json"])
     assert code == 0, err.getvalue()
-    return type("Output", (), {"out": out.getvalue(), "err": err.getvalue()})
+    return types.SimpleNamespace(out=out.getvalue(), err=err.getvalue())
 
 
 def _stage(plan: dict, name: str) -> dict:

@@ -68,9 +68,14 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
     return text if reward(p, text).accuracy == 1.0 else None
 
 
+def per_task(n_per_task: int | dict[str, int], task: str) -> int:
+    """The same number for every task, or a number per task (missing: none)."""
+    return n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task
+
+
 def _count(n_per_task: int | dict[str, int], task: str) -> int:
-    """The same number for every task, or a number per task (missing: none); at most the pool."""
-    return min(n_per_task.get(task, 0) if isinstance(n_per_task, dict) else n_per_task, TRAIN_POOL[task])
+    """per_task, at most the task's pool."""
+    return min(per_task(n_per_task, task), TRAIN_POOL[task])
 
 
 def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int],

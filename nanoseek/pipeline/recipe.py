@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import PRESETS, ConfigError, ModelConfig, apply_overrides, derive, override_key, require
+from nanoseek.data.sft import per_task as count
 from nanoseek.data.sources import HUB
 from nanoseek.data.splits import TRAIN_POOL
 from nanoseek.data.tasks import ALL_TASKS, check_tasks, eval_sets
@@ -171,8 +172,13 @@ class Recipe:
     gsm8k: str = "gsm8k"  # where GSM8K is read from: the Hub, or a local folder (data/sources.py)
     gpus: int = 0  # the GPUs it is sized for (its cost plan); 0: a CPU recipe, with an ETA
 
-    def stage(self, name: str) -> Stage:
-        return next(s for s in self.stages if s.name == name)
+    def first(self, kind: str) -> Stage | None:
+        """The recipe's first stage of that kind (None: it has none)."""
+        return next((s for s in self.stages if s.kind == kind), None)
+
+    def through(self, kind: str) -> list[Stage]:
+        """The stages up to and including the first of that kind (--ablate: through the cold start)."""
+        return self.stages[:self.stages.index(self.first(kind)) + 1]
 
     def eval_tasks(self) -> list[str]:
         """The tasks the eval stage measures: the recipe's, then report_tasks."""
@@ -219,11 +225,6 @@ def _check_counts(name: str, counts: int | dict[str, int], tasks: list[str], wha
         and all(isinstance(n, int) and n >= 0 for n in counts.values()))
     require(ok, f"{name} is a number of {what} per task (at least 1), or a map of the recipe's tasks "
                 f"({', '.join(tasks)}) to numbers, not all 0; not {counts!r}")
-
-
-def count(counts: int | dict[str, int], task: str) -> int:
-    """A stage's number for `task`: the number, or the map's (0 where it does not name it)."""
-    return counts.get(task, 0) if isinstance(counts, dict) else counts
 
 
 # ---------------------------------------------------------------------------------------

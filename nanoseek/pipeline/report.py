@@ -120,7 +120,7 @@ def build_report(out: Path, recipe: Recipe) -> dict[str, Any]:
     model, tok = nanoseek.load(out / "final")
     cfg = model.config
     counts = model.param_counts()
-    first = {k: next(s for s in recipe.stages if s.kind == k) for k in ("pretrain", "sft", "eval")}
+    first = {k: recipe.first(k) for k in ("pretrain", "sft", "eval")}
     last_rl = [s for s in recipe.stages if s.kind == "grpo"][-1]
     pre, sft, rl = (read_result(out / s.name, TrainResult) for s in (first["pretrain"], first["sft"], last_rl))
     ev = read_result(out / first["eval"].name, EvalResult)
@@ -282,10 +282,10 @@ def write_ablations(out: Path, recipe: Recipe) -> dict[str, Any]:
                       "val_loss": val[-1] if val else None}
     scores = summarize(table)
     gains = stage_gains(table, [("deepseek", n) for n in table if n != "deepseek"])
-    kinds = {s.kind: s.config for s in reversed(recipe.stages) if s.config is not None}
     rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(recipe.tasks),
-           "corpus": kinds["tokenizer"].corpus, "pretrain_steps": kinds["pretrain"].max_steps,
-           "sft_steps": next(s.config.max_steps for s in recipe.stages if s.kind == "sft")}
+           "corpus": recipe.first("tokenizer").config.corpus,
+           "pretrain_steps": recipe.first("pretrain").config.max_steps,
+           "sft_steps": recipe.first("sft").config.max_steps}
     (out / "ablations.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     (out / "ablations.md").write_text("# nanoseek speedrun — ablations\n\n" + ablation_table(rep))
     if (out / "final" / DONE).is_file():  # the speedrun's report card shows the table too

@@ -60,7 +60,7 @@ def run_recipe(recipe: Recipe, out: str | Path, ablate: bool = False, progress: 
             shutil.copyfile(recipe_file, out / Path(recipe_file).name)
     jobs = recipe_jobs(resolved, Place(out))
     if ablate:
-        jobs = jobs[:1 + next(i for i, s in enumerate(resolved.stages) if s.kind == "sft")]
+        jobs = jobs[:len(resolved.through("sft"))]
         jobs += ablation_jobs(recipe, out)
     return run_stages(out, jobs, progress=progress)
 
@@ -119,15 +119,13 @@ def ablation_stages(recipe: Recipe, name: str, variant: Recipe, out: Path) -> tu
     run's tokenizer and corpus, or (with text of its own) a run folder of its own there."""
     own = not variant.calculator and recipe.calculator  # its own text: the tokenizer stage too
     place = Place(out / "ablate" / name) if own else Place(out, f"ablate/{name}/")
-    last = next(i for i, s in enumerate(variant.stages) if s.kind == "sft")
     resolved = resolve(variant, place)
-    resolved.stages = resolved.stages[0 if own else 1:last + 1]
+    resolved.stages = resolved.through("sft")[0 if own else 1:]
     return resolved, place
 
 
 def ablation_eval(recipe: Recipe, out: Path, variants: list[str], folder: Path) -> dict[str, Any]:
-    c = next(s.config for s in recipe.stages if s.kind == "eval")
-    sft = next(s.name for s in recipe.stages if s.kind == "sft")
+    c, sft = recipe.first("eval").config, recipe.first("sft").name
     models = [("deepseek", str(out / sft / "latest"))]
     models += [(name, str(out / "ablate" / name / sft / "latest")) for name in variants]
     evaluate_stages(folder, models, recipe.tasks, c.counts(recipe.eval_tasks()), c.k, c.max_tokens, c.progress,
@@ -171,7 +169,7 @@ def cost_plan(recipe: Recipe, mfu: float = 0.4) -> dict[str, Any]:
     the update. Rollouts are memory-bound on a GPU, so its real time is longer. Not a
     measurement: a run reports its own ledger."""
     peak, gpus = GPU_PEAKS["H100"], recipe.gpus  # H100 and H200: the same bf16 dense peak
-    tok = next(s.config for s in recipe.stages if s.kind == "tokenizer")
+    tok = recipe.first("tokenizer").config
     with torch.device("meta"):  # parameter counts without allocating the weights
         model = Transformer(recipe.model.config().replace(vocab_size=tok.vocab_size))
     rows = {}

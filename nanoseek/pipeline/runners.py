@@ -80,7 +80,8 @@ def resolve(recipe: Recipe, place: Place) -> Recipe:
     the pretraining text, and GRPO's first problem (the budget)."""
     recipe = dataclasses.replace(recipe, stages=list(recipe.stages))
     plan: Budget = budget(recipe)
-    tok = next((s.config for s in recipe.stages if s.kind == "tokenizer"), None)
+    tokenizer = recipe.first("tokenizer")
+    tok = tokenizer.config if tokenizer else None
     before = recipe.init
     for i, st in enumerate(recipe.stages):
         out = str(place.folder(st.name))
@@ -158,7 +159,7 @@ def pretraining_text(recipe: Recipe, st: Stage) -> Iterable[str]:
     or the corpus."""
     c = st.config
     if c.data:
-        pre = next(s.config for s in recipe.stages if s.kind == "pretrain")
+        pre = recipe.first("pretrain").config
         named = [d for d in c.data if d in HUB]
         chars = pre.max_steps * pre.batch_size * pre.grad_accum * pre.seq_len * CHARS_PER_TOKEN
         files = [d for d in c.data if d not in HUB]
