@@ -25,7 +25,7 @@ from nanoseek.bench.grpo import bench_grpo
 from nanoseek.bench.serve import bench_serve
 from nanoseek.bench.train import bench_train
 from nanoseek.checkpoint import CheckpointError, load_model, read_meta, resolve
-from nanoseek.config import PRESETS, ConfigError
+from nanoseek.config import ConfigError
 from nanoseek.data.corpus import DataError, default_corpus, read_files
 from nanoseek.data.tasks import ALL_TASKS, EVAL_SETS, TaskError, check_tasks
 from nanoseek.data.tokenizer import TokenizerError, train_tokenizer
@@ -37,8 +37,8 @@ from nanoseek.infer.chat import chat_repl
 from nanoseek.infer.engine import Engine, EngineError
 from nanoseek.infer.sampling import SamplingError, SamplingParams
 from nanoseek.pipeline.compare import gains_table, stage_table
+from nanoseek.pipeline.recipe import BUILT_IN, Recipe, every_stage, load_recipe, override, preset, vary
 from nanoseek.pipeline.recipe import CONFIGS as STAGE_CONFIGS
-from nanoseek.pipeline.recipe import Recipe, every_stage, load_recipe, override, vary
 from nanoseek.pipeline.run import plan, run_recipe
 from nanoseek.pipeline.stages import main_process
 from nanoseek.recipes.variants import smoke
@@ -118,7 +118,7 @@ def print_stages(summaries: dict) -> None:
 
 
 def training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default="cpu", help=f"the model of a built-in recipe: {', '.join(BUILT_IN)}")
     p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--save-every", type=int)
@@ -192,9 +192,10 @@ def add_pretrain(sub) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    config = TrainConfig(preset=args.preset, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
+    model = preset(args.preset).model
+    config = TrainConfig(size=model.size, out=args.out, tokenizer=args.tokenizer, data=args.data, init=args.init,
                          price_per_hour=args.price_per_hour, **_training_switches(args))
-    return print_summary(train(with_flags(config, args, RUN_FLAGS), args.overrides))
+    return print_summary(train(with_flags(config, args, RUN_FLAGS), [*model.overrides(), *args.overrides]))
 
 
 def add_sft(sub) -> None:
@@ -262,7 +263,7 @@ def add_speedrun(sub) -> None:
                                         "eval -> OUT/final and OUT/report.md (finished stages are skipped on restart)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", default="cpu", help="a built-in recipe (nanoseek/recipes/NAME.py): tiny, "
-                                                       "cpu (30 min on 2 cores), gpu, gpu8")
+                                                       "cpu (30 min on 2 cores), gpu, gpu8, r1, r1_zero")
     which.add_argument("--recipe", metavar="FILE", help="your own recipe: a Python file that builds `recipe = "
                                                         "Recipe(...)` (copy nanoseek/recipes/cpu.py and change it)")
     p.add_argument("--out", default="runs/speedrun")
@@ -270,7 +271,7 @@ def add_speedrun(sub) -> None:
                    help="also train the same budget dense (same active parameters), without MTP, with an MHA cache "
                         "and without the calculator, and compare them after the cold start: OUT/ablations.md")
     p.add_argument("--smoke", action="store_true",
-                   help="the recipe's architecture (experts, routing groups, MTP) at the tiny preset's size and "
+                   help="the recipe's architecture (experts, routing groups, MTP) at the tiny model's size and "
                         "budget: a minutes-long CPU check of a GPU recipe's code path")
     p.add_argument("--plan", action="store_true",
                    help="print the recipe as it will run, stage by stage, and its cost (a GPU recipe's hours and "
@@ -290,7 +291,7 @@ def add_speedrun(sub) -> None:
 
 
 def run_speedrun(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe or args.preset)
+    recipe = load_recipe(args.recipe) if args.recipe else preset(args.preset)
     if args.smoke:
         recipe = smoke(recipe)
     data = [f"tokenizer.data={json.dumps(args.data)}"] if args.data else []
@@ -320,7 +321,7 @@ def print_plan(p: dict, as_json: bool) -> int:
     """The resolved recipe, a stage a line with the settings that differ from its config's defaults,
     then its cost: a GPU recipe's hours and dollars, a CPU recipe's ETA."""
     r = p["recipe"]
-    print(f"recipe {r['name']}: model {r['model']['preset']}"
+    print(f"recipe {r['name']}: model {r['model']['size']}"
           + (f" ({', '.join(p['model_overrides'])})" if p["model_overrides"] else "")
           + f", tasks {', '.join(r['tasks'])}" + (f", report tasks {', '.join(r['report_tasks'])}" if r["report_tasks"]
                                                    else "") + f", calculator {'on' if r['calculator'] else 'off'}",
@@ -575,11 +576,11 @@ def add_bench(sub) -> None:
                                              "dp: of each run (20)")
     p.add_argument("--device", default="cpu", help="fp8: cpu (emulated) or cuda")
     p.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
-    p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset); "
+    p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset's model); "
                                        "grpo, serve, gguf: the checkpoint to measure")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--preset", default="cpu")
+    p.add_argument("--preset", default="cpu", help="train, decode, fp8, dp: the model of this built-in recipe")
     p.add_argument("--docs", type=int, default=3000, help="dp: documents of the embedded corpus each run reads")
     p.set_defaults(handler=run_bench)
 

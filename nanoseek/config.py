@@ -2,7 +2,8 @@
 
 Sizes come from two dials, `depth` (number of layers) and `width` (hidden size); every
 other dimension is derived from them in `derive()`, the way nanochat derives a model
-from `--depth`. The named presets are a handful of (depth, width, experts) points.
+from `--depth`. The named sizes are a handful of (depth, width, experts) points; a built-in
+recipe (nanoseek/recipes/) of the same name trains each.
 
 Fields that transformers' config does not have (the MTP loss weight, the balancing
 speeds, the attention baseline switch) are nanoseek's own and are documented below;
@@ -19,7 +20,7 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A bad preset name, override or config file: reported as one line, never a traceback."""
+    """A bad name, override or config file: reported as one line, never a traceback."""
 
 
 def require(ok: bool, message: str) -> None:
@@ -180,7 +181,7 @@ def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+SIZES: dict[str, dict[str, Any]] = {
     # a few seconds per test on the CPU
     "tiny": dict(depth=2, width=64, experts=4, active=2, vocab_size=512, context=512),
     # the CPU speedrun: 9.2M parameters (5.0M active) at its trained 3,372-token vocabulary
@@ -192,10 +193,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return derive(**PRESETS[name])
+def model_size(name: str) -> ModelConfig:
+    if name not in SIZES:
+        raise ConfigError(f"unknown model size {name!r}; choose one of: {', '.join(SIZES)}")
+    return derive(**SIZES[name])
 
 
 # ---------------------------------------------------------------------------------------

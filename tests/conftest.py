@@ -24,7 +24,7 @@ USER_MESSAGES = ["What is 2 + 2?", "hi", "Hello there", "Tell me a joke", "Who a
 
 @pytest.fixture(scope="session")
 def chat_model():
-    from nanoseek.config import preset
+    from nanoseek.config import model_size
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model import Transformer
 
@@ -36,7 +36,7 @@ def chat_model():
     labels = batch[:, 1:].clone()
     labels[batch[:, 1:] == tok.pad_id] = -100
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=1))
+    model = Transformer(model_size("tiny").replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):
         model.loss(batch[:, :-1], labels)["loss"].backward()
@@ -49,13 +49,13 @@ def chat_model():
 def base(tmp_path_factory):
     """A random tiny base model with a tokenizer that spells digits and the tasks' words."""
     from nanoseek.checkpoint import save_checkpoint
-    from nanoseek.config import preset
+    from nanoseek.config import model_size
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model import Transformer
 
     tok = train_tokenizer(["the cat sat on the mat 0123456789 + - = Question Answer " * 3] * 50, vocab_size=300)
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(vocab_size=320, num_nextn_predict_layers=0))
+    model = Transformer(model_size("tiny").replace(vocab_size=320, num_nextn_predict_layers=0))
     folder = tmp_path_factory.mktemp("base")
     save_checkpoint(folder, 1, model, tok, {"stage": "pretrain"})
     return folder / "latest", tok
@@ -107,7 +107,7 @@ def calc_model():
     its conversations list the calculator as a client's tool in the system turn."""
     import random
 
-    from nanoseek.config import preset
+    from nanoseek.config import model_size
     from nanoseek.data.sft import tool_output_mask
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model import Transformer
@@ -133,7 +133,7 @@ def calc_model():
         ignore = torch.tensor([m + [True] * (width - len(m)) for m in masks])
         batches.append((batch[:, :-1], batch.masked_fill(ignore, -100)[:, 1:]))
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=1))
+    model = Transformer(model_size("tiny").replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(200):
         model.loss(*batches[step % 4 == 3])["loss"].backward()  # a quarter of the steps on the tools' prompts

@@ -12,16 +12,16 @@ import torch
 
 import nanoseek
 from nanoseek import checkpoint as ckpt
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.model import Transformer
 
 
 def _model(**kw):
-    return Transformer(preset("tiny").replace(**kw))
+    return Transformer(model_size("tiny").replace(**kw))
 
 
 def test_names_are_transformers_names():
-    cfg = preset("tiny").replace(num_nextn_predict_layers=1)
+    cfg = model_size("tiny").replace(num_nextn_predict_layers=1)
     sd = ckpt.to_hf_state_dict(Transformer(cfg))
     L = cfg.num_hidden_layers
     for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
@@ -74,10 +74,10 @@ def test_kill_during_saves_never_leaves_a_broken_latest(tmp_path):
     """Kill a process that saves in a loop at arbitrary moments; `latest` must always load."""
     script = textwrap.dedent(f"""
         import torch
-        from nanoseek.config import preset
+        from nanoseek.config import model_size
         from nanoseek.model import Transformer
         from nanoseek.checkpoint import save_checkpoint
-        model = Transformer(preset("tiny"))
+        model = Transformer(model_size("tiny"))
         step = 0
         while True:
             step += 1

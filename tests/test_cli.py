@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nanoseek.checkpoint import save_checkpoint
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.model import Transformer
 
 
@@ -25,7 +25,14 @@ def _one_line_error(r, *words):
 
 
 def test_unknown_preset(tmp_path):
-    _one_line_error(run("pretrain", "--preset", "huge", "--out", str(tmp_path)), "unknown preset", "tiny")
+    _one_line_error(run("pretrain", "--preset", "huge", "--out", str(tmp_path)), "unknown preset", "tiny", "r1_zero")
+
+
+def test_a_preset_is_a_recipe_and_a_training_command_takes_its_model(tmp_path):
+    """`--preset gpu8` is the gpu8 recipe's model (its 4,096 positions), not the bare gpu8 size's 2,048."""
+    _one_line_error(run("pretrain", "--preset", "gpu8", "--out", str(tmp_path), "seq_len=8192"),
+                    "max_position_embeddings (4096)")
+    assert model_size("gpu8").max_position_embeddings == 2048
 
 
 @pytest.mark.parametrize("override,word", [("hidden_size", "malformed"), ("=3", "malformed"),
@@ -42,7 +49,7 @@ def test_bad_overrides(tmp_path, override, word):
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
     _one_line_error(run("info", str(tmp_path / "nope")), "no checkpoint")
-    folder = save_checkpoint(tmp_path / "run", 1, Transformer(preset("tiny")), None, {"stage": "test"})
+    folder = save_checkpoint(tmp_path / "run", 1, Transformer(model_size("tiny")), None, {"stage": "test"})
     ok = run("info", str(tmp_path / "run"))
     assert ok.returncode == 0 and json.loads(ok.stdout)["params"]["total"] > 0
     (folder / "model.safetensors").write_bytes(b"garbage")

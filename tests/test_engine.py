@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer import greedy
 from nanoseek.infer.engine import ADMIT_SHARE, PREFILL_TOKENS, Engine, EngineBusy, EngineError
@@ -27,7 +27,7 @@ def tok():
 
 def model_for(seed=0, **changes) -> Transformer:
     torch.manual_seed(seed)
-    m = Transformer(preset("tiny").replace(vocab_size=400, **changes))
+    m = Transformer(model_size("tiny").replace(vocab_size=400, **changes))
     with torch.no_grad():  # sharper distributions than the init's, and routing biases in play
         m.lm_head.weight.mul_(20)
         for moe in m.moe_layers():
@@ -189,7 +189,7 @@ def test_n_samples_share_one_prefill(tok):
 def trained(tok):
     """The tiny model after a few hundred steps on TEXT: its MTP module drafts well."""
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(vocab_size=400))
+    model = Transformer(model_size("tiny").replace(vocab_size=400))
     ids = torch.tensor(tok.encode("\n".join(TEXT)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
@@ -205,7 +205,7 @@ def test_an_mha_model_decodes_through_its_own_modules(tok):
     """The ablations' multi-head-attention model (GQA with a KV head per head): the engine
     decodes it through ModuleRunner, plain and with MTP drafts, to the same tokens as argmax
     over full forwards of the whole sequence."""
-    model = model_for(seed=2, attn_type="gqa", num_key_value_heads=preset("tiny").num_attention_heads)
+    model = model_for(seed=2, attn_type="gqa", num_key_value_heads=model_size("tiny").num_attention_heads)
     prompts = [tok.encode(t) for t in ["To be", "Question: 12 + 30", "Café"]]
     expected = []
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.model import Transformer
 from nanoseek.train.fp8 import (
     E4M3_MAX,
@@ -102,7 +102,7 @@ def test_fp8_linear_matches_fp32_and_its_gradients_follow():
 
 def test_enable_fp8_switches_the_right_layers_and_keeps_the_checkpoint_layout():
     torch.manual_seed(0)
-    model = Transformer(preset("tiny"))
+    model = Transformer(model_size("tiny"))
     keys = list(model.state_dict())
     before = copy.deepcopy(model)
     switched = enable_fp8(model)
@@ -123,7 +123,7 @@ def test_fp8_training_stays_within_one_percent_of_fp32():
     """The same tiny model, data and seed, 60 AdamW steps in FP32 and with every linear GEMM in
     emulated FP8: the loss curves agree within 1% (relative, mean over the last 10 steps)."""
     torch.manual_seed(0)
-    base = Transformer(preset("tiny").replace(vocab_size=128))
+    base = Transformer(model_size("tiny").replace(vocab_size=128))
     g = torch.Generator().manual_seed(1)
     # learnable data that 60 steps do not memorize (64 repeating patterns): the loss falls from
     # 4.9 to about 2.9, so the comparison is not between two noisy near-zero losses

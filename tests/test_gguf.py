@@ -16,7 +16,7 @@ from nanoseek.bench import gguf as bench_gguf
 from nanoseek.bench.gguf import llama_greedy, llama_logits
 from nanoseek.checkpoint import save_checkpoint
 from nanoseek.cli import main
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.data.corpus import default_corpus
 from nanoseek.data.loader import VAL_EVERY
 from nanoseek.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
@@ -61,7 +61,7 @@ def trained_speedrun_model(tok, docs, steps=25) -> Transformer:
     """The speedrun's model size, trained a few steps on the corpus so that its logits mean
     something (a random model's are flat)."""
     torch.manual_seed(0)
-    model = Transformer(preset("cpu").replace(vocab_size=tok.vocab_size))
+    model = Transformer(model_size("cpu").replace(vocab_size=tok.vocab_size))
     stream = torch.tensor([i for d in docs[:400] for i in tok.encode(d)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):

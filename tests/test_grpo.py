@@ -7,7 +7,7 @@ import torch
 
 from nanoseek.checkpoint import save_checkpoint
 from nanoseek.cli import main
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.grpo import GRPOConfig, Sample, grpo
@@ -84,7 +84,7 @@ def test_distill_keeps_only_correct_traces_and_trains_the_student(tmp_path, caps
              for p in ps]
     tok = train_tokenizer([m["content"] for c in convs for m in c] * 10, vocab_size=300)
     torch.manual_seed(0)
-    teacher = Transformer(preset("tiny").replace(vocab_size=320))
+    teacher = Transformer(model_size("tiny").replace(vocab_size=320))
     rows = [tokenize_conversations([c], tok)[:2] for c in convs]  # one conversation per row, from position 0
     width = max(len(t) for t, _ in rows)
     tokens = torch.stack([torch.cat([t, t.new_zeros(width - len(t))]) for t, _ in rows])
@@ -98,7 +98,7 @@ def test_distill_keeps_only_correct_traces_and_trains_the_student(tmp_path, caps
         opt.step()
         opt.zero_grad()
     save_checkpoint(tmp_path / "teacher", 1, teacher.eval(), tok, {"stage": "sft"})
-    save_checkpoint(tmp_path / "student", 1, Transformer(preset("tiny").replace(vocab_size=320)), tok,
+    save_checkpoint(tmp_path / "student", 1, Transformer(model_size("tiny").replace(vocab_size=320)), tok,
                     {"stage": "pretrain"})
     capsys.readouterr()
     assert main(["distill", "--teacher", str(tmp_path / "teacher" / "latest"), "--student",
@@ -185,7 +185,7 @@ def test_sets_evaluated_together_are_scored_problem_by_problem(base):
 def test_grpo_step_flops_count_rollout_reference_and_updates():
     from nanoseek.train.grpo import step_flops
 
-    model = Transformer(preset("tiny"))
+    model = Transformer(model_size("tiny"))
     fwd = model.flops_per_token(5, training=False)
     # one prompt, two samples: 5 tokens each
     comps = [([1, 2, 3], [4, 5], [False] * 2), ([1, 2, 3], [6, 7], [False] * 2)]

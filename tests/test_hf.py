@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, 
 import nanoseek
 from nanoseek.checkpoint import load_model, save_checkpoint
 from nanoseek.cli import main
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.export import export_hf, import_hf
 from nanoseek.hf import CheckpointError
@@ -45,7 +45,7 @@ def random_model(seed=0, **changes) -> Transformer:
     """The tiny preset with every weight random, norms and routing biases included, so that
     a name or layout mistake anywhere changes the logits."""
     torch.manual_seed(seed)
-    model = Transformer(preset("tiny").replace(**changes))
+    model = Transformer(model_size("tiny").replace(**changes))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:

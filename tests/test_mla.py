@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.model import Transformer
 from nanoseek.model.mla import MLA
 
 
 def _mla(q_lora_rank=16, yarn=False):
-    cfg = preset("tiny").replace(q_lora_rank=q_lora_rank, max_position_embeddings=256)
+    cfg = model_size("tiny").replace(q_lora_rank=q_lora_rank, max_position_embeddings=256)
     if yarn:
         cfg = cfg.replace(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                                         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
@@ -77,7 +77,7 @@ def test_rows_at_different_positions_decode_like_their_own_full_pass():
 
 
 def test_gqa_baseline_is_one_flag_away():
-    cfg = preset("tiny").replace(attn_type="gqa", num_key_value_heads=1)
+    cfg = model_size("tiny").replace(attn_type="gqa", num_key_value_heads=1)
     model = Transformer(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
     full = model(ids)
@@ -88,5 +88,5 @@ def test_gqa_baseline_is_one_flag_away():
         steps.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache))
     assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-4)
     assert cache.layers[0].shape[-1] == 1 * (cfg.qk_head_dim + cfg.v_head_dim)
-    mla = Transformer(preset("tiny"))
+    mla = Transformer(model_size("tiny"))
     assert not isinstance(model.layers[0].self_attn, MLA) and isinstance(mla.layers[0].self_attn, MLA)

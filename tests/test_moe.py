@@ -2,12 +2,12 @@
 
 import torch
 
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.model.moe import MoE, sequence_balance_loss
 
 
 def _moe(**kw):
-    cfg = preset("tiny").replace(**{"n_routed_experts": 8, "num_experts_per_tok": 2, **kw})
+    cfg = model_size("tiny").replace(**{"n_routed_experts": 8, "num_experts_per_tok": 2, **kw})
     moe = MoE(cfg)
     torch.nn.init.normal_(moe.gate.weight, std=0.5)
     torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.1)
@@ -105,11 +105,11 @@ def test_sequence_balance_loss_is_zero_when_balanced_and_positive_when_skewed():
 
 def test_dense_model_is_the_same_code_with_other_numbers():
     from nanoseek.model import Transformer
-    dense = Transformer(preset("tiny").replace(n_routed_experts=0))
+    dense = Transformer(model_size("tiny").replace(n_routed_experts=0))
     assert not dense.moe_layers()
     c = dense.param_counts()
     assert c["active"] == c["main"]
-    moe = Transformer(preset("tiny"))
+    moe = Transformer(model_size("tiny"))
     c = moe.param_counts()
     assert c["active"] < c["main"] < c["total"]
 

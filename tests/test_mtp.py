@@ -3,12 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.model import Transformer
 
 
 def test_mtp_loss_uses_targets_shifted_by_depth():
-    cfg = preset("tiny").replace(num_nextn_predict_layers=2, mtp_loss_weight=0.5)
+    cfg = model_size("tiny").replace(num_nextn_predict_layers=2, mtp_loss_weight=0.5)
     model = Transformer(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 13))
     ids, labels = tokens[:, :-1], tokens[:, 1:]
@@ -32,7 +32,7 @@ def test_mtp_loss_uses_targets_shifted_by_depth():
 def test_mtp_learns_the_token_two_ahead():
     """On a sequence where token t+2 is a fixed function of token t+1 (but not of t), only a
     correctly shifted MTP head can drive its loss down."""
-    cfg = preset("tiny").replace(num_nextn_predict_layers=1, mtp_loss_weight=1.0, vocab_size=64)
+    cfg = model_size("tiny").replace(num_nextn_predict_layers=1, mtp_loss_weight=1.0, vocab_size=64)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
@@ -53,7 +53,7 @@ def test_mtp_learns_the_token_two_ahead():
 
 def test_masked_targets_count_only_where_unmasked():
     from nanoseek.model import IGNORE_INDEX
-    cfg = preset("tiny").replace(num_nextn_predict_layers=2)
+    cfg = model_size("tiny").replace(num_nextn_predict_layers=2)
     model = Transformer(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
     labels = torch.full_like(ids, IGNORE_INDEX)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.model.rope import RotaryEmbedding, apply_rope, rope_frequencies, softmax_scale
 
 
@@ -27,7 +27,7 @@ def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
 
 
 def test_rope_dot_product_depends_only_on_relative_position():
-    rot = RotaryEmbedding(16, preset("tiny"))
+    rot = RotaryEmbedding(16, model_size("tiny"))
     q, k = torch.randn(16), torch.randn(16)
 
     def score(pq, pk):
@@ -56,7 +56,7 @@ def test_yarn_frequencies_and_mscale_follow_the_paper():
         assert math.isclose(float(inv[i]), expected, rel_tol=1e-5)
     assert inv[0] == base[0] and math.isclose(float(inv[-1]), base[-1] / factor, rel_tol=1e-5)
     assert attn_factor == 1.0  # mscale == mscale_all_dim
-    cfg = preset("tiny").replace(rope_scaling=scaling)
+    cfg = model_size("tiny").replace(rope_scaling=scaling)
     m = 0.1 * 0.707 * math.log(factor) + 1.0
     assert math.isclose(softmax_scale(cfg, 24), 24 ** -0.5 * m * m)
     # without mscale/mscale_all_dim the cos/sin carry 0.1 ln(s) + 1

@@ -7,7 +7,7 @@ import torch
 
 from nanoseek.checkpoint import save_checkpoint
 from nanoseek.cli import main
-from nanoseek.config import preset
+from nanoseek.config import model_size
 from nanoseek.data.sft import (
     cold_start_conversations,
     read_conversations,
@@ -89,7 +89,7 @@ def test_read_conversations_checks_its_input(tmp_path):
 
 def test_sft_and_eval_commands(tmp_path, tok, capsys):
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(vocab_size=512))
+    model = Transformer(model_size("tiny").replace(vocab_size=512))
     save_checkpoint(tmp_path / "base", 1, model, tok, {"stage": "pretrain"})
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(200)))
@@ -123,7 +123,7 @@ def test_cold_start_counts_by_task_from_the_command_line():
     from nanoseek.config import route_overrides
     from nanoseek.train.trainer import TrainConfig
 
-    cfg = preset("tiny")
+    cfg = model_size("tiny")
     tc, _ = route_overrides([TrainConfig(stage="sft", init="x", max_steps=10, save_every=10), cfg],
                             ['sft_examples={"chain_sum": 6, "countdown": 2}', 'sft_tasks=["chain_sum", "countdown"]'])
     tc.validate(cfg)
@@ -137,7 +137,7 @@ def test_cold_start_counts_by_task_from_the_command_line():
 
 def test_pretraining_continues_from_a_checkpoint(tmp_path, tok):
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(vocab_size=512))
+    model = Transformer(model_size("tiny").replace(vocab_size=512))
     save_checkpoint(tmp_path / "base", 1, model, tok, {"stage": "pretrain"})
     data = tmp_path / "more.jsonl"
     data.write_text("".join(json.dumps({"text": "Question: 12 + 30 = 42 Answer " * 20}) + "\n" for _ in range(60)))

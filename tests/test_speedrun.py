@@ -159,7 +159,7 @@ def _stage(plan: dict, name: str) -> dict:
 def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys):
     a = str(tmp_path / "a")
     for args, message in [
-        (["--preset", "huge"], "no recipe 'huge': name one of tiny, cpu, gpu, gpu8"),
+        (["--preset", "huge"], "unknown preset 'huge'; choose one of: tiny, cpu, gpu, gpu8"),
         (["rl.max_steps=0"], "max_steps must be at least 1"),
         (["sft.ema=1.5"], "ema (the average's decay) must be within [0, 1)"),
         (["rl.beta=-0.1"], "beta >= 0"),
@@ -182,6 +182,8 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
         (["rl.offset=5"], "rl.offset is set by the pipeline"),
         (["model.depth=x"], "model: override 'depth=x': depth takes"),
         (["model.colour=1"], "model has no setting 'colour'"),
+        (["model.preset=gpu"], "it is model.size now"),
+        (["pretrain.size=gpu"], "pretrain.size is set by the pipeline"),
     ]:
         assert main(["speedrun", "--preset", "tiny", "--out", a, *args]) == 2, args
         err = capsys.readouterr().err
@@ -190,7 +192,7 @@ def test_speedrun_refuses_bad_settings_and_another_runs_folder(tmp_path, capsys)
     # a folder started before recipes is refused in one line, not mixed with this run
     (tmp_path / "b" / "tokenizer").mkdir(parents=True)
     (tmp_path / "b" / "tokenizer" / "stage.json").write_text("{}")
-    (tmp_path / "b" / "speedrun.json").write_text(json.dumps({"preset": "cpu"}))
+    (tmp_path / "b" / "speedrun.json").write_text(json.dumps({"preset": "cpu"}))  # (its format then)
     assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "b")]) == 2
     assert "started before recipes: start it anew with another --out" in capsys.readouterr().err
 
@@ -314,7 +316,7 @@ def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tm
     size and budget, on its open sets by name (FineWeb-Edu and FineMath, here local copies the
     environment points at) and GSM8K from a folder, every stage through to the report card."""
     import nanoseek
-    from nanoseek.config import preset
+    from nanoseek.config import model_size
 
     gsm8k, text = open_data_copies(tmp_path / "data")
     math = tmp_path / "data" / "finemath.jsonl"
@@ -324,11 +326,11 @@ def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tm
     monkeypatch.setenv("NANOSEEK_FINEMATH", str(math))
     out = tmp_path / "gpu"
     assert main(["speedrun", "--preset", "gpu", "--smoke", "--out", str(out), "--quiet", f"gsm8k={gsm8k}"]) == 0
-    cfg, full = nanoseek.load(out / "final")[0].config, preset("gpu")
+    cfg, full = nanoseek.load(out / "final")[0].config, model_size("gpu")
     for field in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
                   "num_nextn_predict_layers"):
         assert getattr(cfg, field) == getattr(full, field), field
-    assert cfg.n_group > 1 and cfg.hidden_size == preset("tiny").hidden_size < full.hidden_size
+    assert cfg.n_group > 1 and cfg.hidden_size == model_size("tiny").hidden_size < full.hidden_size
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["name"] == "gpu+smoke" and saved["gsm8k"] == str(gsm8k) and saved["stages"][3]["config"]["tasks"] == [
         "gsm8k"]

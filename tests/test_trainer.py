@@ -28,7 +28,7 @@ def small_data(tmp_path_factory):
 
 
 def _tc(out, **kw):
-    base = dict(preset="tiny", out=str(out), max_steps=12, batch_size=4, seq_len=64, warmup_steps=3,
+    base = dict(size="tiny", out=str(out), max_steps=12, batch_size=4, seq_len=64, warmup_steps=3,
                 val_every=4, val_batches=2, save_every=100, progress=False, lr=3e-3)
     return TrainConfig(**{**base, **kw})
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from nanoseek.config import ConfigError, apply_overrides, preset
+from nanoseek.config import ConfigError, apply_overrides, model_size
 from nanoseek.model import Transformer
 
 
 def test_parameter_counts_match_a_hand_count():
-    cfg = preset("tiny").replace(num_nextn_predict_layers=0)
+    cfg = model_size("tiny").replace(num_nextn_predict_layers=0)
     m = Transformer(cfg)
     h, v, e, k = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     heads, qk, dv = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
@@ -32,15 +32,15 @@ def test_parameter_counts_match_a_hand_count():
 
 
 def test_mtp_adds_to_training_flops_not_to_inference():
-    a = Transformer(preset("tiny").replace(num_nextn_predict_layers=0))
-    b = Transformer(preset("tiny").replace(num_nextn_predict_layers=1))
+    a = Transformer(model_size("tiny").replace(num_nextn_predict_layers=0))
+    b = Transformer(model_size("tiny").replace(num_nextn_predict_layers=1))
     assert a.flops_per_token(64, training=False) == b.flops_per_token(64, training=False)
     assert b.flops_per_token(64) > a.flops_per_token(64)
     assert b.param_counts()["total"] > b.param_counts()["main"] == a.param_counts()["main"]
 
 
 def test_balance_loss_enters_the_objective_and_trains_the_gate():
-    m = Transformer(preset("tiny").replace(seq_aux_loss_alpha=0.01, mtp_loss_weight=0.0))
+    m = Transformer(model_size("tiny").replace(seq_aux_loss_alpha=0.01, mtp_loss_weight=0.0))
     m.train()
     ids = torch.randint(0, m.config.vocab_size, (2, 16))
     out = m.loss(ids, ids.roll(-1, 1))
@@ -50,19 +50,19 @@ def test_balance_loss_enters_the_objective_and_trains_the_gate():
 
 
 def test_config_validation_and_overrides():
-    cfg = apply_overrides(preset("tiny"), ["q_lora_rank=null", "routed_scaling_factor=2.5", "norm_topk_prob=false"])
+    cfg = apply_overrides(model_size("tiny"), ["q_lora_rank=null", "routed_scaling_factor=2.5", "norm_topk_prob=false"])
     assert cfg.q_lora_rank is None and cfg.routed_scaling_factor == 2.5 and cfg.norm_topk_prob is False
     with pytest.raises(ConfigError, match="topk_group"):
-        preset("tiny").replace(n_group=2, topk_group=3)
+        model_size("tiny").replace(n_group=2, topk_group=3)
     with pytest.raises(ConfigError, match="only 'yarn'"):
-        preset("tiny").replace(rope_scaling={"type": "linear", "factor": 2.0})
+        model_size("tiny").replace(rope_scaling={"type": "linear", "factor": 2.0})
     with pytest.raises(ConfigError, match="integer"):
-        apply_overrides(preset("tiny"), ["hidden_size=1.5"])
+        apply_overrides(model_size("tiny"), ["hidden_size=1.5"])
 
 
 def test_activation_checkpointing_recomputes_blocks_and_changes_nothing_else():
     torch.manual_seed(0)
-    model = Transformer(preset("tiny"))  # MLA + MoE + MTP
+    model = Transformer(model_size("tiny"))  # MLA + MoE + MTP
     x = torch.randint(0, model.config.vocab_size, (2, 24))
     y = torch.randint(0, model.config.vocab_size, (2, 24))
 
@@ -106,7 +106,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     import copy
 
     torch.manual_seed(0)
-    eager = Transformer(preset("tiny").replace(num_nextn_predict_layers=1))
+    eager = Transformer(model_size("tiny").replace(num_nextn_predict_layers=1))
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks()
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]

@@ -25,11 +25,10 @@ from functools import partial
 
 import torch
 
-from nanoseek.config import preset
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
-from nanoseek.pipeline.recipe import load_recipe
+from nanoseek.pipeline.recipe import load_recipe, preset
 from nanoseek.recipes.variants import smoke
 from nanoseek.train.cost import GPU_PEAKS, device_name, measure_matmul_peak
 from nanoseek.train.fp8 import E4M3, FP8Error, check_device, enable_fp8
@@ -42,7 +41,7 @@ SIZES = {"cuda": (8192, 16, 2048, 128), "cpu": (256, 2, 64, 8)}
 def bench_cuda(repeats: int = 5) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, batch, seq_len, new = SIZES[dev.type]
-    cfg = preset("gpu")
+    cfg = preset("gpu").model.config()
     if dev.type == "cpu":
         print("no CUDA device: the GPU paths at tiny sizes on the CPU (FP8 emulated); the figures test the code, "
               "they measure nothing", file=sys.stderr)

@@ -29,13 +29,13 @@ import torch
 from safetensors.torch import save_file
 
 import nanoseek
-from nanoseek.config import preset
 from nanoseek.data.tasks import problems
 from nanoseek.hf import config_to_hf, to_hf_state_dict
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.measure import cache_sizes, eval_workload, mtp_figures
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
+from nanoseek.pipeline.recipe import preset
 from nanoseek.train.cost import measure_matmul_peak
 
 
@@ -94,7 +94,7 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
     if ckpt:
         model, tok = nanoseek.load(ckpt)
     else:
-        model, tok = Transformer(preset(preset_name)).eval(), None
+        model, tok = Transformer(preset(preset_name).model.config()).eval(), None
     need = max(prompt_lens) + max(new_b1, new_b32) + 1
     if need > model.config.max_position_embeddings:  # a speed measurement: room for the longest prompt
         model.config = model.config.replace(max_position_embeddings=need)
@@ -181,7 +181,7 @@ def _peak_child(side: str, ckpt: str | None, preset_name: str, B: int, P: int, n
     if ckpt:
         model, _ = nanoseek.load(ckpt)
     else:
-        model = Transformer(preset(preset_name)).eval()
+        model = Transformer(preset(preset_name).model.config()).eval()
     if P + n_new + 1 > model.config.max_position_embeddings:
         model.config = model.config.replace(max_position_embeddings=P + n_new + 1)
     prompts = torch.randint(10, model.config.vocab_size, (B, P)).tolist()

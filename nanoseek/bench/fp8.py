@@ -18,11 +18,12 @@ import time
 
 import torch
 
-from nanoseek.config import preset, round_up
+from nanoseek.config import round_up
 from nanoseek.data.loader import PackedLoader, tokenize_documents
 from nanoseek.data.sft import task_documents
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
+from nanoseek.pipeline.recipe import preset
 from nanoseek.train.fp8 import check_device, enable_fp8
 from nanoseek.train.optim import lr_at, make_optimizer
 
@@ -36,7 +37,7 @@ def bench_fp8(preset_name: str = "cpu", steps: int = 200, batch: int = 8, seq_le
     tokens, _ = tokenize_documents(docs, tok)
     loader = PackedLoader(tokens, seq_len, batch, seed=0)
     torch.manual_seed(0)
-    ref = Transformer(preset(preset_name).replace(vocab_size=round_up(tok.vocab_size, 64))).to(dev)
+    ref = Transformer(preset(preset_name).model.config().replace(vocab_size=round_up(tok.vocab_size, 64))).to(dev)
     fp8 = copy.deepcopy(ref)
     enable_fp8(fp8)
     models = {"full": ref, "fp8": fp8}

@@ -19,10 +19,11 @@ import time
 
 import torch
 
-from nanoseek.config import ModelConfig, preset
+from nanoseek.config import ModelConfig
 from nanoseek.device import autocast_for, cpu_has_bf16
 from nanoseek.hf import config_to_hf
 from nanoseek.model import Transformer
+from nanoseek.pipeline.recipe import preset
 from nanoseek.train.cost import measure_matmul_peak
 from nanoseek.train.optim import make_optimizer
 
@@ -37,7 +38,7 @@ def hf_config(cfg: ModelConfig):
 def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, repeats: int = 5,
                 steps: int = 3) -> dict:
     torch.manual_seed(0)
-    cfg = preset(preset_name)
+    cfg = preset(preset_name).model.config()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
     x, y = ids[:, :-1], ids[:, 1:]
     tokens = batch * seq_len

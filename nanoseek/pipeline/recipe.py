@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import PRESETS, ConfigError, ModelConfig, apply_overrides, derive, override_key, require
+from nanoseek.config import SIZES, ConfigError, ModelConfig, apply_overrides, derive, override_key, require
 from nanoseek.data.sft import per_task as count
 from nanoseek.data.sources import HUB
 from nanoseek.data.splits import TRAIN_POOL
@@ -38,10 +38,10 @@ BUILT_IN = ("tiny", "cpu", "gpu", "gpu8", "r1", "r1_zero")
 
 @dataclass
 class Model:
-    """The model a recipe trains: a preset's point on config.derive's dials (`depth`, `width`, ...;
-    None keeps the preset's), then any ModelConfig field set outright (`changes`)."""
+    """The model a recipe trains: a named size's point on config.derive's dials (`depth`, `width`,
+    ...; None keeps the size's), then any ModelConfig field set outright (`changes`)."""
 
-    preset: str = "cpu"
+    size: str = "cpu"
     depth: int | None = None
     width: int | None = None
     experts: int | None = None
@@ -55,18 +55,18 @@ class Model:
     changes: dict = field(default_factory=dict)  # ModelConfig fields (an ablation's attn_type="gqa", ...)
 
     def config(self) -> ModelConfig:
-        require(self.preset in PRESETS, f"unknown model preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        require(self.size in SIZES, f"unknown model size {self.size!r}; choose one of: {', '.join(SIZES)}")
         dials = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name not in ("preset", "changes") and getattr(self, f.name) is not None}
-        cfg = derive(**{**PRESETS[self.preset], **dials})
+                 if f.name not in ("size", "changes") and getattr(self, f.name) is not None}
+        cfg = derive(**{**SIZES[self.size], **dials})
         try:
             return apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in self.changes.items()])
         except ConfigError as e:
             raise ConfigError(f"model.changes: {e}") from None
 
     def overrides(self) -> list[str]:
-        """key=value of every ModelConfig field that differs from the preset's: what train() takes."""
-        mine, base = self.config(), derive(**PRESETS[self.preset])
+        """key=value of every ModelConfig field that differs from the size's: what train() takes."""
+        mine, base = self.config(), derive(**SIZES[self.size])
         return [f"{f.name}={json.dumps(getattr(mine, f.name))}" for f in dataclasses.fields(mine)
                 if getattr(mine, f.name) != getattr(base, f.name)]
 
@@ -135,7 +135,7 @@ class EvalConfig:
 CONFIGS = {"tokenizer": TokenizerConfig, "pretrain": TrainConfig, "sft": TrainConfig, "grpo": GRPOConfig,
            "rs": RejectionConfig, "eval": EvalConfig}
 # what a stage gets from the run, not from its recipe (an override of one is refused)
-FILLED = {"pretrain": ("stage", "init", "out", "tokenizer", "data", "preset"),
+FILLED = {"pretrain": ("stage", "init", "out", "tokenizer", "data", "size"),
           "sft": ("stage", "init", "out", "sft_tasks", "sft_calculator", "gsm8k"),
           "grpo": ("init", "out", "offset", "gsm8k")}
 
@@ -318,7 +318,8 @@ def override(recipe: Recipe, overrides: list[str]) -> Recipe:
             recipe = apply_overrides(recipe, [f"{name}={value}"])
             continue
         if address == "model":
-            recipe.model = _apply(recipe.model, name, value, "model", skip=("changes",) if name == "preset" else ())
+            require(name != "preset", f"unknown setting {key!r}: it is model.size now")
+            recipe.model = _apply(recipe.model, name, value, "model", skip=("changes",) if name == "size" else ())
             continue
         targets = _addressed(recipe, address)
         require(bool(targets), f"no stage {address!r} in {item!r}; the recipe's stages: "
@@ -407,6 +408,13 @@ def load_recipe(name_or_path: str) -> Recipe:
     recipe = getattr(module, "recipe", None)
     require(isinstance(recipe, Recipe), f"{name_or_path}: defines no `recipe = Recipe(...)`")
     return copy_recipe(recipe)
+
+
+def preset(name: str) -> Recipe:
+    """A built-in recipe by name: what `--preset NAME` means on every command (a training command
+    or a benchmark takes the recipe's model)."""
+    require(name in BUILT_IN, f"unknown preset {name!r}; choose one of: {', '.join(BUILT_IN)}")
+    return load_recipe(name)
 
 
 def to_json(recipe: Recipe) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def build_report(out: Path, recipe: Recipe) -> dict[str, Any]:
             "dense_layers": cfg.first_k_dense_replace, "mtp_depth": cfg.num_nextn_predict_layers,
             "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings}
     return {
-        "preset": recipe.name,
+        "recipe": recipe.name,
         "device": pre.cost.device if pre else None,
         # the pretraining's measured matmul peak (FLOP/s), or this host's now for a run without one
         "peak_flops": (pre and pre.peak_flops) or (peak_flops(torch.device("cpu")) if device_type == "cpu" else None),
@@ -162,7 +162,7 @@ def build_report(out: Path, recipe: Recipe) -> dict[str, Any]:
 def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
     m, a, c = rep["model"], rep["model"]["architecture"], rep["cost"]
     sampled = any("sampled_ci95" in r for tasks in rep["eval"].values() for r in tasks.values())
-    lines = [f"# nanoseek speedrun — report card ({rep['preset']} preset)", "",
+    lines = [f"# nanoseek speedrun — report card (recipe {rep['recipe']})", "",
              f"Device: {rep['device']}{_peak(rep.get('peak_flops'))} at ${rep['price_per_device_hour']:.2f} "
              "per device-hour. "
              f"Total: **{c['total']['wall_s'] / 60:.1f} min, ${c['total']['dollars']:.4f}**.", "",

@@ -143,7 +143,7 @@ CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 6.0, "genera
 
 def estimates(recipe: Recipe) -> dict[str, float]:
     """Each stage's expected seconds (recipes of the cpu model only; CPU_SECONDS)."""
-    if recipe.model.preset != "cpu":
+    if recipe.model.size != "cpu":
         return {}
     c, eta = CPU_SECONDS, {}
     trained = sum(s.trains for s in recipe.stages) + bool(recipe.init)

@@ -89,7 +89,7 @@ def resolve(recipe: Recipe, place: Place) -> Recipe:
         if st.kind == "pretrain":
             data = ([str(place.tokens)] if tok and tok.data else
                     [str(place.corpus_file)] if tok and tok.corpus != "default" else [])
-            c = dataclasses.replace(c, stage="pretrain", out=out, preset=recipe.model.preset, init=before or None,
+            c = dataclasses.replace(c, stage="pretrain", out=out, size=recipe.model.size, init=before or None,
                                     tokenizer=str(place.out / "tokenizer") if tok else None, data=data)
         elif st.kind == "sft":
             data = [str(place.folder(st.traces) / TRACES)] if st.traces else []
@@ -142,7 +142,7 @@ def run_tokenizer(recipe: Recipe, place: Place, st: Stage, folder: Path, start: 
             break
     if not sample:
         raise DataError(f"{', '.join(c.data)}: no text")
-    with tokenizer_threads(bool(c.data)):  # data at the GPU presets' scale
+    with tokenizer_threads(bool(c.data)):  # data at the GPU recipes' scale
         tok = train_tokenizer(sample, vocab_size=c.vocab_size)
         if c.data:
             counts = save_tokens(place.tokens, itertools.chain(sample, stream), tok)

@@ -12,7 +12,7 @@ TASKS = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic"]
 
 recipe = Recipe(
     name="cpu",
-    # 6 layers of width 256, MLA, 8 routed experts (2 active) + 1 shared, MTP depth 1 (config.PRESETS)
+    # 6 layers of width 256, MLA, 8 routed experts (2 active) + 1 shared, MTP depth 1 (config.SIZES)
     model=Model("cpu"),
     tasks=TASKS,
     report_tasks=["countdown"],  # measured at every stage, never trained on

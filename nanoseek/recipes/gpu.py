@@ -14,7 +14,7 @@ TASKS = ["gsm8k", "gsm_symbolic", "plain_arithmetic", "chain_sum", "basic_arithm
 
 recipe = Recipe(
     name="gpu",
-    # 16 layers of width 1024, 64 routed experts (6 active, in 4 of 8 groups) + 2 shared (config.PRESETS)
+    # 16 layers of width 1024, 64 routed experts (6 active, in 4 of 8 groups) + 2 shared (config.SIZES)
     model=Model("gpu"),
     tasks=TASKS,
     report_tasks=["countdown"],

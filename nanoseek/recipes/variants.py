@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from nanoseek.config import PRESETS, round_up
+from nanoseek.config import SIZES, round_up
 from nanoseek.pipeline.recipe import Recipe, vary
 
 
 def smoke(recipe: Recipe) -> Recipe:
-    """The recipe's code path in seconds on a CPU: its model at the tiny preset's depth, width,
+    """The recipe's code path in seconds on a CPU: its model at the tiny size's depth, width,
     vocabulary and context with its own architecture (routed and shared experts, experts per
     token, routing groups, MTP), every stage at a budget of a few steps, every task at one number."""
-    tiny = PRESETS["tiny"]
+    tiny = SIZES["tiny"]
     model = dataclasses.replace(recipe.model, depth=tiny["depth"], width=tiny["width"],
                                 vocab_size=tiny["vocab_size"], context=tiny["context"])
     budgets = {"tokenizer": dict(vocab_size=512, documents=200),

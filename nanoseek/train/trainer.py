@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from nanoseek import checkpoint as ckpt
-from nanoseek.config import ConfigError, ModelConfig, preset, require, round_up, route_overrides
+from nanoseek.config import ConfigError, ModelConfig, model_size, require, round_up, route_overrides
 from nanoseek.data.corpus import default_corpus, read_files
 from nanoseek.data.loader import PackedLoader, is_token_folder, load_tokens, tokenize_documents, val_batches
 from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
@@ -63,7 +63,7 @@ class TrainConfig:
     sft_tasks: list[str] | None = None  # sft without data: the cold start's tasks (None: every task)
     sft_calculator: bool = False  # sft without data: solutions that call the calculator (nanoseek/tools.py)
     gsm8k: str = ""  # where GSM8K is read from when sft_tasks name it ("": $NANOSEEK_GSM8K, else the Hub)
-    preset: str = "cpu"  # the model (config.PRESETS) of a run from scratch
+    size: str = "cpu"  # the model (config.SIZES) of a run from scratch
     out: str = "runs/pretrain"
     tokenizer: str | None = None  # a tokenizer folder; None: train one on the corpus (saved in each checkpoint)
     # .txt/.jsonl/.parquet files, or a folder of tokens (data/loader.save_tokens); empty: the embedded corpus
@@ -74,7 +74,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per step, over all processes
     seq_len: int = 256
     grad_accum: int = 1
-    # 3e-3 kept the cpu preset from ever learning to copy a number (docs/LOG.md: "Why the model would not copy")
+    # 3e-3 kept the cpu model from ever learning to copy a number (docs/LOG.md: "Why the model would not copy")
     lr: float = 4e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -363,7 +363,7 @@ def _settle_config(config: TrainConfig, overrides: list[str], folder: Path, resu
         return config, model, tokenizer, model_config, None
     steps, every = NEW_RUN_STEPS["scratch"]
     config = dataclasses.replace(config, max_steps=config.max_steps or steps, save_every=config.save_every or every)
-    config, model_config = route_overrides([config, preset(config.preset)], overrides)
+    config, model_config = route_overrides([config, model_size(config.size)], overrides)
     return config, None, None, model_config, None
 
 
