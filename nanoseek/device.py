@@ -43,6 +43,16 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where autocast is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def bf16_on_cpu(x: torch.Tensor) -> bool:
+    """Whether x's matmuls run in bf16 on a CPU (oneDNN's kernels, with their own costs)."""
+    return x.device.type == "cpu" and compute_dtype(x) == torch.bfloat16
+
+
 def cpu_has_bf16() -> bool:
     """Whether oneDNN runs bf16 matmuls on this CPU's vector units (AVX-512 or Arm BF16)."""
     try:

@@ -76,6 +76,30 @@ def test_rows_at_different_positions_decode_like_their_own_full_pass():
     assert torch.allclose(torch.cat(stepped), full_a[0], atol=1e-4)
 
 
+def test_bf16_causal_attention_is_sdpa_within_bf16_precision():
+    """On a CPU, training under bf16 autocast takes the explicit attention (SDPA would compute bf16
+    in fp32): the same values and gradients as fp32 SDPA, to bf16's precision."""
+    from nanoseek.model.mla import bf16_causal_attention
+
+    q, k = torch.randn(2, 4, 50, 24, requires_grad=True), torch.randn(2, 4, 50, 24, requires_grad=True)
+    v = torch.randn(2, 4, 50, 16, requires_grad=True)
+    ours = bf16_causal_attention(q, k, v, 0.2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref, rtol=0.05, atol=0.03)
+    g_ours = torch.autograd.grad(ours.float().sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    cfg = model_size("tiny")
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    fp32 = model.loss(ids[:, :-1], ids[:, 1:])["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.loss(ids[:, :-1], ids[:, 1:])["loss"]
+    assert abs(float(bf16) - float(fp32)) < 0.02 * float(fp32)
+
+
 def test_gqa_baseline_is_one_flag_away():
     cfg = model_size("tiny").replace(attn_type="gqa", num_key_value_heads=1)
     model = Transformer(cfg)

@@ -63,6 +63,32 @@ def test_batched_dispatch_equals_per_token_reference():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_bf16_dispatch_pads_each_expert_and_computes_what_the_plain_one_does(monkeypatch):
+    """Under bf16 autocast on a CPU each expert's rows are padded to a multiple of BF16_ROWS (one
+    oneDNN kernel per few shapes): outputs and gradients match the unpadded dispatch, and the
+    fp32 reference within bf16's precision."""
+    import nanoseek.model.moe as moe_module
+
+    cfg, moe = _moe()
+    x = torch.randn(3, 37, cfg.hidden_size)  # 111 tokens: uneven counts, none a multiple of 64
+
+    def run(rows):
+        monkeypatch.setattr(moe_module, "BF16_ROWS", rows)
+        xi = x.clone().requires_grad_()
+        moe.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = moe(xi)
+        out.float().pow(2).sum().backward()
+        return out.float(), xi.grad, moe.experts.gate_up_proj.grad.clone(), moe.experts.down_proj.grad.clone()
+
+    padded, plain = run(64), run(1)
+    for a, b in zip(padded, plain):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+    ref, _ = moe(x)
+    assert (padded[0] - ref).abs().max() < 0.02 * ref.abs().max()
+    assert padded[0].abs().sum() > 0 and padded[2].abs().sum() > 0
+
+
 def test_bias_update_moves_skewed_load_toward_uniform():
     cfg, moe = _moe()
     with torch.no_grad():  # skew: expert 0 and 1 attract everything

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.device import bf16_on_cpu
 from nanoseek.model.rope import apply_rope, softmax_scale
 
 
@@ -55,6 +56,16 @@ class LatentCache:
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.layers)
+
+
+def bf16_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention [B, H, T, d] with its two matmuls in bf16 and the softmax in fp32: on a
+    CPU, SDPA computes bf16 in fp32 and gains nothing (docs/LOG.md: "bf16 that pays")."""
+    T = q.shape[2]
+    scores = (q.bfloat16() @ k.bfloat16().transpose(-1, -2)).float() * scale
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
+    return probs.bfloat16() @ v.bfloat16()
 
 
 class MLA(nn.Module):
@@ -104,9 +115,11 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).view(B, S, self.n_heads, -1).split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None and bf16_on_cpu(q):
+            return bf16_causal_attention(q, k, v, self.scale).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                             is_causal=mask is None, scale=self.scale)
         return out.transpose(1, 2)  # [B, T, H, v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):

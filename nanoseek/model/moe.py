@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.device import bf16_on_cpu, compute_dtype
+
+# oneDNN builds a bf16 matmul kernel for each new shape it meets: padding each expert's rows to a
+# multiple of this keeps the shapes few, so the kernels are reused (docs/LOG.md: "bf16 that pays")
+BF16_ROWS = 64
 
 
 class MLP(nn.Module):
@@ -84,17 +89,29 @@ class Experts(nn.Module):
         k = indices.shape[1]
         flat = indices.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
         token = order // k
-        chunks = x.index_select(0, token).split(counts)  # backward: index_add, cheaper than index_put
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        routed = x.index_select(0, token)  # backward: index_add, cheaper than index_put
+        gate_up, down = self.gate_up_proj, self.down_proj
+        rows, slots = counts.tolist(), None
+        if bf16_on_cpu(x):  # one cast of each weight and of the rows, not one per expert
+            dtype = compute_dtype(x)
+            routed, gate_up, down = routed.to(dtype), gate_up.to(dtype), down.to(dtype)
+            padded = (counts + BF16_ROWS - 1) // BF16_ROWS * BF16_ROWS
+            shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
+            slots = torch.arange(len(token)) + shift[flat[order]]
+            routed = routed.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, slots, routed)
+            rows = padded.tolist()
         outs = []
-        for e, chunk in enumerate(chunks):
-            if counts[e] == 0:
+        for chunk, w1, w2, n in zip(routed.split(rows), gate_up.unbind(0), down.unbind(0), rows):
+            if n == 0:
                 continue
-            g, u = self.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-            outs.append(self.linear(F.silu(g) * u, down[e]))
-        y = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+            g, u = self.linear(chunk, w1).chunk(2, dim=-1)
+            outs.append(self.linear(F.silu(g) * u, w2))
+        y = torch.cat(outs)
+        if slots is not None:
+            y = y.index_select(0, slots).to(x.dtype)
+        y = y * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
 

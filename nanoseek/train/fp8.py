@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.device import compute_dtype
 from nanoseek.model.moe import Experts
 
 E4M3 = torch.float8_e4m3fn
@@ -107,7 +108,7 @@ class _FP8Matmul(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear through the FP8 scheme; the output in x's dtype (FP32, or BF16 under autocast)."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         y = _FP8Matmul.apply(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
         if bias is not None:
