@@ -40,6 +40,7 @@ def test_a_preset_is_a_recipe_and_a_training_command_takes_its_model(tmp_path):
                                            ("hidden_size=big", "takes a number"),
                                            ("n_group=3", "multiple of n_group"),
                                            ("schedule=linear", "schedule"), ("batch_size=0", "batch_size"),
+                                           ("optimizer=sgd", "optimizer must be one of adamw, muon"),
                                            ("seq_len=4096", "max_position_embeddings"),
                                            ('sft_examples={"chain_sum": 1.5}', "map of names to integers"),
                                            ('sft_examples={"chess": 3}', "sft_examples maps tasks")])

@@ -76,6 +76,17 @@ def test_two_processes_follow_one_and_resume_under_one(data, tmp_path, flags):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_muon_under_two_processes_follows_one(data, tmp_path, mode):
+    """Newton-Schulz on whole matrices under FSDP2 too (each rank gathers, orthogonalizes and keeps
+    its shard), so the curve is one process's."""
+    folder, base, _ = data
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(["--out", str(one), "optimizer=muon", *base])
+    run(["--out", str(two), "--parallel", mode, "optimizer=muon", *base], procs=2)
+    same_curve(rows(one), rows(two))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_gradient_accumulation_under_two_processes(data, tmp_path, mode):
     folder, base, one = data
     accum = [*base[:-4], "grad_accum=2", *base[-4:]]  # (the overrides come before --tokenizer, --data)

@@ -63,3 +63,81 @@ def test_weight_average_is_a_mean_then_exponential_and_swaps_back():
     assert torch.equal(other.weight, model.weight) and torch.equal(resumed.avg[0], avg.avg[0])
     with pytest.raises(ValueError, match="no raw weights"):
         WeightAverage(other, 0.5).resume({})
+
+
+def _reference_newton_schulz(g: torch.Tensor) -> torch.Tensor:
+    """The quintic iteration written out for one matrix, in fp32."""
+    x = g.mT if g.shape[0] > g.shape[1] else g
+    x = x / (x.norm() + 1e-7)
+    for _ in range(5):
+        s = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * s + 2.0315 * s @ s) @ x
+    return x.mT if g.shape[0] > g.shape[1] else x
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_newton_schulz_orthogonalizes_each_expert_and_runs_in_fp32_without_bf16(monkeypatch, has_bf16):
+    """Each matrix of a [E, m, n] stack comes out near-orthogonal (singular values ~1), computed
+    on its own; without bf16 units the iteration is the fp32 one exactly, with them it is bf16's."""
+    import nanoseek.train.optim as optim
+
+    monkeypatch.setattr(optim, "cpu_has_bf16", lambda: has_bf16)
+    g = torch.randn(3, 24, 40) * torch.tensor([1.0, 100.0, 0.01])[:, None, None]
+    out = optim.orthogonalize(g)
+    assert out.dtype == torch.float32 and out.shape == g.shape
+    for i in range(3):
+        s = torch.linalg.svdvals(out[i])
+        assert 0.5 < s.min() and s.max() < 1.3, s  # the quintic's band around 1, whatever the scale
+        ref = _reference_newton_schulz(g[i])
+        assert torch.equal(out[i], ref) != has_bf16  # fp32 exactly, or bf16's rounding
+        torch.testing.assert_close(out[i], ref, atol=0.05, rtol=0.1)
+    tall = optim.orthogonalize(torch.randn(40, 24))
+    assert torch.linalg.svdvals(tall).min() > 0.5
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    from nanoseek.config import model_size
+    from nanoseek.model import Transformer
+    from nanoseek.train.optim import Muon
+
+    torch.manual_seed(0)
+    model = Transformer(model_size("tiny"))
+    opt = make_optimizer(model, 1e-3, kind="muon")
+    assert isinstance(opt, Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"]}
+    assert "layers.1.mlp.experts.gate_up_proj" in muon and "layers.0.self_attn.kv_b_proj.weight" in muon
+    assert not muon & {"embed_tokens.weight", "lm_head.weight", "layers.1.mlp.gate.weight", "norm.weight"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    ids = torch.randint(0, 512, (4, 33))
+    losses = []
+    for _ in range(15):
+        loss = model.loss(ids[:, :-1], ids[:, 1:])["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 1.0, losses
+    tensors, info = optimizer_state(opt)
+    assert any(k.endswith("momentum_buffer") for k in tensors) and any(k.endswith("exp_avg_sq") for k in tensors)
+    again = make_optimizer(model, 1e-3, kind="muon")
+    load_optimizer_state(again, tensors, info)
+    for a, b in zip(again.state_dict()["state"].values(), opt.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_muons_adamw_groups_step_as_torchs_adamw():
+    from nanoseek.train.optim import Muon
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    ours = Muon([{"params": list(a.parameters()), "weight_decay": 0.1}], lr=1e-2)
+    theirs = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for m, opt in ((a, ours), (b, theirs)):
+            m(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nanoseek import checkpoint as ckpt
+from nanoseek.config import ConfigError
 from nanoseek.model import Transformer
 from nanoseek.train.trainer import TrainConfig, TrainingError, train
 
@@ -43,12 +44,13 @@ def test_tiny_model_learns_the_embedded_corpus(tmp_path):
     assert summary["step"] == 80 and {"tokens_per_s", "mfu", "grad_norm", "lr", "load_max"} <= set(last)
 
 
-def test_resume_is_exact(tmp_path, small_data):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, small_data, optimizer):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train(_tc(straight, data=small_data))
-    train(_tc(halves, data=small_data, stop_at=6))
+    train(_tc(straight, data=small_data, optimizer=optimizer))
+    train(_tc(halves, data=small_data, stop_at=6, optimizer=optimizer))
     assert ckpt.has_checkpoint(halves) and _rows(halves)[-1]["step"] == 6
-    train(_tc(halves, data=small_data))
+    train(_tc(halves, data=small_data, optimizer=optimizer))
     a, b = _rows(straight), _rows(halves)
     keys = ["step", "loss", "main_loss", "mtp_loss", "lr", "grad_norm", "val_loss"]
     assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
@@ -208,3 +210,6 @@ def test_a_stage_goes_on_with_the_optimizer_and_schedule_of_the_one_before(tmp_p
     assert fresh["step"] == 12 and _rows(tmp_path / "c")[0]["step"] == 1  # without it: a new schedule
     with pytest.raises(Exception, match="past this stage's max_steps"):
         train(_tc(tmp_path / "d", data=small_data, init=str(tmp_path / "b"), continue_init=True, max_steps=20))
+    with pytest.raises(ConfigError, match="trained with adamw, this stage with muon"):
+        train(_tc(tmp_path / "e", data=small_data, init=str(tmp_path / "a"), continue_init=True, max_steps=20,
+                  optimizer="muon"))

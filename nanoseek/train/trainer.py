@@ -37,7 +37,15 @@ from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger, peak_flops
 from nanoseek.train.fp8 import check_device, enable_fp8
-from nanoseek.train.optim import WeightAverage, load_optimizer_state, load_rng_state, lr_at, make_optimizer, rng_state
+from nanoseek.train.optim import (
+    OPTIMIZERS,
+    WeightAverage,
+    load_optimizer_state,
+    load_rng_state,
+    lr_at,
+    make_optimizer,
+    rng_state,
+)
 from nanoseek.train.runlog import git_commit, log_metrics, progress_bar, say, truncate_metrics
 
 
@@ -82,6 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"  # or "muon": Muon on the blocks' matrices, AdamW on the rest (train/optim.py)
     grad_clip: float = 1.0
     # an exponential moving average of the weights (its decay; 0: none), written to the checkpoints
     # in place of the raw weights (optim.WeightAverage)
@@ -114,6 +123,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio within [0, 1]")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be within [0, 1)")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         check_ema(self.ema)
         need(self.seq_len <= model_config.max_position_embeddings,
              f"seq_len {self.seq_len} exceeds the model's max_position_embeddings "
@@ -277,7 +287,8 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Loop:
     model.activation_checkpointing = config.activation_checkpointing
     dist.check_same_start(model, ranks)
     forward = dist.loss_fn(model, ranks, device, config.parallel)  # model.loss; DDP or FSDP under torchrun
-    opt = make_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))  # (FSDP: over the shards)
+    opt = make_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2),  # (FSDP: over the shards)
+                         config.optimizer)
     ledger = CostLedger(device, config.price_per_hour, ranks.world)
 
     # --- the state to resume ---
@@ -306,6 +317,9 @@ def _continue(config: TrainConfig, opt: torch.optim.Optimizer) -> int:
     """Load init's optimizer state; returns its step, where this stage's schedule goes on."""
     require(bool(config.init), "continue_init continues the optimizer of init: give init")
     tensors, info = ckpt.load_train_state(ckpt.resolve(config.init))
+    theirs = info["train_config"].get("optimizer", "adamw")
+    require(theirs == config.optimizer, f"continue_init: {config.init} trained with {theirs}, this stage with "
+                                        f"{config.optimizer}; set optimizer={theirs} or continue_init=false")
     step = int(info["step"])
     require(step < config.max_steps, f"continue_init: {config.init} is at step {step}, past this stage's max_steps "
                                      f"{config.max_steps} (the schedule's whole span)")
