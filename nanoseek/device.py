@@ -30,9 +30,9 @@ def check_precision(precision: str) -> None:
 
 def autocast_for(device: torch.device, precision: str):
     """The training forward's context: bf16 autocast ("bf16", or "auto" on a GPU) or none
-    (also for "bf16" on a CPU without bf16 matmuls).
-    On a CPU with AVX-512 BF16 a random-token step runs faster in bf16 but the speedrun's corpus
-    does not (docs/LOG.md: "bf16 matmuls on the CPU"): measure before using it there."""
+    (also for "bf16" on a CPU without bf16 matmuls, where emulated bf16 would be far slower).
+    On a CPU with AVX-512 BF16 the model pads its experts' rows and writes its attention for
+    oneDNN's bf16 kernels (docs/LOG.md: "bf16 that pays")."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     if device.type == "cpu" and not cpu_has_bf16():

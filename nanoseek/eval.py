@@ -3,7 +3,8 @@
 Per task: pass@1 greedy (with a 95% Wilson interval), pass@1 sampled (the mean over k samples
 per problem, with a 95% interval over problems) and maj@k (the most frequent answer among the
 k), the format rate, the mean response length in tokens, and the greedy answers' tool use
-(calls per answer, answers with a call, calls that returned an error). All generation goes through the
+(calls per answer, answers with a call, calls that returned an error) and how the calls copied
+their operands (`copy_figures`). All generation goes through the
 engine, batched, k samples per problem from one prefill. Per-problem scores are kept (`correct`,
 `sampled_correct`) so that two models evaluated on the same problems can be compared pairwise
 (pipeline/compare.stage_gains).
@@ -16,6 +17,7 @@ checkpoints; `base` for a pretrained model, in the pretraining corpus's own form
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import nanoseek
@@ -83,6 +85,57 @@ def tool_use(outputs: list) -> dict[str, float]:
             "tool_error_rate": errors / len(calls) if calls else 0.0}
 
 
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
+# numbers a call may hold that the question need not write: half, twice, a dozen, a week, a day,
+# an hour, percent, a thousand
+CONSTANTS = {"1", "2", "3", "4", "7", "10", "12", "24", "60", "100", "1000", "0.5"}
+MISCOPIES = ("digit inserted or dropped", "digit changed", "brackets unbalanced", "another number")
+
+
+def numbers(text: str) -> list[str]:
+    """The numbers of a text as a call would write them: no thousands commas, no trailing zeros."""
+    out = []
+    for n in _NUMBER.findall(text):
+        n = n.replace(",", "").rstrip(",")
+        if "." in n:
+            n = n.rstrip("0").rstrip(".") or "0"
+        out.append(n)
+    return out
+
+
+def miscopy(wrong: str, sources: set[str]) -> str:
+    """The kind of slip that turns some source number into `wrong`."""
+    for s in sources:
+        if len(s) == len(wrong) and sum(a != b for a, b in zip(s, wrong)) == 1:
+            return "digit changed"
+        short, long = sorted((s, wrong), key=len)
+        if len(long) == len(short) + 1 and any(long[:i] + long[i + 1:] == short for i in range(len(long))):
+            return "digit inserted or dropped"
+    return "another number"
+
+
+def copy_figures(probs: list[Problem], outputs: list) -> dict:
+    """How the calls copied their operands: the share of calls whose every number is a number of
+    the question, an earlier call's result, or one of CONSTANTS; the others by kind of slip
+    (MISCOPIES: a call with unbalanced brackets counts there, whatever its numbers)."""
+    calls, copied, slips = 0, 0, Counter()
+    for p, out in zip(probs, outputs):
+        sources = set(numbers(p.question)) | CONSTANTS
+        for call in out.calls:
+            calls += 1
+            args = call["arguments"]
+            wrong = [n for n in numbers(args) if n not in sources]
+            if args.count("(") != args.count(")"):
+                slips["brackets unbalanced"] += 1
+            elif wrong:
+                slips[miscopy(wrong[0], sources - CONSTANTS)] += 1
+            else:
+                copied += 1
+            sources |= set(numbers(call["output"] or ""))
+    return {"operands_copied": copied / calls if calls else None,
+            "miscopies": {k: slips[k] for k in MISCOPIES if slips[k]}}
+
+
 def evaluate_task(engine: Engine, task: str, n: int = 100, k: int = 4, template: str = "chat",
                   max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, offset: int = 0) -> dict:
     """`task` names a held-out set (data/tasks.EVAL_SETS): a task, or gsm_symbolic_seen. `offset`
@@ -123,7 +176,7 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
                "correct": [int(r.accuracy) for r in rewards],  # per problem, for paired comparisons
                "format_rate": sum(r.format for r in rewards) / len(probs),
                "mean_length": sum(len(r.outputs[0].token_ids) for r in reqs) / len(probs),
-               **tool_use([r.outputs[0] for r in reqs])}
+               **tool_use([r.outputs[0] for r in reqs]), **copy_figures(probs, [r.outputs[0] for r in reqs])}
         if k > 0:
             votes_right = 0
             per_problem = []

@@ -91,9 +91,11 @@ def test_bench_train_ends_with_the_documented_json():
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("tokens_per_s", "mfu", "matmul_peak_flops", "hf_tokens_per_s", "speedup_vs_hf", "tokens_per_s_bf16",
-                "bf16_speedup", "matmul_peak_flops_bf16"):
+                "bf16_speedup", "matmul_peak_flops_bf16", "tokens_per_s_muon", "muon_share"):
         assert isinstance(result[key], float) and result[key] > 0, key
-    assert 0 < result["mfu"] < 1.5
+    assert 0 < result["mfu"] < 1.5 and 0 < result["muon_share"] < 1
+    assert result["optimizer_ms"]["muon"] > result["optimizer_ms"]["adamw"] > 0  # Newton-Schulz costs more
+    assert result["data"].startswith("the cpu recipe's corpus")
 
 
 def test_bench_cuda_runs_the_gpu_paths_tiny_on_the_cpu_and_says_so():

@@ -261,3 +261,29 @@ def test_rejection_sampling_runs_the_calculator_and_sft_masks_its_outputs(calc_m
         assert not inside or lab == -100  # an output token is never a label
         inside = inside and t != end
     assert outputs > 0 and (labels != -100).sum() > outputs
+
+
+def test_copy_figures_sort_each_call_by_where_its_numbers_came_from():
+    """A call's numbers come from the question, an earlier call's result or a listed constant;
+    otherwise the call is a miscopy of a kind: a digit changed, one inserted or dropped, brackets
+    lost, or another number."""
+    from types import SimpleNamespace
+
+    from nanoseek.data.tasks import Problem
+    from nanoseek.eval import copy_figures
+
+    def answer(*calls):
+        return SimpleNamespace(calls=[{"name": "calculator", "arguments": a, "output": o} for a, o in calls])
+
+    q = Problem("plain_arithmetic", "What is 1,234 + 4321 times 2.50?", "", {})
+    outputs = [answer(("1234+4321", "5555"), ("5555*2.5", "13887.5")),  # copied, then its own result
+               answer(("1234+43211", "44445")),  # a digit inserted
+               answer(("1234+4322", "5556")),  # a digit changed
+               answer(("(1234+4321", "error: ...")),  # a bracket lost
+               answer(("1234*987", "1217958")),  # another number
+               answer(("5555/100", "55.55"))]  # 5555 is in no source yet, 100 is a constant
+    figures = copy_figures([q] * len(outputs), outputs)
+    assert figures["operands_copied"] == 2 / 7
+    assert figures["miscopies"] == {"digit inserted or dropped": 1, "digit changed": 1, "brackets unbalanced": 1,
+                                    "another number": 2}
+    assert copy_figures([q], [answer()]) == {"operands_copied": None, "miscopies": {}}

@@ -100,6 +100,20 @@ def test_bf16_causal_attention_is_sdpa_within_bf16_precision():
     assert abs(float(bf16) - float(fp32)) < 0.02 * float(fp32)
 
 
+def test_the_probe_records_the_largest_attention_logit_of_a_forward():
+    """Queries twice as large give logits twice as large: the recorded maximum doubles."""
+    model, mla = _mla()
+    x = torch.randn(2, 12, model.config.hidden_size)
+    cos, sin = model.rotary(torch.arange(12)[None].expand(2, 12))
+    mla.probe = True
+    with torch.no_grad():
+        mla(x, cos, sin)
+        first = mla.max_logit
+        mla.q_b_proj.weight.mul_(2)
+        mla(x, cos, sin)
+    assert first > 0 and mla.max_logit == pytest.approx(2 * first, rel=1e-4)
+
+
 def test_gqa_baseline_is_one_flag_away():
     cfg = model_size("tiny").replace(attn_type="gqa", num_key_value_heads=1)
     model = Transformer(cfg)

@@ -88,8 +88,10 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots",
                     "## Recipe"):
         assert heading in md, heading
-    assert "| task | base | sft | rl | rl: calls per answer | rl: tool errors |" in md  # a row per task
-    peak = json.loads((out / "pretrain" / "stage.json").read_text())["peak_flops"]
+    assert ("| task | base | sft | rl | rl: calls per answer | rl: tool errors | rl: operands copied | "
+            "rl: miscopied calls |") in md  # a row per task
+    assert all("operands_copied" in r and "miscopies" in r for r in rep["eval"]["rl"].values())
+    peak = json.loads((out / "pretrain" / "stage.json").read_text())["fp32_peak_flops"]
     assert rep["peak_flops"] == peak > 1e8 and f"(matmul peak {peak / 1e9:,.0f} GFLOP/s)" in md  # beside the times
     assert ("sampled pass@1" in md) == bool(rep["eval"]["rl"]["chain_sum"].get("sampled_ci95"))
     assert "| plain_arithmetic | " in md and "| rl vs sft | chain_sum |" in md and "| total |" in md

@@ -41,6 +41,8 @@ def test_tiny_model_learns_the_embedded_corpus(tmp_path):
     assert first > 5.5  # ~ln(vocab) at the start
     assert last["main_loss"] < first - 1.5, (first, last)
     assert last["val_loss"] < first - 1.5, last
+    logits = [r["max_logit"] for r in rows if "val_loss" in r]  # each MLA layer's, the blocks' then MTP's
+    assert len(logits) == 2 and all(len(m) == 3 and all(0 < v < 100 for v in m) for m in logits), logits
     assert summary["step"] == 80 and {"tokens_per_s", "mfu", "grad_norm", "lr", "load_max"} <= set(last)
 
 

@@ -1,13 +1,18 @@
 """`nanoseek bench train`: training throughput and MFU, side by side with transformers.
 
-In one process, on one batch: the fp32 matmul peak of this machine, then training steps
-(forward, backward, AdamW) of nanoseek and of transformers' DeepseekV3ForCausalLM built
-from the same config, alternating, `repeats` rounds, medians reported. The head-to-head
-uses MTP off on both sides (transformers has no MTP training), so both do the same
-arithmetic; `speedup_vs_hf` is eager against eager, `speedup_vs_hf_compiled` ours with
-`compile_blocks()` (transformers eager). The preset as it trains (MTP on, eager) gives
-`tokens_per_s` and `mfu`, whose FLOPs include the MTP module; the same with bf16 matmuls
-(`precision=bf16`) gives `tokens_per_s_bf16`, `bf16_speedup` and `mfu_bf16` (of the bf16 peak).
+In one process, on the speedrun's kind of text (the cpu recipe's corpus of worked solutions and
+its tokenizer, made in seconds: real text routes tokens to the experts as unevenly as the
+speedrun does, which random tokens do not), each runner drawing the same batches in turn: the
+fp32 matmul peak of this machine, then training steps (forward, backward, clip, optimizer,
+balancing update) of nanoseek and of transformers' DeepseekV3ForCausalLM built from the same
+config, alternating, `repeats` rounds, medians reported. The head-to-head uses MTP off on both
+sides (transformers has no MTP training), fp32 on both, so both do the same arithmetic;
+`speedup_vs_hf` is eager against eager, `speedup_vs_hf_compiled` ours with `compile_blocks()`.
+The model as it trains (MTP on, eager) gives `tokens_per_s` and `mfu` in fp32, whose FLOPs
+include the MTP module; the same with bf16 matmuls (`precision=bf16`) gives `tokens_per_s_bf16`,
+`bf16_speedup` and `mfu_bf16` (of the bf16 peak), and with `optimizer=muon` (bf16)
+`tokens_per_s_muon` and `optimizer_ms` (the optimizer's step alone: AdamW's, Muon's with its
+Newton-Schulz iterations) with `muon_share` (Muon's part of its whole step).
 """
 
 from __future__ import annotations
@@ -19,13 +24,18 @@ import time
 
 import torch
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import ModelConfig, round_up
+from nanoseek.data.loader import PackedLoader, tokenize_documents
+from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.device import autocast_for, cpu_has_bf16
 from nanoseek.hf import config_to_hf
 from nanoseek.model import Transformer
 from nanoseek.pipeline.recipe import preset
+from nanoseek.pipeline.runners import pretraining_text
 from nanoseek.train.cost import measure_matmul_peak
 from nanoseek.train.optim import make_optimizer
+
+TEXT_DOCUMENTS = 4000  # of the cpu recipe's corpus: ~1M tokens, a few seconds to make
 
 
 def hf_config(cfg: ModelConfig):
@@ -35,28 +45,45 @@ def hf_config(cfg: ModelConfig):
     return DeepseekV3Config(**config_to_hf(cfg))
 
 
+def speedrun_text() -> tuple[torch.Tensor, int, int]:
+    """-> (tokens, tokenizer vocabulary, documents): the start of the cpu recipe's pretraining
+    text, tokenized by a tokenizer trained on it as the recipe's tokenizer stage does."""
+    recipe = preset("cpu")
+    st = recipe.first("tokenizer")
+    docs = list(pretraining_text(recipe, st))[:TEXT_DOCUMENTS]
+    tok = train_tokenizer(docs, vocab_size=st.config.vocab_size)
+    tokens, _ = tokenize_documents(docs, tok)
+    return tokens, tok.vocab_size, len(docs)
+
+
 def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, repeats: int = 5,
                 steps: int = 3) -> dict:
     torch.manual_seed(0)
-    cfg = preset(preset_name).model.config()
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
-    x, y = ids[:, :-1], ids[:, 1:]
+    text, vocab, documents = speedrun_text()
+    cfg = preset(preset_name).model.config().replace(vocab_size=round_up(vocab, 64))
     tokens = batch * seq_len
+    bf16 = autocast_for(torch.device("cpu"), "bf16")
 
-    ours_mtp = Transformer(cfg)
-    ours = Transformer(cfg.replace(num_nextn_predict_layers=0))
-    compiled = Transformer(cfg.replace(num_nextn_predict_layers=0))
+    def model(mtp: bool = True) -> Transformer:
+        torch.manual_seed(0)
+        return Transformer(cfg if mtp else cfg.replace(num_nextn_predict_layers=0))
+
+    compiled = model(mtp=False)
     compiled.compile_blocks()
     hf = _hf_model(cfg)
-    ours_bf16 = Transformer(cfg)  # the preset as it trains, its matmuls in bf16 (precision=bf16)
-    runners = {name: _stepper(m, x, y) for name, m in
-               (("ours", ours), ("ours_mtp", ours_mtp), ("ours_compiled", compiled), ("hf", hf)) if m is not None}
-    runners["ours_mtp_bf16"] = _stepper(ours_bf16, x, y, autocast_for(torch.device("cpu"), "bf16"))
+    runners = {"ours": Stepper(model(mtp=False), text, batch, seq_len),
+               "ours_mtp": Stepper(model(), text, batch, seq_len),
+               "ours_compiled": Stepper(compiled, text, batch, seq_len),
+               "ours_mtp_bf16": Stepper(model(), text, batch, seq_len, bf16),  # the model as it trains in bf16
+               "ours_mtp_bf16_muon": Stepper(model(), text, batch, seq_len, bf16, "muon")}
+    if hf is not None:
+        runners["hf"] = Stepper(hf, text, batch, seq_len)
     times: dict[str, list[float]] = {k: [] for k in runners}
     peaks, peaks_bf16 = [], []
     for run in runners.values():  # warm-up (and torch.compile's compilation)
         run()
         run()
+        run.optimizer_s.clear()
     for r in range(repeats):
         peaks.append(measure_matmul_peak(n=1024, repeats=2))
         peaks_bf16.append(measure_matmul_peak(n=1024, repeats=2, dtype=torch.bfloat16))
@@ -69,12 +96,15 @@ def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, re
               file=sys.stderr)
     peak = statistics.median(peaks)
     med = {k: statistics.median(v) for k, v in times.items()}
-    flops_tok = ours_mtp.flops_per_token(seq_len)
-    flops_tok_nomtp = ours.flops_per_token(seq_len)
+    opt_ms = {k: 1e3 * statistics.median(runners[name].optimizer_s)
+              for k, name in (("adamw", "ours_mtp_bf16"), ("muon", "ours_mtp_bf16_muon"))}
+    flops_tok = runners["ours_mtp"].model.flops_per_token(seq_len)
+    flops_tok_nomtp = runners["ours"].model.flops_per_token(seq_len)
     out = {
         "preset": preset_name, "batch": batch, "seq_len": seq_len, "repeats": repeats,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "params": ours_mtp.param_counts(),
+        "data": f"the cpu recipe's corpus ({documents:,} documents), its tokenizer ({vocab:,} entries)",
+        "params": runners["ours_mtp"].model.param_counts(),
         "matmul_peak_flops": peak,
         "tokens_per_s": tokens / med["ours_mtp"],
         "mfu": flops_tok * tokens / med["ours_mtp"] / peak,
@@ -86,6 +116,9 @@ def bench_train(preset_name: str = "cpu", batch: int = 8, seq_len: int = 256, re
         "tokens_per_s_bf16": tokens / med["ours_mtp_bf16"],
         "mfu_bf16": flops_tok * tokens / med["ours_mtp_bf16"] / statistics.median(peaks_bf16),
         "bf16_speedup": med["ours_mtp"] / med["ours_mtp_bf16"],
+        "tokens_per_s_muon": tokens / med["ours_mtp_bf16_muon"],
+        "optimizer_ms": opt_ms,
+        "muon_share": opt_ms["muon"] / 1e3 / med["ours_mtp_bf16_muon"],
     }
     if "hf" in med:
         out.update({"hf_tokens_per_s": tokens / med["hf"], "hf_mfu": flops_tok_nomtp * tokens / med["hf"] / peak,
@@ -107,25 +140,31 @@ def _hf_model(cfg: ModelConfig):
     return model.train()
 
 
-def _stepper(model, x, y, autocast=None):
-    """One training step of either model: loss, backward, clip, AdamW (and nanoseek's bias update),
-    the forward under `autocast` if given (as the training loop runs it)."""
-    opt = make_optimizer(model, 1e-4)
-    model.train()
-    ours = isinstance(model, Transformer)
+class Stepper:
+    """One training step of either model on the next batch of the text: loss, backward, clip, the
+    optimizer (timed on its own) and nanoseek's bias update, the forward under `autocast` if given
+    (as the training loop runs it)."""
 
-    def step():
-        if ours:
-            with autocast or contextlib.nullcontext():
-                loss = model.loss(x, y)["loss"]
+    def __init__(self, model, text: torch.Tensor, batch: int, seq_len: int, autocast=None, optimizer: str = "adamw"):
+        self.model, self.autocast = model.train(), autocast or contextlib.nullcontext()
+        self.loader = PackedLoader(text, seq_len, batch, seed=0)  # every runner reads the same batches
+        self.opt = make_optimizer(model, 1e-4, kind=optimizer)
+        self.ours = isinstance(model, Transformer)
+        self.optimizer_s: list[float] = []
+
+    def __call__(self) -> None:
+        x, y = self.loader.next_batch()
+        if self.ours:
+            with self.autocast:
+                loss = self.model.loss(x, y)["loss"]
         else:
-            logits = model(input_ids=x).logits
+            logits = self.model(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ours:
-            model.update_bias()
-
-    return step
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        t = time.perf_counter()
+        self.opt.step()
+        self.optimizer_s.append(time.perf_counter() - t)
+        self.opt.zero_grad(set_to_none=True)
+        if self.ours:
+            self.model.update_bias()

@@ -69,6 +69,9 @@ def bf16_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 
 class MLA(nn.Module):
+    probe = False  # set: a naive forward records its largest attention logit in max_logit
+    max_logit = float("nan")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -116,6 +119,11 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.probe:  # what QK-clip would watch (Kimi K2): the logits SDPA does not return
+            logits = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+            T, S = logits.shape[-2:]
+            seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[:, None]
+            self.max_logit = float(logits.masked_fill(~seen, float("-inf")).amax())
         if mask is None and bf16_on_cpu(q):
             return bf16_causal_attention(q, k, v, self.scale).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],

@@ -140,8 +140,9 @@ def build_report(out: Path, recipe: Recipe) -> dict[str, Any]:
     return {
         "recipe": recipe.name,
         "device": pre.cost.device if pre else None,
-        # the pretraining's measured matmul peak (FLOP/s), or this host's now for a run without one
-        "peak_flops": (pre and pre.peak_flops) or (peak_flops(torch.device("cpu")) if device_type == "cpu" else None),
+        # the pretraining's measured fp32 matmul peak (FLOP/s), or this host's now for a run without one
+        "peak_flops": (pre and (pre.fp32_peak_flops or pre.peak_flops))
+                      or (peak_flops(torch.device("cpu")) if device_type == "cpu" else None),
         "price_per_device_hour": price,
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
         "data": {"pretrain_tokens": pre and pre.cost.tokens, "sft_tokens": sft and sft.cost.tokens,

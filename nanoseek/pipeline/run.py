@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nanoseek.config import require
+from nanoseek.device import cpu_has_bf16
 from nanoseek.model import Transformer
 from nanoseek.pipeline.compare import evaluate_stages
 from nanoseek.pipeline.recipe import FILLED, Recipe, budget, to_json
@@ -139,6 +140,7 @@ def ablation_eval(recipe: Recipe, out: Path, variants: list[str], folder: Path) 
 # Seconds per unit of work of the cpu model on the 2-core machine (docs/BENCHMARKS.md): the ETA
 # the progress display shows, for recipes of the cpu model. Others show elapsed time only.
 CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 6.0, "generation": 0.06, "report": 30.0}
+BF16_TRAIN = 1.4  # a bf16 training step's speed-up on a CPU with bf16 units (docs/LOG.md: "bf16 that pays")
 
 
 def estimates(recipe: Recipe) -> dict[str, float]:
@@ -152,7 +154,8 @@ def estimates(recipe: Recipe) -> dict[str, float]:
         if st.kind in ("tokenizer", "report"):
             eta[st.name] = c[st.kind]
         elif st.kind in ("pretrain", "sft"):
-            eta[st.name] = k.max_steps * k.batch_size * k.seq_len * c["train_token"]
+            speed = BF16_TRAIN if k.precision == "bf16" and cpu_has_bf16() else 1.0
+            eta[st.name] = k.max_steps * k.batch_size * k.seq_len * k.grad_accum * c["train_token"] / speed
         elif st.kind == "grpo":  # updates skip the groups without signal
             eta[st.name] = (k.max_steps * c["rl_step"] * k.prompts_per_step * k.group_size / 64
                             * (0.72 if k.dynamic_sampling else 1.0))

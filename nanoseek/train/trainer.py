@@ -34,6 +34,7 @@ from nanoseek.data.tasks import ALL_TASKS, TASKS
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.device import autocast_for, check_precision, pick_device
 from nanoseek.model import IGNORE_INDEX, Transformer
+from nanoseek.model.mla import MLA
 from nanoseek.train import dist
 from nanoseek.train.cost import CostLedger, peak_flops
 from nanoseek.train.fp8 import check_device, enable_fp8
@@ -178,6 +179,8 @@ def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     autocast = autocast_for(loop.device, config.precision)
     bf16 = isinstance(autocast, torch.autocast)
     peak = peak_flops(loop.device, torch.bfloat16 if bf16 else torch.float32) * ranks.world  # MFU: of the peak in use
+    # the host's fp32 peak beside every time, whatever the run computes in (a CPU's: a GPU's is its bf16 one)
+    fp32_peak = peak_flops(loop.device) if bf16 and loop.device.type == "cpu" else peak / ranks.world
     counts = model.param_counts()
     say(show, f"nanoseek {config.stage}: {model.config.num_hidden_layers} layers, "
               f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
@@ -235,7 +238,8 @@ def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     say(show, loop.ledger.summary())
     return {"step": loop.step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
             "checkpoint": str((loop.folder / "latest").resolve()), "cost": loop.ledger.to_dict(),
-            "peak_flops": peak / ranks.world}  # the matmul peak its MFU is of, per device
+            "peak_flops": peak / ranks.world,  # the matmul peak its MFU is of, per device
+            "fp32_peak_flops": fp32_peak}
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,13 +442,35 @@ def skip_step(loop: Loop, bad_in_a_row: int) -> None:
 
 
 def validation_losses(loop: Loop) -> dict[str, float]:
-    """val_loss, and val_loss_ema of the averaged weights the checkpoint holds (every rank: FSDP)."""
+    """val_loss, and val_loss_ema of the averaged weights the checkpoint holds, and each layer's
+    largest attention logit on the first validation batch (every rank: FSDP)."""
     tokens, labels = loop.val
-    row = {"val_loss": round(evaluate(loop.model, tokens, loop.config, loop.device, labels, loop.forward), 5)}
+    row = {"val_loss": round(evaluate(loop.model, tokens, loop.config, loop.device, labels, loop.forward), 5),
+           "max_logit": max_attention_logits(loop)}
     if loop.average:
         with loop.average.swapped():
             row["val_loss_ema"] = round(evaluate(loop.model, tokens, loop.config, loop.device, labels, loop.forward), 5)
     return row
+
+
+@torch.no_grad()
+def max_attention_logits(loop: Loop) -> list[float]:
+    """The largest q.k logit (scaled) of each MLA layer (the blocks', then MTP's) on the first
+    validation batch: the logits grow when attention goes unstable, as Kimi K2 saw under Muon."""
+    attns = [m for m in loop.model.modules() if isinstance(m, MLA)]
+    tokens, labels = loop.val
+    x, y = next(iter(val_batches(tokens, loop.config.seq_len, loop.config.batch_size, 1, labels)))
+    was_training = loop.model.training
+    loop.model.eval()
+    for a in attns:
+        a.probe = True
+    try:
+        loop.forward(x.to(loop.device), y.to(loop.device))
+    finally:
+        for a in attns:
+            a.probe = False
+        loop.model.train(was_training)
+    return [round(a.max_logit, 2) for a in attns]
 
 
 @torch.no_grad()
