@@ -269,7 +269,9 @@ def add_speedrun(sub) -> None:
     p.add_argument("--out", default="runs/speedrun")
     p.add_argument("--ablate", action="store_true",
                    help="also train the same budget dense (same active parameters), without MTP, with an MHA cache "
-                        "and without the calculator, and compare them after the cold start: OUT/ablations.md")
+                        "and without the calculator; the other precision (fp32 / bf16) and optimizer (adamw / muon) "
+                        "at the same training minutes, the other optimizer at the same steps (these three add about "
+                        "an hour on the cpu recipe); compare them after the cold start: OUT/ablations.md")
     p.add_argument("--smoke", action="store_true",
                    help="the recipe's architecture (experts, routing groups, MTP) at the tiny model's size and "
                         "budget: a minutes-long CPU check of a GPU recipe's code path")

@@ -235,7 +235,14 @@ def test_every_recipe_file_resolves_and_a_copy_runs(tmp_path, capsys):
             p = _plan("--preset", name, *smoke, "--ablate")
             assert [s["name"] for s in p["recipe"]["stages"]] == ["tokenizer", "pretrain", "sft", "rl", "eval",
                                                                     "final", "report"]
-            assert set(p["ablations"]) == {"dense", "no_mtp", "mha", "no_calculator"}
+            other = "fp32" if name.startswith("gpu") or p["recipe"]["stages"][1]["config"]["precision"] == "bf16" \
+                else "bf16"
+            assert set(p["ablations"]) == {"dense", "no_mtp", "mha", "no_calculator", other, "muon",
+                                           "muon_same_minutes"}
+            pre = {n: _stage(v, "pretrain") for n, v in p["ablations"].items()}
+            steps = p["recipe"]["stages"][1]["config"]["max_steps"]
+            assert pre["muon"]["max_steps"] == steps and pre["muon"]["optimizer"] == "muon"
+            assert pre["muon_same_minutes"]["max_steps"] < steps and pre[other]["precision"] == other
             assert (p["cost"] is not None) == (name.startswith("gpu"))
     text = _plan_output("--preset", "gpu8").err  # the readable plan: a line a stage, then its cost
     assert "  pretrain  pretrain " in text and '"parallel": "fsdp"' not in text and 'parallel="fsdp"' in text
@@ -280,7 +287,14 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["ablations"]["variants"].keys() >= {"dense", "mha"}
     rep = json.loads((out / "ablations.json").read_text())
     v = rep["variants"]
-    assert list(v) == ["deepseek", "dense", "no_mtp", "mha", "no_calculator"]
+    from nanoseek.pipeline.recipe import load_recipe
+
+    other = "fp32" if load_recipe("tiny").first("pretrain").config.precision == "bf16" else "bf16"
+    assert list(v) == ["deepseek", "dense", "no_mtp", "mha", "no_calculator", other, "muon", "muon_same_minutes"]
+    trained = {n: json.loads((out / f"ablate/{n}/pretrain/latest/train_state.json").read_text())["train_config"]
+               for n in (other, "muon", "muon_same_minutes")}
+    assert trained[other]["precision"] == other and trained["muon"]["optimizer"] == "muon"
+    assert trained["muon_same_minutes"]["max_steps"] < trained["muon"]["max_steps"]
     import nanoseek
 
     configs = {n: nanoseek.load(out / ("pretrain" if n == "deepseek" else f"ablate/{n}/pretrain") / "latest")[0].config
@@ -295,8 +309,7 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
         assert row["pretrain_wall_s"] > 0 and row["val_loss"] > 0, n
         assert set(rep["eval"][n]) == {"chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
                                        "gsm_symbolic_seen"}
-    assert set(rep["gains"]) == {"dense vs deepseek", "no_mtp vs deepseek", "mha vs deepseek",
-                                 "no_calculator vs deepseek"}
+    assert set(rep["gains"]) == {f"{n} vs deepseek" for n in v if n != "deepseek"}
     # without the calculator: the same model, its own corpus of the same problems, no calls in it
     plain = [json.loads(line)["text"] for line in (out / "ablate/no_calculator/corpus.jsonl").read_text().splitlines()]
     calls = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]

@@ -258,7 +258,10 @@ def recipe_section(out: Path) -> str:
 
 ABLATION_TITLES = {"deepseek": "MLA + MoE + MTP (the speedrun)", "dense": "dense FFN, same active parameters",
                    "no_mtp": "no MTP", "mha": "multi-head attention cache instead of MLA",
-                   "no_calculator": "no calculator: results worked out in the text"}
+                   "no_calculator": "no calculator: results worked out in the text",
+                   "fp32": "fp32 matmuls, the same training minutes", "bf16": "bf16 matmuls, the same training minutes",
+                   "muon": "Muon, the same steps", "muon_same_minutes": "Muon, the same training minutes",
+                   "adamw": "AdamW, the same steps", "adamw_same_minutes": "AdamW, the same training minutes"}
 
 
 def write_ablations(out: Path, recipe: Recipe) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from nanoseek.pipeline.report import write_ablations
 from nanoseek.pipeline.results import DONE
 from nanoseek.pipeline.runners import Place, resolve, run_stage
 from nanoseek.pipeline.stages import Job, main_process, run_stages
-from nanoseek.recipes.variants import ablations
+from nanoseek.recipes.variants import BF16_TRAIN, ablations
 from nanoseek.train.cost import DEFAULT_PRICES, GPU_PEAKS
 from nanoseek.train.runlog import say
 
@@ -140,7 +140,6 @@ def ablation_eval(recipe: Recipe, out: Path, variants: list[str], folder: Path) 
 # Seconds per unit of work of the cpu model on the 2-core machine (docs/BENCHMARKS.md): the ETA
 # the progress display shows, for recipes of the cpu model. Others show elapsed time only.
 CPU_SECONDS = {"tokenizer": 30.0, "train_token": 3.4e-4, "rl_step": 6.0, "generation": 0.06, "report": 30.0}
-BF16_TRAIN = 1.4  # a bf16 training step's speed-up on a CPU with bf16 units (docs/LOG.md: "bf16 that pays")
 
 
 def estimates(recipe: Recipe) -> dict[str, float]:

@@ -8,6 +8,11 @@ import dataclasses
 from nanoseek.config import SIZES, round_up
 from nanoseek.pipeline.recipe import Recipe, vary
 
+# the cpu model's training step, measured side by side on the speedrun's corpus (docs/LOG.md):
+# bf16 against fp32 ("bf16 that pays"), AdamW against Muon on every block matrix ("Muon")
+BF16_TRAIN = 1.4
+MUON_STEP = 1.45
+
 
 def smoke(recipe: Recipe) -> Recipe:
     """The recipe's code path in seconds on a CPU: its model at the tiny size's depth, width,
@@ -31,7 +36,10 @@ def ablations(recipe: Recipe) -> dict[str, Recipe]:
     MoE model's mean active feed-forward (shared + routed experts, and its dense first layer), so
     the active parameters match; no_mtp: no multi-token prediction module; mha: multi-head
     attention (GQA with a key/value head per head) and its full cache instead of MLA;
-    no_calculator: every result worked out in the text (with its own corpus and tokenizer)."""
+    no_calculator: every result worked out in the text (with its own corpus and tokenizer); the
+    other precision (fp32 or bf16) and the other optimizer (muon or adamw) at the same training
+    minutes (their steps scaled by the measured step times), and the other optimizer at the same
+    steps."""
     cfg = recipe.model.config()
     L, k = cfg.num_hidden_layers, cfg.first_k_dense_replace
     active = (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
@@ -43,4 +51,18 @@ def ablations(recipe: Recipe) -> dict[str, Recipe]:
            for name, c in changes.items()}
     if recipe.calculator:
         out["no_calculator"] = vary(recipe, calculator=False)
+    train = [s for s in recipe.stages if s.kind in ("pretrain", "sft")]
+    if not train:
+        return out
+
+    def each(speed: float, **change) -> dict:  # every training stage changed, its steps * speed
+        return {s.name: dict(change, max_steps=max(1, round(s.config.max_steps * speed))) for s in train}
+
+    bf16 = train[0].config.precision == "bf16" or (train[0].config.precision == "auto" and recipe.gpus > 0)
+    other = "fp32" if bf16 else "bf16"
+    out[other] = vary(recipe, **each(1 / BF16_TRAIN if bf16 else BF16_TRAIN, precision=other))
+    muon = train[0].config.optimizer == "muon"
+    other = "adamw" if muon else "muon"
+    out[other] = vary(recipe, **each(1.0, optimizer=other))
+    out[f"{other}_same_minutes"] = vary(recipe, **each(MUON_STEP if muon else 1 / MUON_STEP, optimizer=other))
     return out
