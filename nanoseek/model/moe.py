@@ -97,6 +97,7 @@ class Experts(nn.Module):
         if bf16_on_cpu(x):  # one cast of each weight and of the rows, not one per expert
             dtype = compute_dtype(x)
             routed, gate_up, down = routed.to(dtype), gate_up.to(dtype), down.to(dtype)
+        if bf16_on_cpu(x) and self.training:  # (a decode step's few rows would mostly be padding)
             padded = (counts + BF16_ROWS - 1) // BF16_ROWS * BF16_ROWS
             shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
             slots = torch.arange(len(token)) + shift[flat[order]]
