@@ -142,7 +142,7 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Presets: a few points on the (depth, width) dials.
+# Sizes: a few points on the (depth, width) dials.
 
 def derive(depth: int, width: int, *, experts: int = 8, active: int = 2, shared: int = 1,
            groups: int = 1, topk_groups: int = 1, vocab_size: int = 4096, mtp: int = 1,

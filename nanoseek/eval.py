@@ -96,18 +96,18 @@ def numbers(text: str) -> list[str]:
     """The numbers of a text as a call would write them: no thousands commas, no trailing zeros."""
     out = []
     for n in _NUMBER.findall(text):
-        n = n.replace(",", "").rstrip(",")
+        n = n.replace(",", "")
         if "." in n:
-            n = n.rstrip("0").rstrip(".") or "0"
+            n = ("0" + n if n.startswith(".") else n).rstrip("0").rstrip(".")
         out.append(n)
     return out
 
 
 def miscopy(wrong: str, sources: set[str]) -> str:
-    """The kind of slip that turns some source number into `wrong`."""
+    """The kind of slip that turns some source number into `wrong` (the first kind that fits any)."""
+    if any(len(s) == len(wrong) and sum(a != b for a, b in zip(s, wrong)) == 1 for s in sources):
+        return "digit changed"
     for s in sources:
-        if len(s) == len(wrong) and sum(a != b for a, b in zip(s, wrong)) == 1:
-            return "digit changed"
         short, long = sorted((s, wrong), key=len)
         if len(long) == len(short) + 1 and any(long[:i] + long[i + 1:] == short for i in range(len(long))):
             return "digit inserted or dropped"

@@ -53,7 +53,7 @@ def tok(corpus):
 
 
 def llama(path, **kw) -> Llama:
-    """llama.cpp on one GGUF at the tiny preset's context, with an f32 KV cache unless asked."""
+    """llama.cpp on one GGUF at the tiny model's context, with an f32 KV cache unless asked."""
     return bench_gguf.llama(path, **{"n_ctx": 512, "type_k": 0, "type_v": 0, **kw})
 
 

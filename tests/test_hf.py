@@ -42,7 +42,7 @@ def tok():
 
 
 def random_model(seed=0, **changes) -> Transformer:
-    """The tiny preset with every weight random, norms and routing biases included, so that
+    """The tiny model with every weight random, norms and routing biases included, so that
     a name or layout mistake anywhere changes the logits."""
     torch.manual_seed(seed)
     model = Transformer(model_size("tiny").replace(**changes))

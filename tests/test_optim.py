@@ -79,26 +79,27 @@ def _reference_newton_schulz(g: torch.Tensor) -> torch.Tensor:
 def test_newton_schulz_orthogonalizes_each_expert_and_runs_in_fp32_without_bf16(monkeypatch, has_bf16):
     """Each matrix of a [E, m, n] stack comes out near-orthogonal (singular values ~1), computed
     on its own; without bf16 units the iteration is the fp32 one exactly, with them it is bf16's."""
-    import nanoseek.train.optim as optim
+    import nanoseek.train.muon as muon
 
-    monkeypatch.setattr(optim, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(muon, "cpu_has_bf16", lambda: has_bf16)
     g = torch.randn(3, 24, 40) * torch.tensor([1.0, 100.0, 0.01])[:, None, None]
-    out = optim.orthogonalize(g)
+    out = muon.orthogonalize(g)
     assert out.dtype == torch.float32 and out.shape == g.shape
     for i in range(3):
         s = torch.linalg.svdvals(out[i])
         assert 0.5 < s.min() and s.max() < 1.3, s  # the quintic's band around 1, whatever the scale
         ref = _reference_newton_schulz(g[i])
-        assert torch.equal(out[i], ref) != has_bf16  # fp32 exactly, or bf16's rounding
-        torch.testing.assert_close(out[i], ref, atol=0.05, rtol=0.1)
-    tall = optim.orthogonalize(torch.randn(40, 24))
+        gap = float((out[i] - ref).abs().max())
+        assert gap > 1e-3 if has_bf16 else gap < 1e-5, gap  # bf16's rounding, or the fp32 iteration itself
+        assert gap < 0.05
+    tall = muon.orthogonalize(torch.randn(40, 24))
     assert torch.linalg.svdvals(tall).min() > 0.5
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     from nanoseek.config import model_size
     from nanoseek.model import Transformer
-    from nanoseek.train.optim import Muon
+    from nanoseek.train.muon import Muon
 
     torch.manual_seed(0)
     model = Transformer(model_size("tiny"))
@@ -122,12 +123,15 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert any(k.endswith("momentum_buffer") for k in tensors) and any(k.endswith("exp_avg_sq") for k in tensors)
     again = make_optimizer(model, 1e-3, kind="muon")
     load_optimizer_state(again, tensors, info)
-    for a, b in zip(again.state_dict()["state"].values(), opt.state_dict()["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    mine, theirs = again.state_dict()["state"], opt.state_dict()["state"]
+    assert len(mine) == len(theirs) == len(names)
+    for a, b in zip(mine.values(), theirs.values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert "step" not in a or (a["step"].dtype == torch.float32 and a["step"].device == torch.device("cpu"))
 
 
 def test_muons_adamw_groups_step_as_torchs_adamw():
-    from nanoseek.train.optim import Muon
+    from nanoseek.train.muon import Muon
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)

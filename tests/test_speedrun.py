@@ -17,6 +17,7 @@ from conftest import open_data_copies
 
 from nanoseek import checkpoint as ckpt
 from nanoseek.cli import main
+from nanoseek.device import cpu_has_bf16
 from nanoseek.pipeline import runners
 
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
@@ -235,14 +236,18 @@ def test_every_recipe_file_resolves_and_a_copy_runs(tmp_path, capsys):
             p = _plan("--preset", name, *smoke, "--ablate")
             assert [s["name"] for s in p["recipe"]["stages"]] == ["tokenizer", "pretrain", "sft", "rl", "eval",
                                                                     "final", "report"]
-            other = "fp32" if name.startswith("gpu") or p["recipe"]["stages"][1]["config"]["precision"] == "bf16" \
-                else "bf16"
-            assert set(p["ablations"]) == {"dense", "no_mtp", "mha", "no_calculator", other, "muon",
-                                           "muon_same_minutes"}
+            mine = _stage(p, "pretrain")
+            other = {"bf16": "fp32", "fp32": "bf16", "auto": "bf16"}[mine["precision"]]
+            # a CPU recipe also at the same minutes: the other optimizer, the other precision (with bf16 units)
+            cpu = [] if name.startswith("gpu") else ["muon_same_minutes"] + [other] * cpu_has_bf16()
+            assert set(p["ablations"]) == {"dense", "no_mtp", "mha", "no_calculator", "muon", *cpu}
             pre = {n: _stage(v, "pretrain") for n, v in p["ablations"].items()}
-            steps = p["recipe"]["stages"][1]["config"]["max_steps"]
-            assert pre["muon"]["max_steps"] == steps and pre["muon"]["optimizer"] == "muon"
-            assert pre["muon_same_minutes"]["max_steps"] < steps and pre[other]["precision"] == other
+            assert pre["muon"]["optimizer"] == "muon" and pre["muon"]["max_steps"] == mine["max_steps"]
+            assert pre["muon"]["lr"] == pytest.approx(2 * mine["lr"])  # Muon's measured best
+            if cpu:
+                assert pre["muon_same_minutes"]["max_steps"] < mine["max_steps"]
+            if other in cpu:
+                assert pre[other]["precision"] == other and pre[other]["max_steps"] != mine["max_steps"]
             assert (p["cost"] is not None) == (name.startswith("gpu"))
     text = _plan_output("--preset", "gpu8").err  # the readable plan: a line a stage, then its cost
     assert "  pretrain  pretrain " in text and '"parallel": "fsdp"' not in text and 'parallel="fsdp"' in text
@@ -290,10 +295,11 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     from nanoseek.pipeline.recipe import load_recipe
 
     other = "fp32" if load_recipe("tiny").first("pretrain").config.precision == "bf16" else "bf16"
-    assert list(v) == ["deepseek", "dense", "no_mtp", "mha", "no_calculator", other, "muon", "muon_same_minutes"]
+    precision = [other] if cpu_has_bf16() else []
+    assert list(v) == ["deepseek", "dense", "no_mtp", "mha", "no_calculator", "muon", "muon_same_minutes", *precision]
     trained = {n: json.loads((out / f"ablate/{n}/pretrain/latest/train_state.json").read_text())["train_config"]
-               for n in (other, "muon", "muon_same_minutes")}
-    assert trained[other]["precision"] == other and trained["muon"]["optimizer"] == "muon"
+               for n in ("muon", "muon_same_minutes", *precision)}
+    assert all(trained[n]["precision"] == other for n in precision) and trained["muon"]["optimizer"] == "muon"
     assert trained["muon_same_minutes"]["max_steps"] < trained["muon"]["max_steps"]
     import nanoseek
 
@@ -327,7 +333,7 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
 
 
 def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tmp_path, monkeypatch):
-    """`--smoke`: the GPU preset's expert layout and group-limited routing at the tiny preset's
+    """`--smoke`: the GPU preset's expert layout and group-limited routing at the tiny model's
     size and budget, on its open sets by name (FineWeb-Edu and FineMath, here local copies the
     environment points at) and GSM8K from a folder, every stage through to the report card."""
     import nanoseek

@@ -30,7 +30,7 @@ from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.device import autocast_for, cpu_has_bf16
 from nanoseek.hf import config_to_hf
 from nanoseek.model import Transformer
-from nanoseek.pipeline.recipe import preset
+from nanoseek.pipeline.recipe import preset, vary
 from nanoseek.pipeline.runners import pretraining_text
 from nanoseek.train.cost import measure_matmul_peak
 from nanoseek.train.optim import make_optimizer
@@ -49,9 +49,11 @@ def speedrun_text() -> tuple[torch.Tensor, int, int]:
     """-> (tokens, tokenizer vocabulary, documents): the start of the cpu recipe's pretraining
     text, tokenized by a tokenizer trained on it as the recipe's tokenizer stage does."""
     recipe = preset("cpu")
-    st = recipe.first("tokenizer")
-    docs = list(pretraining_text(recipe, st))[:TEXT_DOCUMENTS]
-    tok = train_tokenizer(docs, vocab_size=st.config.vocab_size)
+    c = recipe.first("tokenizer").config
+    scale = TEXT_DOCUMENTS / sum(c.documents.values())  # the recipe's mix of tasks, fewer of each
+    recipe = vary(recipe, tokenizer=dict(documents={t: max(1, round(n * scale)) for t, n in c.documents.items()}))
+    docs = list(pretraining_text(recipe, recipe.first("tokenizer")))
+    tok = train_tokenizer(docs, vocab_size=c.vocab_size)
     tokens, _ = tokenize_documents(docs, tok)
     return tokens, tok.vocab_size, len(docs)
 

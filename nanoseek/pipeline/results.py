@@ -49,7 +49,7 @@ class TrainResult:
     loss: float | None = None
     val_loss: float | None = None
     peak_flops: float | None = None  # the matmul peak its MFU is of, per device
-    fp32_peak_flops: float | None = None  # the host's fp32 matmul peak (a CPU's), the figure times are read beside
+    fp32_peak_flops: float | None = None  # a CPU's fp32 matmul peak, the figure its times are read beside
     reward: float | None = None  # GRPO's
     accuracy: float | None = None
     stage_wall_s: float = 0.0

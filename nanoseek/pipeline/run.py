@@ -27,7 +27,7 @@ from nanoseek.pipeline.report import write_ablations
 from nanoseek.pipeline.results import DONE
 from nanoseek.pipeline.runners import Place, resolve, run_stage
 from nanoseek.pipeline.stages import Job, main_process, run_stages
-from nanoseek.recipes.variants import BF16_TRAIN, ablations
+from nanoseek.recipes.variants import BF16_TRAIN, MUON_STEP, ablations
 from nanoseek.train.cost import DEFAULT_PRICES, GPU_PEAKS
 from nanoseek.train.runlog import say
 
@@ -153,7 +153,8 @@ def estimates(recipe: Recipe) -> dict[str, float]:
         if st.kind in ("tokenizer", "report"):
             eta[st.name] = c[st.kind]
         elif st.kind in ("pretrain", "sft"):
-            speed = BF16_TRAIN if k.precision == "bf16" and cpu_has_bf16() else 1.0
+            speed = (BF16_TRAIN if k.precision == "bf16" and cpu_has_bf16() else 1.0) / (
+                MUON_STEP if k.optimizer == "muon" else 1.0)
             eta[st.name] = k.max_steps * k.batch_size * k.seq_len * k.grad_accum * c["train_token"] / speed
         elif st.kind == "grpo":  # updates skip the groups without signal
             eta[st.name] = (k.max_steps * c["rl_step"] * k.prompts_per_step * k.group_size / 64

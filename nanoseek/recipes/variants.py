@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 
 from nanoseek.config import SIZES, round_up
+from nanoseek.device import cpu_has_bf16
 from nanoseek.pipeline.recipe import Recipe, vary
 
-# the cpu model's training step, measured side by side on the speedrun's corpus (docs/LOG.md):
-# bf16 against fp32 ("bf16 that pays"), AdamW against Muon on every block matrix ("Muon")
+# the cpu model's training step on a CPU, measured side by side on the speedrun's corpus (docs/LOG.md):
+# bf16 against fp32 ("bf16 that pays"), AdamW against Muon on every block matrix ("Muon on the cpu model")
 BF16_TRAIN = 1.4
 MUON_STEP = 1.45
+MUON_LR = 2.0  # Muon's lr against AdamW's: 2x did better than 1x on the cpu model (same entry)
 
 
 def smoke(recipe: Recipe) -> Recipe:
@@ -37,9 +39,9 @@ def ablations(recipe: Recipe) -> dict[str, Recipe]:
     the active parameters match; no_mtp: no multi-token prediction module; mha: multi-head
     attention (GQA with a key/value head per head) and its full cache instead of MLA;
     no_calculator: every result worked out in the text (with its own corpus and tokenizer); the
-    other precision (fp32 or bf16) and the other optimizer (muon or adamw) at the same training
-    minutes (their steps scaled by the measured step times), and the other optimizer at the same
-    steps."""
+    other optimizer (muon at MUON_LR x the lr, or adamw) at the same steps; on a CPU recipe also
+    the other optimizer and (where the CPU has bf16 units) the other precision at the same
+    training minutes, their steps scaled by the cpu model's measured step times."""
     cfg = recipe.model.config()
     L, k = cfg.num_hidden_layers, cfg.first_k_dense_replace
     active = (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
@@ -55,14 +57,18 @@ def ablations(recipe: Recipe) -> dict[str, Recipe]:
     if not train:
         return out
 
-    def each(speed: float, **change) -> dict:  # every training stage changed, its steps * speed
-        return {s.name: dict(change, max_steps=max(1, round(s.config.max_steps * speed))) for s in train}
+    def each(speed: float, lr: float = 1.0, **change) -> dict:  # every training stage: steps * speed, lr * lr
+        return {s.name: dict(change, max_steps=max(1, round(s.config.max_steps * speed)), lr=s.config.lr * lr)
+                for s in train}
 
-    bf16 = train[0].config.precision == "bf16" or (train[0].config.precision == "auto" and recipe.gpus > 0)
-    other = "fp32" if bf16 else "bf16"
-    out[other] = vary(recipe, **each(1 / BF16_TRAIN if bf16 else BF16_TRAIN, precision=other))
     muon = train[0].config.optimizer == "muon"
-    other = "adamw" if muon else "muon"
-    out[other] = vary(recipe, **each(1.0, optimizer=other))
-    out[f"{other}_same_minutes"] = vary(recipe, **each(MUON_STEP if muon else 1 / MUON_STEP, optimizer=other))
+    other = dict(optimizer="adamw", lr=1 / MUON_LR) if muon else dict(optimizer="muon", lr=MUON_LR)
+    out[other["optimizer"]] = vary(recipe, **each(1.0, **other))
+    if recipe.gpus:  # the step times above are a CPU's
+        return out
+    out[f"{other['optimizer']}_same_minutes"] = vary(recipe, **each(MUON_STEP if muon else 1 / MUON_STEP, **other))
+    if cpu_has_bf16():  # (without bf16 units both precisions run fp32)
+        bf16 = train[0].config.precision == "bf16"
+        out["fp32" if bf16 else "bf16"] = vary(recipe, **each(1 / BF16_TRAIN if bf16 else BF16_TRAIN,
+                                                               precision="fp32" if bf16 else "bf16"))
     return out

@@ -179,8 +179,8 @@ def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
     autocast = autocast_for(loop.device, config.precision)
     bf16 = isinstance(autocast, torch.autocast)
     peak = peak_flops(loop.device, torch.bfloat16 if bf16 else torch.float32) * ranks.world  # MFU: of the peak in use
-    # the host's fp32 peak beside every time, whatever the run computes in (a CPU's: a GPU's is its bf16 one)
-    fp32_peak = peak_flops(loop.device) if bf16 and loop.device.type == "cpu" else peak / ranks.world
+    # a CPU's fp32 peak, printed beside every time whatever the run computes in (a GPU's figure is its bf16 peak)
+    fp32_peak = None if loop.device.type != "cpu" else peak_flops(loop.device) if bf16 else peak / ranks.world
     counts = model.param_counts()
     say(show, f"nanoseek {config.stage}: {model.config.num_hidden_layers} layers, "
               f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
@@ -441,7 +441,7 @@ def skip_step(loop: Loop, bad_in_a_row: int) -> None:
                             f"(last at step {loop.step}); lower lr or check the data")
 
 
-def validation_losses(loop: Loop) -> dict[str, float]:
+def validation_losses(loop: Loop) -> dict[str, Any]:
     """val_loss, and val_loss_ema of the averaged weights the checkpoint holds, and each layer's
     largest attention logit on the first validation batch (every rank: FSDP)."""
     tokens, labels = loop.val
