@@ -169,14 +169,15 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
     results = {}
     for task, (probs, _) in sets.items():
         reqs = [next(greedy) for _ in probs]
-        rewards = [reward(p, completion_text(r.outputs[0].text, template)) for p, r in zip(probs, reqs)]
+        answers = [r.outputs[0] for r in reqs]
+        rewards = [reward(p, completion_text(a.text, template)) for p, a in zip(probs, answers)]
         correct = sum(r.accuracy for r in rewards)
         out = {"task": task, "problems": len(probs), "template": template,
                "pass@1": correct / len(probs), "pass@1_ci95": wilson(int(correct), len(probs)),
                "correct": [int(r.accuracy) for r in rewards],  # per problem, for paired comparisons
                "format_rate": sum(r.format for r in rewards) / len(probs),
                "mean_length": sum(len(r.outputs[0].token_ids) for r in reqs) / len(probs),
-               **tool_use([r.outputs[0] for r in reqs]), **copy_figures(probs, [r.outputs[0] for r in reqs])}
+               **tool_use(answers), **copy_figures(probs, answers)}
         if k > 0:
             votes_right = 0
             per_problem = []

@@ -93,11 +93,11 @@ class Experts(nn.Module):
         token = order // k
         routed = x.index_select(0, token)  # backward: index_add, cheaper than index_put
         gate_up, down = self.gate_up_proj, self.down_proj
-        rows, slots = counts.tolist(), None
-        if bf16_on_cpu(x):  # one cast of each weight and of the rows, not one per expert
+        rows, slots, bf16 = counts.tolist(), None, bf16_on_cpu(x)
+        if bf16:  # one cast of each weight and of the rows, not one per expert
             dtype = compute_dtype(x)
             routed, gate_up, down = routed.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if bf16_on_cpu(x) and self.training:  # (a decode step's few rows would mostly be padding)
+        if bf16 and self.training:  # (a decode step's few rows would mostly be padding)
             padded = (counts + BF16_ROWS - 1) // BF16_ROWS * BF16_ROWS
             shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
             slots = torch.arange(len(token)) + shift[flat[order]]
