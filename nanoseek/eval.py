@@ -22,7 +22,8 @@ from collections import Counter
 
 import nanoseek
 from nanoseek.checkpoint import CheckpointError, read_meta, resolve
-from nanoseek.data.tasks import EVAL_SETS, TASKS, Problem, problems, reward
+from nanoseek.data.splits import VALIDATION_OFFSET
+from nanoseek.data.tasks import EVAL_SETS, GSM8K, TASKS, Problem, problems, reward
 from nanoseek.device import pick_device
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -193,6 +194,20 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
                         "k": k, "temperature": temperature})
         results[task] = out
     return results
+
+
+# the held-out sets with a validation range (GSM8K has no held-out split but its test set)
+VALIDATION_SETS = [s for s in EVAL_SETS if s != GSM8K]
+
+
+def validation_scores(engine: Engine, sets: list[str], n: int = 100, template: str = "chat",
+                      max_tokens: int = 256) -> dict[str, float]:
+    """{"val/SET": greedy pass@1} on `n` validation problems of each held-out set: from
+    splits.VALIDATION_OFFSET on, never trained on and not the test problems evaluate() reports
+    (GRPO's validation, the training probe's)."""
+    scores = evaluate_tasks(engine, {t: n for t in sets}, k=0, template=template, max_tokens=max_tokens,
+                            offset=VALIDATION_OFFSET)
+    return {f"val/{t}": r["pass@1"] for t, r in scores.items()}
 
 
 def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] = 100, k: int = 4,

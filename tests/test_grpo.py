@@ -39,7 +39,8 @@ def test_grpo_command_on_the_tasks_logs_and_resumes(base, tmp_path, capsys):
     ckpt, _ = base
     args = ["grpo", str(ckpt), "--out", str(tmp_path / "rl"), "--task", "chain_sum", "--quiet", "--loss-type", "dapo",
             "--clip-higher", "0.28", "--dynamic-sampling", "--ref-reset", "1", "prompts_per_step=2",
-            "group_size=4", "max_tokens=12", "save_every=1", "lr=1e-4", "warmup_steps=4", "val_every=2", "val_n=3"]
+            "group_size=4", "max_tokens=12", "save_every=1", "lr=1e-4", "warmup_steps=4", "val_every=2", "val_n=3",
+            'probe_sets=["basic_arithmetic"]']
     assert main(args + ["--max-steps", "2"]) == 0
     assert main(args + ["--max-steps", "3"]) == 0
     log = rows(tmp_path / "rl")
@@ -48,6 +49,9 @@ def test_grpo_command_on_the_tasks_logs_and_resumes(base, tmp_path, capsys):
     # held-out validation every 2 steps and at the end, a share of 3 problems
     assert [x["step"] for x in log if "val/chain_sum" in x] == [2, 3]
     assert all(x["val/chain_sum"] in (0, 1 / 3, 2 / 3, 1) for x in log if "val/chain_sum" in x)
+    # and on the probe's sets, timed (the report card's minutes to target)
+    assert [x["step"] for x in log if "val/basic_arithmetic" in x and x["probe_s"] > 0] == [2, 3]
+    assert 0 < log[1]["wall_s"] < log[2]["wall_s"]
     for key in ("reward", "accuracy", "format_rate", "response_length", "kl", "entropy", "clip_fraction",
                 "zero_adv_groups", "rollout_s"):
         assert key in log[-1], key

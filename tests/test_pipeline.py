@@ -187,3 +187,46 @@ def test_only_torchrun_ranks_past_0_wait_for_the_main_process(monkeypatch):
     assert not main_process()
     monkeypatch.setenv("RANK", "0")
     assert main_process()
+
+
+def test_minutes_to_target_counts_training_time_only_up_to_the_first_probe_past_every_target(tmp_path):
+    """The stages' ledgers count the probes' seconds; the minutes leave them out: pretraining's
+    time, then the cold start's up to the probe that first met every target."""
+    from nanoseek.pipeline.recipe import load_recipe, vary
+    from nanoseek.pipeline.report import REFERENCE_PEAK, minutes_to_target, target_section
+
+    recipe = vary(load_recipe("tiny"), target={"basic_arithmetic": 0.6, "gsm_symbolic_seen": 0.4})
+
+    def stage(name, wall, rows):
+        (tmp_path / name).mkdir()
+        cost = {"device": "cpu", "device_type": "cpu", "n_devices": 1, "flops": 1.0, "tokens": 1, "wall_s": wall,
+                "device_hours": wall / 3600, "price_per_device_hour": 0.1, "dollars": 0.0}
+        (tmp_path / name / "stage.json").write_text(json.dumps({"step": 1, "checkpoint": "x", "cost": cost}))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    probe = lambda step, wall, spent, ba, gs: {"step": step, "wall_s": wall, "probe_s": spent,  # noqa: E731
+                                               "val/basic_arithmetic": ba, "val/gsm_symbolic_seen": gs}
+    stage("pretrain", 600.0, [{"step": 1, "loss": 2.0}])
+    # cold start: 10 s probes at 120 s and 250 s of its ledger (the second after 10 s of the first)
+    stage("sft", 320.0, [probe(5, 120.0, 10.0, 0.5, 0.5), {"step": 6, "loss": 1.0}, probe(10, 250.0, 10.0, 0.7, 0.4)])
+    stage("rl", 100.0, [probe(2, 90.0, 10.0, 0.8, 0.5)])
+    m = minutes_to_target(tmp_path, recipe, peak=2 * REFERENCE_PEAK)
+    assert [p["minutes"] * 60 for p in m["probes"]] == pytest.approx([720, 840, 600 + 300 + 90])
+    assert (m["reached_at"]["stage"], m["reached_at"]["step"]) == ("sft", 10)
+    assert m["minutes"] * 60 == pytest.approx(840) and m["reference_minutes"] == pytest.approx(2 * m["minutes"])
+    assert m["probe_share"] == pytest.approx(30 / 1020)
+    md = "\n".join(target_section(m, 2 * REFERENCE_PEAK))
+    assert "**14.0 min** of training (sft step 10; 28.0 min at the reference host's" in md
+    assert "| sft | 5 | 12.0 | 50% | 50% |" in md
+    # one set short of its target at every probe: not reached
+    stage_rows = [probe(5, 120.0, 10.0, 0.5, 0.9)]
+    (tmp_path / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage_rows))
+    (tmp_path / "rl" / "metrics.jsonl").write_text(json.dumps(probe(2, 90.0, 10.0, 0.59, 0.9)) + "\n")
+    m = minutes_to_target(tmp_path, recipe)
+    assert m["minutes"] is None and m["reached_at"] is None and "**not reached**" in "\n".join(target_section(m, None))
+    assert minutes_to_target(tmp_path, vary(recipe, target={})) is None
+    from nanoseek.config import ConfigError
+
+    for bad in ({"countdown": 0.5}, {"gsm8k": 0.5}, {"basic_arithmetic": 1.5}):  # not its task, no validation range
+        with pytest.raises(ConfigError, match="target maps held-out sets"):
+            vary(recipe, target=bad).validate()

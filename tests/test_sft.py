@@ -181,3 +181,39 @@ def test_sft_learns_the_calls_but_never_a_tools_output(tok, tmp_path):
     from nanoseek.data.corpus import DataError
     with pytest.raises(DataError, match="bad.jsonl:1"):
         read_conversations([bad])
+
+
+def test_the_probe_scores_the_checkpointed_model_on_validation_problems_and_changes_no_step(tmp_path, tok, capsys):
+    """probe_sets: greedy pass@1 on the validation range every probe_every steps and at the last,
+    of the weights the checkpoint holds, timed; the run trains exactly as it does without it."""
+    import nanoseek
+    from nanoseek.eval import eval_seqs, validation_scores
+    from nanoseek.infer.engine import Engine
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "base", 1, Transformer(model_size("tiny").replace(vocab_size=512)), tok,
+                    {"stage": "pretrain"})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(100)))
+    args = ["sft", str(tmp_path / "base" / "latest"), "--data", str(data), "--max-steps", "6", "--quiet",
+            "batch_size=4", "seq_len=64", "val_every=0", "lr=3e-3"]
+    probe = ['probe_sets=["chain_sum", "basic_arithmetic"]', "probe_every=4", "probe_n=3", "probe_tokens=8"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(args + ["--out", str(tmp_path / "probed"), *probe]) == 0
+    plain, probed = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                     for run in ("plain", "probed"))
+    assert [r["loss"] for r in plain] == [r["loss"] for r in probed]  # the same steps, bit for bit
+    rows = [r for r in probed if "probe_s" in r]
+    assert [r["step"] for r in rows] == [4, 6] and not any("probe_s" in r for r in plain)
+    assert all(r[f"val/{s}"] in (0, 1 / 3, 2 / 3, 1) for r in rows for s in ("chain_sum", "basic_arithmetic"))
+    assert 0 < rows[0]["wall_s"] < rows[1]["wall_s"] and all(r["probe_s"] > 0 for r in rows)
+    model, tk = nanoseek.load(tmp_path / "probed" / "latest")
+    again = validation_scores(Engine(model, tk, max_seqs=eval_seqs(model)), ["chain_sum", "basic_arithmetic"], 3,
+                              max_tokens=8)
+    assert again == {k: rows[-1][k] for k in again}  # the last probe scored the saved model
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "x"), 'probe_sets=["chess"]']) == 2
+    assert "unknown task 'chess'" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "y"), "--max-steps", "1", "--quiet",
+                 'probe_sets=["chain_sum"]']) == 2
+    assert "sft only" in capsys.readouterr().err

@@ -101,6 +101,14 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert rep["data"]["rl_beta"] == 0 and "| GRPO (generated; no KL term) |" in md
     assert ckpt.load_train_state(ckpt.resolve(out / "rl" / "latest"))[1]["grpo_config"]["beta"] == 0  # no reference
     assert set(rep["plots"]) == {"pretrain_loss", "expert_load", "grpo"}
+    # minutes to target: the validation probe in the cold start (every probe_every steps) and after GRPO
+    m = rep["minutes_to_target"]
+    assert m["target"] == {"basic_arithmetic": 0.6, "gsm_symbolic_seen": 0.4} and "## Minutes to target" in md
+    assert [(p["stage"], p["step"]) for p in m["probes"]] == [("sft", 5), ("sft", 10), ("rl", 2)]
+    assert 0 < m["probes"][0]["minutes"] < m["probes"][1]["minutes"] < m["probes"][2]["minutes"]
+    assert 0 < m["probe_share"] < 1 and (m["minutes"] is None) == (m["reached_at"] is None)
+    rl_probe = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {k for k in rl_probe if k.startswith("val/")} == {"val/basic_arithmetic", "val/gsm_symbolic_seen"}
     for path in rep["plots"].values():
         assert f"]({path})" in md and (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -28,6 +28,7 @@ from nanoseek.data.sft import per_task as count
 from nanoseek.data.sources import HUB
 from nanoseek.data.splits import TRAIN_POOL
 from nanoseek.data.tasks import ALL_TASKS, check_tasks, eval_sets
+from nanoseek.eval import VALIDATION_SETS
 from nanoseek.train.grpo import GRPOConfig
 from nanoseek.train.trainer import TrainConfig
 
@@ -136,8 +137,8 @@ CONFIGS = {"tokenizer": TokenizerConfig, "pretrain": TrainConfig, "sft": TrainCo
            "rs": RejectionConfig, "eval": EvalConfig}
 # what a stage gets from the run, not from its recipe (an override of one is refused)
 FILLED = {"pretrain": ("stage", "init", "out", "tokenizer", "data", "size"),
-          "sft": ("stage", "init", "out", "sft_tasks", "sft_calculator", "gsm8k"),
-          "grpo": ("init", "out", "offset", "gsm8k")}
+          "sft": ("stage", "init", "out", "sft_tasks", "sft_calculator", "gsm8k", "probe_sets"),
+          "grpo": ("init", "out", "offset", "gsm8k", "probe_sets")}
 
 
 @dataclass
@@ -171,6 +172,9 @@ class Recipe:
     init: str = ""  # the checkpoint the first training stage starts from ("": pretrain from scratch)
     gsm8k: str = "gsm8k"  # where GSM8K is read from: the Hub, or a local folder (data/sources.py)
     gpus: int = 0  # the GPUs it is sized for (its cost plan); 0: a CPU recipe, with an ETA
+    # the report card's minutes to target: the training minutes until greedy pass@1 on the validation
+    # problems reaches these on every set, probed in the cold start (its probe_every) and after GRPO
+    target: dict[str, float] = field(default_factory=dict)
 
     def first(self, kind: str) -> Stage | None:
         """The recipe's first stage of that kind (None: it has none)."""
@@ -207,6 +211,11 @@ class Recipe:
                 _check_counts(f"{st.name}.sft_examples", st.config.sft_examples, self.tasks, "cold-start problems")
             require(not st.traces or any(s.name == st.traces and s.kind == "rs" for s in self.stages),
                     f"stage {st.name}: traces names no rejection-sampling stage ({st.traces!r})")
+        require(all(t in eval_sets(self.tasks) and t in VALIDATION_SETS for t in self.target)
+                and all(0 < v <= 1 for v in self.target.values()),
+                "target maps held-out sets of the recipe's tasks with a validation range "
+                f"({', '.join(t for t in eval_sets(self.tasks) if t in VALIDATION_SETS)}) to a pass@1 in (0, 1]; "
+                f"not {self.target!r}")
         budget(self)
         return self
 

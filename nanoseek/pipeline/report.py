@@ -11,6 +11,7 @@ expert load balance per MoE layer, and GRPO reward / accuracy / response length 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,42 @@ def cost_table(out: Path, recipe: Recipe, price_per_hour: float) -> dict[str, di
     rows["total"] = {k: sum(r.get(k, 0.0) for r in rows.values()) for k in ("flops", "device_hours", "wall_s",
                                                                               "dollars")}
     return rows
+
+
+# the reference host's fp32 matmul peak (FLOP/s; DESIGN: 185-200 GFLOP/s): minutes to target at its speed
+REFERENCE_PEAK = 192e9
+
+
+def minutes_to_target(out: Path, recipe: Recipe, prefix: str = "", peak: float | None = None) -> dict[str, Any] | None:
+    """When the validation probe first reached recipe.target on every set: the training minutes
+    until then (the stages before it, and its own up to that step, the probes' seconds left out),
+    also at REFERENCE_PEAK's speed where `peak` (this host's fp32 peak) is given; every probe;
+    and what the probes cost, as a share of the training stages' time. `prefix`: an ablation's
+    folders (`ablate/NAME/`)."""
+    if not recipe.target:
+        return None
+    before, probe_total, train_total, probes, reached = 0.0, 0.0, 0.0, [], None
+    for st in recipe.stages:
+        folder = out / (prefix + st.name)
+        done = read_result(folder, TrainResult) if st.trains else None
+        if done is None:
+            continue
+        spent = 0.0  # this stage's probe seconds before the row's
+        for r in read_metrics(folder / "metrics.jsonl"):
+            if "probe_s" not in r or any(f"val/{t}" not in r for t in recipe.target):
+                continue
+            probes.append({"stage": st.name, "step": r["step"], "minutes": (before + r["wall_s"] - spent) / 60,
+                           **{t: r[f"val/{t}"] for t in recipe.target}})
+            spent += r["probe_s"]
+            if reached is None and all(r[f"val/{t}"] >= v for t, v in recipe.target.items()):
+                reached = probes[-1]
+        before += done.cost.wall_s - spent
+        probe_total += spent
+        train_total += done.cost.wall_s
+    minutes = reached and reached["minutes"]
+    return {"target": dict(recipe.target), "minutes": minutes, "reached_at": reached,
+            "reference_minutes": minutes * peak / REFERENCE_PEAK if minutes and peak else None,
+            "probes": probes, "probe_share": probe_total / train_total if train_total else None}
 
 
 def inference_figures(model, tok, n_new: int = 48, repeats: int = 3) -> dict[str, Any]:
@@ -137,12 +174,13 @@ def build_report(out: Path, recipe: Recipe) -> dict[str, Any]:
             "experts_per_token": cfg.num_experts_per_tok, "shared_experts": cfg.n_shared_experts,
             "dense_layers": cfg.first_k_dense_replace, "mtp_depth": cfg.num_nextn_predict_layers,
             "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings}
+    # the pretraining's measured fp32 matmul peak (FLOP/s), or this host's now for a run without one
+    peak = (pre and (pre.fp32_peak_flops or pre.peak_flops)) or (
+        peak_flops(torch.device("cpu")) if device_type == "cpu" else None)
     return {
         "recipe": recipe.name,
         "device": pre.cost.device if pre else None,
-        # the pretraining's measured fp32 matmul peak (FLOP/s), or this host's now for a run without one
-        "peak_flops": (pre and (pre.fp32_peak_flops or pre.peak_flops))
-                      or (peak_flops(torch.device("cpu")) if device_type == "cpu" else None),
+        "peak_flops": peak,
         "price_per_device_hour": price,
         "model": {"params_total": counts["total"], "params_active": counts["active"], "architecture": arch},
         "data": {"pretrain_tokens": pre and pre.cost.tokens, "sft_tokens": sft and sft.cost.tokens,
@@ -151,6 +189,7 @@ def build_report(out: Path, recipe: Recipe) -> dict[str, Any]:
                  "tasks": list(recipe.tasks),
                  "report_tasks": [t for t in recipe.eval_tasks() if t not in recipe.tasks]},
         "eval": ev.table if ev else {},
+        "minutes_to_target": minutes_to_target(out, recipe, peak=peak if device_type == "cpu" else None),
         "gains": ev.gains if ev else {},
         "cost": costs,
         "dollars_per_point": per_point,
@@ -188,6 +227,7 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
               + (", sampled pass@1 (temperature 0.6) with a 95% interval over problems." if sampled else "."), ""]
     lines += [stage_table(rep["eval"]), "", _detail_table(rep["eval"], sampled), "",
               "Each stage against the one before, on the same problems:", "", gains_table(rep["gains"]), "",
+              *target_section(rep.get("minutes_to_target"), rep.get("peak_flops")),
               "## Cost", "", "| stage | FLOPs | device-hours | wall | dollars |", "|---|---|---|---|---|"]
     for name, r in c.items():
         lines.append(f"| {name} | {r['flops']:.3g} | {r['device_hours']:.4f} | {r['wall_s'] / 60:.1f} min | "
@@ -210,6 +250,34 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
     for name, path in images.items():
         lines += [f"![{titles.get(name, name)}]({path})", ""]
     return "\n".join(lines) + "\n"
+
+
+def target_section(m: dict[str, Any] | None, peak: float | None) -> list[str]:
+    """The report card's minutes to target: the figure, then every probe."""
+    if not m:
+        return []
+    sets = list(m["target"])
+    goal = " and ".join(f"{t} {v:.0%}" for t, v in m["target"].items())
+    r = m["reached_at"]
+    if r:
+        at_ref = (f"; {m['reference_minutes']:.1f} min at the reference host's fp32 peak of "
+                  f"{REFERENCE_PEAK / 1e9:.0f} GFLOP/s, this host's {peak / 1e9:.0f}" if m["reference_minutes"] else "")
+        figure = f"**{r['minutes']:.1f} min** of training ({r['stage']} step {r['step']}{at_ref})"
+    else:
+        figure = "**not reached**"
+    share = f", {m['probe_share']:.1%} of the training stages' time" if m["probe_share"] is not None else ""
+    lines = ["## Minutes to target", "",
+             f"Training minutes until greedy pass@1 on the validation problems (never trained on, not the test "
+             f"problems above) first reached {goal}: {figure}. The probes' own time is left out of the minutes"
+             f"{share}.", "", "| stage | step | training minutes | " + " | ".join(sets) + " |",
+             "|" + "---|" * (3 + len(sets))]
+    lines += [f"| {p['stage']} | {p['step']} | {p['minutes']:.1f} | " + " | ".join(f"{p[t]:.0%}" for t in sets) + " |"
+              for p in m["probes"]]
+    return lines + [""]
+
+
+def _minutes(m: float | None) -> str:
+    return f"{m:.1f} min" if m is not None else "not reached"
 
 
 def _peak(flops: float | None) -> str:
@@ -270,6 +338,7 @@ def write_ablations(out: Path, recipe: Recipe) -> dict[str, Any]:
     held-out pass@1 after the cold start, with the paired gain against the speedrun's model."""
     table = json.loads((out / "ablate" / "eval" / "eval.json").read_text())
     rows: dict[str, dict[str, Any]] = {}
+    through_sft = dataclasses.replace(recipe, stages=recipe.through("sft"))  # (what each variant trains)
     for name in table:
         base = out / ("pretrain" if name == "deepseek" else f"ablate/{name}/pretrain")
         sft = out / ("sft" if name == "deepseek" else f"ablate/{name}/sft")
@@ -283,10 +352,12 @@ def write_ablations(out: Path, recipe: Recipe) -> dict[str, Any]:
                       "cache_bytes_per_token": cache_sizes(model)["cache_bytes_per_token"],
                       "pretrain_wall_s": pre.get("stage_wall_s"), "sft_wall_s": tuned.get("stage_wall_s"),
                       "pretrain_loss": last[-1].get("main_loss", last[-1].get("loss")) if last else None,
-                      "val_loss": val[-1] if val else None}
+                      "val_loss": val[-1] if val else None,
+                      "minutes_to_target": (minutes_to_target(out, through_sft, "" if name == "deepseek"
+                                                              else f"ablate/{name}/") or {}).get("minutes")}
     scores = summarize(table)
     gains = stage_gains(table, [("deepseek", n) for n in table if n != "deepseek"])
-    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(recipe.tasks),
+    rep = {"variants": rows, "eval": scores, "gains": gains, "tasks": list(recipe.tasks), "target": recipe.target,
            "corpus": recipe.first("tokenizer").config.corpus,
            "pretrain_steps": recipe.first("pretrain").config.max_steps,
            "sft_steps": recipe.first("sft").config.max_steps}
@@ -301,13 +372,17 @@ def ablation_table(rep: dict[str, Any]) -> str:
     """The markdown of write_ablations' results: one row per variant, then the paired gains."""
     rows, scores = rep["variants"], rep["eval"]
     tasks = list(next(iter(scores.values())))
+    goal = " and ".join(f"{t} {v:.0%}" for t, v in (rep.get("target") or {}).items())
     lines = [f"The same tokenizer, corpus ({rep['corpus']}), {rep['pretrain_steps']} pretraining steps and "
              f"{rep['sft_steps']}-step cold start for each variant, one idea taken out at a time (without the "
              "calculator, the same problems' solutions work each result out in the text, with their own "
-             "tokenizer); held-out greedy pass@1 after the cold start (GRPO is not part of the comparison).", "",
-             "| variant | params total / active | KV cache bytes/token | pretraining | SFT | final loss / val loss | "
-             + " | ".join(f"{t} pass@1 [95% CI]" for t in tasks) + " |",
-             "|" + "---|" * (6 + len(tasks))]
+             "tokenizer); held-out greedy pass@1 after the cold start (GRPO is not part of the comparison)"
+             + (f"; minutes to target: the training minutes until the cold start's validation probe reached {goal}"
+                if goal else "") + ".", "",
+             "| variant | params total / active | KV cache bytes/token | pretraining | SFT | "
+             + ("minutes to target | " if rep.get("target") else "")
+             + "final loss / val loss | " + " | ".join(f"{t} pass@1 [95% CI]" for t in tasks) + " |",
+             "|" + "---|" * (6 + bool(rep.get("target")) + len(tasks))]
     for name, r in rows.items():
         loss = " / ".join(f"{x:.3f}" if x is not None else "n/a" for x in (r["pretrain_loss"], r["val_loss"]))
         cells = [f"{scores[name][t]['pass@1']:.1%} [{scores[name][t]['ci95'][0]:.1%}, {scores[name][t]['ci95'][1]:.1%}]"
@@ -315,6 +390,8 @@ def ablation_table(rep: dict[str, Any]) -> str:
         lines.append(f"| {ABLATION_TITLES.get(name, name)} | "
                      f"{r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M"
                      f" | {r['cache_bytes_per_token']:,.0f} | {(r['pretrain_wall_s'] or 0) / 60:.1f} min"
-                     f" | {(r['sft_wall_s'] or 0) / 60:.1f} min | {loss} | " + " | ".join(cells) + " |")
+                     f" | {(r['sft_wall_s'] or 0) / 60:.1f} min | "
+                     + (f"{_minutes(r.get('minutes_to_target'))} | " if rep.get("target") else "")
+                     + f"{loss} | " + " | ".join(cells) + " |")
     lines += ["", "Each variant against the speedrun's model, on the same problems:", "", gains_table(rep["gains"]), ""]
     return "\n".join(lines)

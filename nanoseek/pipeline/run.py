@@ -155,10 +155,12 @@ def estimates(recipe: Recipe) -> dict[str, float]:
         elif st.kind in ("pretrain", "sft"):
             speed = (BF16_TRAIN if k.precision == "bf16" and cpu_has_bf16() else 1.0) / (
                 MUON_STEP if k.optimizer == "muon" else 1.0)
-            eta[st.name] = k.max_steps * k.batch_size * k.seq_len * k.grad_accum * c["train_token"] / speed
+            probes = -(-k.max_steps // k.probe_every) if k.probe_every else 1
+            eta[st.name] = (k.max_steps * k.batch_size * k.seq_len * k.grad_accum * c["train_token"] / speed
+                            + probes * len(k.probe_sets) * k.probe_n * c["generation"])
         elif st.kind == "grpo":  # updates skip the groups without signal
             eta[st.name] = (k.max_steps * c["rl_step"] * k.prompts_per_step * k.group_size / 64
-                            * (0.72 if k.dynamic_sampling else 1.0))
+                            * (0.72 if k.dynamic_sampling else 1.0) + len(k.probe_sets) * k.val_n * c["generation"])
         elif st.kind == "eval":
             eta[st.name] = trained * sum(k.counts(recipe.eval_tasks()).values()) * (1 + k.k) * c["generation"]
     return eta

@@ -94,9 +94,11 @@ def resolve(recipe: Recipe, place: Place) -> Recipe:
         elif st.kind == "sft":
             data = [str(place.folder(st.traces) / TRACES)] if st.traces else []
             c = dataclasses.replace(c, stage="sft", out=out, init=before, data=data, sft_tasks=list(recipe.tasks),
-                                    sft_calculator=recipe.calculator, gsm8k=recipe.gsm8k)
+                                    sft_calculator=recipe.calculator, gsm8k=recipe.gsm8k,
+                                    probe_sets=list(recipe.target))
         elif st.kind == "grpo":
-            c = dataclasses.replace(c, out=out, init=before, offset=plan.offset(st.name), gsm8k=recipe.gsm8k)
+            c = dataclasses.replace(c, out=out, init=before, offset=plan.offset(st.name), gsm8k=recipe.gsm8k,
+                                    probe_sets=list(recipe.target))
         recipe.stages[i] = dataclasses.replace(st, config=c)
         if st.trains:
             before = place.checkpoint(st.name)

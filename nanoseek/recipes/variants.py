@@ -25,8 +25,9 @@ def smoke(recipe: Recipe) -> Recipe:
                                 vocab_size=tiny["vocab_size"], context=tiny["context"])
     budgets = {"tokenizer": dict(vocab_size=512, documents=200),
                "pretrain": dict(max_steps=30, batch_size=4, grad_accum=1, seq_len=64),
-               "sft": dict(max_steps=10, sft_examples=20, batch_size=2, seq_len=128),
-               "grpo": dict(max_steps=2, prompts_per_step=2, group_size=2, max_tokens=16),
+               "sft": dict(max_steps=10, sft_examples=20, batch_size=2, seq_len=128, probe_every=5, probe_n=2,
+                           probe_tokens=16),
+               "grpo": dict(max_steps=2, prompts_per_step=2, group_size=2, max_tokens=16, val_n=2),
                "rs": dict(problems=2, k=2, max_tokens=16),
                "eval": dict(n=4, n_by_set={}, k=2, max_tokens=16)}
     return vary(recipe, name=recipe.name + "+smoke", model=model,

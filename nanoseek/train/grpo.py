@@ -41,10 +41,19 @@ from torch import nn
 
 from nanoseek import checkpoint as ckpt
 from nanoseek.config import ConfigError, apply_overrides, require
-from nanoseek.data.splits import LEVELED, TRAIN_POOL, VALIDATION_OFFSET
-from nanoseek.data.tasks import ALL_TASKS, GSM8K, R1_ZERO_TEMPLATE, Problem, eval_sets, problems, reward
+from nanoseek.data.splits import LEVELED, TRAIN_POOL
+from nanoseek.data.tasks import (
+    ALL_TASKS,
+    GSM8K,
+    R1_ZERO_TEMPLATE,
+    Problem,
+    check_tasks,
+    eval_sets,
+    problems,
+    reward,
+)
 from nanoseek.device import pick_device
-from nanoseek.eval import evaluate_tasks
+from nanoseek.eval import VALIDATION_SETS, validation_scores
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.moe import counted_only, uncounted
@@ -88,6 +97,8 @@ class GRPOConfig:
     save_every: int = 25
     val_every: int = 0  # greedy pass@1 on held-out validation problems every N steps (0: never)
     val_n: int = 100  # validation problems per task
+    # also validated on, every val_every steps and at the last: the run's minutes to target (pipeline/report.py)
+    probe_sets: list[str] = field(default_factory=list)
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (train/dist.py)
     activation_checkpointing: bool = False  # in the policy's training forward (model/transformer.py)
     seed: int = 0
@@ -107,6 +118,7 @@ class GRPOConfig:
                      "save_every", "val_n"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(self.warmup_steps >= 0 and self.val_every >= 0, "warmup_steps and val_every must be at least 0")
+        check_tasks(self.probe_sets, VALIDATION_SETS, ConfigError)
         need(self.group_size >= 2, "group_size must be at least 2 (advantages compare within a group)")
         need(self.temperature > 0, "temperature must be positive (GRPO samples)")
         need(self.lr > 0 and self.beta >= 0 and 0 <= self.eps_low < 1 and self.eps_high >= 0,
@@ -179,11 +191,15 @@ def grpo(config: GRPOConfig, overrides: list[str] = (), source=None, score=None)
     loop.ledger.restart_clock()
     while loop.step < config.max_steps:
         row = grpo_step(loop)
-        if loop.validating and (loop.step % config.val_every == 0 or loop.step == config.max_steps):
+        if loop.validating and (config.val_every and loop.step % config.val_every == 0
+                                or loop.step == config.max_steps):
+            t0, wall = time.perf_counter(), loop.ledger.wall_s
             if loop.sampler is not loop.model:
                 dist.copy_whole(loop.model, loop.sampler)  # (every rank gathers; rank 0 validates)
             if ranks.main:
-                row.update(validate(loop.engine, config))
+                row.update(validate(loop.engine, config), wall_s=round(wall, 2),
+                           probe_s=round(time.perf_counter() - t0, 2))
+            loop.ledger.add(0, 0)  # its seconds in the stage's cost, a checkpoint after it or not
         if ranks.main:
             log_metrics(loop.folder, row)
             bar.update(1)
@@ -246,7 +262,7 @@ def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPOLoop:
                           f"{ranks.world} processes")
     torch.manual_seed(config.seed)
     model.to(device)
-    validating = config.val_every > 0 and source is None  # validation problems exist for the tasks only
+    validating = bool(config.val_every or config.probe_sets) and source is None  # (problems: the tasks' only)
     context = min(model.config.max_position_embeddings, 1024 + config.max_tokens)
     # the engine samples from the policy; under FSDP from a whole copy, loaded from the shards
     # every step (as RL systems load the trainer's weights into their inference engine)
@@ -339,15 +355,13 @@ def grpo_step(loop: GRPOLoop) -> dict[str, Any]:
 
 
 def validate(engine: Engine, config: GRPOConfig) -> dict[str, float]:
-    """Greedy pass@1 on `val_n` held-out validation problems of each task's held-out sets
-    (gsm_symbolic: also gsm_symbolic_seen), from tasks.VALIDATION_OFFSET: never trained on, and
-    not the test problems that `nanoseek eval` reports. GSM8K has no held-out split but its
-    test set: it is not validated on."""
+    """Greedy pass@1 on `val_n` validation problems (eval.validation_scores) of each task's
+    held-out sets (gsm_symbolic: also gsm_symbolic_seen) when val_every is set, and of
+    probe_sets. GSM8K has no held-out split but its test set: it is not validated on."""
     template = "base" if config.template == "r1_zero" else "chat"
-    names = [t for t in eval_sets(config.tasks) if t != GSM8K]
-    sets = evaluate_tasks(engine, {t: config.val_n for t in names}, k=0, template=template,
-                          max_tokens=config.max_tokens, offset=VALIDATION_OFFSET)
-    return {f"val/{t}": r["pass@1"] for t, r in sets.items()}
+    names = [t for t in eval_sets(config.tasks) if t != GSM8K] if config.val_every else []
+    names += [t for t in config.probe_sets if t not in names]
+    return validation_scores(engine, names, config.val_n, template, config.max_tokens)
 
 
 def step_flops(model, prompts: list[list[int]], comps: list[tuple[list[int], list[int], list[bool]]], n_trained: int,

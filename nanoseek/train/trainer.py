@@ -30,9 +30,11 @@ from nanoseek.config import ConfigError, ModelConfig, model_size, require, round
 from nanoseek.data.corpus import default_corpus, read_files
 from nanoseek.data.loader import PackedLoader, is_token_folder, load_tokens, tokenize_documents, val_batches
 from nanoseek.data.sft import cold_start_conversations, read_conversations, tokenize_conversations
-from nanoseek.data.tasks import ALL_TASKS, TASKS
+from nanoseek.data.tasks import ALL_TASKS, TASKS, check_tasks
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.device import autocast_for, check_precision, pick_device
+from nanoseek.eval import VALIDATION_SETS, eval_seqs, validation_scores
+from nanoseek.infer.engine import Engine
 from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.model.mla import MLA
 from nanoseek.train import dist
@@ -99,6 +101,12 @@ class TrainConfig:
     save_every: int | None = None  # None: NEW_RUN_STEPS for a new run, the saved value when resuming
     val_every: int = 100  # validation loss on the held-back documents every N steps (0: never)
     val_batches: int = 8
+    # sft: greedy pass@1 on the validation problems of these held-out sets every probe_every steps
+    # and at the last (metrics.jsonl's val/SET, probe_n problems each): the run's minutes to target
+    probe_sets: list[str] = field(default_factory=list)
+    probe_every: int = 0
+    probe_n: int = 100
+    probe_tokens: int = 640  # the longest answer (the cpu recipe's evaluation's)
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -131,6 +139,10 @@ class TrainConfig:
              f"({model_config.max_position_embeddings})")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be at least 1")
         need(self.max_epochs is None or self.max_epochs > 0, "max_epochs must be positive")
+        check_tasks(self.probe_sets, VALIDATION_SETS, ConfigError)
+        need(not self.probe_sets or self.stage == "sft", "probe_sets: the probe asks a chat model (sft only)")
+        need(self.probe_every >= 0 and min(self.probe_n, self.probe_tokens) >= 1,
+             "probe_every must be at least 0, probe_n and probe_tokens at least 1")
         n = self.sft_examples
         if isinstance(n, dict):
             bad = [t for t in n if t not in ALL_TASKS]
@@ -219,6 +231,9 @@ def train(config: TrainConfig, overrides: list[str] = ()) -> dict[str, Any]:
             row.update({k: round(v, 3) for k, v in load_stats.items()})
         if loop.val and config.val_every and (loop.step % config.val_every == 0 or loop.step == config.max_steps):
             row.update(validation_losses(loop))
+        if config.probe_sets and ranks.main and (config.probe_every and loop.step % config.probe_every == 0
+                                                 or loop.step == config.max_steps):
+            row.update(probe(loop))
         last = row
         if ranks.main:
             log_metrics(loop.folder, row)
@@ -255,6 +270,8 @@ def setup(config: TrainConfig, overrides: list[str] = ()) -> Loop:
             f"batch_size {config.batch_size} (the global batch) must divide among {ranks.world} processes")
     require(not (config.ema and ranks.parallel and config.parallel == "fsdp"),
             "ema keeps a whole copy of the weights: use it with one process or parallel=ddp, not fsdp")
+    require(not (config.probe_sets and ranks.parallel and config.parallel == "fsdp"),
+            "the probe decodes with a whole model: use it with one process or parallel=ddp, not fsdp")
     torch.manual_seed(config.seed)
 
     # --- the data (a new run from scratch also gets its tokenizer and model here) ---
@@ -451,6 +468,25 @@ def validation_losses(loop: Loop) -> dict[str, Any]:
         with loop.average.swapped():
             row["val_loss_ema"] = round(evaluate(loop.model, tokens, loop.config, loop.device, labels, loop.forward), 5)
     return row
+
+
+@torch.no_grad()
+def probe(loop: Loop) -> dict[str, Any]:
+    """Greedy pass@1 on the validation problems of probe_sets (eval.validation_scores) of the
+    weights the checkpoint holds, with the stage's training seconds so far (wall_s) and its own
+    (probe_s, counted in the stage's cost)."""
+    t0, c, model, wall = time.perf_counter(), loop.config, loop.model, loop.ledger.wall_s
+    model.eval()
+    try:
+        # the run trains the same with or without it
+        with torch.random.fork_rng(devices=[]), loop.average.swapped() if loop.average else contextlib.nullcontext():
+            engine = Engine(model, loop.tokenizer, max_seqs=eval_seqs(model),
+                            context=min(model.config.max_position_embeddings, 1024 + c.probe_tokens))
+            row = validation_scores(engine, c.probe_sets, c.probe_n, max_tokens=c.probe_tokens)
+    finally:
+        model.train()
+    loop.ledger.add(0, 0)  # its seconds in the stage's cost, a checkpoint after it or not
+    return {**row, "wall_s": round(wall, 2), "probe_s": round(time.perf_counter() - t0, 2)}
 
 
 @torch.no_grad()
