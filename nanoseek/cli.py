@@ -118,7 +118,6 @@ def print_stages(summaries: dict) -> None:
 
 
 def training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help=f"the model of a built-in recipe: {', '.join(BUILT_IN)}")
     p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--save-every", type=int)
@@ -182,6 +181,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
 
 def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="next-token + MTP pretraining (resumes from --out)")
+    p.add_argument("--preset", default="cpu", help=f"the model of a built-in recipe: {', '.join(BUILT_IN)}")
     training_flags(p)
     p.add_argument("--tokenizer", help="a tokenizer folder (default: train one on the corpus)")
     p.add_argument("--init", help="continue pretraining this checkpoint (its model and tokenizer) on --data")

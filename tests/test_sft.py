@@ -117,6 +117,9 @@ def test_sft_and_eval_commands(tmp_path, tok, capsys):
     assert lo <= r["pass@1_sampled"] <= hi
     assert main(["eval", str(tmp_path / "sft"), "--task", "chess"]) == 2
     assert main(["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "x"), "num_hidden_layers=3"]) == 2
+    with pytest.raises(SystemExit) as e:  # the model is the checkpoint's: no --preset to ignore
+        main(["sft", str(tmp_path / "base" / "latest"), "--out", str(tmp_path / "x"), "--preset", "gpu"])
+    assert e.value.code == 2 and "unrecognized arguments: --preset" in capsys.readouterr().err
 
 
 def test_cold_start_counts_by_task_from_the_command_line():
