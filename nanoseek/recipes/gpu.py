@@ -22,7 +22,9 @@ recipe = Recipe(
     gpus=1,
     stages=[
         Stage("tokenizer", TokenizerConfig(vocab_size=32768, corpus="default", data=["fineweb-edu", "finemath"])),
-        # 64 x 2048 tokens a step in 4 micro-batches, so that a micro-batch's logits fit beside the weights
+        # 64 x 2048 tokens a step in 4 micro-batches, so that a micro-batch's logits fit beside the weights; bf16
+        # (precision "auto" on a GPU); AdamW: Muon lost per minute on the cpu model, where its Newton-Schulz is
+        # ~40% of a step (docs/LOG.md); untried at 64x its batch, where that share is smaller (`--ablate` trains it)
         Stage("pretrain", TrainConfig(max_steps=20000, batch_size=16, grad_accum=4, seq_len=2048)),
         Stage("sft", TrainConfig(
             max_steps=200, batch_size=32, seq_len=2048, lr=SFT_LR, warmup_steps=SFT_WARMUP,
