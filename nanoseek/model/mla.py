@@ -59,13 +59,13 @@ class LatentCache:
 
 
 def bf16_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention [B, H, T, d] in bf16, its softmax accumulating in fp32: on a CPU, SDPA
-    computes bf16 in fp32 and gains nothing (docs/LOG.md: "bf16 that pays")."""
+    """Causal attention [B, H, T, d] with its two matmuls in bf16 and the softmax in fp32: on a
+    CPU, SDPA computes bf16 in fp32 and gains nothing (docs/LOG.md: "bf16 that pays")."""
     T = q.shape[2]
-    # the scores stay bf16 (the CPU's bf16 softmax accumulates in fp32): no [T, T] casts, half the bytes
-    scores = (q * scale).bfloat16() @ k.bfloat16().transpose(-1, -2)
+    scores = (q.bfloat16() @ k.bfloat16().transpose(-1, -2)).float() * scale
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill_(future, float("-inf")).softmax(dim=-1) @ v.bfloat16()
+    probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
+    return probs.bfloat16() @ v.bfloat16()
 
 
 class MLA(nn.Module):
