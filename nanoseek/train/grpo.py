@@ -44,7 +44,6 @@ from nanoseek.config import ConfigError, apply_overrides, require
 from nanoseek.data.splits import LEVELED, TRAIN_POOL
 from nanoseek.data.tasks import (
     ALL_TASKS,
-    GSM8K,
     R1_ZERO_TEMPLATE,
     Problem,
     check_tasks,
@@ -359,7 +358,7 @@ def validate(engine: Engine, config: GRPOConfig) -> dict[str, float]:
     held-out sets (gsm_symbolic: also gsm_symbolic_seen) when val_every is set, and of
     probe_sets. GSM8K has no held-out split but its test set: it is not validated on."""
     template = "base" if config.template == "r1_zero" else "chat"
-    names = [t for t in eval_sets(config.tasks) if t != GSM8K] if config.val_every else []
+    names = [t for t in eval_sets(config.tasks) if t in VALIDATION_SETS] if config.val_every else []
     names += [t for t in config.probe_sets if t not in names]
     return validation_scores(engine, names, config.val_n, template, config.max_tokens)
 
