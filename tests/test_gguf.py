@@ -40,6 +40,9 @@ CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u
           "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
           "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
 
+# operator and bracket runs, which nanoseek's vocabulary never joins into one token (data/tokenizer.py)
+OPERATORS = "Calculate ((-3+4))*-2 = ? (12 --5) /-3 % [2]^(-1) × ÷ −4 a**b f(x)=(x), (1+2).\n((((x))))"
+
 
 @pytest.fixture(scope="module")
 def corpus():
@@ -104,10 +107,13 @@ def test_llama_cpp_tokenizes_as_nanoseek_does(tok, corpus, ggufs):
     llm = llama(ggufs["speedrun", "f32"], vocab_only=True)
     chat = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
                             {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5"}], True)
-    texts = [*corpus[1], CHKTXT, chat, calc_reply([1234, 4321, 17]), "".join(SPECIAL_TOKENS), "x = 007.50 × ½ café"]
+    asked = tok.render_chat([{"role": "user", "content": OPERATORS}], True) + render_call("calculator", OPERATORS)
+    texts = [*corpus[1], CHKTXT, chat, calc_reply([1234, 4321, 17]), "".join(SPECIAL_TOKENS), "x = 007.50 × ½ café",
+             OPERATORS, asked]
     assert len(corpus[1]) > 100
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text[:60]
+    assert llm.tokenize(b"((", add_bos=False) == tok.encode("(") * 2
     for i, special in enumerate(SPECIAL_TOKENS):  # one token each, at its fixed id
         assert llm.tokenize(special.encode(), add_bos=False, special=True) == [i]
         assert llm.detokenize([i], special=True).decode() == special

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+from nanoseek.data.tokenizer import SPECIAL_TOKENS, SYMBOLS, Tokenizer, TokenizerError, train_tokenizer
 
 TEXT = ["To be, or not to be, that is the question: 12 + 345 = 357.\n" * 20,
         "Über naïve café — 東京 😀 ∑ x² \t tabs\r\n and 1,000,000 dollars.\n" * 20]
@@ -38,6 +38,33 @@ def test_digits_are_split_one_by_one(tok):
     pieces = [tok.decode([i]) for i in ids]
     digits = [p.strip() for p in pieces if p.strip().isdigit()]
     assert digits == list("12345") + list("2024")
+
+
+SYMBOL_RUNS = ["Calculate ((-3+4))*-2 = ? (12 --5) /-3 % of [7] ×(2) ÷-1, then (a+b)^2 = c. 5%, 6%.\n" * 30,
+               "x*(y-z) /(-2) == ((1)), f(x)=[x]+-x; a--b, a**b -( 3 ) ).\n" * 30]
+
+
+def test_no_token_joins_an_operator_or_bracket_to_another_symbol():
+    """Copying by construction: trained on text full of operator runs, the vocabulary still holds
+    each operator and bracket alone (a leading space aside), and the BPE stays whole: exact round
+    trips, contiguous ids with the specials at theirs, all 256 bytes."""
+    before = train_tokenizer(SYMBOL_RUNS + TEXT, vocab_size=400, min_frequency=1, keep_symbol_merges=True)
+    tok = train_tokenizer(SYMBOL_RUNS + TEXT, vocab_size=400, min_frequency=1)
+    texts = {t: tok.decode([i], keep_special=True) for t, i in tok.hf.get_vocab().items()}
+    joined = [s for t, s in texts.items() if t not in SPECIAL_TOKENS and len(s.removeprefix(" ")) > 1
+              and SYMBOLS & set(s)]
+    assert joined == []
+    assert {" ((", "))", "*-", " -("} <= {before.decode([i]) for i in before.hf.get_vocab().values()}  # learned, cut
+    assert sorted(tok.hf.get_vocab().values()) == list(range(tok.vocab_size)) and tok.vocab_size < before.vocab_size
+    assert [tok.hf.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert len([t for t in texts if len(t) == 1 and t not in SPECIAL_TOKENS]) == 256
+    paren = tok.hf.token_to_id("(")
+    assert tok.encode("((") == [paren, paren] and tok.encode(" ((") == [tok.hf.token_to_id("Ġ("), paren]
+    rng = random.Random(1)
+    samples = [*SYMBOL_RUNS, "((((", " -(-(", "×÷−", "(\u00d7)"]
+    samples += ["".join(rng.choice("()+-*/^%=[]×÷ 0123ab\n,.?") for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    for s in samples:
+        assert tok.decode(tok.encode(s)) == s, repr(s)
 
 
 def test_special_tokens_kept_only_when_asked(tok):

@@ -3,11 +3,14 @@
 Byte-level, so any UTF-8 text round-trips exactly; every digit is its own pre-token, so numbers
 are spelled digit by digit (arithmetic generalizes better, as in LLaMA and DeepSeek's own
 tokenizer). The split is one that llama.cpp implements (SmolLM's: GPT-2's, digits one by one),
-so a GGUF of the model tokenizes exactly as nanoseek does. The special tokens are fixed ids: the
-chat and think tokens 0..7, DeepSeek's tool-call tokens 8..16 (the tool parsers of vLLM and
-SGLang refuse a vocabulary where they are not single tokens), so that configs and chat templates
-never depend on a trained vocabulary. A tokenizer trained before the tool tokens existed still
-loads; its model cannot call tools (`Tokenizer.tools` is False).
+so a GGUF of the model tokenizes exactly as nanoseek does. No token joins an operator or bracket
+to another character (`((`, `*-`, ` ).` are never one token): a small model copies an expression
+by matching tokens, and one written in other tokens in the question and in the calculator's call
+makes the copy slip. The special tokens are fixed ids: the chat and think tokens 0..7,
+DeepSeek's tool-call tokens 8..16 (the tool parsers of vLLM and SGLang refuse a vocabulary where
+they are not single tokens), so that configs and chat templates never depend on a trained
+vocabulary. A tokenizer trained before the tool tokens existed still loads; its model cannot call
+tools (`Tokenizer.tools` is False).
 
 The chat format is Jinja in `tokenizer_config.json`, so that transformers' `apply_chat_template`
 renders exactly what `render_chat` renders:
@@ -102,6 +105,9 @@ CHAT_TEMPLATE = (
 # name ("smollm"), so a GGUF tokenizes as nanoseek does. Qwen2's split lost the speedrun its
 # copying (docs/LOG.md: "Qwen2's split").
 SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The calculator's operators and brackets (tools.py), `=` and `[ ]` that questions write around
+# expressions: each stays its own token (train_tokenizer), so an expression copies token for token.
+SYMBOLS = frozenset("+-−*/^%=()[]×÷")
 
 
 class TokenizerError(ValueError):
@@ -255,7 +261,10 @@ def tokenizer_threads(on: bool = True):
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
+                    keep_symbol_merges: bool = False) -> Tokenizer:
+    """BPE on `texts`; then, unless `keep_symbol_merges`, every learned token that joins an operator
+    or bracket to anything else is dropped (`split_symbols`), so the vocabulary comes out smaller."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise TokenizerError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials + 256 bytes)")
     tok = HFTokenizer(models.BPE())
@@ -269,7 +278,40 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_chunks(texts), trainer=trainer)
-    return Tokenizer(tok)
+    return Tokenizer(tok if keep_symbol_merges else split_symbols(tok))
+
+
+def split_symbols(tok: HFTokenizer) -> HFTokenizer:
+    """The BPE without any token that joins a SYMBOLS character to another character (one leading
+    space aside: " (" is one symbol), and without the merges that make or use one. The trainer
+    cannot forbid a merge, so they are removed afterwards; ids are renumbered in their old order,
+    so the specials (0..16) and the 256 bytes keep theirs."""
+    spec = json.loads(tok.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]  # merges: [left, right] pairs
+    specials = {t["content"] for t in spec["added_tokens"]}
+    removed = {t for t in vocab if t not in specials and _joins_symbol(t)}
+    kept = []
+    for left, right in merges:  # in training order, so a merge's inputs are judged before it
+        if left in removed or right in removed or left + right in removed:
+            removed.add(left + right)
+        else:
+            kept.append([left, right])
+    order = sorted((i, t) for t, i in vocab.items() if t not in removed)
+    spec["model"]["vocab"] = {t: new for new, (_, t) in enumerate(order)}
+    spec["model"]["merges"] = kept
+    for added in spec["added_tokens"]:
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    return HFTokenizer.from_str(json.dumps(spec))
+
+
+_BYTE_LEVEL = decoders.ByteLevel()
+
+
+def _joins_symbol(token: str) -> bool:
+    """Whether a byte-level token's text, less one leading space, is a SYMBOLS character joined to
+    another (a token ending inside a multi-byte character decodes with a U+FFFD there)."""
+    text = _BYTE_LEVEL.decode([token]).removeprefix(" ")
+    return len(text) > 1 and any(c in SYMBOLS for c in text)
 
 
 def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
