@@ -397,3 +397,45 @@ def test_a_tool_message_continues_the_turn_that_called(calc_server, calc_model):
     assert r.json()["usage"]["prompt_tokens"] == len(expected)
     assert tok.decode(expected[-12:], keep_special=True).endswith(
         "12+30<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜tool▁output▁begin｜>42<｜tool▁output▁end｜>")
+
+
+def _call(i: int) -> dict:
+    return {"id": f"call_{i}", "type": "function", "function": {"name": "calculator", "arguments": f"{i}+1"}}
+
+
+ASKED = {"role": "user", "content": "What is 1 + 1 and 2 + 1?"}
+CALLED = {"role": "assistant", "content": None, "tool_calls": [_call(1), _call(2)]}
+
+
+def _answer(i: int | None) -> dict:
+    return {"role": "tool", "content": "2", **({} if i is None else {"tool_call_id": f"call_{i}"})}
+
+
+@pytest.mark.parametrize("messages,param,named", [
+    ([ASKED, CALLED, _answer(1), _answer(None)], "messages.3.tool_call_id", "tool_call_id"),
+    ([ASKED, CALLED, _answer(1), _answer(9)], "messages.3.tool_call_id", "'call_9'"),
+    ([ASKED, _answer(1)], "messages.1.tool_call_id", "'call_1'"),
+    ([ASKED, CALLED, _answer(2), _answer(1), ASKED, _answer(1)], "messages.5.tool_call_id", "'call_1'"),
+    ([ASKED, CALLED], "messages.1.tool_calls", "'call_1', 'call_2'"),
+    ([ASKED, CALLED, _answer(2), ASKED], "messages.1.tool_calls", "'call_1'"),
+    ([ASKED, CALLED, _answer(1), {"role": "assistant", "content": "and"}], "messages.1.tool_calls", "'call_2'"),
+    ([ASKED, {**CALLED, "tool_calls": [{**_call(1), "id": None}]}, _answer(1)], "messages.1.tool_calls.0.id", ""),
+])
+def test_tool_messages_that_answer_no_call_or_calls_left_unanswered_get_a_400(calc_client, messages, param, named):
+    """As OpenAI's API: each tool message answers a call of the assistant message it follows, and
+    each call of an assistant message is answered before the next other message or the end."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        calc_client.chat.completions.create(model="nanoseek-calc", messages=messages, tools=[CALC_TOOL], max_tokens=4)
+    e = caught.value
+    assert e.status_code == 400 and e.type == "invalid_request_error" and e.param == param, e.body
+    assert named in e.body["message"] and "\n" not in e.body["message"]
+
+
+def test_tool_messages_answering_every_call_in_any_order_are_accepted(calc_client):
+    for answers in ([_answer(1), _answer(2)], [_answer(2), _answer(1)]):
+        r = calc_client.chat.completions.create(model="nanoseek-calc", messages=[ASKED, CALLED, *answers],
+                                                tools=[CALC_TOOL], max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    done = [ASKED, CALLED, _answer(1), _answer(2), {"role": "assistant", "content": "2 and 3"}, ASKED]
+    r = calc_client.chat.completions.create(model="nanoseek-calc", messages=done, tools=[CALC_TOOL], max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -44,6 +44,7 @@ from nanoseek.serve.protocol import (
     SamplingRequest,
     ToolCallSplitter,
     ToolChoice,
+    check_tool_replies,
     error_body,
     split_reasoning,
     split_tool_calls,
@@ -152,6 +153,7 @@ async def chat(body: ChatRequest, request: HTTPRequest):
         raise APIError(400, "messages must not be empty", param="messages")
     if len(body.messages) > state.limits.max_messages:
         raise APIError(400, f"{len(body.messages)} messages; at most {state.limits.max_messages}", param="messages")
+    check_tool_replies(body.messages)
     tools, prefix = _tools(body, state.tokenizer)
     try:
         text = state.tokenizer.render_chat(_messages(body), add_generation_prompt=True, tools=tools)

@@ -1,6 +1,6 @@
 """OpenAI's wire format as nanoseek serves it: the request bodies (unknown fields ignored, as
-OpenAI does), the error JSON, and the split of a completion into DeepSeek's
-`reasoning_content` (the leading `<think>...</think>`) and `content`."""
+OpenAI does) and the tool-call conversations OpenAI refuses, the error JSON, and the split of a
+completion into DeepSeek's `reasoning_content` (the leading `<think>...</think>`) and `content`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nanoseek.tools import TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN
+from nanoseek.tools import TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END
 
 
 class APIError(Exception):
@@ -40,7 +40,7 @@ class FunctionCall(_Body):
 
 
 class ToolCall(_Body):
-    id: str | None = None
+    id: str  # required, as OpenAI requires it: a call without one can never be answered
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -99,6 +99,35 @@ class ChatRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
+
+
+def check_tool_replies(messages: list[Message]) -> None:
+    """Refuses, as OpenAI does, a tool message that answers no call of the assistant message it
+    follows, and an assistant message whose calls are not all answered by the tool messages
+    right after it (before the next message of another role, or the end)."""
+    calls: dict[str, bool] = {}  # the calls of the assistant message the tool messages follow: answered yet?
+    caller = 0
+    for i, m in enumerate(messages):
+        if m.role != "tool":
+            _check_answered(calls, caller)
+            calls = {c.id: False for c in m.tool_calls or []} if m.role == "assistant" else {}
+            caller = i
+        elif m.tool_call_id is None:
+            raise APIError(400, f"messages[{i}] is a tool message without a tool_call_id; set it to the id of "
+                                "the tool call it answers", param=f"messages.{i}.tool_call_id")
+        elif m.tool_call_id not in calls:
+            raise APIError(400, f"messages[{i}].tool_call_id {m.tool_call_id!r} answers no tool call of the "
+                                "assistant message it follows", param=f"messages.{i}.tool_call_id")
+        else:
+            calls[m.tool_call_id] = True
+    _check_answered(calls, caller)
+
+
+def _check_answered(calls: dict[str, bool], caller: int) -> None:
+    unanswered = ", ".join(repr(k) for k, answered in calls.items() if not answered)
+    if unanswered:
+        raise APIError(400, f"messages[{caller}] has tool_calls, so a tool message must answer each right "
+                            f"after it; none answers {unanswered}", param=f"messages.{caller}.tool_calls")
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,7 +208,7 @@ class ToolCallSplitter:
 
     def feed(self, chunk: str) -> str:
         text = self.held + chunk
-        start = text.rfind(TOOL_CALLS_BEGIN)
+        start = _unanswered_block(text)
         if start < 0:
             self.held = ""
             return text
@@ -198,6 +227,12 @@ class ToolCallSplitter:
 
 def split_tool_calls(text: str, finish_reason: str | None) -> str:
     """The text of a finished response without the client's call block that ended it."""
-    if finish_reason == "tool_calls" and TOOL_CALLS_BEGIN in text:
-        return text[: text.rfind(TOOL_CALLS_BEGIN)]
-    return text
+    start = _unanswered_block(text)
+    return text[:start] if finish_reason == "tool_calls" and start >= 0 else text
+
+
+def _unanswered_block(text: str) -> int:
+    """Where the call block that no tool's output has answered yet begins (-1: none): the first
+    `<｜tool▁calls▁begin｜>` after the last output, so that a block the model left unclosed goes
+    with the call that ends the response, not into its text."""
+    return text.find(TOOL_CALLS_BEGIN, max(0, text.rfind(TOOL_OUTPUT_END)))
