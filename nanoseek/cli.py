@@ -27,7 +27,7 @@ from nanoseek.bench.train import bench_train
 from nanoseek.checkpoint import CheckpointError, load_model, read_meta, resolve
 from nanoseek.config import ConfigError
 from nanoseek.data.corpus import DataError, default_corpus, read_files
-from nanoseek.data.tasks import ALL_TASKS, EVAL_SETS, TaskError, check_tasks
+from nanoseek.data.tasks import ALL_TASKS, EVAL_SETS, EVERYDAY, TaskError, check_tasks
 from nanoseek.data.tokenizer import TokenizerError, train_tokenizer
 from nanoseek.device import pick_device
 from nanoseek.eval import evaluate
@@ -414,9 +414,12 @@ def run_distill(args: argparse.Namespace) -> int:
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="pass@1, maj@k, format rate on held-out problems")
     p.add_argument("ckpt")
-    p.add_argument("--task", nargs="*", help="held-out sets (default: the four tasks): gsm_symbolic basic_arithmetic "
-                   "chain_sum countdown, and gsm_symbolic_seen (training templates, unseen numbers)")
-    p.add_argument("--n", type=int, default=100, help="held-out problems per task")
+    p.add_argument("--task", nargs="*", help="held-out sets (default: every task's): gsm_symbolic basic_arithmetic "
+                   "chain_sum countdown plain_arithmetic word_problems, gsm_symbolic_seen (training templates, "
+                   "unseen numbers), plain_arithmetic_old (partly seen), and everyday (the hand-written questions: "
+                   "everyday_one and everyday_two)")
+    p.add_argument("--n", type=int, default=100, help="held-out problems per task (a hand-written set: at most "
+                   "all of it)")
     p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1 and maj@k (0: greedy only)")
     p.add_argument("--template", choices=["chat", "base"], help="default: base for a pretrained model, else chat")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -425,7 +428,9 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    check_tasks(args.task or [], EVAL_SETS)
+    check_tasks(args.task or [], [*EVAL_SETS, EVERYDAY])
+    if args.task and EVERYDAY in args.task:
+        args.task = [s for t in args.task for s in (["everyday_one", "everyday_two"] if t == EVERYDAY else [t])]
     if args.n < 1 or args.k < 0:
         raise ConfigError("--n must be at least 1 and --k at least 0")
     result = evaluate(args.ckpt, args.task, args.n, args.k, args.template, args.max_tokens)

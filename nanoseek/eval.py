@@ -23,7 +23,7 @@ from collections import Counter
 import nanoseek
 from nanoseek.checkpoint import CheckpointError, read_meta, resolve
 from nanoseek.data.splits import VALIDATION_OFFSET
-from nanoseek.data.tasks import EVAL_SETS, GSM8K, TASKS, Problem, problems, reward
+from nanoseek.data.tasks import EVAL_SETS, EVERYDAY, GSM8K, PARTLY_SEEN, TASKS, Problem, problems, reward
 from nanoseek.device import pick_device
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -76,14 +76,25 @@ def mean_ci(values: list[float], z: float = 1.96, bounds: tuple[float, float] = 
     return max(bounds[0], m - half), min(bounds[1], m + half)
 
 
-def tool_use(outputs: list) -> dict[str, float]:
-    """How the answers used tools: calls per answer, the share of answers with a call, and the
-    share of calls whose output was an error (a bad expression, a malformed call)."""
+def tool_use(outputs: list) -> dict[str, float | None]:
+    """How the answers used tools: calls per answer, the share of answers with a call, the share
+    of calls whose output was an error (a bad expression, a malformed call), and of those the
+    share the answer followed with a call that worked (None: no call failed)."""
     calls = [call for c in outputs for call in c.calls]
-    errors = sum(1 for call in calls if (call["output"] or "").startswith("error"))
+    failed = retried = 0
+    for c in outputs:
+        for call, after in zip(c.calls, [*c.calls[1:], None]):
+            if _failed(call):
+                failed += 1
+                retried += after is not None and not _failed(after)
     return {"tool_calls": len(calls) / max(1, len(outputs)),
             "tool_call_rate": sum(1 for c in outputs if c.calls) / max(1, len(outputs)),
-            "tool_error_rate": errors / len(calls) if calls else 0.0}
+            "tool_error_rate": failed / len(calls) if calls else 0.0,
+            "tool_retry_rate": retried / failed if failed else None}
+
+
+def _failed(call: dict) -> bool:
+    return (call["output"] or "").startswith("error")
 
 
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
@@ -196,8 +207,9 @@ def evaluate_tasks(engine: Engine, counts: dict[str, int], k: int = 4, template:
     return results
 
 
-# the held-out sets with a validation range (GSM8K has no held-out split but its test set)
-VALIDATION_SETS = [s for s in EVAL_SETS if s != GSM8K]
+# the held-out sets with a validation range: not GSM8K (no held-out split but its test set), not the
+# hand-written everyday questions (a test set only), not a set since partly trained on
+VALIDATION_SETS = [s for s, (task, _) in EVAL_SETS.items() if task not in (GSM8K, EVERYDAY) and s not in PARTLY_SEEN]
 
 
 def validation_scores(engine: Engine, sets: list[str], n: int = 100, template: str = "chat",

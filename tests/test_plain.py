@@ -1,19 +1,28 @@
 """plain_arithmetic (arithmetic as people type it) and the calculator's worked solutions."""
 
+import re
+
 from nanoseek.data.arithmetic import call_equations
-from nanoseek.data.plain import HELD_OUT, TEMPLATES, generate, score
+from nanoseek.data.plain import HELD_OUT, OLD_HELD_OUT, TEMPLATES, generate, score
+from nanoseek.data.splits import held_out_family
 from nanoseek.data.sft import worked_solution
 from nanoseek.data.tasks import problems, reward
 from nanoseek.tools import CalcError, calculator, evaluate, parse_calls
 
 
-def test_held_out_phrasings_never_appear_in_training():
+def test_held_out_families_never_appear_in_training():
     train, held = problems("plain_arithmetic", "train", 2000), problems("plain_arithmetic", "eval", 300)
     assert {p.template for p in train} == set(range(len(TEMPLATES))) - HELD_OUT
     assert {p.template for p in held} == set(HELD_OUT)
     assert not {p.question_hash for p in train} & {p.question_hash for p in held}
-    kinds = {(TEMPLATES[i].kind, TEMPLATES[i].op) for i in HELD_OUT}
-    assert {k for k, _ in kinds} == {"bare", "words", "story"} and {op for _, op in kinds} == set("+-*/")
+    # a family is held out whole: every phrasing of it, and no phrasing of a kept one
+    families = {t.family for t in TEMPLATES}
+    assert {TEMPLATES[i].family for i in HELD_OUT} == {f for f in families if held_out_family(f)}
+    assert 0 < len(HELD_OUT) < len(TEMPLATES) / 2
+    # the former held-out phrasings are still drawn, now partly trained on, never a training question
+    old = problems("plain_arithmetic", "eval_old", 200)
+    assert {p.template for p in old} == set(OLD_HELD_OUT) and OLD_HELD_OUT - HELD_OUT
+    assert not {p.question_hash for p in old} & {p.question_hash for p in problems("plain_arithmetic", "train", 20000)}
 
 
 def test_every_problem_has_an_exact_answer_the_checker_accepts():
@@ -25,8 +34,13 @@ def test_every_problem_has_an_exact_answer_the_checker_accepts():
             assert evaluate(p.answer) >= 0  # no story takes away more than there is
         if t.op == "/":
             assert "." not in p.answer or t.decimals  # whole shares where the story needs them
-    sizes = {len(p.expression.split(TEMPLATES[p.template].op)[0].lstrip("-").split(".")[0]) for p in ps}
+    sizes = {len(re.match(r"-?(\d+)", p.expression).group(1)) for p in ps}
     assert sizes >= {1, 2, 3, 4, 5, 6}  # numbers of every size
+    # the call copies the question: its operands as written, its operator where it writes one
+    for p in ps:
+        assert p.expression in p.question or TEMPLATES[p.template].kind != "bare"
+        for number in re.findall(r"\d[\d.]*", p.expression):
+            assert number in p.question
     assert score("1,200", "1200") == score("1200.0", "1200") == score("$1200", "1200") == 1.0
     assert score("1201", "1200") == score("twelve hundred", "1200") == score("", "1200") == 0.0
     p = problems("plain_arithmetic", "train", 1)[0]

@@ -19,19 +19,35 @@ that ends it, so the model learns to answer and to stop, never to write the user
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nanoseek.data import words
 from nanoseek.data.arithmetic import call_equations, check_steps, expression_steps, work_equations
 from nanoseek.data.corpus import DataError
 from nanoseek.data.loader import VAL_EVERY
-from nanoseek.data.tasks import GSM8K, TASKS, TRAIN_POOL, Problem, problems, reward
+from nanoseek.data.tasks import GSM8K, TASKS, TRAIN_POOL, WORD_PROBLEMS, Problem, problems, reward
 from nanoseek.data.tokenizer import ROLE_TOKENS, ROLES, Tokenizer, reasoning_block, render_calls
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.tools import CALCULATOR, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, render_call, render_output
+from nanoseek.tools import (
+    CALCULATOR,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+    TOOL_SEP,
+    render_call,
+    render_output,
+)
 from nanoseek.tools import calculator as calculate
+
+# of the cold start's conversations with a call: the share whose first call is first made broken
+# (the error read, the call made again); of word problems: one greeting per GREETING_EVERY
+RETRY_SHARE = 0.05
+GREETING_EVERY = 40
 
 
 def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool = False) -> str | None:
@@ -42,6 +58,8 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
     it once on the whole expression; countdown keeps its worked steps."""
     if p.task == GSM8K:  # its own worked solution: calls in place of its <<...>> annotations, or the text alone
         steps, answer = p.entry["calls" if calculator else "worked"], p.answer
+    elif p.task == WORD_PROBLEMS:
+        steps, answer = words.render_steps(p.entry["metadata"]["steps"], calls=calculator), p.answer
     elif p.task == "gsm_symbolic":
         body, _, final = p.entry["metadata"]["answer_cot"].rpartition("####")
         if check_steps(body) or final.strip() != p.answer.strip():
@@ -96,15 +114,52 @@ def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[st
 
 def cold_start_conversations(n_per_task: int | dict[str, int] = 1500, tasks: tuple[str, ...] = TASKS,
                              calculator: bool = False, gsm8k: str = "") -> list[list[dict]]:
+    """A conversation per training problem with a verified solution; a word problem's follow-up
+    question as a second turn; with word problems, greetings answered without a call; with the
+    calculator, RETRY_SHARE of the solutions first make a broken call and read its error."""
     convs = []
+    rng = np.random.default_rng(0)
     for task in tasks:
         for p in problems(task, "train", _count(n_per_task, task), gsm8k=gsm8k):
             sol = worked_solution(p, calculator=calculator)
-            if sol is not None:
-                convs.append([{"role": "user", "content": p.question}, {"role": "assistant", "content": sol}])
+            if sol is None:
+                continue
+            if calculator and rng.random() < RETRY_SHARE:
+                sol = with_retry(sol, len(convs))
+            conv = [{"role": "user", "content": p.question}, {"role": "assistant", "content": sol}]
+            follow = p.entry.get("metadata", {}).get("follow") if task == WORD_PROBLEMS else None
+            if follow:
+                conv += [{"role": "user", "content": follow[0]},
+                         {"role": "assistant", "content": f"<think>\n{words.render_steps((follow[1],), calculator)}"
+                                                          f"\n</think>\nAnswer: {follow[1][2]}"}]
+            convs.append(conv)
+        if task == WORD_PROBLEMS:
+            for i in range(_count(n_per_task, task) // GREETING_EVERY):
+                text, reply = words.GREETINGS[i % len(words.GREETINGS)]
+                convs.append([{"role": "user", "content": text},
+                              {"role": "assistant", "content": words.greeting_reply(reply)}])
     # interleave tasks so that every stretch of the packed stream holds all of them
-    rng = np.random.default_rng(0)
     return [convs[i] for i in rng.permutation(len(convs))]
+
+
+def broken(expr: str, kind: int) -> str:
+    """A copy of `expr` broken in one of four ways the calculator reports: a bracket lost, an
+    operator dangling, a word left in, an operator doubled."""
+    return ("(" + expr, expr + "-", expr + " apples", re.sub(r"([-+*/])", r"\1*", expr, count=1))[kind % 4]
+
+
+def with_retry(solution: str, kind: int) -> str:
+    """The solution with its first call made first in a broken form (`broken`): the call, its
+    error, then the right call. The broken call is not learnt (tokenize_conversations masks it)."""
+    start = solution.find(TOOL_CALLS_BEGIN)
+    if start < 0:
+        return solution
+    expr = solution[start:].split(TOOL_SEP, 1)[1].split(TOOL_CALL_END, 1)[0]
+    bad = broken(expr, kind)
+    error = calculate(bad)
+    if not error.startswith("error"):
+        return solution
+    return solution[:start] + render_call(CALCULATOR, bad) + render_output(error) + solution[start:]
 
 
 def read_conversations(paths: list[str | Path]) -> list[list[dict]]:
@@ -156,11 +211,29 @@ def tool_output_mask(ids: list[int], tok: Tokenizer) -> list[bool]:
     return out
 
 
+def failed_call_mask(ids: list[int], tok: Tokenizer) -> list[bool]:
+    """Per token: part of a call block (`<｜tool▁calls▁begin｜>` to `<｜tool▁calls▁end｜>`) whose
+    output is an error. Not learnt: the model learns to read an error and call again, not to
+    make the bad call."""
+    begin, out_begin, out_end = (tok.hf.token_to_id(t) for t in (TOOL_CALLS_BEGIN, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END))
+    mask, start = [False] * len(ids), None
+    for i, t in enumerate(ids):
+        if t == begin:
+            start = i
+        elif t == out_begin and start is not None:
+            end = ids.index(out_end, i) if out_end in ids[i:] else len(ids)
+            if tok.decode(ids[i + 1:end]).lstrip().startswith("error"):
+                mask[start:i] = [True] * (i - start)
+            start = None
+    return mask
+
+
 def tokenize_conversations(convs: list[list[dict]], tok: Tokenizer
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (train tokens, train labels, val tokens, val labels); every 50th conversation is validation.
     Laid out as the chat template renders each conversation; the labels are the assistant's
-    tokens (and the EOS that ends its turn), less any tool output in them, which was not sampled."""
+    tokens (and the EOS that ends its turn), less any tool output in them, which was not sampled,
+    and less any call that failed (failed_call_mask)."""
     streams = {"train": ([], []), "val": ([], [])}
     role_ids = {r: tok.hf.token_to_id(t) for r, t in ROLE_TOKENS.items()}
     bodies = tok.encode_batch([_body(m) for c in convs for m in c])
@@ -175,7 +248,8 @@ def tokenize_conversations(convs: list[list[dict]], tok: Tokenizer
             tail = [] if role == "tool" or m.get("tool_calls") else [tok.eos_id]
             ids += head + body + tail
             if role == "assistant":
-                learned = [IGNORE_INDEX if f else t for t, f in zip(body, tool_output_mask(body, tok))]
+                masks = zip(tool_output_mask(body, tok), failed_call_mask(body, tok))
+                learned = [IGNORE_INDEX if f or g else t for t, (f, g) in zip(body, masks)]
                 labels += [IGNORE_INDEX] * len(head) + learned + tail
             else:
                 labels += [IGNORE_INDEX] * (len(head) + len(body) + len(tail))

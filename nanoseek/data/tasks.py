@@ -37,8 +37,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import cache
+from importlib.resources import files
 
-from nanoseek.data import gsm8k, plain, sources
+from nanoseek.data import gsm8k, plain, sources, words
 from nanoseek.data.splits import (
     CORPUS_SEED,
     EVAL_SEED,
@@ -54,13 +55,22 @@ from nanoseek.data.splits import (
 )
 
 PLAIN_ARITHMETIC = "plain_arithmetic"  # the project's own: arithmetic as people type it (data/plain.py)
-TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown", PLAIN_ARITHMETIC)
+WORD_PROBLEMS = "word_problems"  # the project's own: everyday one- and two-step questions (data/words.py)
+TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown", PLAIN_ARITHMETIC, WORD_PROBLEMS)
 GSM8K = "gsm8k"
 ALL_TASKS = (*TASKS, GSM8K)  # what a run may name
+# the hand-written everyday questions (data/everyday_test.jsonl): a test set only, never trained on
+# nor used to choose anything, so it has no training split and no validation range
+EVERYDAY = "everyday"
+EVERYDAY_FILE = "everyday_test.jsonl"
 # every held-out set: name -> (task, split); the task names are the unseen-template / seed sets
-EVAL_SETS = {**{t: (t, "eval") for t in ALL_TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen")}
+EVAL_SETS = {**{t: (t, "eval") for t in ALL_TASKS}, "gsm_symbolic_seen": ("gsm_symbolic", "eval_seen"),
+             # plain_arithmetic's held-out phrasings before held-out families: partly trained on since
+             "plain_arithmetic_old": (PLAIN_ARITHMETIC, "eval_old"),
+             "everyday_one": (EVERYDAY, "one"), "everyday_two": (EVERYDAY, "two")}
+PARTLY_SEEN = ("plain_arithmetic_old",)
 FORMAT_WEIGHT = 0.1
-NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum", PLAIN_ARITHMETIC, GSM8K)
+NUMERIC = ("gsm_symbolic", "basic_arithmetic", "chain_sum", PLAIN_ARITHMETIC, WORD_PROBLEMS, GSM8K, EVERYDAY)
 
 
 class TaskError(ValueError):
@@ -85,9 +95,13 @@ def question_hash(question: str) -> str:
 
 
 def eval_sets(tasks: list[str]) -> list[str]:
-    """The held-out sets a run's tasks are measured on: each task, and for gsm_symbolic also its
-    training templates with unseen numbers (gsm_symbolic_seen)."""
-    return [*tasks, *(["gsm_symbolic_seen"] if "gsm_symbolic" in tasks else [])]
+    """The held-out sets a run's tasks are measured on: each task, for gsm_symbolic also its
+    training templates with unseen numbers (gsm_symbolic_seen), for plain_arithmetic also its
+    former held-out phrasings, and where either teaches everyday questions the hand-written ones."""
+    everyday = PLAIN_ARITHMETIC in tasks or WORD_PROBLEMS in tasks
+    return [*tasks, *(["gsm_symbolic_seen"] if "gsm_symbolic" in tasks else []),
+            *(["plain_arithmetic_old"] if PLAIN_ARITHMETIC in tasks else []),
+            *(["everyday_one", "everyday_two"] if everyday else [])]
 
 
 def check_tasks(names, allowed=ALL_TASKS, error: type[Exception] = TaskError) -> None:
@@ -110,13 +124,17 @@ def problems(task: str, split: str, n: int, offset: int = 0, level: int | None =
     """n problems of `task` from the train or eval split. Training may use an easier
     curriculum `level` (0..3, the expression tasks: splits.LEVELS); evaluation always uses
     reasoning-gym's default settings. `gsm8k`: where GSM8K is read from (sources.where)."""
+    if task == EVERYDAY:
+        return _everyday_problems(split, n, offset)
     check_tasks([task])
-    if split not in ("train", "eval", "eval_seen"):
+    if split not in ("train", "eval", "eval_seen") and not (task == PLAIN_ARITHMETIC and split == "eval_old"):
         raise TaskError(f"split must be 'train', 'eval' or 'eval_seen', not {split!r}")
     if task == GSM8K:
         return _gsm8k_problems(split, n, offset, level, gsm8k)
     if task == PLAIN_ARITHMETIC:
         return _plain_problems(split, n, offset, level)
+    if task == WORD_PROBLEMS:
+        return _word_problems(split, n, offset, level)
     if split == "eval_seen" and task != "gsm_symbolic":
         raise TaskError("eval_seen (training templates, unseen numbers) is gsm_symbolic's")
     config: dict = {}
@@ -158,24 +176,50 @@ def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[
     away, any question also in the training pool dropped."""
     if split == "eval_seen" or level is not None:
         raise TaskError(f"{PLAIN_ARITHMETIC} has a train and an eval split, no curriculum levels")
-    if split == "train" and offset + n > TRAIN_POOL[PLAIN_ARITHMETIC]:
-        raise TaskError(f"{PLAIN_ARITHMETIC}: at most {TRAIN_POOL[PLAIN_ARITHMETIC]} training problems")
+    return _generated(PLAIN_ARITHMETIC, split, n, offset, lambda size, seed: [
+        Problem(PLAIN_ARITHMETIC, q.question, q.answer, {"question": q.question, "answer": q.answer,
+                                                         "metadata": {"expression": q.expression}}, q.template)
+        for q in plain.generate(split, size, seed)])
+
+
+def _word_problems(split: str, n: int, offset: int, level: int | None) -> list[Problem]:
+    """word_problems: the training families, or the held-out ones (data/words.py)."""
+    if split not in ("train", "eval") or level is not None:
+        raise TaskError(f"{WORD_PROBLEMS} has a train and an eval split, no curriculum levels")
+    return _generated(WORD_PROBLEMS, split, n, offset, lambda size, seed: [
+        Problem(WORD_PROBLEMS, w.question, w.answer, {"question": w.question, "answer": w.answer, "metadata": {
+            "steps": w.steps, "family": w.family, "follow": w.follow}}) for w in words.generate(split, size, seed)])
+
+
+def _generated(task: str, split: str, n: int, offset: int, draw) -> list[Problem]:
+    """n problems of one of the project's generators, `draw(size, seed)`: numbers for held-out
+    sets from seeds far away, any held-out question also in the training pool dropped."""
+    if split == "train" and offset + n > TRAIN_POOL[task]:
+        raise TaskError(f"{task}: at most {TRAIN_POOL[task]} training problems")
     seed = (TRAIN_SEED if split == "train" else EVAL_SEED) + offset
-    seen = _train_keys(PLAIN_ARITHMETIC) if split == "eval" else frozenset()
+    seen = _train_keys(task) if split != "train" else frozenset()
     out: list[Problem] = []
     size = n
     while len(out) < n:
         out, keys = [], set(seen)
-        for q in plain.generate(split, int(size * 1.1) + 8, seed):
-            key = question_hash(q.question)
-            if split == "eval" and key in keys:
+        for p in draw(int(size * 1.1) + 8, seed):
+            if split != "train" and p.question_hash in keys:
                 continue  # a held-out question once, and never a training one
-            keys.add(key)
-            out.append(Problem(PLAIN_ARITHMETIC, q.question, q.answer, {"question": q.question, "answer": q.answer,
-                                                             "metadata": {"expression": q.expression}}, q.template))
+            keys.add(p.question_hash)
+            out.append(p)
         out = out[:n]
         size *= 2
     return out
+
+
+def _everyday_problems(split: str, n: int, offset: int) -> list[Problem]:
+    """The first n hand-written everyday questions of one or two steps (all of them where n is
+    larger); no offset: they have no validation range."""
+    if split not in ("one", "two") or offset:
+        raise TaskError(f"{EVERYDAY} is a test set of one- and two-step questions, without a validation range")
+    rows = [json.loads(line) for line in (files("nanoseek.data") / EVERYDAY_FILE).read_text().splitlines() if line]
+    rows = [r for r in rows if r["steps"] == (1 if split == "one" else 2)][:n]
+    return [Problem(EVERYDAY, r["question"], r["answer"], r) for r in rows]
 
 
 def _gsm8k_problems(split: str, n: int, offset: int, level: int | None, source: str) -> list[Problem]:
@@ -201,7 +245,7 @@ def _gsm8k_rows(source: str, split: str) -> list[tuple[tuple[str, str, str], tup
 def _train_keys(task: str) -> frozenset[str]:
     """Question hashes of every training problem a held-out problem must differ from: the
     RL/SFT pool and the pretraining corpus's problems of this task."""
-    if task == PLAIN_ARITHMETIC:  # generated in a second, and never stale: no cache
+    if task in (PLAIN_ARITHMETIC, WORD_PROBLEMS):  # generated in a second, and never stale: no cache
         return frozenset(p.question_hash for p in problems(task, "train", TRAIN_POOL[task]))
     cache_file = cache_dir() / f"train-keys-{task}-{TRAIN_SEED}-{TRAIN_POOL[task]}-v2.json"
     if cache_file.is_file():
@@ -270,7 +314,7 @@ def reward(problem: Problem, completion: str, length: int | None = None, max_len
 
 
 def _score(problem: Problem, answer: str) -> float:
-    if problem.task == PLAIN_ARITHMETIC:
+    if problem.task in (PLAIN_ARITHMETIC, WORD_PROBLEMS, EVERYDAY):
         return plain.score(answer, problem.answer)
     if problem.task == GSM8K:
         return float(gsm8k.check(answer, problem.answer))

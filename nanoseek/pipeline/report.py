@@ -223,7 +223,12 @@ def render_markdown(rep: dict[str, Any], images: dict[str, str]) -> str:
               f"Tasks {', '.join(d['tasks'])}"
               + (f"; also measured, not trained on: {', '.join(d['report_tasks'])}" if d.get("report_tasks") else "")
               + "; gsm_symbolic on unseen templates, gsm_symbolic_seen on the "
-              "training templates with unseen numbers. Greedy pass@1 with a 95% Wilson interval"
+              "training templates with unseen numbers"
+              + ("; plain_arithmetic and word_problems on their held-out families (scenarios and ways of asking never "
+                 "trained on), plain_arithmetic_old on its former held-out phrasings (partly trained on since), "
+                 "everyday_one and everyday_two the hand-written questions of one and two steps (never trained on "
+                 "nor used to choose)" if any("everyday_one" in r for r in rep["eval"].values()) else "")
+              + ". Greedy pass@1 with a 95% Wilson interval"
               + (", sampled pass@1 (temperature 0.6) with a 95% interval over problems." if sampled else "."), ""]
     lines += [stage_table(rep["eval"]), "", _detail_table(rep["eval"], sampled), "",
               "Each stage against the one before, on the same problems:", "", gains_table(rep["gains"]), "",

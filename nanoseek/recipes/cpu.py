@@ -8,7 +8,7 @@ from nanoseek.pipeline.recipe import EvalConfig, Model, Recipe, Stage, Tokenizer
 from nanoseek.train.grpo import GRPOConfig
 from nanoseek.train.trainer import SFT_LR, SFT_WARMUP, TrainConfig
 
-TASKS = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic"]
+TASKS = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic", "word_problems"]
 
 recipe = Recipe(
     name="cpu",
@@ -24,7 +24,8 @@ recipe = Recipe(
         # expression task's solution is one call
         Stage("tokenizer", TokenizerConfig(
             vocab_size=4096, corpus="tasks",
-            documents={"chain_sum": 4000, "gsm_symbolic": 8000, "basic_arithmetic": 4000, "plain_arithmetic": 8000})),
+            documents={"chain_sum": 4000, "gsm_symbolic": 8000, "basic_arithmetic": 4000, "plain_arithmetic": 6000,
+                       "word_problems": 6000})),
         # bf16 matmuls: 1.4x fp32's steps on this corpus (fp32 where the CPU has no bf16 units); AdamW: Muon's
         # Newton-Schulz costs ~40% of a step at 2,048 tokens; lr 4e-4 (3e-3 never learnt to copy a number)
         Stage("pretrain", TrainConfig(max_steps=1000, batch_size=8, seq_len=256, precision="bf16")),
@@ -33,19 +34,20 @@ recipe = Recipe(
         Stage("sft", TrainConfig(
             max_steps=900, batch_size=4, seq_len=512, lr=SFT_LR, warmup_steps=SFT_WARMUP, precision="bf16",
             probe_every=300,  # three probes: ~15 s each, under 5% of the training minutes
-            sft_examples={"gsm_symbolic": 3000, "plain_arithmetic": 3000, "chain_sum": 1000,
-                          "basic_arithmetic": 1000})),
+            sft_examples={"gsm_symbolic": 3000, "plain_arithmetic": 2000, "word_problems": 3000, "chain_sum": 800,
+                          "basic_arithmetic": 1200})),
         # Dr. GRPO at temperature 0.7 on the word problems and plain questions, many prompts a step; dynamic
         # sampling (DAPO) with a smaller lr keeps lr 1e-5's per-sample step; no KL term (Dr. GRPO's and
         # DAPO's choice: the same accuracy, a forward fewer); 640 tokens fit the longest chain_sum solutions
         Stage("grpo", GRPOConfig(
-            tasks=["gsm_symbolic", "plain_arithmetic"], max_steps=12, prompts_per_step=32, group_size=8,
+            tasks=["gsm_symbolic", "plain_arithmetic", "word_problems"], max_steps=12, prompts_per_step=32, group_size=8,
             max_tokens=640, temperature=0.7, lr=3.5e-6, warmup_steps=5, loss_type="dr_grpo",
             dynamic_sampling=True, beta=0.0), name="rl"),
         # a few hundred problems where GRPO's gain over the cold start needs them to be clear; greedy only
         Stage("eval", EvalConfig(
             n=50, n_by_set={"chain_sum": 300, "gsm_symbolic_seen": 300, "basic_arithmetic": 300,
-                            "plain_arithmetic": 300}, k=0, max_tokens=640)),
+                            "plain_arithmetic": 300, "word_problems": 300, "plain_arithmetic_old": 300,
+                            "everyday_one": 300, "everyday_two": 300}, k=0, max_tokens=640)),
         Stage("final"),
         Stage("report"),
     ],
