@@ -4,8 +4,8 @@ import re
 
 from nanoseek.data.arithmetic import call_equations
 from nanoseek.data.plain import HELD_OUT, OLD_HELD_OUT, TEMPLATES, generate, score
-from nanoseek.data.splits import held_out_family
 from nanoseek.data.sft import worked_solution
+from nanoseek.data.splits import held_out_family
 from nanoseek.data.tasks import problems, reward
 from nanoseek.tools import CalcError, calculator, evaluate, parse_calls
 

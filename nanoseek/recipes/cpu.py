@@ -40,8 +40,8 @@ recipe = Recipe(
         # sampling (DAPO) with a smaller lr keeps lr 1e-5's per-sample step; no KL term (Dr. GRPO's and
         # DAPO's choice: the same accuracy, a forward fewer); 640 tokens fit the longest chain_sum solutions
         Stage("grpo", GRPOConfig(
-            tasks=["gsm_symbolic", "plain_arithmetic", "word_problems"], max_steps=12, prompts_per_step=32, group_size=8,
-            max_tokens=640, temperature=0.7, lr=3.5e-6, warmup_steps=5, loss_type="dr_grpo",
+            tasks=["gsm_symbolic", "plain_arithmetic", "word_problems"], max_steps=12, prompts_per_step=32,
+            group_size=8, max_tokens=640, temperature=0.7, lr=3.5e-6, warmup_steps=5, loss_type="dr_grpo",
             dynamic_sampling=True, beta=0.0), name="rl"),
         # a few hundred problems where GRPO's gain over the cold start needs them to be clear; greedy only
         Stage("eval", EvalConfig(
