@@ -211,6 +211,39 @@ def test_grpo_prompts_start_at_the_offset_in_the_pool(base):
     assert [s.problem.question for s in source(2)] == [p.question for p in pool[16:19]]
 
 
+def test_grpo_prompts_chosen_where_the_policy_is_unsure_first(base, tmp_path):
+    from types import SimpleNamespace
+
+    from nanoseek.data.tasks import problems
+    from nanoseek.train.grpo import task_source
+
+    _, tok = base
+    pool = problems("chain_sum", "train", 16)
+    seen = []
+
+    class Policy:  # gets pool[i] right in i % 4 of its 3 samples (capped): 0 and 3 agree, 1 and 2 are unsure
+        def generate(self, prompts, params):
+            seen.append((len(prompts), params.n))
+            out = []
+            for i in range(4, 4 + len(prompts)):
+                texts = [f"<think>x</think>Answer: {pool[i].answer if s < i % 4 else 'no'}" for s in range(params.n)]
+                out.append(SimpleNamespace(outputs=[SimpleNamespace(text=t) for t in texts]))
+            return out
+
+    config = GRPOConfig(init="x", tasks=["chain_sum"], prompts_per_step=2, max_steps=3, offset=4, select_k=3,
+                        select_pool=2)
+    source = task_source(config, tok, Policy(), tmp_path)
+    first = [s.problem.question for s in source(0)]
+    assert seen == [(12, 3)]  # 2 x the 6 prompts the run needs, 3 samples each, once
+    saved = json.loads((tmp_path / "prompts.json").read_text())
+    unsure = [i for i in range(4, 16) if i % 4 in (1, 2)]
+    assert saved["order"]["chain_sum"] == unsure + [i for i in range(4, 16) if i not in unsure]
+    assert saved["unsure"] == {"chain_sum": 6} and first == [pool[i].question for i in unsure[:2]]
+    # a resumed run draws the same prompts without sampling again
+    again = task_source(config, tok, None, tmp_path)
+    assert [s.problem.question for s in again(1)] == [pool[i].question for i in unsure[2:4]] and len(seen) == 1
+
+
 def test_tool_outputs_are_masked_from_the_policy_loss(calc_model):
     """Rollouts that call the calculator: the packed mask covers exactly the sampled completion
     tokens, never the prompt, a tool's forced output or the padding."""

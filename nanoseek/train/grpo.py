@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     dynamic_sampling: bool = False
+    # prompts where the starting policy is unsure: each of select_pool x the prompts the run needs is
+    # sampled select_k times first, and those it gets all right or all wrong go last (a group that
+    # agrees teaches nothing); 0: every prompt in pool order (docs/LOG.md: "GRPO on prompts it is unsure of")
+    select_k: int = 0
+    select_pool: int = 3
     ref_reset_every: int | None = None
     overlong_buffer: int = 0
     save_every: int = 25
@@ -117,6 +123,7 @@ class GRPOConfig:
                      "save_every", "val_n"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1")
         need(self.warmup_steps >= 0 and self.val_every >= 0, "warmup_steps and val_every must be at least 0")
+        need(self.select_k >= 0 and self.select_pool >= 1, "select_k must be at least 0 and select_pool at least 1")
         check_tasks(self.probe_sets, VALIDATION_SETS, ConfigError)
         need(self.group_size >= 2, "group_size must be at least 2 (advantages compare within a group)")
         need(self.temperature > 0, "temperature must be positive (GRPO samples)")
@@ -133,34 +140,73 @@ class Sample:
     problem: Any  # what the reward function scores the samples against (a Problem for the tasks)
 
 
-def task_source(config: GRPOConfig, tok) -> Callable[[int], list[Sample]]:
-    """step -> that step's prompts, drawn in order from the training pools (deterministic)."""
+def task_source(config: GRPOConfig, tok, engine: Engine | None = None, folder: Path | None = None
+                ) -> Callable[[int], list[Sample]]:
+    """step -> that step's prompts, drawn in order from the training pools (deterministic); with
+    select_k, in the order select_prompts chose on the first call (kept in folder/prompts.json, so
+    that a resumed run draws the same)."""
     pools: dict[str, list[Problem]] = {}
+    order: dict[str, list[int]] = {}
 
     def pool(task: str) -> list[Problem]:
         if task not in pools:
             level = config.level if task in LEVELED else None
             pools[task] = problems(task, "train", TRAIN_POOL[task], level=level, gsm8k=config.gsm8k)
+            if len(pools[task]) <= config.offset:
+                raise ConfigError(f"{task}: no training problems past offset {config.offset} "
+                                  f"(it has {len(pools[task])})")
         return pools[task]
 
+    def prompt(p: Problem) -> list[int]:
+        if config.template == "r1_zero":
+            return tok.encode(R1_ZERO_TEMPLATE.format(question=p.question))
+        return tok.encode(tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True))
+
     def source(step: int) -> list[Sample]:
+        if config.select_k and not order:
+            order.update(select_prompts(config, {t: pool(t) for t in config.tasks}, prompt, engine, folder))
         out = []
         for i in range(config.prompts_per_step):
             j = step * config.prompts_per_step + i
             task = config.tasks[j % len(config.tasks)]
             ps = pool(task)
-            if len(ps) <= config.offset:
-                raise ConfigError(f"{task}: no training problems past offset {config.offset} (it has {len(ps)})")
-            # in order from the offset, then again (epochs over the problems past the cold start's)
-            p = ps[config.offset + (j // len(config.tasks)) % (len(ps) - config.offset)]
-            if config.template == "r1_zero":
-                ids = tok.encode(R1_ZERO_TEMPLATE.format(question=p.question))
-            else:
-                ids = tok.encode(tok.render_chat([{"role": "user", "content": p.question}], add_generation_prompt=True))
-            out.append(Sample(ids, p))
+            # in order from the offset (or in the chosen order), then again
+            k = j // len(config.tasks)
+            p = ps[order[task][k % len(order[task])]] if order else ps[config.offset + k % (len(ps) - config.offset)]
+            out.append(Sample(prompt(p), p))
         return out
 
     return source
+
+
+def select_prompts(config: GRPOConfig, pools: dict[str, list[Problem]], prompt: Callable[[Problem], list[int]],
+                   engine: Engine, folder: Path | None) -> dict[str, list[int]]:
+    """Per task, the pool indices the run draws, unsure first: select_pool x the prompts it needs,
+    from the offset on, each sampled select_k times by the starting policy; those with some
+    samples right and some wrong first, the others after (in pool order within each)."""
+    saved = folder / "prompts.json" if folder else None
+    if saved and saved.is_file():
+        return json.loads(saved.read_text())["order"]
+    t0 = time.perf_counter()
+    need = -(-config.prompts_per_step * config.max_steps // len(config.tasks))
+    cands = {t: list(range(config.offset, min(len(ps), config.offset + need * config.select_pool)))
+             for t, ps in pools.items()}
+    flat = [(t, i) for t, idx in cands.items() for i in idx]
+    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, n=config.select_k,
+                            seed=config.seed * 1_000_003 + 7)
+    reqs = engine.generate([prompt(pools[t][i]) for t, i in flat], params)
+    right = {(t, i): sum(reward(pools[t][i], c.text).accuracy for c in r.outputs) for (t, i), r in zip(flat, reqs)}
+    unsure = {k for k, n in right.items() if 0 < n < config.select_k}
+    order = {t: [i for i in idx if (t, i) in unsure] + [i for i in idx if (t, i) not in unsure]
+             for t, idx in cands.items()}
+    info = {"select_s": round(time.perf_counter() - t0, 2), "candidates": len(flat),
+            "unsure": {t: sum((t, i) in unsure for i in idx) for t, idx in cands.items()}, "order": order}
+    if saved:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(info))
+    say(config.progress, f"grpo: {len(unsure)} of {len(flat)} candidate prompts unsure after {config.select_k} "
+                         f"samples each ({info['select_s']:.0f} s)")
+    return order
 
 
 def task_reward(config: GRPOConfig) -> Callable[[Any, str, int], dict[str, float]]:
@@ -293,7 +339,8 @@ def setup(config: GRPOConfig, overrides: list[str], source, score) -> GRPOLoop:
         folder.mkdir(parents=True, exist_ok=True)
     start = f"resuming at step {step}" if resume else f"from {config.init}"
     return GRPOLoop(config, folder, model, tok, ranks, device, sampler, engine, ref, policy, opt, ledger,
-                   source or task_source(config, tok), score or task_reward(config), validating, step, start)
+                   source or task_source(config, tok, engine, folder), score or task_reward(config), validating, step,
+                   start)
 
 
 def grpo_step(loop: GRPOLoop) -> dict[str, Any]:
