@@ -173,8 +173,28 @@ def test_stage_gains_are_paired_per_problem():
     flat = gains["rl vs sft"]["chain_sum"]["pass@1"]
     assert flat["gain"] == pytest.approx(0.0) and not flat["clear"] and flat["ci95"][0] < 0 < flat["ci95"][1]
     assert "| sft vs base | chain_sum | +30.0% [" in gains_table(gains)
-    # different problem counts cannot be paired
-    assert stage_gains({"a": base, "b": res([1] * 10, [1.0] * 10)}) == {"b vs a": {}}
+    # a model measured on fewer problems (the base, eval.base_n) is paired on the first ones, which both had
+    few = stage_gains({"a": res([1, 0], [1.0, 0.0]), "b": res([1, 1, 0, 0], [1.0, 1.0, 0.0, 0.0])})["b vs a"]
+    assert few["chain_sum"]["problems"] == 2 and few["chain_sum"]["pass@1"]["gain"] == pytest.approx(0.5)
+
+
+def test_the_base_is_evaluated_on_at_most_base_n_problems_a_set(tmp_path, monkeypatch):
+    from nanoseek.pipeline import compare
+
+    asked = {}
+
+    def fake(path, sets, n, k, **kw):
+        asked[path] = dict(n)
+        return {"tasks": {s: {"problems": c, "correct": [1] * c, "pass@1": 1.0, "pass@1_ci95": [1, 1],
+                              "format_rate": 1.0, "mean_length": 1} for s, c in n.items()}}
+
+    monkeypatch.setattr(compare, "evaluate", fake)
+    out = compare.evaluate_stages(tmp_path, [("base", "b"), ("sft", "s")], ["chain_sum", "gsm_symbolic"],
+                                  {"chain_sum": 300, "gsm_symbolic": 20, "gsm_symbolic_seen": 300}, 0, 8,
+                                  progress=False, base_n=50)
+    assert asked == {"b": {"chain_sum": 50, "gsm_symbolic": 20, "gsm_symbolic_seen": 50},
+                     "s": {"chain_sum": 300, "gsm_symbolic": 20, "gsm_symbolic_seen": 300}}
+    assert out["gains"]["sft vs base"]["chain_sum"]["problems"] == 50
 
 
 def test_only_torchrun_ranks_past_0_wait_for_the_main_process(monkeypatch):

@@ -16,14 +16,18 @@ from nanoseek.train.runlog import read_metrics, say
 
 def evaluate_stages(folder: Path, models: list[tuple[str, str]], tasks: list[str], n: int | dict[str, int],
                     k: int, max_tokens: int, progress: bool = True, device: str = "cpu",
-                    gsm8k: str = "") -> dict[str, Any]:
+                    gsm8k: str = "", base_n: int | None = None) -> dict[str, Any]:
     """The eval stage of a pipeline: every (stage name, checkpoint) on the held-out sets of
-    `tasks` (`n` problems each, or n[set]), the full results in folder/eval.json; returns the
-    summary table and the paired gains of each stage over the one before."""
+    `tasks` (`n` problems each, or n[set]; the base on at most `base_n`), the full results in
+    folder/eval.json; returns the summary table and the paired gains of each stage over the one
+    before."""
     table = {}
+    sets = eval_sets(tasks)
+    counts = {s: n[s] if isinstance(n, dict) else n for s in sets}
     for name, path in models:
         say(progress, f"  eval {name}")
-        table[name] = evaluate(path, eval_sets(tasks), n, k, max_tokens=max_tokens, device=device, gsm8k=gsm8k)
+        few = {s: min(c, base_n) for s, c in counts.items()} if name == "base" and base_n else counts
+        table[name] = evaluate(path, sets, few, k, max_tokens=max_tokens, device=device, gsm8k=gsm8k)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
     return {"table": summarize(table), "gains": stage_gains(table)}
@@ -52,7 +56,9 @@ def stage_gains(table: dict[str, dict], pairs: list[tuple[str, str]] | None = No
     """Each stage against the one before it (or each (before, after) of `pairs`), on the same
     held-out problems: the gain in greedy and sampled pass@1 with a 95% interval on the paired
     per-problem differences (tighter than comparing two separate intervals, since both models
-    face the same problems). A gain is `clear` when the paired interval lies above zero."""
+    face the same problems). A gain is `clear` when the paired interval lies above zero. Where
+    one model had fewer problems of a set, the first ones, which both had, are paired (a set's
+    problems are the same in the same order whatever their number)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     names = list(table)
     for before, after in pairs or list(zip(names, names[1:])):
@@ -60,12 +66,12 @@ def stage_gains(table: dict[str, dict], pairs: list[tuple[str, str]] | None = No
         out[key] = {}
         for task, b in table[before]["tasks"].items():
             a = table[after]["tasks"].get(task)
-            if a is None or a["problems"] != b["problems"]:
+            if a is None:
                 continue
-            row: dict[str, Any] = {}
+            row: dict[str, Any] = {"problems": min(a["problems"], b["problems"])}
             for name, field_ in (("pass@1", "correct"), ("pass@1_sampled", "sampled_correct")):
                 if field_ in a and field_ in b:
-                    d = [x - y for x, y in zip(a[field_], b[field_])]
+                    d = [x - y for x, y in zip(a[field_], b[field_])]  # (zip: the first problems of both)
                     lo, hi = mean_ci(d, bounds=(-1.0, 1.0))
                     row[name] = {"gain": sum(d) / len(d), "ci95": [lo, hi], "clear": lo > 0}
             out[key][task] = row

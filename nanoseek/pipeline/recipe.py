@@ -117,12 +117,15 @@ class EvalConfig:
     n_by_set: dict[str, int] = field(default_factory=dict)  # ...or these numbers for these sets
     k: int = 0  # samples per problem for sampled pass@1 and maj@k (0: greedy only)
     max_tokens: int = 640
+    # the base model (pretraining's) on at most this many problems a set (None: as the others): it
+    # shows where the cold start starts, and its answers run longest; gains pair the problems both had
+    base_n: int | None = None
     device: str = "auto"
     progress: bool = True
 
     def validate(self, tasks: list[str]) -> None:
-        require(self.n >= 1 and self.k >= 0 and self.max_tokens >= 1,
-                "eval.n and eval.max_tokens must be at least 1, eval.k at least 0")
+        require(self.n >= 1 and self.k >= 0 and self.max_tokens >= 1 and (self.base_n is None or self.base_n >= 1),
+                "eval.n, eval.max_tokens and eval.base_n must be at least 1, eval.k at least 0")
         sets = eval_sets(tasks)
         require(isinstance(self.n_by_set, dict) and set(self.n_by_set) <= set(sets)
                 and all(isinstance(n, int) and n >= 1 for n in self.n_by_set.values()),

@@ -213,7 +213,7 @@ def run_rejection(recipe: Recipe, place: Place, st: Stage, folder: Path, start: 
 def run_eval(recipe: Recipe, place: Place, st: Stage, folder: Path, start: str) -> EvalResult:
     c, tasks = st.config, recipe.eval_tasks()
     summary = evaluate_stages(folder, models(recipe, place), tasks, c.counts(tasks), c.k, c.max_tokens, c.progress,
-                              c.device, recipe.gsm8k)
+                              c.device, recipe.gsm8k, base_n=c.base_n)
     trends = {s.name: rl_trend(place.folder(s.name) / "metrics.jsonl") for s in recipe.stages
               if s.kind == "grpo" and (place.folder(s.name) / "metrics.jsonl").exists()}
     return EvalResult(summary["table"], summary["gains"], trends)

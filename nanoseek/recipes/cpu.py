@@ -43,11 +43,12 @@ recipe = Recipe(
             tasks=["gsm_symbolic", "plain_arithmetic", "word_problems"], max_steps=12, prompts_per_step=32,
             group_size=8, max_tokens=640, temperature=0.7, lr=3.5e-6, warmup_steps=5, loss_type="dr_grpo",
             dynamic_sampling=True, beta=0.0), name="rl"),
-        # a few hundred problems where GRPO's gain over the cold start needs them to be clear; greedy only
+        # a few hundred problems where GRPO's gain over the cold start needs them to be clear; greedy only; the
+        # base on 50 a set (where the cold start starts; its answers run longest)
         Stage("eval", EvalConfig(
             n=50, n_by_set={"chain_sum": 300, "gsm_symbolic_seen": 300, "basic_arithmetic": 300,
                             "plain_arithmetic": 300, "word_problems": 300, "plain_arithmetic_old": 300,
-                            "everyday_one": 300, "everyday_two": 300}, k=0, max_tokens=640)),
+                            "everyday_one": 300, "everyday_two": 300}, k=0, max_tokens=640, base_n=50)),
         Stage("final"),
         Stage("report"),
     ],
