@@ -20,12 +20,12 @@ recipe = Recipe(
     # the report card's minutes to target: c44c5db's held-out accuracy, less a few points, on the validation range
     target={"basic_arithmetic": 0.60, "gsm_symbolic_seen": 0.40},
     stages=[
-        # worked solutions of the tasks, word problems and plain questions most: with the calculator an
-        # expression task's solution is one call
+        # worked solutions of the tasks, the short expression tasks most: their calls copy the question, and a
+        # base that copies is what every later stage stands on (docs/LOG.md: "A corpus dense in copying")
         Stage("tokenizer", TokenizerConfig(
             vocab_size=4096, corpus="tasks",
-            documents={"chain_sum": 4000, "gsm_symbolic": 8000, "basic_arithmetic": 4000, "plain_arithmetic": 6000,
-                       "word_problems": 6000})),
+            documents={"chain_sum": 10000, "gsm_symbolic": 5000, "basic_arithmetic": 8000, "plain_arithmetic": 5000,
+                       "word_problems": 5000})),
         # bf16 matmuls: 1.4x fp32's steps on this corpus (fp32 where the CPU has no bf16 units); AdamW: Muon's
         # Newton-Schulz costs ~40% of a step at 2,048 tokens; lr 4e-4 (3e-3 never learnt to copy a number)
         Stage("pretrain", TrainConfig(max_steps=1000, batch_size=8, seq_len=256, precision="bf16")),
