@@ -74,7 +74,8 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert list(rep["eval"]) == ["base", "sft", "rl"]
     # the run's tasks, then the sets measured without training on them (report_tasks)
     assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
-                                       "countdown", "gsm_symbolic_seen"]
+                                       "word_problems", "countdown", "gsm_symbolic_seen", "plain_arithmetic_old",
+                                       "everyday_one", "everyday_two"]
     assert rep["data"]["report_tasks"] == ["countdown"]
     assert all("tool_calls" in r and "tool_error_rate" in r for r in rep["eval"]["rl"].values())
     assert [rep["eval"]["rl"][s]["problems"] for s in ("chain_sum", "countdown")] == [6, 4]  # n_by_set, then n
@@ -89,8 +90,10 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     for heading in ("## Model", "## Data", "## Held-out evaluation", "## Cost", "## Inference", "## Plots",
                     "## Recipe"):
         assert heading in md, heading
-    assert ("| task | base | sft | rl | rl: calls per answer | rl: tool errors | rl: operands copied | "
+    assert ("| task | base | sft | rl | rl: calls per answer | rl: tool errors (retried) | rl: operands copied | "
             "rl: miscopied calls |") in md  # a row per task
+    assert "| plain_arithmetic_old (partly seen) | " in md and "| everyday_two | " in md  # the hand-written sets
+    assert all("tool_retry_rate" in r for r in rep["eval"]["rl"].values())
     assert all("operands_copied" in r and "miscopies" in r for r in rep["eval"]["rl"].values())
     peak = json.loads((out / "pretrain" / "stage.json").read_text())["fp32_peak_flops"]
     assert rep["peak_flops"] == peak > 1e8 and f"(matmul peak {peak / 1e9:,.0f} GFLOP/s)" in md  # beside the times
@@ -140,8 +143,9 @@ def test_speedrun_from_nothing_survives_a_kill_and_serves(tmp_path, capsys, monk
     assert redone == {"eval", "report"}
     rep = json.loads((out / "report.json").read_text())
     assert list(rep["eval"]["rl"]) == ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
-                                       "gsm_symbolic_seen"]
-    assert [r["problems"] for r in rep["eval"]["rl"].values()] == [6, 3, 3, 3, 3]  # n_by_set, then n
+                                       "word_problems", "gsm_symbolic_seen", "plain_arithmetic_old", "everyday_one",
+                                       "everyday_two"]
+    assert [r["problems"] for r in rep["eval"]["rl"].values()] == [6] + [3] * 8  # n_by_set, then n
     # a trained stage's setting is not: the run is refused and nothing is touched
     assert _speedrun(out, "eval.n=3", "report_tasks=[]", "rl.max_steps=3") == 2
     assert "another recipe (rl.max_steps)" in capsys.readouterr().err
@@ -213,19 +217,19 @@ def test_the_problem_budget_cuts_each_pool_once(capsys):
     speedrun and r1 read the same budget (pipeline/recipe.budget)."""
     from nanoseek.pipeline.recipe import budget, load_recipe, override
 
-    four = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic"]
+    five = ["chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic", "word_problems"]
     cpu = load_recipe("cpu")
     b = budget(cpu)
-    assert b.counts("tokenizer") == dict(zip(four, [4000, 8000, 4000, 8000]))
-    assert b.slices["tokenizer"]["gsm_symbolic"] == (12000, 8000)  # the far end of its 20,000
-    assert b.counts("sft") == dict(zip(four, [1000, 3000, 1000, 3000])) and b.offset("sft") == 0
-    assert b.slices["rl"] == {"gsm_symbolic": (3000, 192), "plain_arithmetic": (3000, 192)}  # 12 x 32 over 2 tasks
+    assert b.counts("tokenizer") == dict(zip(five, [10000, 5000, 8000, 5000, 5000]))
+    assert b.slices["tokenizer"]["gsm_symbolic"] == (15000, 5000)  # the far end of its 20,000
+    assert b.counts("sft") == dict(zip(five, [800, 3000, 1200, 2000, 3000])) and b.offset("sft") == 0
+    assert b.slices["rl"] == {t: (3000, 128) for t in ("gsm_symbolic", "plain_arithmetic", "word_problems")}  # 12 x 32
     assert budget(override(cpu, ['sft.sft_examples={"chain_sum": 100, "gsm_symbolic": 900}',
                                  'rl.tasks=["chain_sum", "gsm_symbolic"]'])).offset("rl") == 900
     r1 = budget(load_recipe("r1"))  # the cold start, rejection sampling, then each GRPO stage past them
     assert [r1.offset(n) for n in ("sft", "rs", "rl", "rl2")] == [0, 1500, 1700, 1700 + 640]  # 40 x 32 / 2
     p = _plan("--preset", "cpu")
-    assert p["budget"]["rl"]["plain_arithmetic"] == [3000, 192] and _stage(p, "rl")["offset"] == 3000
+    assert p["budget"]["rl"]["plain_arithmetic"] == [3000, 128] and _stage(p, "rl")["offset"] == 3000
     assert p["model"]["hidden_size"] == 256 and p["model_overrides"] == []
     assert _stage(p, "eval")["n"] == 50 and _stage(p, "eval")["n_by_set"]["chain_sum"] == 300
     low, high = (20, 30) if cpu_has_bf16() else (25, 35)  # the cpu recipe's ETA on the reference host: bf16 or not
@@ -323,7 +327,8 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     for n, row in v.items():
         assert row["pretrain_wall_s"] > 0 and row["val_loss"] > 0, n
         assert set(rep["eval"][n]) == {"chain_sum", "gsm_symbolic", "basic_arithmetic", "plain_arithmetic",
-                                       "gsm_symbolic_seen"}
+                                       "word_problems", "gsm_symbolic_seen", "plain_arithmetic_old", "everyday_one",
+                                       "everyday_two"}
     assert set(rep["gains"]) == {f"{n} vs deepseek" for n in v if n != "deepseek"}
     # without the calculator: the same model, its own corpus of the same problems, no calls in it
     plain = [json.loads(line)["text"] for line in (out / "ablate/no_calculator/corpus.jsonl").read_text().splitlines()]
@@ -337,8 +342,8 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
 
     docs = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
     cold = {p.question for p in problems("chain_sum", "train", 20)}
-    # (200 a task, four tasks, less the few without a verified solution)
-    assert 700 <= len(docs) <= 800 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
+    # (200 a task, five tasks, less the few without a verified solution)
+    assert 900 <= len(docs) <= 1000 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
 
 
 def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tmp_path, monkeypatch):
