@@ -65,8 +65,8 @@ def test_no_training_question_matches_a_held_out_family():
 
 def typo_free(question: str) -> bool:
     vocab = {w for f in words.FAMILIES for q in f.questions for w in re.findall(r"[a-z]+", q.text.lower())}
-    vocab |= {w for name, *_ in words.NAMES for w in [name.lower()]} | {w for f in words.FAMILIES for t in f.things
-                                                                       for w in t.split()}
+    vocab |= {name.lower() for name, *_ in words.NAMES}
+    vocab |= {w for f in words.FAMILIES for t in f.things for w in t.split()}
     return all(w in vocab for w in re.findall(r"[a-z]+", question.lower()))
 
 

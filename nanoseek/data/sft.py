@@ -34,11 +34,11 @@ from nanoseek.data.tokenizer import ROLE_TOKENS, ROLES, Tokenizer, reasoning_blo
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tools import (
     CALCULATOR,
-    TOOL_CALL_END,
     TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
     TOOL_OUTPUT_BEGIN,
     TOOL_OUTPUT_END,
-    TOOL_SEP,
+    parse_calls,
     render_call,
     render_output,
 )
@@ -151,10 +151,10 @@ def broken(expr: str, kind: int) -> str:
 def with_retry(solution: str, kind: int) -> str:
     """The solution with its first call made first in a broken form (`broken`): the call, its
     error, then the right call. The broken call is not learnt (tokenize_conversations masks it)."""
-    start = solution.find(TOOL_CALLS_BEGIN)
+    start, end = solution.find(TOOL_CALLS_BEGIN), solution.find(TOOL_CALLS_END)
     if start < 0:
         return solution
-    expr = solution[start:].split(TOOL_SEP, 1)[1].split(TOOL_CALL_END, 1)[0]
+    (_, expr), *_ = parse_calls(solution[:end + len(TOOL_CALLS_END)])
     bad = broken(expr, kind)
     error = calculate(bad)
     if not error.startswith("error"):

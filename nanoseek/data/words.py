@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from nanoseek.data.splits import held_out_family
-from nanoseek.tools import CALCULATOR, calculator, format_number, render_call, render_output
+from nanoseek.tools import CALCULATOR, calculator, evaluate, format_number, render_call, render_output
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,6 @@ FAMILIES = [
           "a+b+c | km in total"),
     )),
 ]
-FAMILY_NAMES = [f.name for f in FAMILIES]
 HELD_OUT = frozenset(f.name for f in FAMILIES if held_out_family(f.name))
 
 NAMES = [("Sara", "she", "her"), ("Tom", "he", "his"), ("Mia", "she", "her"), ("Leo", "he", "his"),
@@ -284,11 +283,10 @@ NAMES = [("Sara", "she", "her"), ("Tom", "he", "his"), ("Mia", "she", "her"), ("
 HELLO = "Hello! I can work out arithmetic and word problems. What would you like to calculate?"
 WELCOME = "You're welcome! Ask me anything you would like to calculate."
 ABOUT = "I'm nanoseek, a small model that works out arithmetic and word problems with a calculator."
-# messages with nothing to compute, answered without a call (the held-out ones are for trying it)
+# messages with nothing to compute, answered without a call
 GREETINGS = [("hi", HELLO), ("Hello!", HELLO), ("hey", HELLO), ("Good morning", HELLO), ("hello there", HELLO),
              ("Hi, can you help me?", HELLO), ("how are you", HELLO), ("thanks!", WELCOME), ("Thank you", WELCOME),
              ("ok thanks", WELCOME), ("who are you?", ABOUT), ("What can you do?", ABOUT), ("bye", "Bye!")]
-HELD_OUT_GREETINGS = ["hiya", "Good evening!", "what are you?", "thx", "Hey, how's it going?"]
 
 
 def greeting_reply(reply: str) -> str:
@@ -323,9 +321,7 @@ def _draw(spec: str, rng: random.Random) -> dict[str, Fraction]:
 
 
 def _value(expr: str, vals: dict[str, Fraction]) -> Fraction:
-    text = re.sub(r"[a-z]\w*", lambda m: f"({format_number(vals[m.group()])})", expr)
-    from nanoseek.tools import evaluate
-    return evaluate(text)
+    return evaluate(re.sub(r"[a-z]\w*", lambda m: f"({format_number(vals[m.group()])})", expr))
 
 
 def _written(v: Fraction, rng: random.Random, money: bool) -> str:
@@ -374,7 +370,7 @@ def render_steps(steps: tuple[tuple[str, str, str], ...], calls: bool = True) ->
                      for words, call, out in steps)
 
 
-def make(fam: Family, tmpl: Q, rng: random.Random, typed: bool = True) -> WordProblem | None:
+def make(fam: Family, tmpl: Q, rng: random.Random) -> WordProblem | None:
     """One problem of this template, or None when the drawn numbers break it (a step below zero,
     a quotient that does not end)."""
     vals = _draw(tmpl.numbers, rng)
@@ -400,8 +396,8 @@ def make(fam: Family, tmpl: Q, rng: random.Random, typed: bool = True) -> WordPr
         if not _fits(line[2], money):
             return None
         text = _choices(text, rng).format(**fill)
-        follow = (_typed(text, rng) if typed else text, line)
-    return WordProblem(_typed(question, rng) if typed else question, results[-1], tuple(lines), fam.name, follow)
+        follow = (_typed(text, rng), line)
+    return WordProblem(_typed(question, rng), results[-1], tuple(lines), fam.name, follow)
 
 
 def _fits(out: str, money: bool) -> bool:
@@ -412,13 +408,12 @@ def _fits(out: str, money: bool) -> bool:
 SPLITS = ("train", "eval")
 
 
-def generate(split: str, n: int, seed: int, n_steps: int | None = None) -> list[WordProblem]:
+def generate(split: str, n: int, seed: int) -> list[WordProblem]:
     """n problems of the training families (split "train") or the held-out ones ("eval"), of one
-    or two steps (`n_steps`; None: both); item i depends on seed + i alone."""
+    and two steps; item i depends on seed + i alone."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-    pool = [(f, t) for f in FAMILIES if (f.name in HELD_OUT) == (split == "eval") for t in f.questions
-            if n_steps is None or len(t.steps) == n_steps]
+    pool = [(f, t) for f in FAMILIES if (f.name in HELD_OUT) == (split == "eval") for t in f.questions]
     out = []
     for i in range(n):
         rng = random.Random(seed + i)
