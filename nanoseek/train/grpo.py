@@ -94,7 +94,8 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     # prompts where the starting policy is unsure: each of select_pool x the prompts the run needs is
     # sampled select_k times first, and those it gets all right or all wrong go last (a group that
-    # agrees teaches nothing); 0: every prompt in pool order (docs/LOG.md: "GRPO on prompts it is unsure of")
+    # agrees teaches nothing); 0: every prompt in pool order
+    # (docs/LOG.md: "GRPO on prompts the cold start is unsure of")
     select_k: int = 0
     select_pool: int = 3
     ref_reset_every: int | None = None
