@@ -90,6 +90,31 @@ def test_word_problems_are_exact_and_their_calls_copy_the_question():
     assert words.generate("eval", 5, 9) == words.generate("eval", 5, 9)  # item i depends on the seed alone
 
 
+def test_each_step_reads_the_question_words_around_its_numbers():
+    """A step opens with the question's own words, as typed, around the numbers it calls with
+    (slips of the keys included), then its words; plain_arithmetic's questions in words too."""
+    ps = problems("word_problems", "train", 1000) + problems("word_problems", "eval", 200)
+    for p in ps:
+        steps, follow = p.entry["metadata"]["steps"], p.entry["metadata"]["follow"]
+        assert " -> " in steps[0][0]  # the first step reads the question
+        for text, (said, call, _) in [(p.question, s) for s in steps] + ([follow] if follow else []):
+            if " -> " in said:
+                quote, _, label = said.partition(" -> ")
+                assert label and all(part in text for part in quote.split(", ")), (text, said)
+                assert any(n in quote for n in re.findall(r"\d[\d,.]*", call)), (text, said, call)
+    assert words.quote("Tom has 12 apples, 3 more than Sam. How many?", {"a": 8, "b": 19}, "ab") == \
+        "Tom has 12 apples, 3 more than Sam"
+    assert words.quote("i had 40 dollars and spent 12 on lunch", {"b": 27}, "b") == "dollars and spent 12 on lunch"
+    for p in problems("plain_arithmetic", "train", 300):
+        line = worked_solution(p, calculator=True).split("\n")[1]
+        expr = p.entry["metadata"]["expression"]
+        if plain.TEMPLATES[p.template].kind == "bare":
+            assert line.startswith(TOOL_CALLS_BEGIN)
+        else:
+            quote = line.split(f": {TOOL_CALLS_BEGIN}")[0]
+            assert quote in p.question and all(n in quote for n in re.findall(r"\d[\d.]*", expr)), (p.question, line)
+
+
 def test_everyday_set_is_as_committed_and_scores_its_own_answers():
     text = (files("nanoseek.data") / EVERYDAY_FILE).read_bytes()
     assert hashlib.sha256(text).hexdigest() == EVERYDAY_SHA256  # never edited after it was written

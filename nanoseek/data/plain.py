@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from nanoseek.data.splits import held_out_family
+from nanoseek.data.words import mark, quote, unmark
 from nanoseek.tools import CalcError, evaluate, format_number
 
 
@@ -137,6 +138,7 @@ class PlainProblem:
     answer: str
     expression: str  # what the calculator is asked (the operands as the question writes them)
     template: int
+    quote: str = ""  # the question's words around its numbers, which the solution reads before its call
 
 
 def generate(split: str, n: int, seed: int) -> list[PlainProblem]:
@@ -156,7 +158,9 @@ def generate(split: str, n: int, seed: int) -> list[PlainProblem]:
         sa, sb = format_number(a), format_number(b)
         written = _WRITTEN_OP.search(t.text)
         expression = f"{sa}{written.group(1) if written else t.op}{sb}"
-        out.append(PlainProblem(t.text.format(a=sa, b=sb), format_number(evaluate(expression)), expression, k))
+        question, where = unmark(t.text.format(**mark({"a": sa, "b": sb})))
+        said = quote(question, where, "ab") if t.kind != "bare" else ""
+        out.append(PlainProblem(question, format_number(evaluate(expression)), expression, k, said))
     return out
 
 

@@ -73,6 +73,8 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
         expr = p.entry["metadata"]["expression"]
         value = calculate(expr)
         steps, answer = render_call(CALCULATOR, expr) + render_output(value), value
+        if p.entry["metadata"].get("quote"):  # a question in words: its words read, then the call
+            steps = f"{p.entry['metadata']['quote']}: {steps}"
     else:
         expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
         try:

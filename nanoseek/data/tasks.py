@@ -178,7 +178,8 @@ def _plain_problems(split: str, n: int, offset: int, level: int | None) -> list[
         raise TaskError(f"{PLAIN_ARITHMETIC} has a train and an eval split, no curriculum levels")
     return _generated(PLAIN_ARITHMETIC, split, n, offset, lambda size, seed: [
         Problem(PLAIN_ARITHMETIC, q.question, q.answer, {"question": q.question, "answer": q.answer,
-                                                         "metadata": {"expression": q.expression}}, q.template)
+                                                         "metadata": {"expression": q.expression, "quote": q.quote}},
+                q.template)
         for q in plain.generate(split, size, seed)])
 
 

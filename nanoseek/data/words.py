@@ -7,8 +7,10 @@ A family is a scenario with all its phrasings (shopping, baking, a bus ride); he
 set measures scenarios and phrasings the model has not seen. A question is drawn from a family's
 template: its numbers (`a`, `b`, `c`), a name, a thing, and `[x|y]` choices of wording; a share
 of questions is typed informally (lowercase, no final punctuation, a slip of the keys). The
-worked solution is one line per step, the call copying the question's numbers as written
-(`1,250`, `4.50`), a later step the earlier result. Answers are exact (the calculator).
+worked solution is one line per step: the question's own words around the step's numbers, as
+typed (`spent 12 on lunch -> Left: 40-12`), so the operation follows the words the question uses
+rather than a family's label; then the call, copying the numbers as written (`1,250`, `4.50`), a
+later step the earlier result. Answers are exact (the calculator).
 
 Also here: follow-up turns ("and if she buys 3 more?", answered from the first answer) and
 greetings, answered without a call.
@@ -363,6 +365,43 @@ def _step(says: str, expr: str, fill: dict[str, str], results: list[str]) -> tup
     return f"{words[0].upper()}{words[1:]}", call, calculator(call)
 
 
+# a number marked in a question while it is written, so its words can be found after typing slips
+_MARK = re.compile("\x01([a-z])\x02([^\x03]*)\x03")
+QUOTE_WORDS = 3  # words kept on each side of a number, within its clause
+
+
+def mark(fill: dict[str, str]) -> dict[str, str]:
+    return {k: f"\x01{k}\x02{v}\x03" for k, v in fill.items()}
+
+
+def unmark(text: str) -> tuple[str, dict[str, int]]:
+    """The text without marks, and where each marked number starts in it."""
+    where = {}
+    while m := _MARK.search(text):
+        where.setdefault(m.group(1), m.start())
+        text = text[:m.start()] + m.group(2) + text[m.end():]
+    return text, where
+
+
+def quote(text: str, where: dict[str, int], names) -> str:
+    """The question's words around the numbers `names`, as typed: QUOTE_WORDS each side within the
+    number's clause, in the question's order, windows that meet joined into one."""
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    clause, c = [], 0
+    for start, end in words:
+        clause.append(c)
+        c += text[end - 1] in ".?!,;:"
+    spans: list[list[int]] = []
+    for i in sorted({next(j for j, (s, e) in enumerate(words) if s <= where[k] < e) for k in names if k in where}):
+        lo = min(j for j in range(max(0, i - QUOTE_WORDS), i + 1) if clause[j] == clause[i])
+        hi = max(j for j in range(i, min(len(words), i + QUOTE_WORDS + 1)) if clause[j] == clause[i])
+        if spans and lo <= spans[-1][1] + 1:
+            spans[-1][1] = max(hi, spans[-1][1])
+        else:
+            spans.append([lo, hi])
+    return ", ".join(text[words[lo][0]:words[hi][1]].rstrip(".?!,;:") for lo, hi in spans)
+
+
 def render_steps(steps: tuple[tuple[str, str, str], ...], calls: bool = True) -> str:
     """The think block's lines: each step's words, then its call and output (calls=False: the
     expression and its value written out, for a model without the calculator)."""
@@ -388,16 +427,28 @@ def make(fam: Family, tmpl: Q, rng: random.Random) -> WordProblem | None:
             return None
         lines.append(line)
         results.append(line[2])
-    question = _choices(tmpl.text, rng).format(**fill)
+    marked = {**fill, **mark({k: fill[k] for k in vals})}
+    question = _choices(tmpl.text, rng).format(**marked)
     follow = None
     if tmpl.follow:
         text, expr, says = tmpl.follow
         line = _step(says, expr, fill, results)
         if not _fits(line[2], money):
             return None
-        text = _choices(text, rng).format(**fill)
-        follow = (_typed(text, rng), line)
-    return WordProblem(_typed(question, rng), results[-1], tuple(lines), fam.name, follow)
+        text, at = unmark(_typed(_choices(text, rng).format(**marked), rng))
+        follow = (text, _quoted(line, quote(text, at, _names(expr))))
+    question, where = unmark(_typed(question, rng))
+    lines = [_quoted(line, quote(question, where, _names(st.expr))) for line, st in zip(lines, tmpl.steps)]
+    return WordProblem(question, results[-1], tuple(lines), fam.name, follow)
+
+
+def _quoted(line: tuple[str, str, str], words: str) -> tuple[str, str, str]:
+    """A step's line opened with the question's own words around its numbers."""
+    return (f"{words} -> {line[0]}" if words else line[0], *line[1:])
+
+
+def _names(expr: str) -> set[str]:
+    return set(re.findall(r"(?<![a-z])[abc](?![a-z])", expr))
 
 
 def _fits(out: str, money: bool) -> bool:
