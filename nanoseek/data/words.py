@@ -388,7 +388,7 @@ def quote(text: str, where: dict[str, int], names) -> str:
     number's clause, in the question's order, windows that meet joined into one."""
     words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
     clause, c = [], 0
-    for start, end in words:
+    for _, end in words:
         clause.append(c)
         c += text[end - 1] in ".?!,;:"
     spans: list[list[int]] = []
