@@ -10,8 +10,9 @@ engine, batched, k samples per problem from one prefill. Per-problem scores are 
 (pipeline/compare.stage_gains).
 
 Prompts: `chat` (the chat template, a user turn, the assistant to answer) for SFT and RL
-checkpoints; `base` for a pretrained model, in the pretraining corpus's own form
-(`Question: ...\\n<think>\\n`, the completion read as `<think>\\n` + what it writes).
+checkpoints and a model pretrained on conversations (its checkpoint says which); `base` for a
+pretrained model, in the pretraining corpus's own form (`Question: ...\\n<think>\\n`, the
+completion read as `<think>\\n` + what it writes).
 """
 
 from __future__ import annotations
@@ -231,8 +232,9 @@ def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] 
     model, tok = nanoseek.load(ckpt, str(pick_device(device)))
     if tok is None:
         raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")
-    stage = read_meta(resolve(ckpt)).get("stage")
-    template = template or ("base" if stage in (None, "pretrain", "import") else "chat")
+    meta = read_meta(resolve(ckpt))
+    stage = meta.get("stage")
+    template = template or meta.get("template") or ("base" if stage in (None, "pretrain", "import") else "chat")
     engine = Engine(model, tok, max_seqs=max_seqs or eval_seqs(model))
     results = evaluate_tasks(engine, {t: n[t] if isinstance(n, dict) else n for t in (tasks or list(TASKS))},
                              k, template, max_tokens, gsm8k=gsm8k)

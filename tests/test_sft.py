@@ -76,6 +76,20 @@ def test_task_documents_come_from_the_far_end_of_the_pool():
     assert not starts & {question_hash(q) for q, p in tails.items() if p.task == "chain_sum"}
 
 
+def test_task_documents_in_the_chat_template_are_the_cold_starts_tokens(tok):
+    """chat=True: a document holds the tokens a one-turn cold-start conversation of the same problem
+    trains on (BOS, user turn, EOS, assistant turn; the loader adds the last EOS)."""
+    docs = task_documents(["plain_arithmetic"], 6, calculator=True, chat=True)
+    tail = {p.question: p for p in problems("plain_arithmetic", "train", 6, offset=TRAIN_POOL["plain_arithmetic"] - 6)}
+    assert len(docs) == 6
+    for d in docs:
+        question = d.split("<|user|>")[1].split("<|eos|>")[0]
+        conv = [{"role": "user", "content": question},
+                {"role": "assistant", "content": worked_solution(tail[question], calculator=True)}]
+        tokens = tokenize_conversations([conv], tok)[0].tolist()
+        assert tok.encode(d) + [tok.eos_id] == tokens and tokens[:2] == tok.encode("<|bos|><|user|>")
+
+
 def test_read_conversations_checks_its_input(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"messages": CONV}) + "\n\n")

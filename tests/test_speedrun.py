@@ -16,11 +16,17 @@ import pytest
 from conftest import open_data_copies
 
 from nanoseek import checkpoint as ckpt
+from nanoseek.checkpoint import read_meta, resolve
 from nanoseek.cli import main
 from nanoseek.device import cpu_has_bf16
 from nanoseek.pipeline import runners
 
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "eval", "final", "report"]
+
+
+def _question(doc: str) -> str:
+    """A pretraining document's question, whether it is a conversation or `Question: ...`."""
+    return doc.removeprefix("<|bos|><|user|>").removeprefix("Question: ").split("<|eos|>")[0].split("\n<think>")[0]
 
 
 def _speedrun(out, *extra):  # on the corpus's math documents: the branch that writes its own corpus file
@@ -230,6 +236,7 @@ def test_the_problem_budget_cuts_each_pool_once(capsys):
     assert [r1.offset(n) for n in ("sft", "rs", "rl", "rl2")] == [0, 1500, 1700, 1700 + 640]  # 40 x 32 / 2
     p = _plan("--preset", "cpu")
     assert p["budget"]["rl"]["plain_arithmetic"] == [3000, 128] and _stage(p, "rl")["offset"] == 3000
+    assert _stage(p, "pretrain")["template"] == "chat"  # its documents are conversations
     assert p["model"]["hidden_size"] == 256 and p["model_overrides"] == []
     assert _stage(p, "eval")["n"] == 50 and _stage(p, "eval")["n_by_set"]["chain_sum"] == 300
     low, high = (20, 30) if cpu_has_bf16() else (25, 35)  # the cpu recipe's ETA on the reference host: bf16 or not
@@ -273,6 +280,9 @@ def test_every_recipe_file_resolves_and_a_copy_runs(tmp_path, capsys):
     assert (out / "mine.py").read_text() == mine.read_text()
     assert json.loads((out / "rl" / "stage.json").read_text())["step"] == 1
     assert json.loads((out / "recipe.json").read_text())["name"] == "mine"
+    # the recipe's pretraining documents are conversations: the base is evaluated in the chat template
+    assert read_meta(resolve(out / "pretrain"))["template"] == "chat"
+    assert json.loads((out / "eval" / "eval.json").read_text())["base"]["template"] == "chat"
     bad = tmp_path / "bad.py"
     bad.write_text("recipe = 1 / 0\n")
     capsys.readouterr()
@@ -334,8 +344,8 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     plain = [json.loads(line)["text"] for line in (out / "ablate/no_calculator/corpus.jsonl").read_text().splitlines()]
     calls = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
     assert not any("<｜tool▁calls▁begin｜>" in d for d in plain) and any("<｜tool▁calls▁begin｜>" in d for d in calls)
-    questions = {d.split("\n<think>")[0] for d in calls}
-    assert sum(d.split("\n<think>")[0] in questions for d in plain) >= 0.9 * len(calls)
+    questions = {_question(d) for d in calls}
+    assert sum(_question(d) in questions for d in plain) >= 0.9 * len(calls)
     assert configs["no_calculator"] == configs["deepseek"]
     # the pretraining corpus: worked solutions of the run's tasks, none a cold-start problem
     from nanoseek.data.tasks import problems
@@ -343,7 +353,8 @@ def test_ablations_train_each_variant_on_the_same_budget(tmp_path, capsys):
     docs = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
     cold = {p.question for p in problems("chain_sum", "train", 20)}
     # (200 a task, five tasks, less the few without a verified solution)
-    assert 900 <= len(docs) <= 1000 and not cold & {d.removeprefix("Question: ").split("\n<think>")[0] for d in docs}
+    assert 900 <= len(docs) <= 1000 and not cold & {_question(d) for d in docs}
+    assert all(d.startswith("<|bos|><|user|>") and "<|" not in _question(d) for d in docs)  # conversations
 
 
 def test_the_gpu_preset_runs_its_architecture_and_open_data_shrunk_on_the_cpu(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from nanoseek.data.arithmetic import call_equations, check_steps, expression_ste
 from nanoseek.data.corpus import DataError
 from nanoseek.data.loader import VAL_EVERY
 from nanoseek.data.tasks import GSM8K, TASKS, TRAIN_POOL, WORD_PROBLEMS, Problem, problems, reward
-from nanoseek.data.tokenizer import ROLE_TOKENS, ROLES, Tokenizer, reasoning_block, render_calls
+from nanoseek.data.tokenizer import EOS, ROLE_TOKENS, ROLES, Tokenizer, chat_text, reasoning_block, render_calls
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tools import (
     CALCULATOR,
@@ -99,17 +99,20 @@ def _count(n_per_task: int | dict[str, int], task: str) -> int:
 
 
 def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[str, int],
-                   calculator: bool = False, gsm8k: str = "") -> list[str]:
+                   calculator: bool = False, gsm8k: str = "", chat: bool = False) -> list[str]:
     """Pretraining documents made of worked solutions (`Question: ...` then the same assistant
-    text SFT trains on), from the far end of each task's training pool: the cold start and GRPO
-    draw from its start, so their problems stay new to the base. Shuffled together."""
+    text SFT trains on; chat: the question and its solution as a conversation in the chat
+    template), from the far end of each task's training pool: the cold start and GRPO draw from
+    its start, so their problems stay new to the base. Shuffled together."""
     docs = []
     for task in tasks:
         n = _count(n_per_task, task)
         for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n, gsm8k=gsm8k):
             sol = worked_solution(p, calculator=calculator)
             if sol is not None:
-                docs.append(f"Question: {p.question}\n{sol}\n")
+                docs.append(chat_text([{"role": "user", "content": p.question},
+                                       {"role": "assistant", "content": sol}]).removesuffix(EOS) if chat
+                            else f"Question: {p.question}\n{sol}\n")  # the loader ends each with EOS
     rng = np.random.default_rng(1)
     return [docs[i] for i in rng.permutation(len(docs))]
 

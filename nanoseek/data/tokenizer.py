@@ -149,33 +149,8 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
                     tools: list[dict] | None = None) -> str:
-        """The chat template in Python; identical to CHAT_TEMPLATE rendered by Jinja. `tools`:
-        OpenAI's function definitions, listed in the system turn."""
-        parts = [BOS]
-        block = _tools_block(tools) if tools else ""
-        if block and not (messages and messages[0].get("role") == "system"):
-            parts.append(SYSTEM + block + EOS)
-        prev = ""
-        for m in messages:
-            role = m.get("role")
-            if role not in ROLES:
-                raise TokenizerError(f"unknown chat role {role!r}")
-            if role == "tool":
-                parts.append(render_output(_text(m, "content")))
-            else:
-                if not (role == "assistant" and prev == "tool"):
-                    parts.append(ROLE_TOKENS[role])
-                if m.get("reasoning_content"):
-                    parts.append(reasoning_block(m))
-                parts.append(_text(m, "content", optional=bool(m.get("tool_calls"))))
-                if role == "system" and block:
-                    parts.append("\n\n" + block)
-                calls = m.get("tool_calls")
-                parts.append(render_calls(calls) if calls else EOS)
-            prev = role
-        if add_generation_prompt and prev != "tool":
-            parts.append(ASSISTANT)
-        return "".join(parts)
+        """The chat template in Python; identical to CHAT_TEMPLATE rendered by Jinja (chat_text)."""
+        return chat_text(messages, add_generation_prompt, tools)
 
     def save(self, out: str | Path) -> None:
         out = Path(out)
@@ -259,6 +234,36 @@ def tokenizer_threads(on: bool = True):
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def chat_text(messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    """The chat template in Python; identical to CHAT_TEMPLATE rendered by Jinja. `tools`:
+    OpenAI's function definitions, listed in the system turn."""
+    parts = [BOS]
+    block = _tools_block(tools) if tools else ""
+    if block and not (messages and messages[0].get("role") == "system"):
+        parts.append(SYSTEM + block + EOS)
+    prev = ""
+    for m in messages:
+        role = m.get("role")
+        if role not in ROLES:
+            raise TokenizerError(f"unknown chat role {role!r}")
+        if role == "tool":
+            parts.append(render_output(_text(m, "content")))
+        else:
+            if not (role == "assistant" and prev == "tool"):
+                parts.append(ROLE_TOKENS[role])
+            if m.get("reasoning_content"):
+                parts.append(reasoning_block(m))
+            parts.append(_text(m, "content", optional=bool(m.get("tool_calls"))))
+            if role == "system" and block:
+                parts.append("\n\n" + block)
+            calls = m.get("tool_calls")
+            parts.append(render_calls(calls) if calls else EOS)
+        prev = role
+    if add_generation_prompt and prev != "tool":
+        parts.append(ASSISTANT)
+    return "".join(parts)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,

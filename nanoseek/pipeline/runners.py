@@ -89,8 +89,10 @@ def resolve(recipe: Recipe, place: Place) -> Recipe:
         if st.kind == "pretrain":
             data = ([str(place.tokens)] if tok and tok.data else
                     [str(place.corpus_file)] if tok and tok.corpus != "default" else [])
+            chat = bool(tok and tok.chat and tok.corpus == "tasks" and not tok.data)
             c = dataclasses.replace(c, stage="pretrain", out=out, size=recipe.model.size, init=before or None,
-                                    tokenizer=str(place.out / "tokenizer") if tok else None, data=data)
+                                    tokenizer=str(place.out / "tokenizer") if tok else None, data=data,
+                                    template="chat" if chat else c.template)
         elif st.kind == "sft":
             data = [str(place.folder(st.traces) / TRACES)] if st.traces else []
             c = dataclasses.replace(c, stage="sft", out=out, init=before, data=data, sft_tasks=list(recipe.tasks),
@@ -168,7 +170,7 @@ def pretraining_text(recipe: Recipe, st: Stage) -> Iterable[str]:
         streams = [iter_texts(sources.where(name), chars=chars // len(named)) for name in named]
         return itertools.chain(iter_files(files) if files else [], interleave(streams))
     if c.corpus == "tasks":
-        return task_documents(recipe.tasks, c.documents, recipe.calculator, recipe.gsm8k)
+        return task_documents(recipe.tasks, c.documents, recipe.calculator, recipe.gsm8k, chat=c.chat)
     return {"default": default_corpus, "math": math_documents}[c.corpus]()
 
 

@@ -21,11 +21,12 @@ recipe = Recipe(
     target={"basic_arithmetic": 0.60, "gsm_symbolic_seen": 0.40},
     stages=[
         # worked solutions of the tasks, the short expression tasks most: their calls copy the question, and a
-        # base that copies is what every later stage stands on (docs/LOG.md: "A corpus dense in copying")
+        # base that copies is what every later stage stands on (docs/LOG.md: "A corpus dense in copying"); as
+        # conversations in the chat template, so its copying need not move to a new form in the cold start
         Stage("tokenizer", TokenizerConfig(
             vocab_size=4096, corpus="tasks",
             documents={"chain_sum": 10000, "gsm_symbolic": 5000, "basic_arithmetic": 8000, "plain_arithmetic": 5000,
-                       "word_problems": 5000})),
+                       "word_problems": 5000}, chat=True)),
         # bf16 matmuls: 1.4x fp32's steps on this corpus (fp32 where the CPU has no bf16 units); AdamW: Muon's
         # Newton-Schulz costs ~40% of a step at 2,048 tokens; lr 4e-4 (3e-3 never learnt to copy a number)
         Stage("pretrain", TrainConfig(max_steps=1000, batch_size=8, seq_len=256, precision="bf16")),

@@ -117,12 +117,16 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" (a whole model per rank) or "fsdp" (sharded, FSDP2)
     activation_checkpointing: bool = False  # keep each block's input only, rerun it in backward
     price_per_hour: float | None = None
+    # the form its documents take, written into its checkpoints for the evaluation: "base" (`Question: ...`)
+    # or "chat" (conversations in the chat template); a cold start's is always chat
+    template: str = "base"
     max_bad_steps: int = 3
     progress: bool = True
 
     def validate(self, model_config: ModelConfig) -> None:
         need = require
         need(self.stage in ("pretrain", "sft"), f"stage must be 'pretrain' or 'sft', not {self.stage!r}")
+        need(self.template in ("base", "chat"), f"template must be 'base' or 'chat', not {self.template!r}")
         need(self.stage != "sft" or self.init, "sft starts from a checkpoint")
         need(self.parallel in dist.PARALLEL,
              f"parallel must be one of {', '.join(dist.PARALLEL)}, not {self.parallel!r}")
@@ -529,6 +533,7 @@ def _save(loop: Loop, model, opt_state, last: dict, counts: dict) -> None:
     info = {"step": loop.step, "train_config": dataclasses.asdict(loop.config), "optimizer": opt_info,
             "loader": loop.loader.state_dict(), "cost": loop.ledger.to_dict()}
     meta = {"stage": loop.config.stage, "step": loop.step, "tokens_seen": loop.ledger.tokens,
+            "template": "chat" if loop.config.stage == "sft" else loop.config.template,
             "cost": loop.ledger.to_dict(),
             "git_commit": git_commit(), "params": counts, "metrics": last}
     with loop.average.swapped() if loop.average else contextlib.nullcontext():  # the checkpoint holds the average
