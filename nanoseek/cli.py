@@ -421,7 +421,8 @@ def add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=100, help="held-out problems per task (a hand-written set: at most "
                    "all of it)")
     p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1 and maj@k (0: greedy only)")
-    p.add_argument("--template", choices=["chat", "base"], help="default: base for a pretrained model, else chat")
+    p.add_argument("--template", choices=["chat", "base"], help="default: the one the checkpoint names (a pretraining "
+                   "on conversations: chat), else base for a pretrained model, chat for the rest")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.set_defaults(handler=run_eval)

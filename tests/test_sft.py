@@ -164,6 +164,8 @@ def test_pretraining_continues_from_a_checkpoint(tmp_path, tok):
     again, tok2, _ = load_model(tmp_path / "more")
     assert again.config.to_dict() == model.config.to_dict() and tok2.vocab_size == tok.vocab_size
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    from nanoseek.checkpoint import read_meta, resolve
+    assert read_meta(resolve(tmp_path / "more"))["template"] == "base"  # `Question: ...` text, evaluated as such
 
 
 TOOL_CONV = [

@@ -73,8 +73,6 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
         expr = p.entry["metadata"]["expression"]
         value = calculate(expr)
         steps, answer = render_call(CALCULATOR, expr) + render_output(value), value
-        if p.entry["metadata"].get("quote"):  # a question in words: its words read, then the call
-            steps = f"{p.entry['metadata']['quote']}: {steps}"
     else:
         expr = p.entry["metadata"]["expression"] if p.task != "countdown" else p.answer
         try:
@@ -84,6 +82,8 @@ def worked_solution(p: Problem, work_arithmetic: bool = True, calculator: bool =
         if p.task != "countdown" and str(value) != p.answer.strip():
             return None
         steps, answer = "\n".join(lines), (expr if p.task == "countdown" else str(value))
+    if p.task == "plain_arithmetic" and p.entry["metadata"].get("quote"):  # the question's words read first
+        steps = f"{p.entry['metadata']['quote']}: {steps}"
     text = f"<think>\n{steps}\n</think>\nAnswer: {answer}"
     return text if reward(p, text).accuracy == 1.0 else None
 
@@ -110,9 +110,11 @@ def task_documents(tasks: tuple[str, ...] | list[str], n_per_task: int | dict[st
         for p in problems(task, "train", n, offset=TRAIN_POOL[task] - n, gsm8k=gsm8k):
             sol = worked_solution(p, calculator=calculator)
             if sol is not None:
-                docs.append(chat_text([{"role": "user", "content": p.question},
-                                       {"role": "assistant", "content": sol}]).removesuffix(EOS) if chat
-                            else f"Question: {p.question}\n{sol}\n")  # the loader ends each with EOS
+                if chat:  # the loader ends each document with EOS
+                    conv = [{"role": "user", "content": p.question}, {"role": "assistant", "content": sol}]
+                    docs.append(chat_text(conv).removesuffix(EOS))
+                else:
+                    docs.append(f"Question: {p.question}\n{sol}\n")
     rng = np.random.default_rng(1)
     return [docs[i] for i in rng.permutation(len(docs))]
 

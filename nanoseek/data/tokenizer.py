@@ -70,7 +70,7 @@ _TOOLS_BLOCK = (
     " + (t['function'].get('parameters', {}) | tojson) + '\n' }}"
     "{%- endfor -%}"
 )
-# Python's twin is Tokenizer.render_chat; a test renders both on the same conversations.
+# Python's twin is chat_text (Tokenizer.render_chat); a test renders both on the same conversations.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- set ns = namespace(prev='') -%}"

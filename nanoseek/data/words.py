@@ -8,9 +8,10 @@ set measures scenarios and phrasings the model has not seen. A question is drawn
 template: its numbers (`a`, `b`, `c`), a name, a thing, and `[x|y]` choices of wording; a share
 of questions is typed informally (lowercase, no final punctuation, a slip of the keys). The
 worked solution is one line per step: the question's own words around the step's numbers, as
-typed (`spent 12 on lunch -> Left: 40-12`), so the operation follows the words the question uses
-rather than a family's label; then the call, copying the numbers as written (`1,250`, `4.50`), a
-later step the earlier result. Answers are exact (the calculator).
+typed, then the step's words (`Mia had $40 and spent $12 -> Money left: ` and the call `40-12`),
+so the operation follows the words the question uses rather than a family's label; the call
+copies the numbers as written (`1,250`, `4.50`), a later step the earlier result. Answers are
+exact (the calculator).
 
 Also here: follow-up turns ("and if she buys 3 more?", answered from the first answer) and
 greetings, answered without a call.
@@ -360,17 +361,19 @@ def _typed(text: str, rng: random.Random) -> str:
 def _step(says: str, expr: str, fill: dict[str, str], results: list[str]) -> tuple[str, str, str]:
     """(the step's words, its call copying the question's numbers, the calculator's output)."""
     call = re.sub(r"r(\d)", lambda m: results[int(m.group(1)) - 1], expr)
-    call = re.sub(r"(?<![a-z])[abc](?![a-z])", lambda m: fill[m.group()], call)
+    call = _NUMBER.sub(lambda m: fill[m.group()], call)
     words = says.format(**fill)
     return f"{words[0].upper()}{words[1:]}", call, calculator(call)
 
 
+_NUMBER = re.compile(r"(?<![a-z])[abc](?![a-z])")  # a step's number from the question, in its expression
 # a number marked in a question while it is written, so its words can be found after typing slips
 _MARK = re.compile("\x01([a-z])\x02([^\x03]*)\x03")
 QUOTE_WORDS = 3  # words kept on each side of a number, within its clause
 
 
 def mark(fill: dict[str, str]) -> dict[str, str]:
+    """The numbers wrapped in marks that name them (unmark takes them out again)."""
     return {k: f"\x01{k}\x02{v}\x03" for k, v in fill.items()}
 
 
@@ -448,7 +451,7 @@ def _quoted(line: tuple[str, str, str], words: str) -> tuple[str, str, str]:
 
 
 def _names(expr: str) -> set[str]:
-    return set(re.findall(r"(?<![a-z])[abc](?![a-z])", expr))
+    return set(_NUMBER.findall(expr))
 
 
 def _fits(out: str, money: bool) -> bool:

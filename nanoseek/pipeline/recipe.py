@@ -82,7 +82,7 @@ class TokenizerConfig:
     corpus: str = "tasks"
     documents: int | dict[str, int] = 10000  # corpus=tasks: worked solutions per task (or by task)
     # corpus=tasks: each a conversation in the chat template, which the cold start, the evaluation and
-    # users speak, so the base copies in it from the start (docs/LOG.md: "Pretraining in the chat template")
+    # users speak (docs/LOG.md: "Pretraining in the chat template"); ignored for other corpora and data
     chat: bool = False
     # your own .txt / .jsonl / .parquet files or folders, or open sets by name (data/sources.HUB),
     # tokenized once into OUT/tokens instead of the corpus
