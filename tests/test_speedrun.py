@@ -229,13 +229,13 @@ def test_the_problem_budget_cuts_each_pool_once(capsys):
     assert b.counts("tokenizer") == dict(zip(five, [10000, 5000, 8000, 5000, 5000]))
     assert b.slices["tokenizer"]["gsm_symbolic"] == (15000, 5000)  # the far end of its 20,000
     assert b.counts("sft") == dict(zip(five, [800, 3000, 1200, 2000, 3000])) and b.offset("sft") == 0
-    assert b.slices["rl"] == {t: (3000, 128) for t in ("gsm_symbolic", "plain_arithmetic", "word_problems")}  # 12 x 32
+    assert b.slices["rl"] == {t: (3000, 43) for t in ("gsm_symbolic", "plain_arithmetic", "word_problems")}  # 4 x 32
     assert budget(override(cpu, ['sft.sft_examples={"chain_sum": 100, "gsm_symbolic": 900}',
                                  'rl.tasks=["chain_sum", "gsm_symbolic"]'])).offset("rl") == 900
     r1 = budget(load_recipe("r1"))  # the cold start, rejection sampling, then each GRPO stage past them
     assert [r1.offset(n) for n in ("sft", "rs", "rl", "rl2")] == [0, 1500, 1700, 1700 + 640]  # 40 x 32 / 2
     p = _plan("--preset", "cpu")
-    assert p["budget"]["rl"]["plain_arithmetic"] == [3000, 128] and _stage(p, "rl")["offset"] == 3000
+    assert p["budget"]["rl"]["plain_arithmetic"] == [3000, 43] and _stage(p, "rl")["offset"] == 3000
     assert _stage(p, "pretrain")["template"] == "chat"  # its documents are conversations
     assert p["model"]["hidden_size"] == 256 and p["model_overrides"] == []
     assert _stage(p, "eval")["n"] == 50 and _stage(p, "eval")["n_by_set"]["chain_sum"] == 300

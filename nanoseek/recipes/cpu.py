@@ -23,13 +23,15 @@ recipe = Recipe(
         # worked solutions of the tasks, the short expression tasks most: their calls copy the question, and a
         # base that copies is what every later stage stands on (docs/LOG.md: "A corpus dense in copying"); as
         # conversations in the chat template, so its copying need not move to a new form in the cold start
+        # (docs/LOG.md: "Pretraining in the chat template")
         Stage("tokenizer", TokenizerConfig(
             vocab_size=4096, corpus="tasks",
             documents={"chain_sum": 10000, "gsm_symbolic": 5000, "basic_arithmetic": 8000, "plain_arithmetic": 5000,
                        "word_problems": 5000}, chat=True)),
         # bf16 matmuls: 1.4x fp32's steps on this corpus (fp32 where the CPU has no bf16 units); AdamW: Muon's
-        # Newton-Schulz costs ~40% of a step at 2,048 tokens; lr 4e-4 (3e-3 never learnt to copy a number)
-        Stage("pretrain", TrainConfig(max_steps=1000, batch_size=8, seq_len=256, precision="bf16")),
+        # Newton-Schulz costs ~40% of a step at 2,048 tokens; lr 4e-4 (3e-3 never learnt to copy a number);
+        # 1,300 steps, GRPO's minutes: at 1,000 a seed's base may not copy (docs/LOG.md: "GRPO's minutes")
+        Stage("pretrain", TrainConfig(max_steps=1300, batch_size=8, seq_len=256, precision="bf16")),
         # the cold start: 900 steps (at 700 it never learnt to copy); word problems and plain questions
         # most, where the model must set up each call itself; no weight average (GRPO then adds nothing)
         Stage("sft", TrainConfig(
@@ -39,10 +41,11 @@ recipe = Recipe(
                           "basic_arithmetic": 1200})),
         # Dr. GRPO at temperature 0.7 on the word problems and plain questions, many prompts a step; dynamic
         # sampling (DAPO) with a smaller lr keeps lr 1e-5's per-sample step; no KL term (Dr. GRPO's and
-        # DAPO's choice: the same accuracy, a forward fewer); 640 tokens fit the longest chain_sum solutions
+        # DAPO's choice: the same accuracy, a forward fewer); 640 tokens fit the longest chain_sum solutions;
+        # 4 steps: 12 moved no everyday set (docs/LOG.md: "A corpus dense in copying"); their minutes pretrain
         Stage("grpo", GRPOConfig(
-            tasks=["gsm_symbolic", "plain_arithmetic", "word_problems"], max_steps=12, prompts_per_step=32,
-            group_size=8, max_tokens=640, temperature=0.7, lr=3.5e-6, warmup_steps=5, loss_type="dr_grpo",
+            tasks=["gsm_symbolic", "plain_arithmetic", "word_problems"], max_steps=4, prompts_per_step=32,
+            group_size=8, max_tokens=640, temperature=0.7, lr=3.5e-6, warmup_steps=2, loss_type="dr_grpo",
             dynamic_sampling=True, beta=0.0), name="rl"),
         # a few hundred problems where GRPO's gain over the cold start needs them to be clear; greedy only; the
         # base on 50 a set (where the cold start starts; its answers run longest)
