@@ -390,12 +390,14 @@ def quote(text: str, where: dict[str, int], names) -> str:
     """The question's words around the numbers `names`, as typed: QUOTE_WORDS each side within the
     number's clause, in the question's order, windows that meet joined into one."""
     words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
-    clause, c = [], 0
-    for _, end in words:
-        clause.append(c)
-        c += text[end - 1] in ".?!,;:"
+    # a word's clause: how many words before it end one (with . ? ! , ; or :)
+    clause = [0]
+    for _, end in words[:-1]:
+        clause.append(clause[-1] + (text[end - 1] in ".?!,;:"))
+    numbers = sorted({next(j for j, (start, end) in enumerate(words) if start <= where[k] < end)
+                      for k in names if k in where})
     spans: list[list[int]] = []
-    for i in sorted({next(j for j, (s, e) in enumerate(words) if s <= where[k] < e) for k in names if k in where}):
+    for i in numbers:
         lo = min(j for j in range(max(0, i - QUOTE_WORDS), i + 1) if clause[j] == clause[i])
         hi = max(j for j in range(i, min(len(words), i + QUOTE_WORDS + 1)) if clause[j] == clause[i])
         if spans and lo <= spans[-1][1] + 1:
