@@ -30,7 +30,8 @@ recipe = Recipe(
                        "word_problems": 5000}, chat=True)),
         # bf16 matmuls: 1.4x fp32's steps on this corpus (fp32 where the CPU has no bf16 units); AdamW: Muon's
         # Newton-Schulz costs ~40% of a step at 2,048 tokens; lr 4e-4 (3e-3 never learnt to copy a number);
-        # 1,300 steps, GRPO's minutes: at 1,000 a seed's base may not copy (docs/LOG.md: "GRPO's minutes")
+        # 1,300 steps, paid by GRPO's: more steps for the base's copying to form in, which a seed still decides
+        # (docs/LOG.md: "GRPO's minutes to pretraining at seed 1", "The chat-template recipe at seed 0")
         Stage("pretrain", TrainConfig(max_steps=1300, batch_size=8, seq_len=256, precision="bf16")),
         # the cold start: 900 steps (at 700 it never learnt to copy); word problems and plain questions
         # most, where the model must set up each call itself; no weight average (GRPO then adds nothing)
