@@ -147,6 +147,13 @@ def sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
     p.add_argument("--context", type=int, help="context window (default: the model's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    eager_flag(p)
+
+
+def eager_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eager", action="store_true",
+                   help="decode without the compiled step (by default batch 1 on a CPU runs a compiled step, "
+                        "built once per architecture into $NANOSEEK_CACHE/compiled)")
 
 
 def one_engine(args: argparse.Namespace) -> tuple[Engine, SamplingParams]:
@@ -154,7 +161,7 @@ def one_engine(args: argparse.Namespace) -> tuple[Engine, SamplingParams]:
     model, tok, folder = load_model(args.ckpt, pick_device(args.device))
     if tok is None:
         raise CheckpointError(f"{folder} has no nanoseek tokenizer (tokenizer.json with the chat tokens)")
-    engine = Engine(model, tok, max_seqs=1, context=args.context, speculative=args.mtp)
+    engine = Engine(model, tok, max_seqs=1, context=args.context, speculative=args.mtp, compile=not args.eager)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=getattr(args, "stop", [])).validate()
     return engine, params
@@ -517,12 +524,13 @@ def add_serve(sub) -> None:
     p.add_argument("--model-name", default="nanoseek", help="the model id clients ask for")
     p.add_argument("--mtp", action="store_true", help="MTP speculative decoding")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    eager_flag(p)
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     app, folder = build(args.ckpt, api_key_from_env(args.api_key), args.max_seqs, args.context, args.mtp,
-                        args.model_name, pick_device(args.device))
+                        args.model_name, pick_device(args.device), compile=not args.eager)
     return serve_forever(app, args.host, args.port, folder)
 
 

@@ -480,7 +480,7 @@ def test_generate_command_streams_the_greedy_completion(tmp_path, tok, trained, 
     capsys.readouterr()
     for extra in ([], ["--mtp"]):
         assert main(["generate", str(tmp_path / "run"), "--prompt", prompt, "--temperature", "0",
-                     "--max-tokens", "20", *extra]) == 0
+                     "--max-tokens", "20", "--eager", *extra]) == 0
         captured = capsys.readouterr()
         assert captured.out == want + "\n"
         assert "tok/s" in captured.err
@@ -493,16 +493,16 @@ def test_training_forwards_do_not_rebuild_the_runner_but_steps_do(tok):
     weights alone; an optimizer step rebuilds them; the engine decodes in eval mode."""
     model = model_for()
     engine = Engine(model, tok, max_seqs=2)
-    blocks = engine.runner.blocks
+    weights = engine.runner.weights
     model.train()
     ids = torch.randint(0, 400, (2, 16))
     loss = model.loss(ids[:, :-1], ids[:, 1:])["loss"]
     engine.runner.sync()
-    assert engine.runner.blocks is blocks
+    assert engine.runner.weights is weights
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     out = engine.generate([[1, 2, 3]], GREEDY)[0].outputs[0].token_ids
-    assert engine.runner.blocks is not blocks and model.training
+    assert engine.runner.weights is not weights and model.training
     model.eval()
     assert out == greedy(model, [1, 2, 3], GREEDY.max_tokens)
 

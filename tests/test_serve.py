@@ -228,7 +228,8 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path, chat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(tmp_path / "run"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(tmp_path / "run"), "--port", str(port),
+                             "--eager"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

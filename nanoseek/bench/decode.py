@@ -108,20 +108,32 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
         for P in prompt_lens:
             prompts = torch.randint(10, V, (B, P)).tolist()
             # token ids out, as transformers' generate gives (no detokenizing on either side)
-            engine = Engine(model, None, max_seqs=B, context=P + n_new + 1)
-            _timed_ours(engine, prompts, 4)  # warm-up
-            ours, theirs = [], []
+            engines = {"eager": Engine(model, None, max_seqs=B, context=P + n_new + 1)}
+            if B == 1:  # the compiled step's bucket (nanoseek/infer/compiled.py)
+                engines["compiled"] = Engine(model, None, max_seqs=B, context=P + n_new + 1, compile=True)
+                engines["compiled"].warm()
+            for engine in engines.values():
+                _timed_ours(engine, prompts, 4)  # warm-up
+            ours: dict[str, list[float]] = {name: [] for name in engines}
+            theirs = []
             for r in range(repeats):
-                _, t = _timed_ours(engine, prompts, n_new)
-                ours.append(B * (n_new - 1) / t)
+                for name, engine in engines.items():
+                    _, t = _timed_ours(engine, prompts, n_new)
+                    ours[name].append(B * (n_new - 1) / t)
                 _, t = _timed_hf(hf, prompts, n_new)
                 theirs.append(B * (n_new - 1) / t)
-                print(f"batch {B} prompt {P} round {r + 1}: nanoseek {ours[-1]:,.0f} tok/s, "
-                      f"transformers {theirs[-1]:,.0f} tok/s", file=sys.stderr)
+                print(f"batch {B} prompt {P} round {r + 1}: " + ", ".join(
+                    f"nanoseek {name} {v[-1]:,.0f} tok/s" for name, v in ours.items())
+                    + f", transformers {theirs[-1]:,.0f} tok/s", file=sys.stderr)
             key = f"b{B}_p{P}"
-            out[f"tokens_per_s_{key}"] = statistics.median(ours)
+            out[f"tokens_per_s_{key}"] = statistics.median(ours["eager"])
             out[f"hf_tokens_per_s_{key}"] = statistics.median(theirs)
-            out[f"speedup_vs_hf_{key}"] = statistics.median(o / t for o, t in zip(ours, theirs))
+            out[f"speedup_vs_hf_{key}"] = statistics.median(o / t for o, t in zip(ours["eager"], theirs))
+            if "compiled" in ours:
+                out[f"compiled_tokens_per_s_{key}"] = statistics.median(ours["compiled"])
+                out[f"compiled_speedup_vs_eager_{key}"] = statistics.median(
+                    c / e for c, e in zip(ours["compiled"], ours["eager"]))
+                out["compile_seconds"] = {**out.get("compile_seconds", {}), **engines["compiled"].compiled.seconds}
     for B in batches:  # the headline keys: the shortest prompt
         key = f"b{B}_p{prompt_lens[0]}"
         out[f"tokens_per_s_b{B}"] = out[f"tokens_per_s_{key}"]
@@ -131,6 +143,7 @@ def bench_decode(ckpt: str | None = None, preset_name: str = "cpu", repeats: int
     out["peak_rss_mb"] = {side: _peak_rss(side, ckpt, preset_name, B, P, new_b32) for side in ("nanoseek", "hf")}
     out["peak_rss_workload"] = f"batch {B}, prompt {P}, {new_b32} new tokens, in a fresh process each"
     out.update(mtp_figures(model, tok, mtp_tokens, repeats))
+    out.update({f"compiled_{k}": v for k, v in mtp_figures(model, tok, mtp_tokens, repeats, compile=True).items()})
     out.update(eval_figures(model, tok, eval_batches, repeats))
     return out
 

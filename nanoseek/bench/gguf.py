@@ -7,9 +7,10 @@ held-out documents and questions typed as a user would:
   held-out documents (llama.cpp with an f32 KV cache: the GGUF's weights alone are measured);
 - greedy continuations of 64 tokens: how many equal nanoseek's, and where the others diverge
   (llama.cpp's default f16 KV cache, as a user would run it);
-- decode tokens/s at batch 1: llama.cpp on the f32 and q8_0 files against nanoseek's engine
-  on the same prompt and the same CPU threads, rounds alternating, medians. As in `bench decode`,
-  (N - 1) new tokens over the time from the first to the last, so the prefill is left out.
+- decode tokens/s at batch 1: llama.cpp on the f32 and q8_0 files against nanoseek's engine,
+  eager and through its compiled step, on the same prompt and the same CPU threads, rounds
+  alternating, medians. As in `bench decode`, (N - 1) new tokens over the time from the first to
+  the last, so the prefill is left out.
 """
 
 from __future__ import annotations
@@ -120,13 +121,19 @@ def greedy_figures(model, tok, files: dict, n: int = 64) -> dict:
 
 
 def speed_figures(model, tok, files: dict, repeats: int, n_new: int) -> dict:
+    """Batch-1 greedy decoding, nanoseek's eager and compiled engines and llama.cpp's f32 and q8_0
+    files round after round on one prompt; the compiled step's build (or load) time beside."""
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": QUESTIONS[-1]}], add_generation_prompt=True))
-    engine = Engine(model, None, max_seqs=1, context=len(prompt) + n_new + 1)
-    _timed_ours(engine, [prompt], 4)  # warm-up
-    runs: dict[str, list[float]] = {"nanoseek": [], **{f"llama_cpp_{t}": [] for t in ("f32", "q8_0")}}
+    engines = {name: Engine(model, None, max_seqs=1, context=len(prompt) + n_new + 1, compile=name != "nanoseek")
+               for name in ("nanoseek", "nanoseek_compiled")}
+    engines["nanoseek_compiled"].warm()
+    for engine in engines.values():
+        _timed_ours(engine, [prompt], 4)  # warm-up
+    runs: dict[str, list[float]] = {**{name: [] for name in engines}, **{f"llama_cpp_{t}": [] for t in ("f32", "q8_0")}}
     llms = {f"llama_cpp_{t}": llama(files[t]) for t in ("f32", "q8_0")}
     for r in range(repeats):
-        runs["nanoseek"].append((n_new - 1) / _timed_ours(engine, [prompt], n_new)[1])
+        for name, engine in engines.items():
+            runs[name].append((n_new - 1) / _timed_ours(engine, [prompt], n_new)[1])
         for name, llm in llms.items():
             runs[name].append((n_new - 1) / llama_greedy(llm, prompt, n_new)[1])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in runs.items()), file=sys.stderr)
@@ -134,6 +141,9 @@ def speed_figures(model, tok, files: dict, repeats: int, n_new: int) -> dict:
         llm.close()
     out = {f"decode_tokens_per_s_b1_{k}": statistics.median(v) for k, v in runs.items()}
     for name in llms:
-        out[f"decode_ratio_b1_{name}_vs_nanoseek"] = statistics.median(
-            a / b for a, b in zip(runs[name], runs["nanoseek"]))
+        for ours in engines:
+            out[f"decode_ratio_b1_{name}_vs_{ours}"] = statistics.median(a / b for a, b in zip(runs[name], runs[ours]))
+    out["decode_speedup_b1_compiled_vs_eager"] = statistics.median(
+        a / b for a, b in zip(runs["nanoseek_compiled"], runs["nanoseek"]))
+    out["compile_seconds"] = engines["nanoseek_compiled"].compiled.seconds
     return out

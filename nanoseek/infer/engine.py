@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanoseek.infer.compiled import CompiledSteps
 from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner, row_groups
 from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
@@ -116,7 +117,7 @@ class _Seq:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_seqs: int = 32, context: int | None = None,
-                 speculative: bool = False, max_waiting: int = 256, drafts: int = DRAFTS):
+                 speculative: bool = False, max_waiting: int = 256, drafts: int = DRAFTS, compile: bool = False):
         self.model = model
         self.tok = tokenizer
         cfg = model.config
@@ -130,7 +131,9 @@ class Engine:
         self.max_seqs = max_seqs
         self.max_waiting = max_waiting
         self.cache = model.new_cache(max_seqs, self.context, mtp=speculative)
-        self.runner = DecodeRunner(model) if model.config.attn_type == "mla" else ModuleRunner(model)
+        # compiled steps for batch 1 (nanoseek/infer/compiled.py): chat, and a server with one user
+        self.compiled = CompiledSteps(model, self.context) if compile and cfg.attn_type == "mla" else None
+        self.runner = DecodeRunner(model, self.compiled) if cfg.attn_type == "mla" else ModuleRunner(model)
         self.eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.calls_end = tokenizer.calls_end_id if tokenizer is not None and tokenizer.tools else None
         self.running: list[_Seq] = []  # row i of the cache holds running[i]
@@ -168,6 +171,11 @@ class Engine:
             if request in self.waiting:
                 self.waiting.remove(request)
                 self._finish_all(request, "abort")
+
+    def warm(self) -> None:
+        """Build or load the compiled steps now (a server, before it takes requests)."""
+        if self.compiled is not None:
+            self.compiled.warm(self.speculative)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -318,8 +326,8 @@ class Engine:
         pos = torch.full((1, 1), P - 1, device=self._device)
         for row, seq, t in zip(rows, seqs, first.tolist()):
             self.cache.start = row
-            out = self.runner.mtp_hidden(h[:, -1:], torch.tensor([[t]], device=self._device), pos, self.cache)
-            self._draft([seq], out[:, -1], pos[:, 0])
+            out, logits = self.runner.mtp_forward(h[:, -1:], torch.tensor([[t]], device=self._device), pos, self.cache)
+            self._draft([seq], out[:, -1], logits[:, -1], pos[:, 0])
 
     # ---- decode: every running sequence advances ----
     def _decode(self) -> list[Event]:
@@ -327,7 +335,7 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self._device)
         pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self._device)
         self.cache.start = 0
-        logits = self.model.lm_head(self.runner.hidden(ids, pos, self.cache)[:, -1])
+        logits = self.runner.forward(ids, pos, self.cache)[1][:, -1]
         tokens, _ = self._sample(logits, seqs)
         lps = self._logprobs(logits, tokens, seqs)
         events = []
@@ -349,9 +357,7 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1], *s.drafts[:k]] for s in seqs], device=self._device)
         pos = n[:, None] + torch.arange(k + 1, device=self._device)
         self.cache.start = 0
-        rot = self.runner.rot(pos)
-        h = self.runner.hidden(ids, pos, self.cache, rot)
-        logits = self.model.lm_head(h)  # [B, k + 1, V]
+        h, logits = self.runner.forward(ids, pos, self.cache)  # [B, k + 1, V]
         drafts = ids[:, 1:]
         if all(s.request.params.greedy for s in seqs):
             target = logits.argmax(-1)
@@ -365,9 +371,9 @@ class Engine:
         steps = torch.arange(k + 1, device=self._device)[None]
         nxt = torch.where(steps < kept[:, None], torch.cat([drafts, last[:, None]], 1), last[:, None])
         lps = [self._logprobs(logits[:, j], nxt[:, j], seqs) for j in range(k + 1)]
-        out = self.runner.mtp_hidden(h, nxt, pos, self.cache, rot)
+        out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, self.cache)
         rows = torch.arange(B, device=self._device)
-        self._draft(seqs, out[rows, kept], n + kept)
+        self._draft(seqs, out[rows, kept], mtp_logits[rows, kept], n + kept)
         events = []
         for i, (s, a) in enumerate(zip(seqs, kept.tolist())):
             events += self._emit(s, nxt[i, : a + 1].tolist(), [lp[i] for lp in lps[: a + 1]])
@@ -403,15 +409,17 @@ class Engine:
                               [seqs[i].generator for i in open_rows])
         return kept, last
 
-    def _draft(self, seqs: list[_Seq], out: torch.Tensor, pos: torch.Tensor) -> None:
-        """Each row's next drafts: the first from the MTP module's output `out` [B, d] at positions
-        `pos` [B]; each further one from the module applied to its own last output and the token
-        just drafted, one position on (as many as the context leaves room for)."""
+    def _draft(self, seqs: list[_Seq], out: torch.Tensor, logits: torch.Tensor, pos: torch.Tensor) -> None:
+        """Each row's next drafts: the first from the MTP module's output `out` [B, d] (its logits
+        `logits` [B, V]) at positions `pos` [B]; each further one from the module applied to its
+        own last output and the token just drafted, one position on (as many as the context
+        leaves room for)."""
         tokens, probs = [], []
         for j in range(min(self.drafts, self.context - int(pos.max()))):
             if j:
-                out = self.runner.mtp_hidden(out[:, None], tokens[-1][:, None], (pos + j)[:, None], self.cache)[:, -1]
-            t, pr = self._sample(self._mtp_logits(out), seqs)
+                out, logits = self.runner.mtp_forward(out[:, None], tokens[-1][:, None], (pos + j)[:, None], self.cache)
+                out, logits = out[:, -1], logits[:, -1]
+            t, pr = self._sample(logits, seqs)
             tokens.append(t)
             probs.append(pr)
         for i, s in enumerate(seqs):
@@ -438,14 +446,13 @@ class Engine:
             ids = torch.tensor([chunk], device=self._device)
             pos = n + torch.arange(len(chunk), device=self._device)[None]
             self.cache.start = row
-            rot = self.runner.rot(pos)
-            h = self.runner.hidden(ids, pos, self.cache, rot)
-            logits = self.model.lm_head(h[:, -1])
+            h, logits = self.runner.forward(ids, pos, self.cache)
+            logits = logits[:, -1]
             token, _ = self._sample(logits, [s])
             if self.speculative:  # the MTP layer's cache over the chunk, and fresh drafts
                 nxt = torch.tensor([[*forced, int(token)]], device=self._device)
-                out = self.runner.mtp_hidden(h, nxt, pos, self.cache, rot)
-                self._draft([s], out[:, -1], pos[:, -1])
+                out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, self.cache)
+                self._draft([s], out[:, -1], mtp_logits[:, -1], pos[:, -1])
             lps = [None] * len(forced) + self._logprobs(logits, token, [s])
             events += self._emit(s, [*forced, int(token)], lps, forced=len(forced))
         self._release_finished()
@@ -491,9 +498,6 @@ class Engine:
             return logits.argmax(-1), None
         probs = self._probs(logits, seqs)
         return draw(probs, [s.generator for s in seqs]), probs
-
-    def _mtp_logits(self, out: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.mtp[0].shared_head.norm(out))
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[_Seq]) -> list[float | None]:

@@ -28,26 +28,49 @@ def cache_sizes(model: Transformer) -> dict:
                 cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4}
 
 
-def mtp_figures(model: Transformer, tok, n_new: int, repeats: int) -> dict:
+# What a user's batch-1 decoding looks like, by kind: an answer in words, and one whose calculator
+# call runs inside the stream (its output is forced tokens, never drafted).
+MTP_PROMPTS = {"chat": "Hello! What can you do?", "tool_call": "What is 37 * 12 + 45?"}
+
+
+def mtp_figures(model: Transformer, tok, n_new: int, repeats: int, compile: bool = False) -> dict:
     """Batch-1 greedy decode tokens/s without MTP drafting and, for a model with MTP modules,
-    with them: acceptance, tokens/s and the speedup (medians over `repeats` after a warm-up)."""
-    prompt = tok.encode("Question: What is 12 + 30?\n<think>\n") if tok else torch.randint(10, 500, (32,)).tolist()
-    engines = {spec: Engine(model, None, max_seqs=1, speculative=spec) for spec in (False, True)[:1 + bool(model.mtp)]}
-    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
+    with them: acceptance, tokens/s and the speedup (medians over `repeats` after a warm-up),
+    through the compiled step with `compile`. With a tokenizer, on chat prompts of each kind
+    of MTP_PROMPTS, tools running, each stopping at the end of its answer (or `n_new` tokens),
+    acceptance also reported per kind; without one, on random tokens for `n_new` tokens."""
+    if tok is not None:
+        prompts = {kind: tok.encode(tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True))
+                   for kind, q in MTP_PROMPTS.items()}
+    else:
+        prompts = {"tokens": torch.randint(10, model.config.vocab_size, (32,)).tolist()}
+    engines = {spec: Engine(model, tok, max_seqs=1, speculative=spec, compile=compile)
+               for spec in (False, True)[:1 + bool(model.mtp)]}
+    for engine in engines.values():
+        engine.warm()
+    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=tok is None)
     times: dict[bool, list[float]] = {spec: [] for spec in engines}
+    kept = {kind: [0, 0] for kind in prompts}  # drafts accepted, drafted
+    tokens = 0
     for r in range(repeats + 1):
         for spec, engine in engines.items():
-            t = time.perf_counter()
-            engine.generate([prompt], params)
+            t, n = time.perf_counter(), 0
+            for kind, prompt in prompts.items():
+                before = dict(engine.stats)
+                n += len(engine.generate([prompt], params)[0].outputs[0].token_ids)
+                if spec and r:
+                    kept[kind][0] += engine.stats["accepted"] - before["accepted"]
+                    kept[kind][1] += engine.stats["drafted"] - before["drafted"]
             if r:  # round 0 warms up
                 times[spec].append(time.perf_counter() - t)
-    no_mtp = {"no_mtp_tokens_per_s": n_new / statistics.median(times[False])}
+                tokens = n
+    out = {"no_mtp_tokens_per_s": tokens / statistics.median(times[False]), "mtp_tokens": tokens}
     if not model.mtp:
-        return {"mtp_acceptance": None, "mtp_speedup": None, **no_mtp}
-    st = engines[True].stats
-    return {"mtp_acceptance": st["accepted"] / max(1, st["drafted"]),
+        return {"mtp_acceptance": None, "mtp_speedup": None, **out}
+    out.update({f"mtp_acceptance_{kind}": a / max(1, d) for kind, (a, d) in kept.items()})
+    return {"mtp_acceptance": sum(a for a, _ in kept.values()) / max(1, sum(d for _, d in kept.values())),
             "mtp_speedup": statistics.median(a / b for a, b in zip(times[False], times[True])),
-            "mtp_tokens_per_s": n_new / statistics.median(times[True]), **no_mtp}
+            "mtp_tokens_per_s": tokens / statistics.median(times[True]), **out}
 
 
 def decode_flops(model: Transformer, position: int) -> float:

@@ -1,8 +1,9 @@
-"""The decode step, with its weights folded for a few tokens per sequence at a time.
+"""The decode step: one function over folded weights, run eagerly or as a compiled package.
 
 A decode step feeds one (or, with MTP speculation, two) tokens per sequence; on a CPU its
 cost is the number of operations far more than their arithmetic. So the engine does not
-decode through the training modules but through weights prepared once from them:
+decode through the training modules but through weights folded once from them, by one
+function, `decode` (and `mtp_decode` for the MTP module), whose every weight is an argument:
 
 - MLA, absorbed (DeepSeek-V2 section 2.1.2): W_UK is folded into the query projection and
   W_UV into the output projection, so attention runs directly on the cached latent. The
@@ -10,15 +11,22 @@ decode through the training modules but through weights prepared once from them:
   query comes out as [latent part | RoPE part] per head, so the scores over the cache
   ([latent | RoPE key] per token) are a single batched matmul per group of rows; a group
   reads the cache only up to its longest row (the engine keeps rows in order of length).
-- DeepSeekMoE: at batch 1 a step is bound by reading weights from memory (the whole model
-  does not fit the CPU's cache), so only the chosen experts' weights are read: gathered,
-  two batched matmuls. With more tokens, the sorted dispatch of training.
-- RoPE as one complex multiply on interleaved pairs (the layout the cache holds).
+  The step's own tokens are attended to from the step's values, and written to the cache
+  after the cache is read (a compiled step then writes in place, with no copy of the cache).
+- DeepSeekMoE: with few tokens, only the chosen experts' weights are read (gathered per
+  token, static shapes); with more tokens than that pays for (tokens x top_k > experts),
+  the sorted dispatch of training, which reads each used expert once (eager only).
+- RoPE on interleaved pairs, from the positions.
 
-The prepared weights follow the model: `sync()` rebuilds them when any parameter has
-changed in place (an optimizer step, a loaded checkpoint), so a trainer can keep one engine.
-`forward` is tested against the model's own full forward. Models with another attention
-(the GQA / MHA baseline) decode through `ModuleRunner`, the model's own modules.
+The same function is the compiled step (`nanoseek/infer/compiled.py`): traced with its
+weights as inputs, so one package serves every checkpoint of an architecture and follows
+a model whose weights change. There, products with one or two rows are written as
+multiply-and-sum, which the compiler fuses into one pass over the weights.
+
+The folded weights follow the model: `sync()` rebuilds them when any parameter has changed
+in place (an optimizer step, a loaded checkpoint), so a trainer can keep one engine.
+Models with another attention (the GQA / MHA baseline) decode through `ModuleRunner`, the
+model's own modules.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import torch.nn.functional as F
 
 from nanoseek.model import Transformer
 from nanoseek.model.mla import LatentCache
-from nanoseek.model.moe import MoE
+from nanoseek.model.moe import MoE, route
+from nanoseek.model.rope import apply_rope, rope_tables
 
 # Rows a decode step's attention reads the cache for together: each group reads only up to its
 # own longest row, so rows kept in order of length do not all read the batch's longest context
@@ -36,161 +45,223 @@ from nanoseek.model.moe import MoE
 ROWS_PER_GROUP = 32
 
 
-def row_groups(last: list[int]) -> list[tuple[int, int, int]]:
-    """Rows whose last positions are `last`, in consecutive groups of ROWS_PER_GROUP: (first row,
-    end row, the positions the group's attention reads: its longest row's)."""
-    return [(r, min(r + ROWS_PER_GROUP, len(last)), max(last[r: r + ROWS_PER_GROUP]) + 1)
-            for r in range(0, len(last), ROWS_PER_GROUP)]
+def row_groups(first: list[int]) -> list[tuple[int, int, int]]:
+    """Rows whose step starts at positions `first`, in consecutive groups of ROWS_PER_GROUP:
+    (first row, end row, the cached positions the group's attention reads: its longest row's,
+    at least one, masked where a row has none)."""
+    return [(r, min(r + ROWS_PER_GROUP, len(first)), max(1, *first[r: r + ROWS_PER_GROUP]))
+            for r in range(0, len(first), ROWS_PER_GROUP)]
 
 
-class _Step:
-    """What every layer of one decode step shares: rotations, the write index, the mask, and
-    the groups of rows whose attention runs together ((first row, end row, length read))."""
+# ---- the folded weights: a tree of tensors, the same structure for every model of an architecture ----
 
-    def __init__(self, rot: torch.Tensor, positions: torch.Tensor, cache: LatentCache):
-        self.rot, self.positions, self.cache = rot, positions, cache
-        last = positions.max(dim=1).values.tolist()
-        self.S = max(last) + 1
-        self.B = positions.shape[0]
-        self.groups = row_groups(last)
-        self.bias = torch.zeros(positions.shape + (1, self.S), device=positions.device)
-        self.bias.masked_fill_(~LatentCache.visible(positions, self.S)[:, :, None], float("-inf"))
-        self.index = positions[..., None]
-
-    def write(self, layer: int, values: torch.Tensor) -> torch.Tensor:
-        buf = self.cache.layers[layer][self.cache.start: self.cache.start + self.B]
-        buf.scatter_(1, self.index.expand(-1, -1, buf.shape[-1]), values)
-        return buf[:, : self.S]
+def fold(model: Transformer) -> dict:
+    """The decode step's weights, folded from the model's parameters."""
+    return {"embed": model.embed_tokens.weight, "norm": model.norm.weight, "head": model.lm_head.weight,
+            "inv_freq": model.rotary.inv_freq, "layers": [_fold_block(b) for b in model.layers],
+            "mtp": [dict(enorm=m.enorm.weight, hnorm=m.hnorm.weight, eh=m.eh_proj.weight,
+                         head_norm=m.shared_head.norm.weight, block=_fold_block(m)) for m in model.mtp]}
 
 
-class _Attn:
-    def __init__(self, attn, cfg):
-        H, nope, r, v, c = attn.n_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_lora_rank
-        self.H, self.c, self.r = H, c, r
-        self.q_lora = attn.q_lora_rank
-        w = attn.kv_b_proj.weight.view(H, nope + v, c)
-        w_uk, w_uv = w[:, :nope], w[:, nope:]
-
-        def absorb_q(wq: torch.Tensor) -> torch.Tensor:  # [H*(nope+r), in] -> [H*(c+r), in]
-            wq = wq.view(H, nope + r, -1)
-            q_lat = torch.einsum("hdc,hdi->hci", w_uk, wq[:, :nope])
-            return (torch.cat([q_lat, wq[:, nope:]], dim=1) * attn.scale).reshape(H * (c + r), -1)
-
-        kv_a = attn.kv_a_proj_with_mqa
-        if self.q_lora:
-            self.w_a = torch.cat([attn.q_a_proj.weight, kv_a.weight])
-            self.b_a = None if attn.q_a_proj.bias is None else torch.cat([attn.q_a_proj.bias, kv_a.bias])
-            self.q_norm = (attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
-            self.w_q = absorb_q(attn.q_b_proj.weight)
-            self.split = [self.q_lora, c + r]
-        else:  # the query comes straight from x: one matmul for the query and the KV latent
-            self.w_a = torch.cat([absorb_q(attn.q_proj.weight), kv_a.weight])
-            self.b_a = None if kv_a.bias is None else torch.cat([kv_a.bias.new_zeros(H * (c + r)), kv_a.bias])
-            self.split = [H * (c + r), c + r]
-        self.kv_norm = (attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps)
-        self.w_o = torch.einsum("ohv,hvc->ohc", attn.o_proj.weight.view(-1, H, v), w_uv).reshape(-1, H * c)
-        self.b_o = attn.o_proj.bias
-
-    def __call__(self, x, step: _Step, layer: int) -> torch.Tensor:
-        B, T, _ = x.shape
-        H, c, r = self.H, self.c, self.r
-        a = F.linear(x, self.w_a, self.b_a)
-        q_in, kv = a.split(self.split, dim=-1)
-        if self.q_lora:
-            q = F.linear(F.rms_norm(q_in, (q_in.shape[-1],), *self.q_norm), self.w_q)
-        else:
-            q = q_in
-        q = q.view(B, T, H, c + r)
-        c_kv, k_pe = kv.split([c, r], dim=-1)
-        c_kv = F.rms_norm(c_kv, (c,), *self.kv_norm)
-        # RoPE on the query's and the key's rotary parts together
-        pe = torch.cat([q[..., c:], k_pe[:, :, None]], dim=2).float()
-        pe = torch.view_as_real(torch.view_as_complex(pe.unflatten(-1, (-1, 2))) * step.rot).flatten(-2).to(x.dtype)
-        q = torch.cat([q[..., :c], pe[:, :, :H]], dim=-1)
-        latent = step.write(layer, torch.cat([c_kv, pe[:, :, H]], dim=-1))  # [B, S, c + r]
-        outs = []
-        for r0, r1, S in step.groups:
-            rows = latent[r0:r1, :S]
-            # [S, c + r] @ [c + r, T * H]: the long side as the matmul's rows runs ~1.7x faster on a
-            # CPU than the short one (docs/LOG.md: "The evaluation stage 1.32x faster, every score the same")
-            scores = torch.bmm(rows, q[r0:r1].reshape(r1 - r0, T * H, c + r).transpose(1, 2)).transpose(1, 2)
-            probs = (scores.view(r1 - r0, T, H, S).float() + step.bias[r0:r1, ..., :S]).softmax(-1).to(x.dtype)
-            outs.append(torch.bmm(probs.view(r1 - r0, T * H, S), rows[..., :c]))
-        out = (torch.cat(outs) if len(outs) > 1 else outs[0]).view(B, T, H * c)
-        return F.linear(out, self.w_o, self.b_o)
+def _fold_block(block) -> dict:
+    m = block.mlp
+    if isinstance(m, MoE):
+        mlp = dict(gate=m.gate.weight, bias=m.gate.e_score_correction_bias,
+                   gate_up=m.experts.gate_up_proj, down=m.experts.down_proj)
+        if m.shared_experts is not None:
+            mlp["shared"] = _fold_mlp(m.shared_experts)
+    else:
+        mlp = _fold_mlp(m)
+    return dict(n1=block.input_layernorm.weight, n2=block.post_attention_layernorm.weight,
+                attn=_fold_attention(block.self_attn), mlp=mlp)
 
 
-class _MLP:
-    def __init__(self, mlp):
-        self.w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        self.w_d = mlp.down_proj.weight
-
-    def __call__(self, x):
-        g, u = F.linear(x, self.w_gu).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, self.w_d)
+def _fold_mlp(mlp) -> dict:
+    return dict(gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), down=mlp.down_proj.weight)
 
 
-class _FewTokenMoE:
-    """MoE for the few tokens of a decode step. At batch 1 a decode step is bound by reading
-    weights from memory, so only the chosen experts are read, each straight from its slice
-    of the fused expert weights (no gathered copy), and the shared experts run as one fused
-    MLP. With more tokens than that pays for (tokens x top_k > experts), the sorted
-    dispatch of training, which reads each used expert once."""
+def _fold_attention(attn) -> dict:
+    H, nope, r, v, c = attn.n_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_lora_rank
+    w = attn.kv_b_proj.weight.view(H, nope + v, c)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]
 
-    def __init__(self, moe: MoE):
-        self.moe = moe
-        self.gate = moe.gate
-        self.E = moe.experts.gate_up_proj.shape[0]
-        self.gate_up = moe.experts.gate_up_proj.unbind(0)
-        self.down = moe.experts.down_proj.unbind(0)
-        self.shared = _MLP(moe.shared_experts) if moe.shared_experts is not None else None
+    def absorb_q(wq: torch.Tensor) -> torch.Tensor:  # [H*(nope+r), in] -> [H*(c+r), in]
+        wq = wq.view(H, nope + r, -1)
+        q_lat = torch.einsum("hdc,hdi->hci", w_uk, wq[:, :nope])
+        return (torch.cat([q_lat, wq[:, nope:]], dim=1) * attn.scale).reshape(H * (c + r), -1)
 
-    def __call__(self, x):
-        B, T, H = x.shape
-        N, k = B * T, self.gate.top_k
-        if N * k > self.E:
-            return self.moe(x)[0]
-        flat = x.reshape(N, H)
-        weights, indices, _ = self.gate(flat)
-        rows = []
-        for n, (experts, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
-            xn, acc = flat[n: n + 1], None
-            for e, w in zip(experts, ws):
-                g, u = F.linear(xn, self.gate_up[e]).chunk(2, dim=-1)
-                y = F.linear(F.silu(g) * u, self.down[e]) * w
-                acc = y if acc is None else acc + y
-            rows.append(acc)
-        out = torch.cat(rows) if N > 1 else rows[0]
-        if self.shared is not None:
-            out = out + self.shared(flat)
-        return out.view(B, T, H)
+    kv_a = attn.kv_a_proj_with_mqa
+    out = dict(kv_norm=attn.kv_a_layernorm.weight,
+               w_o=torch.einsum("ohv,hvc->ohc", attn.o_proj.weight.view(-1, H, v), w_uv).reshape(-1, H * c))
+    if attn.q_lora_rank:
+        out.update(w_a=torch.cat([attn.q_a_proj.weight, kv_a.weight]), q_norm=attn.q_a_layernorm.weight,
+                   w_q=absorb_q(attn.q_b_proj.weight))
+        if kv_a.bias is not None:
+            out["b_a"] = torch.cat([attn.q_a_proj.bias, kv_a.bias])
+    else:  # the query comes straight from x: one matmul for the query and the KV latent
+        out["w_a"] = torch.cat([absorb_q(attn.q_proj.weight), kv_a.weight])
+        if kv_a.bias is not None:
+            out["b_a"] = torch.cat([kv_a.bias.new_zeros(H * (c + r)), kv_a.bias])
+    if attn.o_proj.bias is not None:
+        out["b_o"] = attn.o_proj.bias
+    return out
 
 
-class _Block:
-    def __init__(self, block, cfg):
-        self.layer = block.layer_idx
-        self.n1 = (block.input_layernorm.weight, block.input_layernorm.eps)
-        self.n2 = (block.post_attention_layernorm.weight, block.post_attention_layernorm.eps)
-        self.attn = _Attn(block.self_attn, cfg)
-        m = block.mlp
-        if isinstance(m, MoE):
-            self.mlp = _FewTokenMoE(m)
-        else:
-            self.mlp = _MLP(m)
+# ---- the step ----
 
-    def __call__(self, x, step: _Step):
-        d = x.shape[-1]
-        x = x + self.attn(F.rms_norm(x, (d,), *self.n1), step, self.layer)
-        return x + self.mlp(F.rms_norm(x, (d,), *self.n2))
+def decode(model: Transformer, w: dict, caches: list[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor,
+           groups: list[tuple[int, int, int]], gemv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B, T] at consecutive positions [B, T] through the main model, over cache rows
+    `caches` (per layer [B, max_len, width]; each row holds its positions before positions[:, 0]).
+    Writes the tokens' latents; returns (final normed hidden states [B, T, d], logits [B, T, V])."""
+    eps = model.config.rms_norm_eps
+    x = F.embedding(tokens, w["embed"])
+    ctx = _Context(model, w, positions, groups, gemv)
+    for layer, cache in zip(w["layers"], caches):
+        x = _block(layer, x, cache, ctx)
+    h = F.rms_norm(x, (x.shape[-1],), w["norm"], eps)
+    return h, _linear(h, w["head"], None, gemv)
+
+
+def mtp_decode(model: Transformer, w: dict, cache: torch.Tensor, h: torch.Tensor, next_tokens: torch.Tensor,
+               positions: torch.Tensor, groups: list[tuple[int, int, int]], gemv: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MTP module 1 over the main model's hidden states h [B, T, d] and the next tokens [B, T]
+    (its cache rows `cache`): (its representation [B, T, d], the logits of its drafts [B, T, V])."""
+    eps = model.config.rms_norm_eps
+    m = w["mtp"][0]
+    e = F.rms_norm(F.embedding(next_tokens, w["embed"]), (h.shape[-1],), m["enorm"], eps)
+    x = _linear(torch.cat([e, F.rms_norm(h, (h.shape[-1],), m["hnorm"], eps)], -1), m["eh"], None, gemv)
+    x = _block(m["block"], x, cache, _Context(model, w, positions, groups, gemv))
+    return x, _linear(F.rms_norm(x, (x.shape[-1],), m["head_norm"], eps), w["head"], None, gemv)
+
+
+class _Context:
+    """What every layer of one step shares: the settings, rotations, masks and row groups."""
+
+    def __init__(self, model: Transformer, w: dict, positions: torch.Tensor, groups, gemv: bool):
+        self.cfg, self.gemv, self.groups, self.positions = model.config, gemv, groups, positions
+        self.gates = [moe.gate for moe in model.moe_layers()][:1]  # the routing settings (shared by all)
+        self.rope = rope_tables(positions, w["inv_freq"], model.rotary.attention_factor)
+        T = positions.shape[1]
+        S = max(g[2] for g in groups)
+        # a row sees the cache before its first new token, and the step's own tokens causally
+        self.old_mask = torch.zeros(positions.shape[0], S, device=positions.device).masked_fill_(
+            torch.arange(S, device=positions.device)[None] >= positions[:, :1], float("-inf"))
+        self.new_mask = torch.zeros(T, T, device=positions.device).masked_fill_(
+            torch.ones(T, T, dtype=torch.bool, device=positions.device).triu(1), float("-inf"))
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gemv: bool) -> torch.Tensor:
+    if gemv:  # one fused pass over the weights in a compiled step (docs/LOG.md: "A compiled decode step")
+        y = (x.unsqueeze(-2) * w).sum(-1)
+        return y if b is None else y + b
+    return F.linear(x, w, b)
+
+
+def _block(layer: dict, x: torch.Tensor, cache: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    d, eps = x.shape[-1], ctx.cfg.rms_norm_eps
+    x = x + _attention(layer["attn"], F.rms_norm(x, (d,), layer["n1"], eps), cache, ctx)
+    h = F.rms_norm(x, (d,), layer["n2"], eps)
+    m = layer["mlp"]
+    return x + (_moe(m, h, ctx) if "gate" in m else _mlp(m, h, ctx.gemv))
+
+
+def _attention(a: dict, x: torch.Tensor, cache: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    cfg = ctx.cfg
+    B, T, _ = x.shape
+    H, c, r = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    y = _linear(x, a["w_a"], a.get("b_a"), ctx.gemv)
+    if "w_q" in a:
+        q_in, kv = y.split([cfg.q_lora_rank, c + r], dim=-1)
+        q = _linear(F.rms_norm(q_in, (q_in.shape[-1],), a["q_norm"], cfg.rms_norm_eps), a["w_q"], None, ctx.gemv)
+    else:
+        q, kv = y.split([H * (c + r), c + r], dim=-1)
+    q = q.view(B, T, H, c + r)
+    c_kv = F.rms_norm(kv[..., :c], (c,), a["kv_norm"], cfg.rms_norm_eps)
+    pe = apply_rope(torch.cat([q[..., c:], kv[:, :, None, c:]], dim=2), *ctx.rope)  # the query's and key's RoPE parts
+    q = torch.cat([q[..., :c], pe[:, :, :H]], dim=-1)
+    new = torch.cat([c_kv, pe[:, :, H]], dim=-1)  # [B, T, c + r]: this step's latents
+    own_mask = ctx.new_mask[:, None].expand(T, H, T).reshape(T * H, T)
+    outs = []
+    for r0, r1, S in ctx.groups:
+        R = r1 - r0
+        rows, qg, mine = cache[r0:r1, :S], q[r0:r1].reshape(R, T * H, c + r), new[r0:r1]
+        old = _scores(qg, rows, ctx.gemv).float() + ctx.old_mask[r0:r1, None, :S]  # [R, T * H, S]
+        own = torch.bmm(qg, mine.transpose(1, 2)).float() + own_mask  # [R, T * H, T]
+        # the softmax over [cached positions | the step's own] without joining them
+        top = torch.maximum(old.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
+        p_old, p_own = (old - top).exp(), (own - top).exp()
+        total = p_old.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
+        out = _mix(p_old.to(x.dtype), rows[..., :c], ctx.gemv) + torch.bmm(p_own.to(x.dtype), mine[..., :c])
+        outs.append(out / total.to(x.dtype))
+    out = (torch.cat(outs) if len(outs) > 1 else outs[0]).view(B, T, H * c)
+    cache.scatter_(1, ctx.positions[..., None].expand(-1, -1, c + r), new.to(cache.dtype))
+    return _linear(out, a["w_o"], a.get("b_o"), ctx.gemv)
+
+
+def _scores(q: torch.Tensor, rows: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """q [R, M, w] against cached rows [R, S, w]: [R, M, S]."""
+    if gemv:
+        return (q[:, :, None] * rows[:, None]).sum(-1)
+    # [S, w] @ [w, M]: the long side as the matmul's rows runs ~1.7x faster on a CPU than the
+    # short one (docs/LOG.md: "The evaluation stage 1.32x faster, every score the same")
+    return torch.bmm(rows, q.transpose(1, 2)).transpose(1, 2)
+
+
+def _mix(probs: torch.Tensor, values: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """probs [R, M, S] over values [R, S, c]: [R, M, c]."""
+    return (probs[..., None] * values[:, None]).sum(-2) if gemv else torch.bmm(probs, values)
+
+
+def _mlp(m: dict, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+    g, u = _linear(x, m["gate_up"], None, gemv).chunk(2, dim=-1)
+    return _linear(F.silu(g) * u, m["down"], None, gemv)
+
+
+def _moe(m: dict, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    B, T, H = x.shape
+    gate = ctx.gates[0]
+    flat = x.reshape(B * T, H)
+    scores = _linear(flat.float(), m["gate"], None, ctx.gemv).sigmoid()  # fp32, as the gate routes in training
+    weights, indices = route(scores, m["bias"], gate)
+    weights = weights.to(x.dtype)
+    if B * T * gate.top_k <= gate.n_experts or ctx.gemv:  # the chosen experts' weights, per token
+        gate_up, down = m["gate_up"][indices], m["down"][indices]  # [N, k, 2I, H], [N, k, H, I]
+        g, u = torch.einsum("nh,nkih->nki", flat, gate_up).chunk(2, dim=-1)
+        y = (torch.einsum("nki,nkhi->nkh", F.silu(g) * u, down) * weights[..., None]).sum(1)
+    else:
+        y = _sorted_dispatch(m, flat, weights, indices)
+    if "shared" in m:
+        y = y + _mlp(m["shared"], flat, ctx.gemv)
+    return y.view(B, T, H)
+
+
+def _sorted_dispatch(m: dict, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Training's dispatch: token copies sorted by expert, one matmul per used expert."""
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=m["gate_up"].shape[0]).tolist()
+    outs = []
+    for e, chunk in enumerate(x.index_select(0, token).split(counts)):
+        if counts[e]:
+            g, u = F.linear(chunk, m["gate_up"][e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(g) * u, m["down"][e]))
+    y = torch.cat(outs) * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token, y)
 
 
 class DecodeRunner:
-    """Forward passes of a few tokens per sequence over the latent cache (absorbed MLA)."""
+    """Forward passes of a few tokens per sequence over the latent cache (absorbed MLA), through
+    a compiled step where one is built for the shape (`compiled`), else `decode` itself."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, compiled=None):
         if model.config.attn_type != "mla":
             raise ValueError("the decode runner is for MLA models")
         self.model = model
+        self.compiled = compiled
         self._version = None
         self.sync()
 
@@ -212,34 +283,40 @@ class DecodeRunner:
             self._tensors = self._weights()
         elif self._weights_version() == self._version:
             return
-        m = self.model
-        self.blocks = [_Block(b, m.config) for b in m.layers]
-        self.mtp = [_Block(b, m.config) for b in m.mtp]
-        self.norm = (m.norm.weight, m.norm.eps)
+        self.weights = fold(self.model)
+        self.leaves = torch.utils._pytree.tree_leaves(self.weights)  # in the order a compiled step takes them
         self._version = self._weights_version()
 
-    def rot(self, positions: torch.Tensor) -> torch.Tensor:
-        """[B, T, 1, r/2] complex rotations for positions [B, T]."""
-        cos, sin = self.model.rotary(positions)
-        return torch.complex(cos, sin)[:, :, None]
+    def _rows(self, cache: LatentCache, layers: slice, B: int) -> list[torch.Tensor]:
+        return [buf[cache.start: cache.start + B] for buf in cache.layers[layers]]
 
     @torch.no_grad()
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
-               rot: torch.Tensor | None = None) -> torch.Tensor:
-        """The main model's final normed hidden states [B, T, d]."""
-        x = self.model.embed_tokens(tokens)
-        step = _Step(self.rot(positions) if rot is None else rot, positions, cache)
-        for b in self.blocks:
-            x = b(x, step)
-        return F.rms_norm(x, (x.shape[-1],), *self.norm)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main model over tokens [B, T] at positions [B, T]: (hidden states, logits)."""
+        B, T = tokens.shape
+        caches = self._rows(cache, slice(0, len(self.model.layers)), B)
+        first = positions[:, 0].tolist()
+        step = self.compiled.step("main", B, T) if self.compiled else None
+        if step is not None:
+            return step(self.leaves, caches, (tokens,), positions, max(first))
+        return decode(self.model, self.weights, caches, tokens, positions, row_groups(first))
 
     @torch.no_grad()
-    def mtp_hidden(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-                   cache: LatentCache, rot: torch.Tensor | None = None) -> torch.Tensor:
-        """MTP module 1's representation [B, T, d] from h at positions and the next tokens."""
-        module = self.model.mtp[0]
-        x = module.eh_proj(torch.cat([module.enorm(self.model.embed_tokens(next_tokens)), module.hnorm(h)], -1))
-        return self.mtp[0](x, _Step(self.rot(positions) if rot is None else rot, positions, cache))
+    def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+                    cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module 1 from h at positions and the next tokens: (its representation, draft logits)."""
+        B, T = next_tokens.shape
+        L = len(self.model.layers)
+        rows = self._rows(cache, slice(L, L + 1), B)[0]
+        first = positions[:, 0].tolist()
+        step = self.compiled.step("mtp", B, T) if self.compiled else None
+        if step is not None:
+            return step(self.leaves, [rows], (h, next_tokens), positions, max(first))
+        return mtp_decode(self.model, self.weights, rows, h, next_tokens, positions, row_groups(first))
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        return self.forward(tokens, positions, cache)[0]
 
 
 class ModuleRunner:
@@ -252,15 +329,16 @@ class ModuleRunner:
     def sync(self, force: bool = False) -> None:
         pass  # nothing folded, nothing to rebuild
 
-    def rot(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.rotary(positions)
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache):
+        h = self.model.hidden_states(tokens, positions, cache)[0]
+        return h, self.model.lm_head(h)
 
     @torch.no_grad()
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache, rot=None) -> torch.Tensor:
-        return self.model.hidden_states(tokens, positions, cache)[0]
+    def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache):
+        m = self.model.mtp[0]
+        out = m(h, self.model.embed_tokens(next_tokens), *self.model.rotary(positions), positions, cache)[0]
+        return out, self.model.lm_head(m.shared_head.norm(out))
 
-    @torch.no_grad()
-    def mtp_hidden(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-                   cache: LatentCache, rot=None) -> torch.Tensor:
-        cos, sin = self.rot(positions) if rot is None else rot
-        return self.model.mtp[0](h, self.model.embed_tokens(next_tokens), cos, sin, positions, cache)[0]
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        return self.forward(tokens, positions, cache)[0]

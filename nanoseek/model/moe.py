@@ -62,18 +62,25 @@ class Gate(nn.Module):
         """x [N, H] -> (weights [N, k], expert indices [N, k], affinities [N, E])."""
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        biased = scores + self.e_score_correction_bias
-        if self.n_group > 1:
-            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            best = group_scores.topk(self.topk_group, dim=-1).indices
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-            biased = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-        indices = biased.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, indices, scores
+        weights, indices = route(scores, self.e_score_correction_bias, self)
+        return weights, indices, scores
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor, gate: Gate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen experts of affinities `scores` [N, E] with balancing biases `bias` [E], under
+    `gate`'s settings: (gating weights [N, k], expert indices [N, k])."""
+    biased = scores + bias
+    if gate.n_group > 1:
+        grouped = biased.view(-1, gate.n_group, gate.n_experts // gate.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        best = group_scores.topk(gate.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        biased = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+    indices = biased.topk(gate.top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if gate.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * gate.routed_scaling_factor, indices
 
 
 class Experts(nn.Module):

@@ -77,8 +77,13 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [..., T] (int) -> cos, sin [..., T, dim/2] in fp32."""
-        angles = positions.float()[..., None] * self.inv_freq
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return rope_tables(positions, self.inv_freq, self.attention_factor)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., T, dim/2] (fp32) of integer positions [..., T] at frequencies `inv_freq`."""
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos() * factor, angles.sin() * factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,13 @@ from nanoseek.serve.app import Limits, create_app
 
 
 def build(ckpt: str, api_key: str | None = None, max_seqs: int = 32, context: int | None = None,
-          mtp: bool = False, model_name: str | None = None, device: str = "cpu", limits: Limits | None = None):
+          mtp: bool = False, model_name: str | None = None, device: str = "cpu", limits: Limits | None = None,
+          compile: bool = False):
     model, tok, folder = load_model(ckpt, device)
     if tok is None:
         raise CheckpointError(f"{folder} has no nanoseek tokenizer (tokenizer.json with the chat tokens)")
-    engine = Engine(model, tok, max_seqs=max_seqs, context=context, speculative=mtp)
+    engine = Engine(model, tok, max_seqs=max_seqs, context=context, speculative=mtp, compile=compile)
+    engine.warm()  # compiled steps built or loaded before the first request, not during it
     return create_app(engine, model_name or "nanoseek", api_key, limits), folder
 
 
