@@ -66,7 +66,9 @@ def test_each_bucket_gives_the_eager_steps_logits_for_every_checkpoint(steps, T)
             pos = torch.arange(n, n + T)[None]
             (h, logits), (h2, logits2) = (r.forward(ids, pos, c) for r, c in zip((eager, compiled), caches))
             assert (logits2 - logits).abs().max() <= 1e-4 and (h2 - h).abs().max() <= 1e-4
-            (o, m_logits), (o2, m_logits2) = (r.mtp_forward(h, ids, pos, c) for r, c in zip((eager, compiled), caches))
+            pick = torch.randint(0, T, (1,), generator=gen)
+            (o, m_logits), (o2, m_logits2) = (r.mtp_forward(h, ids, pos, c, pick)
+                                              for r, c in zip((eager, compiled), caches))
             assert (m_logits2 - m_logits).abs().max() <= 1e-4 and (o2 - o).abs().max() <= 1e-4
             for a, b in zip(*(c.layers for c in caches)):
                 assert (a - b).abs().max() <= 1e-5

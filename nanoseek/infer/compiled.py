@@ -113,7 +113,8 @@ class CompiledSteps:
         layers = len(model.layers) if kind == "main" else 1
         caches = [torch.zeros(B, self.max_len, W, dtype=model.embed_tokens.weight.dtype) for _ in range(layers)]
         tokens = torch.zeros(B, T, dtype=torch.long)
-        inputs = (tokens,) if kind == "main" else (torch.zeros(B, T, model.config.hidden_size), tokens)
+        hidden = torch.zeros(B, T, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype)
+        inputs = (tokens,) if kind == "main" else (hidden, tokens, torch.zeros(B, dtype=torch.long))
         positions = torch.arange(T)[None].expand(B, T) + 3
         span = torch.export.Dim("span", min=2, max=self.max_len)
         shapes = (_none(weights), _none(caches), _none(inputs), None, {0: span})
@@ -139,7 +140,8 @@ class _Step(torch.nn.Module):
         model, groups = self.settings[0], [(0, self.B, span.shape[0])]
         if self.kind == "main":
             return runner.decode(model, weights, caches, inputs[0], positions, groups, gemv=True)
-        return runner.mtp_decode(model, weights, caches[0], inputs[0], inputs[1], positions, groups, gemv=True)
+        h, next_tokens, pick = inputs
+        return runner.mtp_decode(model, weights, caches[0], h, next_tokens, positions, pick, groups, gemv=True)
 
 
 def _none(tree):

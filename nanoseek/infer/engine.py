@@ -327,7 +327,7 @@ class Engine:
         for row, seq, t in zip(rows, seqs, first.tolist()):
             self.cache.start = row
             out, logits = self.runner.mtp_forward(h[:, -1:], torch.tensor([[t]], device=self._device), pos, self.cache)
-            self._draft([seq], out[:, -1], logits[:, -1], pos[:, 0])
+            self._draft([seq], out, logits, pos[:, 0])
 
     # ---- decode: every running sequence advances ----
     def _decode(self) -> list[Event]:
@@ -371,9 +371,8 @@ class Engine:
         steps = torch.arange(k + 1, device=self._device)[None]
         nxt = torch.where(steps < kept[:, None], torch.cat([drafts, last[:, None]], 1), last[:, None])
         lps = [self._logprobs(logits[:, j], nxt[:, j], seqs) for j in range(k + 1)]
-        out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, self.cache)
-        rows = torch.arange(B, device=self._device)
-        self._draft(seqs, out[rows, kept], mtp_logits[rows, kept], n + kept)
+        out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, self.cache, pick=kept)
+        self._draft(seqs, out, mtp_logits, n + kept)
         events = []
         for i, (s, a) in enumerate(zip(seqs, kept.tolist())):
             events += self._emit(s, nxt[i, : a + 1].tolist(), [lp[i] for lp in lps[: a + 1]])
@@ -418,7 +417,6 @@ class Engine:
         for j in range(min(self.drafts, self.context - int(pos.max()))):
             if j:
                 out, logits = self.runner.mtp_forward(out[:, None], tokens[-1][:, None], (pos + j)[:, None], self.cache)
-                out, logits = out[:, -1], logits[:, -1]
             t, pr = self._sample(logits, seqs)
             tokens.append(t)
             probs.append(pr)
@@ -452,7 +450,7 @@ class Engine:
             if self.speculative:  # the MTP layer's cache over the chunk, and fresh drafts
                 nxt = torch.tensor([[*forced, int(token)]], device=self._device)
                 out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, self.cache)
-                self._draft([s], out[:, -1], mtp_logits[:, -1], pos[:, -1])
+                self._draft([s], out, mtp_logits, pos[:, -1])
             lps = [None] * len(forced) + self._logprobs(logits, token, [s])
             events += self._emit(s, [*forced, int(token)], lps, forced=len(forced))
         self._release_finished()

@@ -124,15 +124,17 @@ def decode(model: Transformer, w: dict, caches: list[torch.Tensor], tokens: torc
 
 
 def mtp_decode(model: Transformer, w: dict, cache: torch.Tensor, h: torch.Tensor, next_tokens: torch.Tensor,
-               positions: torch.Tensor, groups: list[tuple[int, int, int]], gemv: bool = False
+               positions: torch.Tensor, pick: torch.Tensor, groups: list[tuple[int, int, int]], gemv: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """MTP module 1 over the main model's hidden states h [B, T, d] and the next tokens [B, T]
-    (its cache rows `cache`): (its representation [B, T, d], the logits of its drafts [B, T, V])."""
+    (its cache rows `cache`): its representation at each row's position `pick` [B] (the one it
+    drafts from) [B, d], and that draft's logits [B, V]."""
     eps = model.config.rms_norm_eps
     m = w["mtp"][0]
     e = F.rms_norm(F.embedding(next_tokens, w["embed"]), (h.shape[-1],), m["enorm"], eps)
     x = _linear(torch.cat([e, F.rms_norm(h, (h.shape[-1],), m["hnorm"], eps)], -1), m["eh"], None, gemv)
     x = _block(m["block"], x, cache, _Context(model, w, positions, groups, gemv))
+    x = x.gather(1, pick[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]  # only the drafting position's head
     return x, _linear(F.rms_norm(x, (x.shape[-1],), m["head_norm"], eps), w["head"], None, gemv)
 
 
@@ -304,16 +306,18 @@ class DecodeRunner:
 
     @torch.no_grad()
     def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-                    cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP module 1 from h at positions and the next tokens: (its representation, draft logits)."""
+                    cache: LatentCache, pick: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module 1 from h at positions and the next tokens: its representation at positions
+        `pick` [B] (default: the last) and the logits of the draft from there."""
         B, T = next_tokens.shape
         L = len(self.model.layers)
         rows = self._rows(cache, slice(L, L + 1), B)[0]
         first = positions[:, 0].tolist()
+        pick = torch.full((B,), T - 1, device=h.device) if pick is None else pick
         step = self.compiled.step("mtp", B, T) if self.compiled else None
         if step is not None:
-            return step(self.leaves, [rows], (h, next_tokens), positions, max(first))
-        return mtp_decode(self.model, self.weights, rows, h, next_tokens, positions, row_groups(first))
+            return step(self.leaves, [rows], (h, next_tokens, pick), positions, max(first))
+        return mtp_decode(self.model, self.weights, rows, h, next_tokens, positions, pick, row_groups(first))
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         return self.forward(tokens, positions, cache)[0]
@@ -335,9 +339,11 @@ class ModuleRunner:
         return h, self.model.lm_head(h)
 
     @torch.no_grad()
-    def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache):
+    def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
+                    pick: torch.Tensor | None = None):
         m = self.model.mtp[0]
         out = m(h, self.model.embed_tokens(next_tokens), *self.model.rotary(positions), positions, cache)[0]
+        out = out[:, -1] if pick is None else out[torch.arange(len(out)), pick]
         return out, self.model.lm_head(m.shared_head.norm(out))
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
