@@ -32,6 +32,7 @@ from nanoseek.gguf import TYPES, export_gguf
 from nanoseek.hf import CheckpointError
 from nanoseek.infer import greedy
 from nanoseek.infer.engine import Engine
+from nanoseek.train.cost import measure_matmul_peak
 
 QUESTIONS = ["What is 2 + 3?", "What is 1234 + 4321?", "what's 17 times 23", "How much is 100 - 37?",
              "Add 45, 12 and 8.", "Tom has 12 apples and buys 30 more. How many apples does he have?",
@@ -73,7 +74,8 @@ def bench_gguf(ckpt: str, repeats: int = 5, n_new: int = 64, converter: str | No
     if tok is None:
         raise CheckpointError(f"{ckpt} has no tokenizer")
     docs = default_corpus()[VAL_EVERY - 1::VAL_EVERY]
-    out: dict = {"checkpoint": ckpt, "threads": torch.get_num_threads(), "repeats": repeats}
+    out: dict = {"checkpoint": ckpt, "threads": torch.get_num_threads(), "repeats": repeats,
+                 "matmul_peak_flops": measure_matmul_peak()}  # the host, beside its times
     with tempfile.TemporaryDirectory() as d:
         files = {}
         for t in TYPES:
