@@ -117,12 +117,12 @@ def test_a_failed_compile_decodes_eagerly_with_one_line(tmp_path, monkeypatch, c
     import torch._inductor.config as inductor
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/bin/false",))
     torch.manual_seed(3)
     model = Transformer(model_size("tiny")).eval()
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     engine = Engine(model, None, max_seqs=1, context=64, compile=True)
-    got = engine.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+    with inductor.patch({"cpp.cxx": ("/bin/false",)}):
+        got = engine.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
     err = capfd.readouterr().err
     assert len([line for line in err.splitlines() if "decoding eagerly" in line]) == 1 and "Traceback" not in err
     assert engine.compiled.failed and not list(tmp_path.rglob("*.pt2"))
