@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanoseek.bench.compiled import bench_compiled
 from nanoseek.bench.cuda import bench_cuda
 from nanoseek.bench.decode import bench_decode
 from nanoseek.bench.dp import CONFIGS, bench_dp
@@ -594,11 +595,12 @@ def add_bench(sub) -> None:
     p.add_argument("--device", default="cpu", help="fp8: cpu (emulated) or cuda")
     p.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     p.add_argument("--ckpt", help="decode: a trained checkpoint (default: random weights of --preset's model); "
-                                       "grpo, serve, gguf: the checkpoint to measure")
+                                       "grpo, serve, gguf, compiled: the checkpoint to measure")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preset", default="cpu", help="train, decode, fp8, dp: the model of this built-in recipe")
     p.add_argument("--docs", type=int, default=3000, help="dp: documents of the embedded corpus each run reads")
+    p.add_argument("--problems", type=int, default=100, help="compiled: problems of each held-out set")
     p.set_defaults(handler=run_bench)
 
 
@@ -670,8 +672,14 @@ def _gguf(args: argparse.Namespace) -> dict:
     return bench_gguf(args.ckpt, repeats=args.repeats)
 
 
+def _compiled(args: argparse.Namespace) -> dict:
+    if not args.ckpt:
+        raise ConfigError("bench compiled needs --ckpt (a checkpoint with its tokenizer)")
+    return bench_compiled(args.ckpt, problems=args.problems)
+
+
 BENCHMARKS = {"train": _train, "decode": _decode, "grpo": _grpo, "serve": _serve, "fp8": _fp8, "dp": _dp,
-              "gguf": _gguf, "cuda": _cuda}
+              "gguf": _gguf, "cuda": _cuda, "compiled": _compiled}
 
 
 

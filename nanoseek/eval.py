@@ -223,6 +223,12 @@ def validation_scores(engine: Engine, sets: list[str], n: int = 100, template: s
     return {f"val/{t}": r["pass@1"] for t, r in scores.items()}
 
 
+def checkpoint_template(meta: dict) -> str:
+    """The template a checkpoint is evaluated in by default: the one it names (a pretraining on
+    conversations: chat), else base for a pretrained model and chat for the rest."""
+    return meta.get("template") or ("base" if meta.get("stage") in (None, "pretrain", "import") else "chat")
+
+
 def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] = 100, k: int = 4,
              template: str | None = None, max_tokens: int = 256, max_seqs: int | None = None,
              device: str = "cpu", gsm8k: str = "") -> dict:
@@ -234,7 +240,7 @@ def evaluate(ckpt: str, tasks: list[str] | None = None, n: int | dict[str, int] 
         raise CheckpointError(f"{ckpt} has no nanoseek tokenizer")
     meta = read_meta(resolve(ckpt))
     stage = meta.get("stage")
-    template = template or meta.get("template") or ("base" if stage in (None, "pretrain", "import") else "chat")
+    template = template or checkpoint_template(meta)
     engine = Engine(model, tok, max_seqs=max_seqs or eval_seqs(model))
     results = evaluate_tasks(engine, {t: n[t] if isinstance(n, dict) else n for t in (tasks or list(TASKS))},
                              k, template, max_tokens, gsm8k=gsm8k)

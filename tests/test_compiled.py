@@ -148,3 +148,18 @@ def test_generate_and_serve_use_the_compiled_step(calc_model, steps, tmp_path, c
     app, _ = build(str(tmp_path / "run"), context=CONTEXT, compile=True)
     engine = app.state.engine
     assert engine.compiled.failed is None and ("main", 1, 1) in engine.compiled.steps
+
+
+def test_bench_compiled_compares_every_problems_answer(calc_model, steps, tmp_path):
+    """`bench compiled` runs each problem through both engines and accounts for every one: the
+    same tokens, or a divergence with its margin."""
+    from nanoseek.bench.compiled import bench_compiled
+    from nanoseek.checkpoint import save_checkpoint
+
+    model, tok = calc_model
+    save_checkpoint(tmp_path / "run", 1, model, tok, {"stage": "sft"})
+    out = bench_compiled(str(tmp_path / "run"), problems=3, sets=["chain_sum", "basic_arithmetic"],
+                         context=CONTEXT, max_tokens=60)
+    assert out["problems"] == 6 and out["compiled_failed"] is None and out["template"] == "chat"
+    assert out["same_tokens"] + len(out["divergences"]) == 6 and out["same_score"] >= out["same_tokens"]
+    assert all(d["top2_margin"] >= 0 and d["set"] in ("chain_sum", "basic_arithmetic") for d in out["divergences"])
