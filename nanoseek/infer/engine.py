@@ -11,7 +11,8 @@ prompt's cache rows are copied to its other samples; decoding uses the absorbed 
 Each `step()` admits waiting requests when enough rows are free and prefills them together
 (one padded forward), then advances every running sequence by one forward pass: one token,
 or with MTP speculation the pending token plus the MTP module's `drafts` drafts, verified
-together (1 to drafts + 1 tokens out).
+together (1 to drafts + 1 tokens out). With `compile`, a step of one running row goes through
+a compiled package of the same decode function (nanoseek/infer/compiled.py).
 
 Tools (nanoseek/tools.py): when a sequence closes a call (`<｜tool▁calls▁end｜>`) to a built-in
 tool, the engine runs it and feeds its output to that row as forced tokens, in one forward over
