@@ -162,10 +162,10 @@ def one_engine(args: argparse.Namespace) -> tuple[Engine, SamplingParams]:
     model, tok, folder = load_model(args.ckpt, pick_device(args.device))
     if tok is None:
         raise CheckpointError(f"{folder} has no nanoseek tokenizer (tokenizer.json with the chat tokens)")
-    engine = Engine(model, tok, max_seqs=1, context=args.context, speculative=args.mtp, compile=not args.eager)
-    engine.warm()  # the compiled step loaded (or built) before the first token, not counted in its time
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=getattr(args, "stop", [])).validate()
+    engine = Engine(model, tok, max_seqs=1, context=args.context, speculative=args.mtp, compile=not args.eager)
+    engine.warm()  # the compiled step loaded (or built) before the first token, not counted in its time
     return engine, params
 
 
