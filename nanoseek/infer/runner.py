@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from nanoseek.model import Transformer
 from nanoseek.model.mla import LatentCache
-from nanoseek.model.moe import MoE, route
+from nanoseek.model.moe import MoE, dispatch, route
 from nanoseek.model.rope import apply_rope, rope_tables
 
 # Rows a decode step's attention reads the cache for together: each group reads only up to its
@@ -143,7 +143,8 @@ class _Context:
 
     def __init__(self, model: Transformer, w: dict, positions: torch.Tensor, groups, gemv: bool):
         self.cfg, self.gemv, self.groups, self.positions = model.config, gemv, groups, positions
-        self.gates = [moe.gate for moe in model.moe_layers()][:1]  # the routing settings (shared by all)
+        # the routing settings, the same in every MoE layer (the layers, not a walk over every module)
+        self.gate = next((b.mlp.gate for b in (*model.layers, *model.mtp) if isinstance(b.mlp, MoE)), None)
         self.rope = rope_tables(positions, w["inv_freq"], model.rotary.attention_factor)
         T = positions.shape[1]
         S = max(g[2] for g in groups)
@@ -223,7 +224,7 @@ def _mlp(m: dict, x: torch.Tensor, gemv: bool) -> torch.Tensor:
 
 def _moe(m: dict, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
     B, T, H = x.shape
-    gate = ctx.gates[0]
+    gate = ctx.gate
     flat = x.reshape(B * T, H)
     scores = _linear(flat.float(), m["gate"], None, ctx.gemv).sigmoid()  # fp32, as the gate routes in training
     weights, indices = route(scores, m["bias"], gate)
@@ -233,26 +234,10 @@ def _moe(m: dict, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
         g, u = torch.einsum("nh,nkih->nki", flat, gate_up).chunk(2, dim=-1)
         y = (torch.einsum("nki,nkhi->nkh", F.silu(g) * u, down) * weights[..., None]).sum(1)
     else:
-        y = _sorted_dispatch(m, flat, weights, indices)
+        y = dispatch(flat, weights, indices, m["gate_up"], m["down"])  # training's, eager only
     if "shared" in m:
         y = y + _mlp(m["shared"], flat, ctx.gemv)
     return y.view(B, T, H)
-
-
-def _sorted_dispatch(m: dict, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Training's dispatch: token copies sorted by expert, one matmul per used expert."""
-    k = indices.shape[1]
-    flat = indices.flatten()
-    order = flat.argsort(stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=m["gate_up"].shape[0]).tolist()
-    outs = []
-    for e, chunk in enumerate(x.index_select(0, token).split(counts)):
-        if counts[e]:
-            g, u = F.linear(chunk, m["gate_up"][e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, m["down"][e]))
-    y = torch.cat(outs) * weights.flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, token, y)
 
 
 class DecodeRunner:

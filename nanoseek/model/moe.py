@@ -93,34 +93,41 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights, indices [N, k] -> [N, H]."""
-        k = indices.shape[1]
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
-        token = order // k
-        routed = x.index_select(0, token)  # backward: index_add, cheaper than index_put
-        gate_up, down = self.gate_up_proj, self.down_proj
-        rows, slots, bf16 = counts.tolist(), None, bf16_on_cpu(x)
-        if bf16:  # one cast of each weight and of the rows, not one per expert
-            dtype = compute_dtype(x)
-            routed, gate_up, down = routed.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if bf16 and self.training:  # (a decode step's few rows would mostly be padding)
-            padded = (counts + BF16_ROWS - 1) // BF16_ROWS * BF16_ROWS
-            shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
-            slots = torch.arange(len(token)) + shift[flat[order]]
-            routed = routed.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, slots, routed)
-            rows = padded.tolist()
-        outs = []
-        for chunk, w1, w2, n in zip(routed.split(rows), gate_up.unbind(0), down.unbind(0), rows):
-            if n == 0:
-                continue
-            g, u = self.linear(chunk, w1).chunk(2, dim=-1)
-            outs.append(self.linear(F.silu(g) * u, w2))
-        y = torch.cat(outs)
-        if slots is not None:
-            y = y.index_select(0, slots).to(x.dtype)
-        y = y * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return dispatch(x, weights, indices, self.gate_up_proj, self.down_proj, self.linear, pad=self.training)
+
+
+def dispatch(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
+             down: torch.Tensor, linear=F.linear, pad: bool = False) -> torch.Tensor:
+    """The routed experts (fused weights gate_up [E, 2I, H], down [E, H, I]) over x [N, H] with
+    gating weights and expert indices [N, k]: token copies sorted by expert, one matmul per
+    used expert, scattered back. `pad`: bf16 rows padded per expert (training's shapes)."""
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    token = order // k
+    routed = x.index_select(0, token)  # backward: index_add, cheaper than index_put
+    rows, slots, bf16 = counts.tolist(), None, bf16_on_cpu(x)
+    if bf16:  # one cast of each weight and of the rows, not one per expert
+        dtype = compute_dtype(x)
+        routed, gate_up, down = routed.to(dtype), gate_up.to(dtype), down.to(dtype)
+    if bf16 and pad:  # (a decode step's few rows would mostly be padding)
+        padded = (counts + BF16_ROWS - 1) // BF16_ROWS * BF16_ROWS
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
+        slots = torch.arange(len(token)) + shift[flat[order]]
+        routed = routed.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, slots, routed)
+        rows = padded.tolist()
+    outs = []
+    for chunk, w1, w2, n in zip(routed.split(rows), gate_up.unbind(0), down.unbind(0), rows):
+        if n == 0:
+            continue
+        g, u = linear(chunk, w1).chunk(2, dim=-1)
+        outs.append(linear(F.silu(g) * u, w2))
+    y = torch.cat(outs)
+    if slots is not None:
+        y = y.index_select(0, slots).to(x.dtype)
+    y = y * weights.flatten()[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y)
 
 
 _uncounted = False  # set while a forward routes no tokens for real (see `uncounted`)
