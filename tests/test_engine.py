@@ -562,18 +562,24 @@ def test_the_engine_runs_the_calculator_inside_the_stream(calc_model):
 
 
 @pytest.mark.parametrize("speculative", [False, True])
-def test_tool_outputs_give_a_client_loops_tokens(calc_model, speculative):
-    """Five requests on three rows (continuous batching), with and without MTP speculation: the
-    engine running the calculator gives, token for token, what a client loop gives."""
+@pytest.mark.parametrize("rows", [3, 5])
+def test_tool_outputs_give_a_client_loops_tokens(calc_model, speculative, rows):
+    """Five requests on three rows (continuous batching) or five (rows calling in one step share
+    one forward, rows between them left alone), with and without MTP speculation: the engine
+    running the calculator gives, token for token, what a client loop gives."""
     model, tok = calc_model
     params = SamplingParams(max_tokens=90, temperature=0)
-    engine = Engine(model, tok, max_seqs=3, speculative=speculative)
+    engine = Engine(model, tok, max_seqs=rows, speculative=speculative)
+    shared, forward = [], engine._forward_outputs
+    engine._forward_outputs = lambda batch: (shared.append([b[0] for b in batch]), forward(batch))[1]
     reqs = engine.generate(calc_prompts(tok), params)
     alone = Engine(model, tok, max_seqs=1)
     for prompt, r in zip(calc_prompts(tok), reqs):
         tokens, forced = client_loop(alone, prompt, params)
         assert r.outputs[0].token_ids == tokens and r.outputs[0].forced == forced
     assert sum(len(r.outputs[0].calls) for r in reqs) >= 3
+    if rows == 5:  # some rows that are not adjacent called in one step, and shared a forward
+        assert any(len(b) > 1 and b[-1] - b[0] >= len(b) for b in shared), shared
     if speculative:
         assert engine.stats["accepted"] > 0
 

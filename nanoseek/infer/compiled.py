@@ -7,8 +7,9 @@ then runs the whole step with no Python in between and no guards, and the produc
 two rows become fused passes over the weights (docs/LOG.md: "A compiled decode step").
 
 - A bucket is (kind, rows, tokens per row): "main" is the main model, "mtp" the MTP module.
-  The engine uses 1 x 1 for plain decoding at batch 1, 1 x 2 for MTP speculation's verify
-  step and drafts. The cached positions a step reads are a dynamic dimension of the package,
+  The engine uses main 1 x 1 for plain decoding at batch 1, main 1 x 2 for MTP speculation's
+  verify step and mtp 1 x 2 for its drafts. The cached positions a step reads are a dynamic
+  dimension of the package,
   so one package serves every length and reads only as far as its row's context.
 - The weights, folded ones included, are inputs of the compiled step, never constants: one
   package serves every checkpoint of an architecture, and a model whose weights change.
@@ -37,8 +38,9 @@ from nanoseek.data.splits import cache_dir
 from nanoseek.infer import runner
 from nanoseek.model import Transformer, moe, rope
 
-# Tokens per row a step may feed to have a bucket: one, or MTP's pending token and its draft.
-MAX_TOKENS = 2
+# Tokens per row with a bucket: the main model's one, or MTP's pending token and its draft; the
+# MTP module runs over those two (one token a row, at the context's last position, runs eagerly).
+TOKENS = {"main": (1, 2), "mtp": (2,)}
 
 
 class CompiledSteps:
@@ -59,7 +61,7 @@ class CompiledSteps:
         """The compiled step for a bucket, built or loaded on first use; None where there is no
         bucket for the shape or compiling failed (the caller decodes eagerly). It is called as
         step(the folded weights' leaves, cache rows, inputs, positions, cached positions read)."""
-        if self.failed or B not in self.rows or T > MAX_TOKENS or B > runner.ROWS_PER_GROUP:
+        if self.failed or B not in self.rows or T not in TOKENS[kind] or B > runner.ROWS_PER_GROUP:
             return None
         bucket = (kind, B, T)
         if bucket not in self.steps:
@@ -71,8 +73,8 @@ class CompiledSteps:
         for B in self.rows:
             self.step("main", B, 1)
             if speculative:
-                for bucket in (("main", B, 2), ("mtp", B, 1), ("mtp", B, 2)):
-                    self.step(*bucket)
+                self.step("main", B, 2)
+                self.step("mtp", B, 2)
 
     def path(self, kind: str, B: int, T: int) -> Path:
         return cache_dir() / "compiled" / f"{kind}-{B}x{T}-{self._key(kind, B, T)}.pt2"

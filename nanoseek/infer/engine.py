@@ -39,6 +39,7 @@ from nanoseek.infer.runner import ROWS_PER_GROUP, DecodeRunner, ModuleRunner, ro
 from nanoseek.infer.sampling import SamplingParams, accept_draft, draw, filtered_probs
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
+from nanoseek.model.mla import LatentCache
 from nanoseek.tools import MALFORMED_CALL, parse_calls, render_output, run_builtin
 
 # Rows are put back in order of length when the groups' attention would read this much more
@@ -409,15 +410,17 @@ class Engine:
                               [seqs[i].generator for i in open_rows])
         return kept, last
 
-    def _draft(self, seqs: list[_Seq], out: torch.Tensor, logits: torch.Tensor, pos: torch.Tensor) -> None:
+    def _draft(self, seqs: list[_Seq], out: torch.Tensor, logits: torch.Tensor, pos: torch.Tensor,
+               cache: LatentCache | None = None) -> None:
         """Each row's next drafts: the first from the MTP module's output `out` [B, d] (its logits
         `logits` [B, V]) at positions `pos` [B]; each further one from the module applied to its
         own last output and the token just drafted, one position on (as many as the context
-        leaves room for)."""
+        leaves room for), in `cache` (default: the engine's)."""
         tokens, probs = [], []
         for j in range(min(self.drafts, self.context - int(pos.max()))):
             if j:
-                out, logits = self.runner.mtp_forward(out[:, None], tokens[-1][:, None], (pos + j)[:, None], self.cache)
+                out, logits = self.runner.mtp_forward(out[:, None], tokens[-1][:, None], (pos + j)[:, None],
+                                                      self.cache if cache is None else cache)
             t, pr = self._sample(logits, seqs)
             tokens.append(t)
             probs.append(pr)
@@ -427,35 +430,53 @@ class Engine:
 
     # ---- tools: a closed call's output fed to its row as forced tokens ----
     def _run_tools(self) -> list[Event]:
-        """For each row whose pending token closes a tool call: run the call, then one forward
-        over [pending, output tokens] in that row, and sample the token after them. A call to a
-        tool the request does not run here ends the output with finish_reason "tool_calls"."""
-        events = []
+        """For each row whose pending token closes a tool call: run the call, then a forward over
+        [pending, output tokens] in that row, and sample the token after them. The rows calling
+        in one step share their forwards (docs/LOG.md: "Tool outputs in one forward"). A call to
+        a tool the request does not run here ends the output with finish_reason "tool_calls"."""
+        events: dict[int, list[Event]] = {}
+        work = []  # (row, sequence, the pending token's position, the output's tokens)
         for row, s in enumerate(self.running):
             if not s.calling or s.out.finish_reason is not None:
                 continue
             s.calling = False
             forced = self._tool_output(s)
-            n = len(s.tokens) - 1  # the pending token's position
+            n = len(s.tokens) - 1
             room = min(self.context - 1 - n, s.request.params.max_tokens - len(s.out.token_ids))
             if forced is None or len(forced) >= room:  # the client's call, or no room for the output and a token
-                events.append(self._finish(s, "tool_calls" if forced is None else "length"))
-                continue
-            chunk = [s.tokens[-1], *forced]
-            ids = torch.tensor([chunk], device=self._device)
-            pos = n + torch.arange(len(chunk), device=self._device)[None]
-            self.cache.start = row
-            h, logits = self.runner.forward(ids, pos, self.cache)
-            logits = logits[:, -1]
-            token, _ = self._sample(logits, [s])
-            if self.speculative:  # the MTP layer's cache over the chunk, and fresh drafts
-                nxt = torch.tensor([[*forced, int(token)]], device=self._device)
-                out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, self.cache)
-                self._draft([s], out, mtp_logits, pos[:, -1])
-            lps = [None] * len(forced) + self._logprobs(logits, token, [s])
-            events += self._emit(s, [*forced, int(token)], lps, forced=len(forced))
+                events[row] = [self._finish(s, "tool_calls" if forced is None else "length")]
+            else:
+                work.append((row, s, n, forced))
+        for batch in _output_batches(work, self.context):
+            events.update(self._forward_outputs(batch))
         self._release_finished()
-        return events
+        return [e for row in sorted(events) for e in events[row]]
+
+    def _forward_outputs(self, batch: list[tuple[int, _Seq, int, list[int]]]) -> dict[int, list[Event]]:
+        """One forward over several rows' [pending, output tokens], right-padded (a padded
+        position's cache entry is written again by its own token before anything reads it), in
+        a copy of those rows' cache written back after."""
+        dev = self._device
+        rows, seqs = [b[0] for b in batch], [b[1] for b in batch]
+        chunks = [[s.tokens[-1], *forced] for _, s, _, forced in batch]
+        L = max(map(len, chunks))
+        n = torch.tensor([b[2] for b in batch], device=dev)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=dev)
+        ids = torch.tensor([c + [0] * (L - len(c)) for c in chunks], device=dev)
+        pos = n[:, None] + torch.arange(L, device=dev)[None]
+        index = torch.tensor(rows, device=dev)
+        cache = self.cache.gather(index, min(self.context, int(n.max()) + L + self.drafts))
+        h, logits = self.runner.forward(ids, pos, cache)
+        logits = logits[torch.arange(len(batch), device=dev), last]
+        tokens, _ = self._sample(logits, seqs)
+        if self.speculative:  # the MTP layer's cache over the chunk, and fresh drafts
+            nxt = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1).scatter(1, last[:, None], tokens[:, None])
+            out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, cache, pick=last)
+            self._draft(seqs, out, mtp_logits, n + last, cache)
+        self.cache.scatter(cache, index, int(n.min()))
+        lps = self._logprobs(logits, tokens, seqs)
+        return {row: self._emit(s, [*forced, t], [None] * len(forced) + [lp], forced=len(forced))
+                for (row, s, _, forced), t, lp in zip(batch, tokens.tolist(), lps)}
 
     @staticmethod
     def _finish(s: _Seq, reason: str) -> Event:
@@ -586,6 +607,23 @@ class Engine:
 def _group_reads(lengths: list[int]) -> int:
     """Positions the decode step's attention reads for rows of these lengths, in this order."""
     return sum((r1 - r0) * S for r0, r1, S in row_groups([n - 1 for n in lengths]))
+
+
+def _output_batches(work: list, context: int) -> list[list]:
+    """Tool outputs to forward together, in row order: runs of at most PREFILL_TOKENS padded
+    positions whose padding stays inside the context."""
+    batches: list[list] = []
+    longest = 0
+    for w in work:
+        L = max(longest, len(w[3]) + 1)
+        if batches and L * (len(batches[-1]) + 1) <= PREFILL_TOKENS and all(b[2] + L <= context
+                                                                          for b in (*batches[-1], w)):
+            batches[-1].append(w)
+            longest = L
+        else:
+            batches.append([w])
+            longest = len(w[3]) + 1
+    return batches
 
 
 def _prefill_batches(reqs: list[Request]) -> list[list[Request]]:

@@ -49,6 +49,19 @@ class LatentCache:
         for buf in self.layers:
             buf[dst, :length] = buf[src, :length]
 
+    def gather(self, rows: torch.Tensor, length: int) -> LatentCache:
+        """A copy of rows `rows`' first `length` positions, as a cache of its own: one forward
+        over rows that are not adjacent (see `scatter`)."""
+        sub = LatentCache.__new__(LatentCache)
+        sub.layers = [buf[rows, :length] for buf in self.layers]
+        sub.max_len, sub.start = length, 0
+        return sub
+
+    def scatter(self, sub: LatentCache, rows: torch.Tensor, first: int) -> None:
+        """Write back what a forward over `sub` (from `gather`) stored at positions >= first."""
+        for buf, part in zip(self.layers, sub.layers):
+            buf[rows, first: sub.max_len] = part[:, first:]
+
     @staticmethod
     def visible(positions: torch.Tensor, length: int) -> torch.Tensor:
         """[B, T, length] mask: a new token at position p sees the cached keys at 0..p."""
