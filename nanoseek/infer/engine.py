@@ -16,8 +16,9 @@ a compiled package of the same decode function (nanoseek/infer/compiled.py).
 
 Tools (nanoseek/tools.py): when a sequence closes a call (`<｜tool▁calls▁end｜>`) to a built-in
 tool, the engine runs it and feeds its output to that row as forced tokens, in one forward over
-the chunk, then samples on; a call to any other tool ends the output with finish_reason
-"tool_calls". The token stream is what a client loop would make: stop at the call, append the
+the chunk, then samples on; the rows that call in one step share that forward (a gathered copy
+of their cache rows, the one place a step reads a copy). A call to any other tool ends the
+output with finish_reason "tool_calls". The token stream is what a client loop would make: stop at the call, append the
 output, continue.
 """
 
