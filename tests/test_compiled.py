@@ -91,6 +91,19 @@ def test_a_package_is_built_once_and_follows_the_architecture(steps, monkeypatch
     assert again.step("main", 2, 1) is None  # no bucket: the caller decodes eagerly
 
 
+def test_a_copy_of_cache_rows_decodes_eagerly(steps, monkeypatch):
+    """A forward over a copy of some cache rows (the engine's shared tool-output forward) is not
+    the cache a package was built for: it runs eagerly, with the eager step's logits."""
+    model = steps.model
+    cache = prefilled(model, list(range(3, 12)))
+    ids, pos = torch.tensor([[5, 6]]), torch.arange(9, 11)[None]
+    assert steps.step("main", 1, 2) is not None
+    monkeypatch.setitem(steps.steps, ("main", 1, 2), lambda *a: pytest.fail("a package read a copy of the cache"))
+    got = DecodeRunner(model, steps).forward(ids, pos, cache.gather(torch.tensor([0]), 16))[1]
+    want = DecodeRunner(model).forward(ids, pos, cache.gather(torch.tensor([0]), 16))[1]
+    assert torch.equal(got, want)
+
+
 def test_the_compiled_engine_gives_the_eager_engines_tokens(calc_model, steps):
     """The calculator's model at batch 1, with MTP speculation: greedy and seeded sampled outputs,
     tool calls run inside the stream, token for token those of the eager engine."""

@@ -9,8 +9,8 @@ two rows become fused passes over the weights (docs/LOG.md: "A compiled decode s
 - A bucket is (kind, rows, tokens per row): "main" is the main model, "mtp" the MTP module.
   The engine uses main 1 x 1 for plain decoding at batch 1, main 1 x 2 for MTP speculation's
   verify step and mtp 1 x 2 for its drafts. The cached positions a step reads are a dynamic
-  dimension of the package,
-  so one package serves every length and reads only as far as its row's context.
+  dimension of the package, so one package serves every length and reads only as far as its
+  row's context.
 - The weights, folded ones included, are inputs of the compiled step, never constants: one
   package serves every checkpoint of an architecture, and a model whose weights change.
 - Packages live in the project's cache folder (`$NANOSEEK_CACHE/compiled`), named by a key of

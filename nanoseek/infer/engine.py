@@ -16,10 +16,10 @@ a compiled package of the same decode function (nanoseek/infer/compiled.py).
 
 Tools (nanoseek/tools.py): when a sequence closes a call (`<｜tool▁calls▁end｜>`) to a built-in
 tool, the engine runs it and feeds its output to that row as forced tokens, in one forward over
-the chunk, then samples on; the rows that call in one step share that forward (a gathered copy
-of their cache rows, the one place a step reads a copy). A call to any other tool ends the
-output with finish_reason "tool_calls". The token stream is what a client loop would make: stop at the call, append the
-output, continue.
+the chunk, then samples on; the rows that call in one step share that forward (over a gathered
+copy of their cache rows, the one place the engine reads a copy). A call to any other tool ends
+the output with finish_reason "tool_calls". The token stream is what a client loop would make:
+stop at the call, append the output, continue.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -442,7 +443,7 @@ class Engine:
                 continue
             s.calling = False
             forced = self._tool_output(s)
-            n = len(s.tokens) - 1
+            n = len(s.tokens) - 1  # the pending token's position
             room = min(self.context - 1 - n, s.request.params.max_tokens - len(s.out.token_ids))
             if forced is None or len(forced) >= room:  # the client's call, or no room for the output and a token
                 events[row] = [self._finish(s, "tool_calls" if forced is None else "length")]
@@ -456,7 +457,7 @@ class Engine:
     def _forward_outputs(self, batch: list[tuple[int, _Seq, int, list[int]]]) -> dict[int, list[Event]]:
         """One forward over several rows' [pending, output tokens], right-padded (a padded
         position's cache entry is written again by its own token before anything reads it), in
-        a copy of those rows' cache written back after."""
+        a copy of those rows' cache written back after; one row in place."""
         dev = self._device
         rows, seqs = [b[0] for b in batch], [b[1] for b in batch]
         chunks = [[s.tokens[-1], *forced] for _, s, _, forced in batch]
@@ -466,7 +467,10 @@ class Engine:
         ids = torch.tensor([c + [0] * (L - len(c)) for c in chunks], device=dev)
         pos = n[:, None] + torch.arange(L, device=dev)[None]
         index = torch.tensor(rows, device=dev)
-        cache = self.cache.gather(index, min(self.context, int(n.max()) + L + self.drafts))
+        if len(batch) == 1:
+            cache, self.cache.start = self.cache, rows[0]
+        else:
+            cache = self.cache.gather(index, min(self.context, int(n.max()) + L + self.drafts))
         h, logits = self.runner.forward(ids, pos, cache)
         logits = logits[torch.arange(len(batch), device=dev), last]
         tokens, _ = self._sample(logits, seqs)
@@ -474,7 +478,8 @@ class Engine:
             nxt = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1).scatter(1, last[:, None], tokens[:, None])
             out, mtp_logits = self.runner.mtp_forward(h, nxt, pos, cache, pick=last)
             self._draft(seqs, out, mtp_logits, n + last, cache)
-        self.cache.scatter(cache, index, int(n.min()))
+        if cache is not self.cache:
+            self.cache.scatter(cache, index, int(n.min()))
         lps = self._logprobs(logits, tokens, seqs)
         return {row: self._emit(s, [*forced, t], [None] * len(forced) + [lp], forced=len(forced))
                 for (row, s, _, forced), t, lp in zip(batch, tokens.tolist(), lps)}
@@ -610,34 +615,29 @@ def _group_reads(lengths: list[int]) -> int:
     return sum((r1 - r0) * S for r0, r1, S in row_groups([n - 1 for n in lengths]))
 
 
-def _output_batches(work: list, context: int) -> list[list]:
-    """Tool outputs to forward together, in row order: runs of at most PREFILL_TOKENS padded
-    positions whose padding stays inside the context."""
-    batches: list[list] = []
+def _padded_runs(items: list, length: Callable[[Any], int], fits: Callable[[list, int], bool] = lambda run, L: True
+                 ) -> list[list]:
+    """`items` in runs, in order, whose members padded to the run's longest take at most
+    PREFILL_TOKENS positions and `fits(run, longest)` (an item that fits in no run starts one)."""
+    runs: list[list] = []
     longest = 0
-    for w in work:
-        L = max(longest, len(w[3]) + 1)
-        if batches and L * (len(batches[-1]) + 1) <= PREFILL_TOKENS and all(b[2] + L <= context
-                                                                          for b in (*batches[-1], w)):
-            batches[-1].append(w)
+    for x in items:
+        L = max(longest, length(x))
+        if runs and L * (len(runs[-1]) + 1) <= PREFILL_TOKENS and fits([*runs[-1], x], L):
+            runs[-1].append(x)
             longest = L
         else:
-            batches.append([w])
-            longest = len(w[3]) + 1
-    return batches
+            runs.append([x])
+            longest = length(x)
+    return runs
 
 
 def _prefill_batches(reqs: list[Request]) -> list[list[Request]]:
-    """The admitted requests in runs whose prompts, padded to the run's longest, take at most
-    PREFILL_TOKENS positions (a longer prompt alone)."""
-    batches: list[list[Request]] = []
-    longest = 0
-    for r in reqs:
-        P = max(longest, len(r.prompt_ids))
-        if batches and P * (len(batches[-1]) + 1) <= PREFILL_TOKENS:
-            batches[-1].append(r)
-            longest = P
-        else:
-            batches.append([r])
-            longest = len(r.prompt_ids)
-    return batches
+    """The admitted requests in runs of at most PREFILL_TOKENS padded prompt positions."""
+    return _padded_runs(reqs, lambda r: len(r.prompt_ids))
+
+
+def _output_batches(work: list, context: int) -> list[list]:
+    """Tool outputs to forward together ((row, sequence, position, output tokens), in row order):
+    runs of at most PREFILL_TOKENS padded positions whose padding stays inside the context."""
+    return _padded_runs(work, lambda w: len(w[3]) + 1, lambda run, L: all(w[2] + L <= context for w in run))

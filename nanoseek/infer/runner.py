@@ -274,6 +274,10 @@ class DecodeRunner:
         self.leaves = torch.utils._pytree.tree_leaves(self.weights)  # in the order a compiled step takes them
         self._version = self._weights_version()
 
+    def _compiled_for(self, cache: LatentCache) -> bool:
+        """A package takes the cache it was built for: the engine's, not a shorter copy of rows."""
+        return self.compiled is not None and cache.max_len == self.compiled.max_len
+
     def _rows(self, cache: LatentCache, layers: slice, B: int) -> list[torch.Tensor]:
         return [buf[cache.start: cache.start + B] for buf in cache.layers[layers]]
 
@@ -284,7 +288,7 @@ class DecodeRunner:
         B, T = tokens.shape
         caches = self._rows(cache, slice(0, len(self.model.layers)), B)
         first = positions[:, 0].tolist()
-        step = self.compiled.step("main", B, T) if self.compiled else None
+        step = self.compiled.step("main", B, T) if self._compiled_for(cache) else None
         if step is not None:
             return step(self.leaves, caches, (tokens,), positions, max(first))
         return decode(self.model, self.weights, caches, tokens, positions, row_groups(first))
@@ -299,7 +303,7 @@ class DecodeRunner:
         rows = self._rows(cache, slice(L, L + 1), B)[0]
         first = positions[:, 0].tolist()
         pick = torch.full((B,), T - 1, device=h.device) if pick is None else pick
-        step = self.compiled.step("mtp", B, T) if self.compiled else None
+        step = self.compiled.step("mtp", B, T) if self._compiled_for(cache) else None
         if step is not None:
             return step(self.leaves, [rows], (h, next_tokens, pick), positions, max(first))
         return mtp_decode(self.model, self.weights, rows, h, next_tokens, positions, pick, row_groups(first))
